@@ -1,0 +1,180 @@
+"""The ``msgan`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from msgan.config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="experiment YAML (configs/*.yaml); defaults if omitted")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=100 (repeatable)",
+    )  # fmt: skip
+
+
+def _load_cascade(model: str, device: str):  # type: ignore[no-untyped-def]
+    from msgan.cascade import Cascade
+
+    if model.startswith("models:/"):
+        try:
+            from msgan.registry import load_cascade  # type: ignore[import-not-found]
+        except ImportError as err:
+            raise SystemExit(f"msgan: {model}: loading registered models needs msgan.registry ({err})") from err
+        return load_cascade(model, device=device)
+    return Cascade.load(model, device=device)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from msgan.demo import run_demo
+
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    run_demo(cfg, args.out)
+    print(f"demo finished in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_new_model(args: argparse.Namespace) -> int:
+    from msgan.cascade import Cascade
+
+    cfg = load_config(args.config, args.overrides)
+    cascade = Cascade.untrained(cfg, seed=args.seed)
+    out = cascade.save(args.out_dir)
+    print(f"wrote an untrained {cfg.dims}D cascade of {cfg.num_scales} scales (halos {cascade.halos}) to {out}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from msgan.io.volume import read_volume, write_volume
+
+    cascade = _load_cascade(args.model, args.device)
+    image, geom = read_volume(args.input)
+    if image.ndim != cascade.config.dims:
+        raise SystemExit(f"msgan: {args.input}: a {image.ndim}D image; the model translates {cascade.config.dims}D")
+    t0 = time.perf_counter()
+
+    def progress(scale: int, done: int, total: int) -> None:
+        if not args.quiet and (done == total or done % max(1, total // 10) == 0):
+            print(f"  scale {scale}: {done}/{total} tiles", file=sys.stderr)
+
+    try:
+        out = cascade.translate(image, tile=args.tile, device=args.device, progress=progress)
+    except ValueError as err:
+        raise SystemExit(f"msgan: {args.input}: {err}") from err
+    write_volume(args.output, out, geom)
+    print(f"translated {args.input} {image.shape} -> {args.output} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from msgan.data.phantom import default_spacing, reconstruct, thorax_phantom
+    from msgan.io.volume import Geometry, write_volume
+
+    shape = tuple(args.shape)
+    spacing = tuple(args.spacing) if args.spacing else default_spacing(shape)
+    truth = thorax_phantom(shape, spacing, args.seed)
+    vol = truth if args.kernel == "truth" else reconstruct(truth, (args.kernel,), seed=args.seed + 7919)[args.kernel]
+    geom = Geometry.identity(3, tuple(reversed(spacing)))
+    write_volume(args.output, np.asarray(vol, dtype=np.float32), geom)
+    print(f"wrote {args.kernel} phantom seed {args.seed} {shape} spacing {spacing} mm to {args.output}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from msgan.demo import fingerprint, phantom_pyramids, train_locally
+    from msgan.io.volume import read_volume
+    from msgan.pyramid import build_pyramid
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.source == "phantom":
+        pyramids = phantom_pyramids(cfg)
+    else:
+        import glob
+
+        paths = [p for pat in cfg.data.paths for p in sorted(glob.glob(pat))]
+        if not paths:
+            raise SystemExit(f"msgan: data.paths {list(cfg.data.paths)} match no files")
+        pyramids = [build_pyramid(read_volume(p)[0], cfg.num_scales, cfg.intensity, cfg.edges) for p in paths]
+    cascade = train_locally(cfg, pyramids)
+    cascade.meta["data_fingerprint"] = fingerprint(pyramids)
+    print(f"wrote {cascade.save(args.out_dir)}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from msgan.cascade import MANIFEST
+
+    manifest = json.loads((Path(args.model) / MANIFEST).read_text())
+    keep = ("format", "code_version", "dims", "num_scales", "halos", "hr_patch", "parameters", "intensity", "meta")
+    print(json.dumps({k: manifest.get(k) for k in keep}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="msgan",
+        description="Multi-scale patch GANs for translating large medical images (Uzunova et al. 2019).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="end-to-end local demo: train on phantoms, translate, score, plot")
+    _config_args(d)
+    d.set_defaults(config="configs/demo.yaml" if Path("configs/demo.yaml").is_file() else None)
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.set_defaults(func=cmd_demo)
+
+    n = sub.add_parser("new-model", help="write an untrained, seeded cascade (every scale + manifest)")
+    _config_args(n, required=True)
+    n.add_argument("out_dir", help="cascade folder to write")
+    n.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    n.set_defaults(func=cmd_new_model)
+
+    t = sub.add_parser("translate", help="translate one volume (NIfTI, MHA, NRRD or OME-Zarr) through a cascade")
+    t.add_argument("input", help="input volume; format from the suffix")
+    t.add_argument("output", help="output volume; same size and geometry as the input")
+    t.add_argument("--model", required=True, help="cascade folder (or models:/NAME@ALIAS with a registry)")
+    t.add_argument("--tile", type=int, default=None, help="inference tile core in voxels (default: memory budget)")
+    t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    t.add_argument("--quiet", action="store_true", help="no per-scale progress")
+    t.set_defaults(func=cmd_translate)
+
+    ph = sub.add_parser("phantom", help="write a synthetic thorax CT (soft or sharp kernel, or noiseless truth)")
+    ph.add_argument("output", help="output volume (.nii.gz, .mha, .nrrd, .zarr)")
+    ph.add_argument("--shape", type=int, nargs=3, default=[128, 128, 128], metavar=("Z", "Y", "X"))
+    ph.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SZ", "SY", "SX"), help="mm")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--kernel", choices=["soft", "sharp", "truth"], default="soft")
+    ph.set_defaults(func=cmd_phantom)
+
+    tr = sub.add_parser("train", help="train every scale locally, one after another, into a cascade folder")
+    _config_args(tr, required=True)
+    tr.add_argument("out_dir", help="cascade folder to write")
+    tr.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("info", help="print a cascade's manifest summary")
+    i.add_argument("model", help="cascade folder")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"msgan {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""A deterministic digital thorax in HU, and its soft- and sharp-kernel reconstructions.
+
+We have no public CT here, so this phantom is our CT: body with a fat layer, lungs
+with parenchymal texture, a branching vessel tree, airways, ribs, spine, heart and
+small nodules. Anatomy is drawn from the seed; the phantom can be evaluated at any
+grid size and spacing, and on any sub-box of the grid (``region``), so large volumes
+and projections are made slab by slab.
+
+Axes are numpy ``(z, y, x)``; coordinates in mm, centred on the grid; ``+y`` is
+posterior and ``+x`` the patient's left (DICOM LPS), ``+z`` superior.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import fft as sfft
+from scipy import ndimage
+
+FOV_MM = 400.0  # default field of view: the largest axis spans this many mm
+
+AIR, FAT, SOFT, LUNG, BLOOD, MYOCARDIUM, BONE, CANCELLOUS, DISC, AIRWAY_WALL = (
+    -1000.0, -100.0, 40.0, -850.0, 45.0, 60.0, 750.0, 250.0, 80.0, 30.0,
+)  # fmt: skip
+
+Vec = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Tube:
+    """A capsule from ``p0`` to ``p1`` (mm) of radius ``r``."""
+
+    p0: Vec
+    p1: Vec
+    r: float
+
+
+@dataclass(frozen=True)
+class Ellipsoid:
+    centre: Vec
+    axes: Vec
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Everything the seed decides; lengths in mm."""
+
+    body: tuple[float, float]  # semi-axes (y, x) of the body's elliptic cross-section
+    fat: float  # subcutaneous fat thickness
+    lungs: tuple[Ellipsoid, Ellipsoid]
+    heart: Ellipsoid
+    spine: tuple[float, float, float]  # (y, x, radius) of the vertebral column
+    ribs: tuple[Tube, ...]
+    vessels: tuple[Tube, ...]
+    airways: tuple[Tube, ...]
+    nodules: tuple[tuple[Vec, float, float], ...]  # (centre, radius, HU)
+    texture_seed: int = 0
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+def _rotate_towards(d: np.ndarray, angle: float, rng: np.random.Generator) -> np.ndarray:
+    """``d`` turned by ``angle`` about a random axis perpendicular to it."""
+    d = d / np.linalg.norm(d)
+    a = rng.normal(size=3)
+    a -= a.dot(d) * d
+    a /= np.linalg.norm(a)
+    return np.cos(angle) * d + np.sin(angle) * np.cross(a, d)
+
+
+def _branch(
+    p: np.ndarray, d: np.ndarray, length: float, r: float, depth: int, spread: float,
+    rng: np.random.Generator, out: list[Tube],
+) -> None:  # fmt: skip
+    q = p + d * length
+    out.append(Tube(tuple(p), tuple(q), r))  # type: ignore[arg-type]
+    if depth == 0:
+        return
+    for sign in (-1.0, 1.0):
+        nd = _rotate_towards(d, sign * spread * rng.uniform(0.6, 1.2), rng)
+        _branch(q, nd, length * rng.uniform(0.75, 0.9), r * 0.78, depth - 1, spread, rng, out)
+
+
+def sample_anatomy(seed: int) -> Anatomy:
+    """Draw one subject's anatomy; same seed, same anatomy."""
+    rng = np.random.default_rng(seed)
+    s = rng.uniform(0.9, 1.1)
+    ay, ax = 118 * s * rng.uniform(0.95, 1.05), 168 * s * rng.uniform(0.95, 1.05)
+    fat = rng.uniform(8, 20)
+    iy, ix = ay - fat - 8, ax - fat - 8  # inside the muscle wall
+    z0 = rng.uniform(-15, 15)
+    lungs = []
+    for side in (-1.0, 1.0):
+        lungs.append(
+            Ellipsoid(
+                centre=(z0, 0.05 * iy, side * 0.47 * ix),
+                axes=(115 * s * rng.uniform(0.9, 1.1), 0.8 * iy, 0.4 * ix * rng.uniform(0.93, 1.03)),
+            )
+        )
+    heart = Ellipsoid(centre=(z0 - 45 * s, -0.3 * iy, 0.12 * ix), axes=(60 * s, 52 * s, 58 * s))
+    spine = (iy - 28 * s, 0.0, 17 * s)
+    ribs = []
+    for k in range(11):
+        zk = z0 + 120 * s - k * 24 * s
+        for side in (-1.0, 1.0):
+            pts = []
+            for theta in np.linspace(0.25, 2.6, 14):
+                y, x = (iy + 3) * math.cos(theta), side * (ix + 3) * math.sin(theta)
+                pts.append((zk - 35 * s * theta / math.pi, y, x))
+            ribs += [Tube(a, b, 4.5 * s) for a, b in itertools.pairwise(pts)]
+    vessels: list[Tube] = []
+    airways: list[Tube] = []
+    carina = np.array([z0 + 45 * s, -0.15 * iy, 0.0])
+    airways.append(Tube((z0 + 220.0, -0.15 * iy, 0.0), tuple(carina), 8.5 * s))  # type: ignore[arg-type]
+    for lung in lungs:
+        c = np.array(lung.centre)
+        hilum = np.array([z0 + 10 * s, -0.05 * iy, c[2] * 0.45])
+        for _ in range(5):  # arterial/venous trunks towards apex, base and periphery
+            d = (c - hilum) + rng.normal(scale=30, size=3) + np.array([rng.uniform(-70, 70), 0, 0])
+            _branch(hilum, d / np.linalg.norm(d), 34 * s, 5.5 * s, 5, 0.5, rng, vessels)
+        d = hilum - carina
+        airways.append(Tube(tuple(carina), tuple(hilum), 6.0 * s))  # type: ignore[arg-type]
+        _branch(hilum, (c - hilum) / np.linalg.norm(c - hilum), 30 * s, 4.2 * s, 2, 0.5, rng, airways)
+    nodules: list[tuple[Vec, float, float]] = []
+    count = int(rng.integers(2, 6))
+    while len(nodules) < count:
+        lung = lungs[int(rng.integers(2))]
+        u = rng.uniform(-0.7, 0.7, size=3)
+        if np.sum(u**2) < 0.5:
+            (cz, cy, cx), (az, ay_, ax_) = lung.centre, lung.axes
+            centre = (float(cz + az * u[0]), float(cy + ay_ * u[1]), float(cx + ax_ * u[2]))
+            nodules.append((centre, float(rng.uniform(2.5, 7.0)), float(rng.uniform(-30, 60))))
+    return Anatomy(
+        body=(ay, ax), fat=fat, lungs=(lungs[0], lungs[1]), heart=heart, spine=spine, ribs=tuple(ribs),
+        vessels=tuple(vessels), airways=tuple(airways), nodules=tuple(nodules),  # type: ignore[arg-type]
+        texture_seed=int(rng.integers(2**31)),
+    )  # fmt: skip
+
+
+class _Grid:
+    """Coordinates (mm) of a sub-box of a grid; finds the index box of a box in mm."""
+
+    def __init__(self, shape: Sequence[int], spacing: Sequence[float], region: Sequence[slice]) -> None:
+        self.axes = []
+        for n, sp, sl in zip(shape, spacing, region, strict=True):
+            idx = np.arange(*sl.indices(n)[:2], dtype=np.float64)
+            self.axes.append(((idx - (n - 1) / 2.0) * sp).astype(np.float32))
+        self.shape = tuple(len(a) for a in self.axes)
+
+    def box(self, lo: Sequence[float], hi: Sequence[float]) -> tuple[slice, ...] | None:
+        out = []
+        for a, l, h in zip(self.axes, lo, hi, strict=True):
+            i0, i1 = int(np.searchsorted(a, l, "left")), int(np.searchsorted(a, h, "right"))
+            if i1 <= i0:
+                return None
+            out.append(slice(i0, i1))
+        return tuple(out)
+
+    def coords(self, sl: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        z, y, x = (a[s] for a, s in zip(self.axes, sl, strict=True))
+        return z[:, None, None], y[None, :, None], x[None, None, :]
+
+
+def _ellipsoid_mask(grid: _Grid, e: Ellipsoid) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    lo = [c - a for c, a in zip(e.centre, e.axes, strict=True)]
+    hi = [c + a for c, a in zip(e.centre, e.axes, strict=True)]
+    sl = grid.box(lo, hi)
+    if sl is None:
+        return None
+    z, y, x = grid.coords(sl)
+    (cz, cy, cx), (az, ay, ax) = e.centre, e.axes
+    return sl, ((z - cz) / az) ** 2 + ((y - cy) / ay) ** 2 + ((x - cx) / ax) ** 2 <= 1.0
+
+
+def _tube_mask(grid: _Grid, t: Tube, r: float | None = None) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    r = t.r if r is None else r
+    p0, p1 = np.array(t.p0), np.array(t.p1)
+    sl = grid.box(np.minimum(p0, p1) - r, np.maximum(p0, p1) + r)
+    if sl is None:
+        return None
+    z, y, x = grid.coords(sl)
+    d = p1 - p0
+    dd = max(float(d.dot(d)), 1e-9)
+    vz, vy, vx = z - p0[0], y - p0[1], x - p0[2]
+    tt = np.clip((vz * d[0] + vy * d[1] + vx * d[2]) / dd, 0.0, 1.0)
+    dist2 = (vz - tt * d[0]) ** 2 + (vy - tt * d[1]) ** 2 + (vx - tt * d[2]) ** 2
+    return sl, dist2 <= r * r
+
+
+def _smooth_noise(grid: _Grid, seed: int, cell_mm: float, extent_mm: float = 600.0) -> np.ndarray:
+    """Smooth unit-variance noise defined on a global lattice, sampled at the grid's coordinates."""
+    n = int(extent_mm / cell_mm) + 4
+    rng = np.random.default_rng(seed)
+    lattice = ndimage.gaussian_filter(rng.normal(size=(n, n, n)).astype(np.float32), 1.0, mode="wrap")
+    lattice /= lattice.std()
+    out = lattice
+    for axis, coords in enumerate(grid.axes):
+        pos = coords / cell_mm + n / 2.0
+        i0 = np.clip(np.floor(pos).astype(np.int64), 0, n - 2)
+        w = (pos - i0).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[axis] = len(w)
+        w3 = w.reshape(shape)
+        out = np.take(out, i0, axis=axis) * (1 - w3) + np.take(out, i0 + 1, axis=axis) * w3
+    return out.astype(np.float32)
+
+
+def default_spacing(shape: Sequence[int]) -> tuple[float, ...]:
+    """Isotropic spacing that fits :data:`FOV_MM` into the largest axis."""
+    sp = FOV_MM / max(shape)
+    return tuple(sp for _ in shape)
+
+
+def thorax_phantom(
+    shape: Sequence[int],
+    spacing: Sequence[float] | None = None,
+    seed: int = 0,
+    region: Sequence[slice] | None = None,
+) -> np.ndarray:
+    """The noiseless phantom in HU (float32) on a ``(z, y, x)`` grid, or on its sub-box ``region``."""
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"phantom shape {tuple(shape)}: must be three positive sizes (z, y, x)")
+    spacing = default_spacing(shape) if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"phantom spacing {spacing}: must be three positive sizes in mm")
+    region = tuple(region) if region is not None else tuple(slice(0, n) for n in shape)
+    an = sample_anatomy(seed)
+    grid = _Grid(shape, spacing, region)
+    vol = np.full(grid.shape, AIR, dtype=np.float32)
+    _, y, x = grid.coords((slice(None),) * 3)
+    ay, ax = an.body
+    body2 = (y / ay) ** 2 + (x / ax) ** 2  # (1, H, W): a cylinder along z
+    vol[:] = np.where(body2 <= 1.0, FAT, AIR)
+    inner = ((y / (ay - an.fat)) ** 2 + (x / (ax - an.fat)) ** 2 <= 1.0)[0]
+    vol[:, inner] = SOFT
+
+    lung = np.zeros(grid.shape, dtype=bool)
+    for e in an.lungs:
+        m = _ellipsoid_mask(grid, e)
+        if m is not None:
+            lung[m[0]] |= m[1] & inner[m[0][1:]]
+    heart = _ellipsoid_mask(grid, an.heart)
+    if heart is not None:
+        lung[heart[0]] &= ~heart[1]
+    if lung.any():
+        tex = 38.0 * _smooth_noise(grid, an.texture_seed, 3.0) + 22.0 * _smooth_noise(grid, an.texture_seed + 1, 9.0)
+        vol[lung] = LUNG + tex[lung]
+        del tex
+    for t in an.vessels:
+        m = _tube_mask(grid, t)
+        if m is not None:
+            sub = vol[m[0]]
+            sub[m[1] & lung[m[0]]] = BLOOD
+    for t in an.airways:
+        wall = _tube_mask(grid, t, t.r + max(1.2, 0.25 * t.r))
+        if wall is not None:
+            vol[wall[0]][wall[1]] = AIRWAY_WALL
+        lumen = _tube_mask(grid, t)
+        if lumen is not None:
+            vol[lumen[0]][lumen[1]] = AIR
+    if heart is not None:
+        vol[heart[0]][heart[1]] = MYOCARDIUM
+        cavity = Ellipsoid(an.heart.centre, tuple(a * 0.72 for a in an.heart.axes))  # type: ignore[arg-type]
+        m = _ellipsoid_mask(grid, cavity)
+        if m is not None:
+            vol[m[0]][m[1]] = BLOOD
+    for centre, r, hu in an.nodules:
+        m = _ellipsoid_mask(grid, Ellipsoid(centre, (r, r, r)))
+        if m is not None:
+            vol[m[0]][m[1]] = hu
+    sy, sx, sr = an.spine
+    sl = grid.box([-1e9, sy - sr - 1, sx - sr - 1], [1e9, sy + sr + 1, sx + sr + 1])
+    if sl is not None:
+        z, yy, xx = grid.coords(sl)
+        rr = np.sqrt((yy - sy) ** 2 + (xx - sx) ** 2)  # (1, h, w)
+        phase = np.mod(z, 30.0)  # (d, 1, 1): 25 mm vertebrae, 5 mm discs
+        bone = np.where(rr > sr - 2.5, BONE, CANCELLOUS)
+        val = np.where(phase < 25.0, bone, DISC)
+        sub = vol[sl]
+        inside = np.broadcast_to(rr <= sr, sub.shape)
+        sub[inside] = np.broadcast_to(val, sub.shape)[inside]
+    for t in an.ribs:
+        m = _tube_mask(grid, t)
+        if m is not None:
+            vol[m[0]][m[1]] = BONE
+    return vol
+
+
+# ----------------------------------------------------------------------------- reconstruction kernels
+
+
+def _radial_frequency(shape: Sequence[int]) -> np.ndarray:
+    """|f| in cycles/voxel on the ``rfftn`` grid of ``shape``."""
+    axes = [sfft.fftfreq(n).astype(np.float32) for n in shape[:-1]] + [sfft.rfftfreq(shape[-1]).astype(np.float32)]
+    f2 = np.zeros([len(a) for a in axes], dtype=np.float32)
+    for i, a in enumerate(axes):
+        s = [1] * len(axes)
+        s[i] = len(a)
+        f2 = f2 + a.reshape(s) ** 2
+    return np.sqrt(f2)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A reconstruction kernel as an MTF and a noise power spectrum (frequencies in cycles/voxel)."""
+
+    name: str
+    noise_hu: float  # noise standard deviation
+
+    def mtf(self, f: np.ndarray) -> np.ndarray:
+        if self.name == "soft":  # B20f-like: smooth, 50 % at 0.25 cycles/voxel
+            return np.exp(-np.log(2.0) * (f / 0.25) ** 2)
+        # B80f-like: edge-enhancing overshoot (~1.3 near 0.35 cycles/voxel), still high at Nyquist
+        return (1.0 + 1.6 * (f / 0.35) ** 2) * np.exp(-((f / 0.42) ** 2))
+
+    def nps_amplitude(self, f: np.ndarray) -> np.ndarray:
+        if self.name == "soft":  # low, low-frequency noise
+            return np.sqrt(f * np.exp(-((f / 0.12) ** 2)))
+        return np.sqrt(f * (1.0 + (f / 0.25) ** 2) * np.exp(-((f / 0.55) ** 2)))  # ramp-shaped
+
+
+KERNELS = {"soft": Kernel("soft", noise_hu=12.0), "sharp": Kernel("sharp", noise_hu=90.0)}
+
+
+def reconstruct(
+    phantom: np.ndarray, kernels: Sequence[str] = ("soft", "sharp"), seed: int = 0, workers: int = -1
+) -> dict[str, np.ndarray]:
+    """Reconstructions of one phantom with each kernel, sharing one noise realisation (as a scanner's
+    reconstructions of one acquisition do). 2D or 3D; float32 HU."""
+    for k in kernels:
+        if k not in KERNELS:
+            raise ValueError(f"kernel {k!r}: must be one of {sorted(KERNELS)}")
+    x = np.asarray(phantom, dtype=np.float32)
+    f = _radial_frequency(x.shape)
+    spectrum = sfft.rfftn(x, workers=workers)
+    white = sfft.rfftn(np.random.default_rng(seed).standard_normal(x.shape, dtype=np.float32), workers=workers)
+    out = {}
+    for name in kernels:
+        kernel = KERNELS[name]
+        image = sfft.irfftn(spectrum * kernel.mtf(f), s=x.shape, workers=workers).astype(np.float32)
+        noise = sfft.irfftn(white * kernel.nps_amplitude(f), s=x.shape, workers=workers).astype(np.float32)
+        noise *= kernel.noise_hu / max(float(noise.std()), 1e-12)
+        image += noise
+        out[name] = image
+    return out
+
+
+def kernel_pair(
+    shape: Sequence[int], seed: int = 0, spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(soft, sharp) reconstructions of the phantom of ``seed``."""
+    recon = reconstruct(thorax_phantom(shape, spacing, seed), seed=seed + 7919)
+    return recon["soft"], recon["sharp"]
+
+
+# ----------------------------------------------------------------------------- radiographs
+
+MU_WATER = 0.02  # linear attenuation of water, 1/mm (~70 keV)
+
+
+def radiograph(
+    size: int | Sequence[int] = 2048, seed: int = 0, depth: int = 192, slab: int = 32, noise: float = 0.01
+) -> np.ndarray:
+    """A frontal (AP) radiograph of the phantom: line integrals of attenuation along ``y``.
+
+    Returns float32 in [0, ~1] (bone bright, lungs dark), shape ``(rows, cols)`` = ``(z, x)``;
+    computed slab by slab so a 2048^2 image needs little memory.
+    """
+    rows, cols = (size, size) if isinstance(size, int) else tuple(size)
+    sp = FOV_MM / max(rows, cols)
+    shape = (rows, depth, cols)
+    spacing = (sp, FOV_MM / depth, sp)
+    out = np.empty((rows, cols), dtype=np.float32)
+    for a in range(0, rows, slab):
+        b = min(a + slab, rows)
+        hu = thorax_phantom(shape, spacing, seed, region=(slice(a, b), slice(0, depth), slice(0, cols)))
+        mu = np.clip(MU_WATER * (1.0 + hu / 1000.0), 0.0, None)
+        out[a:b] = mu.sum(axis=1) * spacing[1]
+    out /= 12.0  # ~ the path integral through the mediastinum and spine
+    out = ndimage.gaussian_filter(out, 0.7)  # detector blur
+    out += noise * np.random.default_rng(seed + 104729).standard_normal(out.shape, dtype=np.float32)
+    return out.astype(np.float32)

@@ -1,0 +1,194 @@
+"""Volumes in and out with their geometry: NIfTI/MHA/NRRD (SimpleITK) and OME-Zarr (zarr 3).
+
+All axis-order and geometry conversions between SimpleITK, numpy and zarr live here.
+Arrays are numpy order (``z, y, x`` in 3D); :class:`Geometry` keeps ITK's physical
+order (``x, y, z``): spacing, origin, and the direction matrix row-major.
+Writes are atomic: a reader never sees a half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import zarr
+
+ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
+ZARR_SUFFIXES = (".zarr",)
+OME_VERSION = "0.5"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical placement of an image grid, in ITK order (x, y, z)."""
+
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]  # row-major dims x dims
+
+    @classmethod
+    def identity(cls, dims: int, spacing: Sequence[float] | None = None) -> Geometry:
+        sp = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * dims
+        return cls(sp, (0.0,) * dims, tuple(float(v) for v in np.eye(dims).ravel()))
+
+    @property
+    def dims(self) -> int:
+        return len(self.spacing)
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        try:
+            g = cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"geometry {d!r} needs spacing, origin and direction lists") from err
+        if len(g.origin) != g.dims or len(g.direction) != g.dims**2:
+            raise ValueError(f"geometry {d!r}: origin/direction do not match {g.dims} dimensions")
+        return g
+
+    def numpy_spacing(self) -> tuple[float, ...]:
+        """Spacing in numpy axis order (z, y, x)."""
+        return tuple(reversed(self.spacing))
+
+    def allclose(self, other: Geometry, atol: float = 1e-6) -> bool:
+        return all(
+            np.allclose(a, b, atol=atol)
+            for a, b in ((self.spacing, other.spacing), (self.origin, other.origin), (self.direction, other.direction))
+        )
+
+
+def suffix_of(path: str | os.PathLike[str]) -> str:
+    name = str(path).rstrip("/").lower()
+    for s in ITK_SUFFIXES + ZARR_SUFFIXES:
+        if name.endswith(s):
+            return s
+    raise ValueError(f"{path}: unknown volume format; use one of {', '.join(ITK_SUFFIXES + ZARR_SUFFIXES)}")
+
+
+def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    if array.ndim != geometry.dims:
+        raise ValueError(f"array of {array.ndim} dimensions with a {geometry.dims}D geometry")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    img.SetSpacing(geometry.spacing)
+    img.SetOrigin(geometry.origin)
+    img.SetDirection(geometry.direction)
+    return img
+
+
+def from_sitk(img: sitk.Image) -> tuple[np.ndarray, Geometry]:
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"image has {img.GetNumberOfComponentsPerPixel()} components per pixel; need a scalar image")
+    geom = Geometry(tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
+    return sitk.GetArrayFromImage(img), geom
+
+
+# ----------------------------------------------------------------------------- OME-Zarr
+
+
+def _ome_attrs(shapes: Sequence[Sequence[int]], geometry: Geometry, name: str) -> dict[str, Any]:
+    dims = geometry.dims
+    axes = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("zyx" if dims == 3 else "yx")]
+    sp0 = np.array(geometry.numpy_spacing())
+    org = np.array(tuple(reversed(geometry.origin)))
+    datasets = []
+    for k in range(len(shapes)):
+        f = 2.0**k  # every level halves every axis (odd sizes rounded up)
+        datasets.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": (sp0 * f).tolist()},
+                    {"type": "translation", "translation": (org + (f - 1) / 2 * sp0).tolist()},
+                ],
+            }
+        )
+    return {"version": OME_VERSION, "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}
+
+
+def write_zarr(
+    path: str | os.PathLike[str],
+    levels: Sequence[np.ndarray],
+    geometry: Geometry,
+    attrs: dict[str, Any] | None = None,
+    chunks: int | Sequence[int] = 64,
+) -> None:
+    """An OME-Zarr multiscale group (level 0 finest) with our geometry beside ``ome`` (NGFF has no
+    direction cosines). Local paths are written to a staging folder and renamed when complete."""
+    dest = Path(path)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent if dest.parent.exists() else None))
+    try:
+        group = zarr.open_group(str(stage), mode="w")
+        for k, lv in enumerate(levels):
+            want = [chunks] * lv.ndim if isinstance(chunks, int) else list(chunks)
+            ch = tuple(min(c, s) for c, s in zip(want, lv.shape, strict=True))
+            arr = group.create_array(str(k), shape=lv.shape, dtype=lv.dtype, chunks=ch)
+            arr[...] = lv
+        group.attrs["ome"] = _ome_attrs([lv.shape for lv in levels], geometry, dest.name)
+        group.attrs["msgan"] = {"geometry": geometry.as_dict(), **(attrs or {})}
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def open_zarr(path: str | os.PathLike[str], level: int = 0) -> tuple[zarr.Array, Geometry, dict[str, Any]]:
+    """Level ``level`` of an OME-Zarr volume (lazy), its geometry and our attributes."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for a missing/invalid store
+        raise FileNotFoundError(f"{path}: not a readable zarr group ({err})") from err
+    meta: dict[str, Any] = dict(group.attrs.get("msgan", {}))  # type: ignore[arg-type]
+    if "geometry" not in meta:
+        raise ValueError(f"{path}: no msgan geometry in the group attributes; ingest the volume with msgan first")
+    key = str(level)
+    if key not in group:
+        raise ValueError(f"{path}: has no level {level} (levels: {sorted(group.array_keys())})")
+    arr = group[key]
+    assert isinstance(arr, zarr.Array)
+    return arr, Geometry.from_dict(meta["geometry"]), meta
+
+
+# ----------------------------------------------------------------------------- any format
+
+
+def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
+    """A scalar image and its geometry from NIfTI/MHA/NRRD or OME-Zarr (level 0)."""
+    suffix = suffix_of(path)
+    if suffix in ZARR_SUFFIXES:
+        arr, geom, _ = open_zarr(path)
+        return np.asarray(arr[...]), geom
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise ValueError(f"{path}: cannot be read as {suffix} ({str(err).strip().splitlines()[-1]})") from err
+    return from_sitk(img)
+
+
+def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geometry) -> None:
+    """Write a volume atomically in the format its suffix names."""
+    suffix = suffix_of(path)
+    if suffix in ZARR_SUFFIXES:
+        write_zarr(path, [array], geometry)
+        return
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
+    try:
+        sitk.WriteImage(to_sitk(array, geometry), str(tmp), useCompression=True)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,324 @@
+"""Networks: LR U-Net, HR valid-convolution ResNet generator, PatchGAN; 2D and 3D by ``dims``.
+
+Shape comments use 3D names ``(B, C, D, H, W)``; in 2D drop ``D``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Dims = Literal[2, 3]
+NormKind = Literal["instance", "batch", "none"]
+ContextKind = Literal["upscaled", "wide", "none"]
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def _check_dims(dims: int) -> None:
+    if dims not in (2, 3):
+        raise ValueError(f"dims={dims!r}: must be 2 or 3")
+
+
+def conv(dims: int, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Module:
+    _check_dims(dims)
+    cls = nn.Conv2d if dims == 2 else nn.Conv3d
+    return cls(cin, cout, kernel, stride=stride, padding=padding)
+
+
+def norm(kind: str, dims: int, channels: int) -> nn.Module:
+    _check_dims(dims)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True) if dims == 2 else nn.InstanceNorm3d(channels, affine=True)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm={kind!r}: must be one of ['instance', 'batch', 'none']")
+
+
+def linear_mode(dims: int) -> str:
+    return "bilinear" if dims == 2 else "trilinear"
+
+
+def crop(x: torch.Tensor, margin: Sequence[int] | int) -> torch.Tensor:
+    """Remove ``margin`` voxels from both ends of every spatial axis (``int`` or one per axis)."""
+    dims = x.ndim - 2
+    m = [margin] * dims if isinstance(margin, int) else list(margin)
+    index = [slice(None), slice(None)] + [slice(k, x.shape[2 + i] - k) for i, k in enumerate(m)]
+    return x[tuple(index)]
+
+
+def _halo_of(module: nn.Module) -> int:
+    """Receptive-field radius of a chain of stride-1 convolutions: sum of dilation * (kernel - 1) / 2."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            k, d = m.kernel_size[0], m.dilation[0]
+            total += d * (k - 1) // 2
+    return total
+
+
+# ----------------------------------------------------------------------------- LR U-Net
+
+
+class ConvBlock(nn.Sequential):
+    """Two padded 3x3(x3) convolutions, each with norm and LeakyReLU."""
+
+    def __init__(self, dims: int, cin: int, cout: int, norm_kind: str) -> None:
+        super().__init__(
+            conv(dims, cin, cout, 3, padding=1),
+            norm(norm_kind, dims, cout),
+            nn.LeakyReLU(0.2),
+            conv(dims, cout, cout, 3, padding=1),
+            norm(norm_kind, dims, cout),
+            nn.LeakyReLU(0.2),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net on a whole low-resolution image; any input size (padded to a multiple of 2**depth).
+
+    ``noise_channels`` > 0 appends Gaussian noise channels in training mode (the
+    paper's ``z``); in eval mode they are zeros so that a translation is reproducible.
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int = 1,
+        width: int = 32,
+        depth: int = 4,
+        norm_kind: str = "instance",
+        noise_channels: int = 0,
+        max_width: int = 256,
+    ) -> None:
+        super().__init__()
+        _check_dims(dims)
+        self.dims, self.depth, self.noise_channels, self.norm_kind = dims, depth, noise_channels, norm_kind
+        widths = [min(width * 2**i, max_width) for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        cin = in_channels + noise_channels
+        for w in widths:
+            self.down.append(ConvBlock(dims, cin, w, norm_kind))
+            cin = w
+        self.up = nn.ModuleList()
+        for w_skip in reversed(widths[:-1]):
+            self.up.append(ConvBlock(dims, cin + w_skip, w_skip, norm_kind))
+            cin = w_skip
+        self.head = conv(dims, cin, out_channels, 1)
+        self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]  # (D, H, W)
+        m = 2**self.depth
+        pad_to = [-(-s // m) * m for s in size]
+        if self.norm_kind == "instance" and all(p == m for p in pad_to) and self.depth > 0:
+            raise ValueError(
+                f"input {tuple(size)} leaves a single bottleneck voxel at lr_generator.depth={self.depth}; "
+                f"instance norm needs more: use a larger LR grid or a smaller depth"
+            )
+        pads: list[int] = []
+        for s, p in zip(reversed(size), reversed(pad_to), strict=True):
+            pads += [0, p - s]
+        if any(pads):
+            x = F.pad(x, pads, mode="replicate")  # (B, Cin, D', H', W'), multiples of 2**depth
+        if self.noise_channels:
+            shape = (x.shape[0], self.noise_channels, *x.shape[2:])
+            z = torch.randn(shape, device=x.device, dtype=x.dtype) if self.training else x.new_zeros(shape)
+            x = torch.cat([x, z], dim=1)  # (B, Cin + Cz, D', H', W')
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)  # (B, w_i, D'/2^i, ...)
+            if i < self.depth:
+                skips.append(x)
+                x = self.pool(x)  # (B, w_i, D'/2^(i+1), ...)
+        for block in self.up:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, w, 2x spatial)
+            x = block(torch.cat([x, skips.pop()], dim=1))  # (B, w_skip, ...)
+        y = torch.tanh(self.head(x))  # (B, Cout, D', H', W')
+        return y[(slice(None), slice(None), *(slice(0, s) for s in size))]  # (B, Cout, D, H, W)
+
+
+# ----------------------------------------------------------------------------- HR generator
+
+
+class ValidResBlock(nn.Module):
+    """conv-norm-act-conv-norm with valid 3x3 convolutions; the skip is cropped to match."""
+
+    def __init__(self, dims: int, width: int, norm_kind: str, padding: int = 0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv(dims, width, width, 3, padding=padding),
+            norm(norm_kind, dims, width),
+            nn.ReLU(),
+            conv(dims, width, width, 3, padding=padding),
+            norm(norm_kind, dims, width),
+        )
+        self.trim = 0 if padding else _halo_of(self.body)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return crop(x, self.trim) + self.body(x)  # (B, W, n - 2*trim, ...)
+
+
+class HRGenerator(nn.Module):
+    """ResNet-block generator for one HR scale; no down/upsampling.
+
+    Inputs (``context``):
+      - ``upscaled``: ``x`` = [previous scale upsampled x2, edges] over ``core + 2*halo``.
+      - ``wide``: ``x`` = edges over ``core + 2*halo`` and ``coarse`` = the previous
+        scale at its own resolution over :meth:`context_box` (a wider field of view).
+      - ``none``: ``x`` = edges only (the plain patch-wise baseline).
+    With ``padding="valid"`` (the default) the network is tile-exact: an output voxel
+    depends only on inputs within ``halo`` of it. ``padding="same"`` exists only for the
+    patch-wise baseline, whose per-patch zero padding is what makes its seams.
+    ``residual`` adds the upsampled previous scale to the output (learn the detail only).
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        width: int = 32,
+        num_blocks: int = 6,
+        norm_kind: str = "batch",
+        context: ContextKind = "upscaled",
+        context_layers: int = 4,
+        residual: bool = True,
+        padding: Literal["valid", "same"] = "valid",
+    ) -> None:
+        super().__init__()
+        _check_dims(dims)
+        if context not in ("upscaled", "wide", "none"):
+            raise ValueError(f"context={context!r}: must be one of ['upscaled', 'wide', 'none']")
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding={padding!r}: must be 'valid' or 'same'")
+        if padding == "valid" and norm_kind not in ("batch", "none"):
+            raise ValueError(
+                f"norm={norm_kind!r}: a tile-exact HR generator needs a voxel-wise norm ('batch' or 'none'); "
+                f"{norm_kind} norm uses per-tile statistics, so the output would depend on the tiling"
+            )
+        if residual and context == "none":
+            raise ValueError("residual=True needs the previous scale: use context 'upscaled' or 'wide'")
+        if context == "wide" and padding == "same":
+            raise ValueError("context='wide' needs padding='valid'")
+        self.dims, self.context, self.residual, self.padding = dims, context, residual, padding
+        self.width = width
+        p = 1 if padding == "same" else 0
+        in_channels = 2 if context == "upscaled" else 1
+        self.head = nn.Sequential(conv(dims, in_channels, width, 3, padding=p), norm(norm_kind, dims, width), nn.ReLU())
+        self.blocks = nn.Sequential(*(ValidResBlock(dims, width, norm_kind, padding=p) for _ in range(num_blocks)))
+        self.tail = conv(dims, width, 1, 3, padding=p)
+        self.ctx: nn.Module | None = None
+        if context == "wide":
+            layers: list[nn.Module] = []
+            for i in range(context_layers):
+                layers += [conv(dims, 1 if i == 0 else width, width, 3), norm(norm_kind, dims, width), nn.ReLU()]
+            self.ctx = nn.Sequential(*layers)
+
+    @property
+    def halo(self) -> int:
+        """Receptive-field radius of the fine path: input tile = output core + 2 * halo (0 if padded)."""
+        if self.padding == "same":
+            return 0
+        return _halo_of(self.head) + _halo_of(self.blocks) + _halo_of(self.tail)
+
+    @property
+    def context_halo(self) -> int:
+        """Receptive-field radius of the coarse branch, in coarse voxels (``wide`` only)."""
+        return 0 if self.ctx is None else _halo_of(self.ctx)
+
+    def context_box(self, start: Sequence[int], stop: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Coarse box (start, stop per axis) the ``wide`` branch needs for the fine core [start, stop)."""
+        if self.context != "wide":
+            raise ValueError(f"context_box is for context='wide', this generator has context={self.context!r}")
+        if any(a % 2 for a in start):
+            raise ValueError(f"wide-context tiles must start on even voxels, got start={list(start)}")
+        h, hh, hc = self.halo, _halo_of(self.head), self.context_halo
+        f0 = [a - h + hh for a in start]  # first fine voxel of the head's output
+        f1 = [b + h - hh for b in stop]
+        return [f // 2 - hc for f in f0], [(f - 1) // 2 + 1 + hc for f in f1]
+
+    def forward(self, x: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.halo
+        f = self.head(x)  # (B, W, core + 2(h - 1), ...)
+        if self.ctx is not None:
+            if coarse is None:
+                raise ValueError("context='wide' needs the coarse previous-scale crop as `coarse`")
+            hh = _halo_of(self.head)
+            off = (hh - h) % 2  # fine offset of the head output inside the upsampled coarse grid
+            c = F.interpolate(self.ctx(coarse), scale_factor=2, mode="nearest")  # (B, W, 2m, ...)
+            n = f.shape[2:]
+            if any(off + k > ck for k, ck in zip(n, c.shape[2:], strict=True)):
+                raise ValueError(
+                    f"coarse crop {tuple(coarse.shape[2:])} is too small for fine input {tuple(x.shape[2:])}"
+                )
+            f = f + c[(slice(None), slice(None), *(slice(off, off + k) for k in n))]  # (B, W, n...)
+        y = self.tail(self.blocks(f))  # (B, 1, core, ...)
+        if not self.residual:
+            return torch.tanh(y)
+        if self.context == "upscaled":
+            base = crop(x[:, :1], h)  # (B, 1, core, ...): the upsampled previous scale
+        else:
+            assert coarse is not None
+            base = self.upsampled_context(coarse, y.shape[2:])  # (B, 1, core, ...)
+        return base + y  # (B, 1, core, ...)
+
+    def upsampled_context(self, coarse: torch.Tensor, core: Sequence[int]) -> torch.Tensor:
+        """The coarse crop of :meth:`context_box` upsampled x2 (linear) over the core: ``(B, 1, *core)``."""
+        up = F.interpolate(coarse, scale_factor=2, mode=linear_mode(self.dims), align_corners=False)
+        lead = 2 * self.context_halo - 2 * ((_halo_of(self.head) - self.halo) // 2)  # core offset in `up`
+        return up[(slice(None), slice(None), *(slice(lead, lead + k) for k in core))]
+
+
+# ----------------------------------------------------------------------------- PatchGAN
+
+
+def patchgan_min_size(num_layers: int) -> int:
+    """Smallest input side that gives a PatchGAN with ``num_layers`` stride-2 layers one output."""
+    return 3 * 2**num_layers
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: ``num_layers`` stride-2 4x4 convolutions, two stride-1 ones, one logit per patch."""
+
+    def __init__(self, dims: int, in_channels: int, width: int = 64, num_layers: int = 3, norm_kind: str = "instance"):
+        super().__init__()
+        _check_dims(dims)
+        layers: list[nn.Module] = [conv(dims, in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        cin = width
+        for i in range(1, num_layers):
+            cout = width * min(2**i, 8)
+            layers += [conv(dims, cin, cout, 4, stride=2, padding=1), norm(norm_kind, dims, cout), nn.LeakyReLU(0.2)]
+            cin = cout
+        cout = width * min(2**num_layers, 8)
+        layers += [conv(dims, cin, cout, 4, stride=1, padding=1), norm(norm_kind, dims, cout), nn.LeakyReLU(0.2)]
+        layers += [conv(dims, cout, 1, 4, stride=1, padding=1)]
+        self.net = nn.Sequential(*layers)
+        self.num_layers = num_layers
+
+    @property
+    def receptive_field(self) -> int:
+        rf = 1
+        convs = [m for m in self.net if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        for m in reversed(convs):
+            rf = (rf - 1) * m.stride[0] + m.kernel_size[0]
+        return rf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        need = patchgan_min_size(self.num_layers)
+        if min(x.shape[2:]) < need:
+            raise ValueError(
+                f"discriminator input {tuple(x.shape[2:])} is smaller than the {need} voxels per side that "
+                f"num_layers={self.num_layers} needs (receptive field {self.receptive_field})"
+            )
+        return self.net(x)  # (B, 1, d, h, w): one logit per patch
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

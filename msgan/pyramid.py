@@ -1,0 +1,110 @@
+"""Intensity windowing, anti-aliased x2 downsampling, edge extraction and the per-volume pyramid.
+
+Scale 0 is the low-resolution (LR) grid; scale ``n - 1`` is the original grid. Images
+in a pyramid are windowed to [-1, 1]; edges are in [-1, 1] too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from msgan.config import EdgeConfig, IntensityConfig
+from msgan.tiling import pyramid_shapes, upsample_region
+
+
+def window(image: np.ndarray, intensity: IntensityConfig) -> np.ndarray:
+    """Map ``[low, high]`` linearly onto [-1, 1], clipping outside; NaN/inf are rejected."""
+    x = np.asarray(image, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise ValueError(f"image holds {bad} NaN or infinite voxels; clean the input before translating it")
+    lo, hi = intensity.low, intensity.high
+    return np.clip((x - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0).astype(np.float32)
+
+
+def unwindow(x: np.ndarray, intensity: IntensityConfig) -> np.ndarray:
+    """Inverse of :func:`window` inside the window (clipped values stay at the window's ends)."""
+    lo, hi = intensity.low, intensity.high
+    return ((np.asarray(x, dtype=np.float32) + 1.0) * ((hi - lo) / 2.0) + lo).astype(np.float32)
+
+
+def downsample2(x: np.ndarray) -> np.ndarray:
+    """Anti-aliased x2 downsampling: mean of each 2x2(x2) block; odd axes repeat their last voxel."""
+    x = np.asarray(x, dtype=np.float32)
+    pad = [(0, s % 2) for s in x.shape]
+    if any(p for _, p in pad):
+        x = np.pad(x, pad, mode="edge")
+    shape: list[int] = []
+    for s in x.shape:
+        shape += [s // 2, 2]
+    return x.reshape(shape).mean(axis=tuple(range(1, 2 * x.ndim, 2))).astype(np.float32)
+
+
+def upsample2(x: np.ndarray, fine_shape: Sequence[int]) -> np.ndarray:
+    """Linear x2 upsampling onto ``fine_shape`` (torch ``align_corners=False`` convention)."""
+    return upsample_region(x, fine_shape, [0] * len(fine_shape), list(fine_shape))
+
+
+def edges(image: np.ndarray, cfg: EdgeConfig) -> np.ndarray:
+    """Edge image in [-1, 1] of a windowed image (2D or 3D)."""
+    x = np.asarray(image, dtype=np.float32)
+    if cfg.method == "gradient":
+        if cfg.sigma > 0:
+            g = ndimage.gaussian_gradient_magnitude(x, cfg.sigma, mode="reflect")
+        else:
+            g = np.sqrt(sum(d * d for d in np.gradient(x)))
+        return (2.0 * np.tanh(g / cfg.scale) - 1.0).astype(np.float32)
+    if cfg.method == "canny":
+        img = sitk.GetImageFromArray(x.astype(np.float64))
+        variance = [float(cfg.sigma) ** 2] * x.ndim
+        e = sitk.CannyEdgeDetection(img, cfg.canny_lower, cfg.canny_upper, variance)
+        return (2.0 * sitk.GetArrayFromImage(e) - 1.0).astype(np.float32)
+    raise ValueError(f"edges.method={cfg.method!r}: must be 'gradient' or 'canny'")
+
+
+@dataclass
+class Pyramid:
+    """Windowed image and edges at every scale, LR (scale 0) first."""
+
+    images: list[np.ndarray]
+    edges: list[np.ndarray]
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.images)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(im.shape) for im in self.images]
+
+
+def image_pyramid(windowed: np.ndarray, num_scales: int) -> list[np.ndarray]:
+    """``num_scales`` images, LR first, each coarser one the x2 block mean of the next."""
+    levels = [np.asarray(windowed, dtype=np.float32)]
+    for _ in range(num_scales - 1):
+        levels.append(downsample2(levels[-1]))
+    levels = levels[::-1]
+    expected = pyramid_shapes(windowed.shape, num_scales)
+    assert [lv.shape for lv in levels] == expected, ([lv.shape for lv in levels], expected)
+    return levels
+
+
+def build_pyramid(image: np.ndarray, num_scales: int, intensity: IntensityConfig, edge_cfg: EdgeConfig) -> Pyramid:
+    """The pyramid of a raw image (HU for CT): window, downsample, edges per scale."""
+    if min(image.shape) < 2 ** (num_scales - 1):
+        raise ValueError(
+            f"image of shape {tuple(image.shape)} is too small for num_scales={num_scales}: "
+            f"the LR grid would be under one voxel per axis"
+        )
+    images = image_pyramid(window(image, intensity), num_scales)
+    return Pyramid(images=images, edges=[edges(im, edge_cfg) for im in images])
+
+
+def foreground_mask(image_lr: np.ndarray, threshold: float) -> np.ndarray:
+    """Voxels of a windowed image above ``threshold`` (the body), on the small LR grid."""
+    return np.asarray(image_lr) > threshold

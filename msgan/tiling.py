@@ -1,0 +1,167 @@
+"""Patch and tile geometry, apart from any model: tile grids, halo reads, reflect borders.
+
+Everything here works on any array that supports numpy basic slicing (numpy, zarr,
+dask, h5py): a read touches only the bounding box of the requested region, so a
+volume never needs to be in memory whole.
+
+Border rule, shared by training and inference: outside the volume, voxel ``i`` reads
+voxel ``reflect(i)`` (numpy's ``"reflect"``: mirrored about the edge voxel, repeated
+as often as needed). Tiled inference and a whole-volume pass use the same rule, which
+is what makes them equal.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One inference tile: the output core ``[start, stop)`` per axis (input adds the halo)."""
+
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.start, self.stop, strict=True))
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))
+
+
+def tile_grid(shape: Sequence[int], core: int | Sequence[int]) -> list[Tile]:
+    """Cover ``shape`` with cores of ``core`` voxels starting at multiples of ``core``.
+
+    The last tile along an axis is cut at the volume border. With ``core`` equal to the
+    output's chunk size, no two tiles touch the same chunk.
+    """
+    cores = [core] * len(shape) if isinstance(core, int) else list(core)
+    if len(cores) != len(shape):
+        raise ValueError(f"core {cores} has {len(cores)} axes, volume shape {tuple(shape)} has {len(shape)}")
+    if any(c < 1 for c in cores):
+        raise ValueError(f"tile core {cores} must be >= 1 voxel per axis")
+    ranges = [[(a, min(a + c, s)) for a in range(0, s, c)] for s, c in zip(shape, cores, strict=True)]
+    return [Tile(tuple(r[0] for r in combo), tuple(r[1] for r in combo)) for combo in itertools.product(*ranges)]
+
+
+def reflect_index(index: np.ndarray, size: int) -> np.ndarray:
+    """Map (possibly out-of-range) indices into ``[0, size)`` by repeated mirroring about the edge voxels."""
+    if size < 1:
+        raise ValueError(f"cannot index an axis of size {size}")
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    i = np.abs(index) % period
+    return np.where(i >= size, period - i, i)
+
+
+def _gather(array: Any, axes_index: Sequence[np.ndarray]) -> np.ndarray:
+    """``array`` at the outer product of per-axis integer indices, reading one bounding box."""
+    lo = [int(ix.min()) for ix in axes_index]
+    hi = [int(ix.max()) + 1 for ix in axes_index]
+    block = np.asarray(array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
+    for axis, (ix, a, b) in enumerate(zip(axes_index, lo, hi, strict=True)):
+        if len(ix) != b - a or np.any(np.diff(ix) != 1):
+            block = np.take(block, ix - a, axis=axis)
+    return block
+
+
+def read_region(array: Any, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
+    """``array[start:stop]`` per axis, where the box may reach outside the volume (reflected)."""
+    shape = array.shape
+    if len(start) != len(shape) or len(stop) != len(shape):
+        raise ValueError(f"box {list(start)}..{list(stop)} does not match array shape {tuple(shape)}")
+    idx = [reflect_index(np.arange(a, b), s) for a, b, s in zip(start, stop, shape, strict=True)]
+    return _gather(array, idx)
+
+
+def _linear_taps(fine: np.ndarray, coarse_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear x2 upsampling taps (``align_corners=False``, as torch): fine index -> (i0, i1, w1)."""
+    src = np.maximum((fine + 0.5) / 2.0 - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), coarse_size - 1)
+    i1 = np.minimum(i0 + 1, coarse_size - 1)
+    w1 = (src - i0).astype(np.float32)
+    w1 = np.where(i1 == i0, np.float32(0.0), w1)
+    return i0, i1, w1
+
+
+def upsample_region(coarse: Any, fine_shape: Sequence[int], start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
+    """The region ``[start, stop)`` of ``coarse`` upsampled x2 (linear) onto a grid of ``fine_shape``.
+
+    Equals cropping the whole upsampled volume, so it can feed tiles without the whole
+    upsampled volume ever existing. Out-of-volume fine indices are reflected first.
+    """
+    if len(fine_shape) != coarse.ndim:
+        raise ValueError(f"fine shape {tuple(fine_shape)} and coarse shape {tuple(coarse.shape)} differ in axes")
+    taps = []
+    for a, b, fs, cs in zip(start, stop, fine_shape, coarse.shape, strict=True):
+        if -(-fs // 2) != cs:
+            raise ValueError(f"coarse axis of {cs} voxels is not half of fine axis {fs} (expected {-(-fs // 2)})")
+        taps.append(_linear_taps(reflect_index(np.arange(a, b), fs), cs))
+    lo = [int(i0.min()) for i0, _, _ in taps]
+    hi = [int(i1.max()) + 1 for _, i1, _ in taps]
+    out = np.asarray(coarse[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))], dtype=np.float32)
+    for axis, ((i0, i1, w1), a) in enumerate(zip(taps, lo, strict=True)):
+        shape = [1] * out.ndim
+        shape[axis] = len(w1)
+        w = w1.reshape(shape)
+        out = np.take(out, i0 - a, axis=axis) * (1 - w) + np.take(out, i1 - a, axis=axis) * w
+    return out.astype(np.float32, copy=False)
+
+
+def iter_batches(tiles: Sequence[Tile], batch_size: int) -> Iterator[list[Tile]]:
+    """Consecutive groups of same-shape tiles, at most ``batch_size`` each."""
+    batch: list[Tile] = []
+    for t in tiles:
+        if batch and (len(batch) == batch_size or batch[0].shape != t.shape):
+            yield batch
+            batch = []
+        batch.append(t)
+    if batch:
+        yield batch
+
+
+def pyramid_shapes(shape: Sequence[int], num_scales: int) -> list[tuple[int, ...]]:
+    """Grid of every scale, LR first: each coarser scale has ``ceil(n / 2)`` voxels per axis."""
+    shapes = [tuple(int(s) for s in shape)]
+    for _ in range(num_scales - 1):
+        shapes.append(tuple(-(-s // 2) for s in shapes[-1]))
+    return shapes[::-1]
+
+
+def sample_patch_starts(
+    mask_lr: np.ndarray,
+    factor: int,
+    fine_shape: Sequence[int],
+    patch: int,
+    count: int,
+    rng: np.random.Generator,
+) -> list[tuple[int, ...]]:
+    """Even start corners of ``count`` patches of ``patch`` voxels centred inside the foreground.
+
+    The foreground is given on the small LR grid (``mask_lr``), ``factor`` finer voxels
+    per LR voxel: a centre is an LR foreground voxel plus a uniform offset inside it, so
+    sampling costs nothing that grows with the fine volume.
+    """
+    if any(patch > s for s in fine_shape):
+        raise ValueError(f"patch of {patch} voxels is larger than the level {tuple(fine_shape)}")
+    candidates = np.flatnonzero(mask_lr)
+    if candidates.size == 0:
+        candidates = np.arange(mask_lr.size)  # no foreground: anywhere
+    starts = []
+    for _ in range(count):
+        lr = np.unravel_index(int(candidates[rng.integers(candidates.size)]), mask_lr.shape)
+        start = []
+        for c, s in zip(lr, fine_shape, strict=True):
+            centre = int(c) * factor + int(rng.integers(factor))
+            a = min(max(centre - patch // 2, 0), s - patch)
+            start.append(a - a % 2)
+        starts.append(tuple(start))
+    return starts

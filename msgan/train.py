@@ -1,0 +1,385 @@
+"""Train one scale GAN: a plain PyTorch loop that reports through a callback.
+
+Scale 0 trains the LR U-Net on whole low-resolution images; scale ``i >= 1`` trains an
+HR generator on patches whose previous-scale condition is the *real* image of scale
+``i - 1`` (corrupted by :mod:`msgan.augment`), so all scales train independently.
+Ray Train wraps :class:`ScaleTrainer` in :mod:`msgan.distributed`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msgan.augment import Augmenter, corrupt
+from msgan.config import Config, from_dict
+from msgan.metrics import ssim
+from msgan.nets import HRGenerator, PatchDiscriminator, UNet, crop
+from msgan.pyramid import Pyramid, foreground_mask
+from msgan.tiling import read_region, sample_patch_starts, upsample_region
+
+# ----------------------------------------------------------------------------- losses
+
+
+class GANMode(StrEnum):
+    LSGAN = "lsgan"
+    BCE = "bce"
+
+
+class GANLoss(nn.Module):
+    """Adversarial loss on discriminator logits; target labels are buffers (move with the module)."""
+
+    def __init__(self, mode: str | GANMode = GANMode.LSGAN) -> None:
+        super().__init__()
+        self.mode = GANMode(mode)
+        self.register_buffer("real_label", torch.tensor(1.0))
+        self.register_buffer("fake_label", torch.tensor(0.0))
+
+    def forward(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
+        target = self.get_buffer("real_label" if real else "fake_label").to(logits.dtype).expand_as(logits)
+        if self.mode is GANMode.LSGAN:
+            return F.mse_loss(logits, target)
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+
+class GeneratorLoss(NamedTuple):
+    total: torch.Tensor
+    gan: torch.Tensor
+    l1: torch.Tensor
+
+
+class DiscriminatorLoss(NamedTuple):
+    total: torch.Tensor
+    real: torch.Tensor
+    fake: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def build_generator(cfg: Config, scale: int) -> nn.Module:
+    """The generator of ``scale`` as the config describes it (scale 0: U-Net, else HR ResNet)."""
+    if scale == 0:
+        g = cfg.lr_generator
+        return UNet(cfg.dims, 1, 1, g.width, g.depth, g.norm, g.noise_channels)
+    h = cfg.hr_generator
+    return HRGenerator(cfg.dims, h.width, h.num_blocks, h.norm, h.context, h.context_layers, h.residual)
+
+
+def build_discriminator(cfg: Config, scale: int) -> PatchDiscriminator:
+    """PatchGAN on (conditions, image): LR sees (edges, image); HR sees (previous upsampled, edges, image)."""
+    d = cfg.discriminator
+    return PatchDiscriminator(cfg.dims, 2 if scale == 0 else 3, d.width, d.num_layers, d.norm)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class ScaleData:
+    """What one scale trains on, per volume: image and edges at this scale, the previous scale's
+    image (HR only) and a foreground mask on the LR grid. Arrays may be numpy or zarr."""
+
+    scale: int
+    images: list[Any]
+    edges: list[Any]
+    prev_images: list[Any]
+    masks_lr: list[np.ndarray]
+
+    @classmethod
+    def from_pyramids(cls, pyramids: Sequence[Pyramid], scale: int, foreground_threshold: float) -> ScaleData:
+        if not pyramids:
+            raise ValueError("no training volumes")
+        for i, p in enumerate(pyramids):
+            if scale >= p.num_scales:
+                raise ValueError(f"volume {i} has {p.num_scales} scales; scale {scale} does not exist")
+        return cls(
+            scale=scale,
+            images=[p.images[scale] for p in pyramids],
+            edges=[p.edges[scale] for p in pyramids],
+            prev_images=[p.images[scale - 1] for p in pyramids] if scale > 0 else [],
+            masks_lr=[foreground_mask(np.asarray(p.images[0]), foreground_threshold) for p in pyramids],
+        )
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # generator input (B, Cin, core + 2*halo, ...)
+    coarse: torch.Tensor | None  # wide context (B, 1, ...) or None
+    cond: torch.Tensor  # discriminator conditions over the core (B, Ccond, core, ...)
+    target: torch.Tensor  # (B, 1, core, ...)
+
+
+def _stack(items: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(items).astype(np.float32, copy=False))
+
+
+def sample_lr_batch(data: ScaleData, batch_size: int, rng: np.random.Generator, aug: Augmenter) -> Batch:
+    """Whole LR images (same-shape volumes are stacked; otherwise one volume per batch)."""
+    idx = [int(rng.integers(len(data.images))) for _ in range(batch_size)]
+    if len({tuple(data.images[i].shape) for i in idx}) > 1:
+        idx = idx[:1]
+    edges = _stack([np.asarray(data.edges[i])[None] for i in idx])  # (B, 1, D, H, W)
+    edges = torch.cat([corrupt(e[None], aug.sample_edges(rng)) for e in edges])
+    target = _stack([np.asarray(data.images[i])[None] for i in idx])
+    return Batch(edges, None, edges, target)
+
+
+def sample_hr_batch(
+    data: ScaleData, gen: HRGenerator, patch: int, batch_size: int, rng: np.random.Generator, aug: Augmenter
+) -> Batch:
+    """Patches centred in the foreground, read with the same border rule as inference."""
+    h = gen.halo
+    xs, coarse, conds, targets = [], [], [], []
+    for _ in range(batch_size):
+        v = int(rng.integers(len(data.images)))
+        shape = tuple(data.images[v].shape)
+        start = sample_patch_starts(data.masks_lr[v], 2**data.scale, shape, patch, 1, rng)[0]
+        stop = tuple(a + patch for a in start)
+        in0, in1 = [a - h for a in start], [b + h for b in stop]
+        edge_in = torch.from_numpy(read_region(data.edges[v], in0, in1))[None, None]  # (1, 1, P+2h, ...)
+        edge_in = corrupt(edge_in, aug.sample_edges(rng))
+        edge_core = crop(edge_in, h)  # (1, 1, P, ...)
+        targets.append(read_region(data.images[v], start, stop)[None])
+        if gen.context == "upscaled":
+            prev_in = torch.from_numpy(upsample_region(data.prev_images[v], shape, in0, in1))[None, None]
+            prev_in = corrupt(prev_in, aug.sample_condition(rng))
+            xs.append(torch.cat([prev_in, edge_in], 1)[0])
+            prev_core = crop(prev_in, h)
+        elif gen.context == "wide":
+            c0, c1 = gen.context_box(start, stop)
+            context = torch.from_numpy(read_region(data.prev_images[v], c0, c1))[None, None]
+            context = corrupt(context, aug.sample_condition(rng))
+            coarse.append(context[0])
+            xs.append(edge_in[0])
+            prev_core = gen.upsampled_context(context, [patch] * len(start))
+        else:
+            xs.append(edge_in[0])
+            prev_core = torch.from_numpy(upsample_region(data.prev_images[v], shape, start, stop))[None, None]
+        conds.append(torch.cat([prev_core, edge_core], 1)[0])
+    return Batch(
+        torch.stack(xs),
+        torch.stack(coarse) if coarse else None,
+        torch.stack(conds),
+        _stack(targets),
+    )
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    scale: int
+    step: int
+    loss_g: float
+    loss_g_gan: float
+    loss_g_l1: float
+    loss_d: float
+    loss_d_real: float
+    loss_d_fake: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+Callback = Callable[[StepMetrics], None]
+CHECKPOINT_FORMAT = "msgan-scale-checkpoint/1"
+
+
+class ScaleTrainer:
+    """Generator, discriminator, optimizers and RNG of one scale; resumable exactly."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        scale: int,
+        data: ScaleData,
+        device: str | torch.device = "cpu",
+        generator: nn.Module | None = None,
+    ) -> None:
+        if scale < 0 or scale >= cfg.num_scales:
+            raise ValueError(f"scale {scale} is outside 0..{cfg.num_scales - 1} (num_scales={cfg.num_scales})")
+        if data.scale != scale:
+            raise ValueError(f"data is for scale {data.scale}, trainer for scale {scale}")
+        self.cfg, self.scale, self.data, self.device = cfg, scale, data, torch.device(device)
+        self._check_data()
+        torch.manual_seed(cfg.seed * 1009 + scale)  # deterministic initial weights per scale
+        self.generator = (generator if generator is not None else build_generator(cfg, scale)).to(self.device)
+        self.discriminator = build_discriminator(cfg, scale).to(self.device)
+        t = cfg.train
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=t.lr, betas=t.betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=t.lr, betas=t.betas)
+        self.gan_loss = GANLoss(t.gan_loss).to(self.device)
+        self.augmenter = Augmenter(cfg.augment)
+        self.rng = np.random.default_rng([cfg.seed, scale])
+        self.step = 0
+
+    def _check_data(self) -> None:
+        from msgan.nets import patchgan_min_size
+
+        need = patchgan_min_size(self.cfg.discriminator.num_layers)
+        for i, im in enumerate(self.data.images):
+            shape = tuple(im.shape)
+            if len(shape) != self.cfg.dims:
+                raise ValueError(f"training volume {i} has shape {shape}; dims={self.cfg.dims}")
+            if self.scale == 0 and min(shape) < need:
+                raise ValueError(
+                    f"LR image of volume {i} is {shape}, smaller than the {need} voxels per side the "
+                    f"discriminator (num_layers={self.cfg.discriminator.num_layers}) needs; lower num_layers "
+                    f"or num_scales"
+                )
+            if self.scale > 0 and min(shape) < self.cfg.train.hr_patch:
+                raise ValueError(
+                    f"train.hr_patch={self.cfg.train.hr_patch} is larger than scale {self.scale} of "
+                    f"volume {i}, shape {shape}"
+                )
+
+    # -- one step
+
+    def _autocast(self) -> Any:
+        if self.cfg.train.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def sample_batch(self) -> Batch:
+        t = self.cfg.train
+        if self.scale == 0:
+            return sample_lr_batch(self.data, t.batch_size, self.rng, self.augmenter)
+        assert isinstance(self.generator, HRGenerator)
+        return sample_hr_batch(self.data, self.generator, t.hr_patch, t.batch_size, self.rng, self.augmenter)
+
+    def train_step(self) -> StepMetrics:
+        t0 = time.perf_counter()
+        self.generator.train()
+        self.discriminator.train()
+        b = self.sample_batch()
+        x, cond, target = (v.to(self.device) for v in (b.x, b.cond, b.target))
+        coarse = b.coarse.to(self.device) if b.coarse is not None else None
+        with self._autocast():
+            fake = self.generator(x, coarse) if isinstance(self.generator, HRGenerator) else self.generator(x)
+            d_real = self.discriminator(torch.cat([cond, target], 1))
+            d_fake = self.discriminator(torch.cat([cond, fake.detach()], 1))
+            dl_real, dl_fake = self.gan_loss(d_real, True), self.gan_loss(d_fake, False)
+            d_loss = DiscriminatorLoss(0.5 * (dl_real + dl_fake), dl_real, dl_fake)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.total.backward()
+        self.opt_d.step()
+        with self._autocast():
+            g_gan = self.gan_loss(self.discriminator(torch.cat([cond, fake], 1)), True)
+            g_l1 = F.l1_loss(fake.float(), target)
+            g_loss = GeneratorLoss(g_gan + self.cfg.train.l1_weight * g_l1, g_gan, g_l1)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.total.backward()
+        self.opt_g.step()
+        self.step += 1
+        return StepMetrics(
+            scale=self.scale,
+            step=self.step,
+            loss_g=float(g_loss.total.detach()),
+            loss_g_gan=float(g_loss.gan.detach()),
+            loss_g_l1=float(g_loss.l1.detach()),
+            loss_d=float(d_loss.total.detach()),
+            loss_d_real=float(d_loss.real.detach()),
+            loss_d_fake=float(d_loss.fake.detach()),
+            seconds=time.perf_counter() - t0,
+        )
+
+    def fit(self, steps: int, callback: Callback | None = None, checkpoint: str | Path | None = None) -> None:
+        """Train until ``self.step == steps``, reporting every ``log_every`` steps and checkpointing
+        every ``checkpoint_every`` steps and at the end (when ``checkpoint`` is given)."""
+        t = self.cfg.train
+        while self.step < steps:
+            m = self.train_step()
+            if callback is not None and (m.step % t.log_every == 0 or m.step == steps):
+                callback(m)
+            if checkpoint is not None and (m.step % t.checkpoint_every == 0 or m.step == steps):
+                self.save(checkpoint)
+
+    # -- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, data: ScaleData | None = None, count: int = 8, seed: int = 12345) -> dict[str, float]:
+        """L1 and SSIM of the generator on ``count`` fixed patches (whole images at LR), no corruption."""
+        from msgan.config import AugmentConfig
+
+        data = self.data if data is None else data
+        rng = np.random.default_rng(seed)
+        clean = Augmenter(AugmentConfig(noise_p=0.0, blur_p=0.0, resolution_p=0.0, edge_noise_p=0.0))
+        self.generator.eval()
+        l1s, ssims = [], []
+        for _ in range(count):
+            if self.scale == 0:
+                b = sample_lr_batch(data, 1, rng, clean)
+            else:
+                assert isinstance(self.generator, HRGenerator)
+                b = sample_hr_batch(data, self.generator, self.cfg.train.hr_patch, 1, rng, clean)
+            x = b.x.to(self.device)
+            coarse = b.coarse.to(self.device) if b.coarse is not None else None
+            with self._autocast():
+                y = self.generator(x, coarse) if isinstance(self.generator, HRGenerator) else self.generator(x)
+            pred, truth = y.float().cpu().numpy()[0, 0], b.target.numpy()[0, 0]
+            l1s.append(float(np.abs(pred - truth).mean()))
+            ssims.append(ssim(pred, truth, data_range=2.0, sigma=1.0))
+        return {"val_l1": float(np.mean(l1s)), "val_ssim": float(np.mean(ssims))}
+
+    # -- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "scale": self.scale,
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "rng_numpy": self.rng.bit_generator.state,
+            "rng_torch": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not an msgan scale checkpoint (format {state.get('format')!r})")
+        if state["scale"] != self.scale:
+            raise ValueError(f"checkpoint is for scale {state['scale']}, trainer for scale {self.scale}")
+        saved = from_dict(state["config"])
+        for section in ("dims", "num_scales", "lr_generator", "hr_generator", "discriminator"):
+            if getattr(saved, section) != getattr(self.cfg, section):
+                raise ValueError(
+                    f"checkpoint's {section} {getattr(saved, section)!r} differs from the config's "
+                    f"{getattr(self.cfg, section)!r}; it cannot be resumed with this config"
+                )
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.rng.bit_generator.state = state["rng_numpy"]
+        torch.set_rng_state(state["rng_torch"])
+        self.step = int(state["step"])
+
+    def save(self, path: str | Path) -> None:
+        """Write a checkpoint atomically (a crash never leaves a torn file)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, p)
+
+    def restore(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(Path(path), map_location=self.device, weights_only=False))

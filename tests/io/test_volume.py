@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from msgan.io.volume import Geometry, open_zarr, read_volume, write_volume, write_zarr
+
+OBLIQUE = Geometry(
+    spacing=(0.7, 0.8, 2.5),
+    origin=(-120.5, 33.0, 410.25),
+    direction=tuple(np.array([[0.96592583, -0.25881905, 0], [0.25881905, 0.96592583, 0], [0, 0, 1.0]]).ravel()),
+)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha", ".nrrd", ".zarr"])
+def test_roundtrip_keeps_geometry_and_values(tmp_path, suffix, rng):
+    a = rng.normal(size=(7, 9, 11)).astype(np.float32)
+    path = tmp_path / f"v{suffix}"
+    write_volume(path, a, OBLIQUE)
+    b, g = read_volume(path)
+    np.testing.assert_array_equal(a, b)
+    assert g.allclose(OBLIQUE, atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no staging files left behind"
+
+
+def test_zarr_has_ome_multiscales(tmp_path, rng):
+    levels = [rng.normal(size=(8, 8, 8)).astype(np.float32), rng.normal(size=(4, 4, 4)).astype(np.float32)]
+    write_zarr(tmp_path / "m.zarr", levels, OBLIQUE, attrs={"model": "x"})
+    arr, geom, meta = open_zarr(tmp_path / "m.zarr", level=1)
+    assert arr.shape == (4, 4, 4) and meta["model"] == "x" and geom == OBLIQUE
+    import zarr
+
+    ome = zarr.open_group(str(tmp_path / "m.zarr"), mode="r").attrs["ome"]
+    ds = ome["multiscales"][0]["datasets"]
+    assert [d["path"] for d in ds] == ["0", "1"]
+    assert ds[1]["coordinateTransformations"][0]["scale"] == pytest.approx([5.0, 1.6, 1.4])
+    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["z", "y", "x"]
+
+
+def test_errors_name_the_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown volume format"):
+        read_volume(tmp_path / "v.png")
+    with pytest.raises(FileNotFoundError, match=r"v\.nii\.gz"):
+        read_volume(tmp_path / "v.nii.gz")
+    (tmp_path / "bad.mha").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"bad\.mha"):
+        read_volume(tmp_path / "bad.mha")
+    with pytest.raises(FileNotFoundError, match=r"missing\.zarr"):
+        open_zarr(tmp_path / "missing.zarr")

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+
+from msgan.cascade import Cascade, run_hr, run_hr_whole
+from msgan.config import load_config
+from msgan.nets import HRGenerator
+from tests.conftest import randomize_batchnorm
+
+SHAPES = [(37, 53, 41), (20, 17, 33), (61, 45), (32, 19)]
+
+
+def _generator(dims, context, seed=0):
+    torch.manual_seed(seed)
+    g = HRGenerator(dims, width=6, num_blocks=2, norm_kind="batch", context=context, context_layers=2).eval()
+    randomize_batchnorm(g, seed)
+    return g
+
+
+def _inputs(shape, rng):
+    coarse = tuple(-(-s // 2) for s in shape)
+    return rng.standard_normal(coarse).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("context", ["upscaled", "wide"])
+def test_tiled_equals_whole_volume(shape, context, rng):
+    g = _generator(len(shape), context)
+    prev, edges = _inputs(shape, rng)
+    whole = run_hr_whole(g, prev, edges)
+    for core in (6, 16):
+        out = np.full(shape, np.nan, np.float32)
+        n = run_hr(g, prev, edges, out, core, batch_size=3)
+        assert n > 1
+        assert not np.isnan(out).any(), "a voxel was never written"
+        assert float(np.abs(out - whole).max()) < 1e-5
+
+
+def test_whole_volume_pass_is_reflect_padding_of_the_upsampled_volume(rng):
+    shape = (21, 18, 25)
+    g = _generator(3, "upscaled")
+    prev, edges = _inputs(shape, rng)
+    up = F.interpolate(torch.from_numpy(prev)[None, None], scale_factor=2, mode="trilinear", align_corners=False)
+    up = up[0, 0].numpy()[: shape[0], : shape[1], : shape[2]]
+    h = g.halo
+    x = np.stack([np.pad(up, h, mode="reflect"), np.pad(edges, h, mode="reflect")])
+    with torch.no_grad():
+        ref = g(torch.from_numpy(x)[None])[0, 0].numpy()
+    assert float(np.abs(run_hr_whole(g, prev, edges) - ref).max()) < 1e-5
+
+
+def test_tiles_stream_between_zarr_arrays(tmp_path, rng):
+    shape = (30, 26, 22)
+    g = _generator(3, "upscaled")
+    prev, edges = _inputs(shape, rng)
+    root = zarr.open_group(str(tmp_path / "v.zarr"), mode="w")
+    zp = root.create_array("prev", shape=prev.shape, chunks=(8, 8, 8), dtype="f4")
+    ze = root.create_array("edges", shape=shape, chunks=(8, 8, 8), dtype="f4")
+    zo = root.create_array("out", shape=shape, chunks=(8, 8, 8), dtype="f4", fill_value=np.nan)
+    zp[...], ze[...] = prev, edges
+    run_hr(g, zp, ze, zo, core=8)
+    assert float(np.abs(zo[...] - run_hr_whole(g, prev, edges)).max()) < 1e-5
+
+
+@pytest.fixture
+def tiny_cfg():
+    return load_config(
+        None,
+        {
+            "num_scales": 3,
+            "lr_generator.width": 4,
+            "lr_generator.depth": 1,
+            "hr_generator.width": 4,
+            "hr_generator.num_blocks": 1,
+            "discriminator.num_layers": 1,
+            "train.hr_patch": 8,
+            "data.phantom.shape": [24, 20, 28],
+        },
+    )
+
+
+def test_cascade_output_does_not_depend_on_tile(tiny_cfg, rng):
+    c = Cascade.untrained(tiny_cfg, seed=3)
+    for g in c.generators[1:]:
+        randomize_batchnorm(g)
+    image = rng.uniform(-1000, 500, size=(27, 22, 30)).astype(np.float32)
+    a, b = c.translate(image, tile=4), c.translate(image, tile=64)
+    assert a.shape == image.shape
+    assert float(np.abs(a - b).max()) < 1e-2  # HU units: 1e-5 in window units * 1024
+
+
+def test_tile_size_follows_memory_budget(tiny_cfg):
+    small = Cascade.untrained(tiny_cfg.replace(**{"inference.memory_budget_mb": 1.0}))
+    large = Cascade.untrained(tiny_cfg.replace(**{"inference.memory_budget_mb": 64.0}))
+    t_small, t_large = small.tile_size(2, (512, 512, 512)), large.tile_size(2, (512, 512, 512))
+    assert 2 <= t_small < t_large <= 512
+    assert large.tile_size(2, (20, 21, 22)) == 22  # never beyond the volume
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        Cascade.untrained(tiny_cfg.replace(**{"inference.memory_budget_mb": 1e-4})).tile_size(1, (64, 64, 64))
+
+
+def test_save_load_roundtrip_and_checksum(tiny_cfg, tmp_path, rng):
+    c = Cascade.untrained(tiny_cfg, seed=1)
+    path = c.save(tmp_path / "model")
+    loaded = Cascade.load(path)
+    image = rng.uniform(-1000, 500, size=(24, 20, 28)).astype(np.float32)
+    np.testing.assert_array_equal(c.translate(image), loaded.translate(image))
+    assert loaded.halos == c.halos == [0, 4, 4]
+    with (path / "scale_1.pt").open("ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(ValueError, match="checksum"):
+        Cascade.load(path)
+    with pytest.raises(FileNotFoundError, match="not a cascade"):
+        Cascade.load(tmp_path)
+
+
+def test_translate_rejects_nan_and_wrong_dims(tiny_cfg):
+    c = Cascade.untrained(tiny_cfg)
+    bad = np.zeros((24, 20, 28), np.float32)
+    bad[3, 4, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        c.translate(bad)
+    with pytest.raises(ValueError, match="3D"):
+        c.translate(np.zeros((24, 20), np.float32))

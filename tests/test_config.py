@@ -1,0 +1,65 @@
+import pytest
+
+from msgan.config import Config, ConfigError, load_config, parse_overrides
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = Config()
+    assert cfg.num_scales == 4 and cfg.train.gan_loss == "lsgan" and cfg.train.lr == 2e-4
+    with pytest.raises(AttributeError):
+        cfg.num_scales = 3  # type: ignore[misc]
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("num_scales: 2\ntrain: {steps: 7, betas: [0.5, 0.9]}\n")
+    cfg = load_config(p, ["train.steps=9", "hr_generator.context=wide"])
+    assert cfg.num_scales == 2 and cfg.train.steps == 9 and cfg.train.betas == (0.5, 0.9)
+    assert cfg.hr_generator.context == "wide"
+    assert cfg.replace(**{"train.steps": 3}).train.steps == 3
+    assert load_config(None, cfg.to_dict()) == cfg  # round trip through plain values
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {stpes: 3}\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown key train\.'stpes'.*valid keys here: steps, .*Did you mean 'steps'"
+    ):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("hr_generator.context=upscale", r"must be one of \['upscaled', 'wide'\]; did you mean 'upscaled'"),
+        ("train.hr_patch=15", "must be even"),
+        ("train.hr_patch=16", "smaller than the 24 voxels a PatchGAN"),
+        ("train.steps=many", "expected an integer"),
+        ("augment.noise_p=1.5", "probability"),
+        ("intensity.high=-2000", "must exceed intensity.low"),
+        ("data.phantom.shape=[8, 8]", "dims=3"),
+        ("data.source=files", "at least one file"),
+        ("hr_generator.norm=instance", r"must be one of \['batch', 'none'\]"),
+    ],
+)
+def test_rules_checked_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["train.steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for p in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        load_config(p)

@@ -1,0 +1,35 @@
+import json
+
+from msgan.cascade import Cascade
+from msgan.config import load_config
+from msgan.demo import run_demo
+
+
+def test_demo_end_to_end_shrunk(tmp_path):
+    cfg = load_config(
+        None,
+        {
+            "num_scales": 2,
+            "lr_generator.width": 4,
+            "lr_generator.depth": 1,
+            "hr_generator.width": 4,
+            "hr_generator.num_blocks": 1,
+            "discriminator.width": 4,
+            "discriminator.num_layers": 1,
+            "train.steps": 3,
+            "train.batch_size": 1,
+            "train.hr_patch": 8,
+            "data.phantom.shape": [24, 24, 24],
+            "data.phantom.seeds": [1, 2],
+        },
+    )
+    lines = []
+    result = run_demo(cfg, tmp_path, log=lines.append)
+    assert result.png.is_file() and result.png.stat().st_size > 10_000
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["ours_vs_truth"]) == {"ssim", "mae", "mse", "psnr"}
+    assert -1 <= metrics["ours_vs_truth"]["ssim"] <= 1
+    assert any("SSIM" in line for line in lines)
+    assert Cascade.load(result.model).meta["steps"] == [3, 3]
+    for name in ("input_sharp", "ours", "truth_soft"):
+        assert (tmp_path / f"{name}.nii.gz").is_file()

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from msgan.nets import HRGenerator, PatchDiscriminator, UNet, count_parameters, patchgan_min_size
+from tests.conftest import randomize_batchnorm
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("num_blocks", [0, 1, 3])
+@torch.no_grad()
+def test_halo_matches_receptive_field(dims, num_blocks):
+    torch.manual_seed(0)
+    g = HRGenerator(dims, width=4, num_blocks=num_blocks, norm_kind="batch").eval()
+    randomize_batchnorm(g)
+    h = g.halo
+    assert h == 2 + 2 * num_blocks
+    core = 4
+    x = torch.randn(1, 2, *([core + 2 * h] * dims))
+    y = g(x)[0, 0]
+    assert y.shape == (core,) * dims
+    # Input voxel 0 lies exactly `halo` before output voxel 0 (inside its field) and `halo + 1`
+    # before output voxel 1 (outside): only output voxel 0 may move, and it must.
+    x2 = x.clone()
+    x2[(0, slice(None), 0)] += 1.0
+    diff = (g(x2)[0, 0] - y).abs()
+    assert float(diff[0].max()) > 0.0, "an input change inside the halo did not reach the output"
+    assert float(diff[1:].max()) == 0.0, "an input change outside the halo moved the output"
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_wide_context_box_and_shapes(dims):
+    g = HRGenerator(dims, width=4, num_blocks=1, context="wide", context_layers=2).eval()
+    start, stop = [6] * dims, [14] * dims
+    c0, c1 = g.context_box(start, stop)
+    x = torch.randn(1, 1, *([8 + 2 * g.halo] * dims))
+    coarse = torch.randn(1, 1, *[b - a for a, b in zip(c0, c1)])
+    assert g(x, coarse).shape == (1, 1, *([8] * dims))
+    # the coarse box covers more than the fine input's footprint: a wider field of view
+    assert all((b - a) * 2 > 8 + 2 * g.halo for a, b in zip(c0, c1))
+    with pytest.raises(ValueError, match="even"):
+        g.context_box([5] * dims, [13] * dims)
+    with pytest.raises(ValueError, match="coarse"):
+        g(x)
+
+
+def test_tile_exact_generator_rejects_per_tile_norm():
+    with pytest.raises(ValueError, match="per-tile statistics"):
+        HRGenerator(3, norm_kind="instance")
+    HRGenerator(3, norm_kind="instance", context="none", residual=False, padding="same")  # the baseline may
+
+
+@pytest.mark.parametrize("dims,size", [(2, (37, 20)), (3, (17, 9, 12))])
+@torch.no_grad()
+def test_unet_any_size(dims, size):
+    u = UNet(dims, 1, 1, width=4, depth=2, norm_kind="batch", noise_channels=1).eval()
+    x = torch.randn(2, 1, *size)
+    y = u(x)
+    assert y.shape == (2, 1, *size)
+    assert float(y.abs().max()) <= 1.0
+    assert torch.equal(u(x), y), "eval mode must be deterministic (noise channels are zero)"
+
+
+def test_unet_bottleneck_too_small_for_instance_norm():
+    u = UNet(3, 1, width=4, depth=3, norm_kind="instance")
+    with pytest.raises(ValueError, match="bottleneck"):
+        u(torch.randn(1, 1, 8, 8, 8))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_patchgan_receptive_field_and_min_size(dims):
+    d = PatchDiscriminator(dims, 3, width=4, num_layers=3)
+    assert d.receptive_field == 70
+    n = patchgan_min_size(3)
+    assert d(torch.randn(1, 3, *([n] * dims))).shape == (1, 1, *([1] * dims))
+    with pytest.raises(ValueError, match=r"\(receptive field 70\)"):
+        d(torch.randn(1, 3, *([n - 1] * dims)))
+
+
+def test_default_hr_generator_size():
+    g = HRGenerator(3)
+    assert g.halo == 14
+    assert 150_000 < count_parameters(g) < 400_000

@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+
+from msgan.config import load_config
+from msgan.pyramid import build_pyramid
+from msgan.train import GANLoss, ScaleData, ScaleTrainer
+
+
+def _cfg(**over):
+    base = {
+        "num_scales": 3,
+        "lr_generator.width": 4,
+        "lr_generator.depth": 1,
+        "lr_generator.noise_channels": 1,
+        "hr_generator.width": 4,
+        "hr_generator.num_blocks": 1,
+        "discriminator.width": 4,
+        "discriminator.num_layers": 1,
+        "train.hr_patch": 8,
+        "train.batch_size": 2,
+        "train.checkpoint_every": 1000,
+        "data.phantom.shape": [24, 24, 24],
+    }
+    return load_config(None, base | over)
+
+
+@pytest.fixture(scope="module")
+def pyramids():
+    from msgan.data.phantom import kernel_pair
+
+    cfg = _cfg()
+    return [build_pyramid(kernel_pair((24, 24, 24), s)[0], 3, cfg.intensity, cfg.edges) for s in (1, 2)]
+
+
+def _params(trainer):
+    sd = {f"g.{k}": v for k, v in trainer.generator.state_dict().items()}
+    sd |= {f"d.{k}": v for k, v in trainer.discriminator.state_dict().items()}
+    return sd
+
+
+@pytest.mark.parametrize("scale,context", [(0, "upscaled"), (2, "upscaled"), (1, "wide")])
+def test_resume_continues_exactly(pyramids, tmp_path, scale, context):
+    cfg = _cfg(**{"hr_generator.context": context})
+    data = ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
+    straight = ScaleTrainer(cfg, scale, data)
+    losses_straight = [straight.train_step().loss_g for _ in range(5)]
+
+    first = ScaleTrainer(cfg, scale, data)
+    losses = [first.train_step().loss_g for _ in range(2)]
+    first.save(tmp_path / "ckpt.pt")
+    del first
+    torch.manual_seed(999)  # global RNG disturbed between save and resume
+    resumed = ScaleTrainer(cfg, scale, data)
+    resumed.restore(tmp_path / "ckpt.pt")
+    assert resumed.step == 2
+    losses += [resumed.train_step().loss_g for _ in range(3)]
+
+    np.testing.assert_allclose(losses, losses_straight, rtol=1e-5)
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_restore_refuses_other_architecture(pyramids, tmp_path):
+    cfg = _cfg()
+    data = ScaleData.from_pyramids(pyramids, 1, cfg.train.foreground_threshold)
+    ScaleTrainer(cfg, 1, data).save(tmp_path / "c.pt")
+    other = _cfg(**{"hr_generator.num_blocks": 2})
+    with pytest.raises(ValueError, match="hr_generator"):
+        ScaleTrainer(other, 1, data).restore(tmp_path / "c.pt")
+
+
+def test_fit_reports_and_checkpoints(pyramids, tmp_path):
+    cfg = _cfg(**{"train.log_every": 2, "train.checkpoint_every": 3})
+    data = ScaleData.from_pyramids(pyramids, 1, cfg.train.foreground_threshold)
+    seen = []
+    t = ScaleTrainer(cfg, 1, data)
+    t.fit(5, callback=seen.append, checkpoint=tmp_path / "c.pt")
+    assert [m.step for m in seen] == [2, 4, 5]
+    assert all(np.isfinite(m.loss_g) and np.isfinite(m.loss_d) for m in seen)
+    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert state["step"] == 5
+
+
+def test_training_lowers_l1(pyramids):
+    cfg = _cfg(**{"train.lr": 1e-3, "train.batch_size": 4})
+    data = ScaleData.from_pyramids(pyramids, 1, cfg.train.foreground_threshold)
+    t = ScaleTrainer(cfg, 1, data)
+    before = t.evaluate(count=6)["val_l1"]
+    t.fit(60)
+    after = t.evaluate(count=6)["val_l1"]
+    assert after < 0.8 * before, (before, after)
+
+
+def test_patch_larger_than_level_is_refused(pyramids):
+    cfg = _cfg(**{"train.hr_patch": 16})
+    with pytest.raises(ValueError, match="hr_patch=16 is larger than scale 1"):
+        ScaleTrainer(cfg, 1, ScaleData.from_pyramids(pyramids, 1, cfg.train.foreground_threshold))
+
+
+def test_lr_image_too_small_for_discriminator(pyramids):
+    cfg = _cfg(**{"discriminator.num_layers": 2, "train.hr_patch": 12})
+    with pytest.raises(ValueError, match="LR image of volume 0"):
+        ScaleTrainer(cfg, 0, ScaleData.from_pyramids(pyramids, 0, cfg.train.foreground_threshold))
+
+
+@pytest.mark.parametrize("mode", ["lsgan", "bce"])
+def test_gan_loss(mode):
+    loss = GANLoss(mode)
+    logits = torch.tensor([[2.0, -1.0]])
+    if mode == "lsgan":
+        assert float(loss(logits, True)) == pytest.approx(((2 - 1) ** 2 + (-1 - 1) ** 2) / 2)
+        assert float(loss(logits, False)) == pytest.approx((4 + 1) / 2)
+    else:
+        want = float(torch.nn.functional.softplus(-logits).mean())
+        assert float(loss(logits, True)) == pytest.approx(want)
+    with pytest.raises(ValueError):
+        GANLoss("wgan")
