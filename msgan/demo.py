@@ -16,7 +16,7 @@ import torch
 
 from msgan.cascade import Cascade
 from msgan.config import Config
-from msgan.data.phantom import default_spacing, kernel_pair
+from msgan.data.phantom import default_spacing, kernel_pair, phantom_image
 from msgan.io.volume import Geometry, write_volume
 from msgan.metrics import Scores, score
 from msgan.pyramid import Pyramid, build_pyramid, window
@@ -27,13 +27,11 @@ HOLDOUT_SEED = 1000
 
 
 def phantom_pyramids(cfg: Config) -> list[Pyramid]:
-    """One pyramid per training phantom, reconstructed with the configured kernel."""
+    """One pyramid per training phantom."""
     p = cfg.data.phantom
-    out = []
-    for seed in p.seeds:
-        soft, sharp = kernel_pair(p.shape, seed)
-        out.append(build_pyramid(soft if p.kernel == "soft" else sharp, cfg.num_scales, cfg.intensity, cfg.edges))
-    return out
+    return [
+        build_pyramid(phantom_image(p.shape, s, p.kernel), cfg.num_scales, cfg.intensity, cfg.edges) for s in p.seeds
+    ]
 
 
 def fingerprint(pyramids: Sequence[Pyramid]) -> str:
@@ -56,13 +54,15 @@ def train_locally(cfg: Config, pyramids: Sequence[Pyramid], log: Log = print) ->
         trainer = ScaleTrainer(cfg, s, ScaleData.from_pyramids(pyramids, s, cfg.train.foreground_threshold))
         t0 = time.perf_counter()
 
-        def report(m: StepMetrics, t0: float = t0) -> None:
+        total = cfg.steps_for(s)
+
+        def report(m: StepMetrics, t0: float = t0, total: int = total) -> None:
             log(
-                f"  scale {m.scale} step {m.step:>5}/{cfg.train.steps}  G {m.loss_g:7.3f} (L1 {m.loss_g_l1:.4f})"
+                f"  scale {m.scale} step {m.step:>5}/{total}  G {m.loss_g:7.3f} (L1 {m.loss_g_l1:.4f})"
                 f"  D {m.loss_d:.3f}  {time.perf_counter() - t0:6.1f}s"
             )
 
-        trainer.fit(cfg.train.steps, callback=report)
+        trainer.fit(total, callback=report)
         gens.append(trainer.generator.eval())
         steps.append(trainer.step)
     return Cascade(cfg, gens, {"steps": steps, "data_fingerprint": fingerprint(pyramids)})
@@ -121,7 +121,7 @@ def run_demo(cfg: Config, out_dir: str | Path, log: Log = print) -> DemoResult:
     log(f"[1/4] {len(cfg.data.phantom.seeds)} training phantoms {tuple(shape)} (soft kernel), pyramids of "
         f"{cfg.num_scales} scales")  # fmt: skip
     pyramids = phantom_pyramids(cfg)
-    log(f"[2/4] training {cfg.num_scales} scales x {cfg.train.steps} steps")
+    log(f"[2/4] training {cfg.num_scales} scales, steps {[cfg.steps_for(s) for s in range(cfg.num_scales)]}")
     t0 = time.perf_counter()
     cascade = train_locally(cfg, pyramids, log)
     t_train = time.perf_counter() - t0
@@ -147,7 +147,7 @@ def run_demo(cfg: Config, out_dir: str | Path, log: Log = print) -> DemoResult:
         "seconds_train": t_train,
         "seconds_translate": t_translate,
         "shape": list(shape),
-        "steps_per_scale": cfg.train.steps,
+        "steps_per_scale": [cfg.steps_for(s) for s in range(cfg.num_scales)],
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     log("[4/4] metrics inside the body, window units ([-1, 1]):")

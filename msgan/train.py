@@ -209,7 +209,11 @@ class ScaleTrainer:
         data: ScaleData,
         device: str | torch.device = "cpu",
         generator: nn.Module | None = None,
+        rank: int = 0,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
+        """``rank`` gives each data-parallel worker its own patch stream; ``wrap`` (e.g. Ray's
+        ``prepare_model``) wraps both networks for the training forward passes only."""
         if scale < 0 or scale >= cfg.num_scales:
             raise ValueError(f"scale {scale} is outside 0..{cfg.num_scales - 1} (num_scales={cfg.num_scales})")
         if data.scale != scale:
@@ -224,7 +228,10 @@ class ScaleTrainer:
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=t.lr, betas=t.betas)
         self.gan_loss = GANLoss(t.gan_loss).to(self.device)
         self.augmenter = Augmenter(cfg.augment)
-        self.rng = np.random.default_rng([cfg.seed, scale])
+        self.rank = rank
+        self.rng = np.random.default_rng([cfg.seed, scale, rank] if rank else [cfg.seed, scale])
+        self._g = wrap(self.generator) if wrap is not None else self.generator
+        self._d = wrap(self.discriminator) if wrap is not None else self.discriminator
         self.step = 0
 
     def _check_data(self) -> None:
@@ -263,22 +270,22 @@ class ScaleTrainer:
 
     def train_step(self) -> StepMetrics:
         t0 = time.perf_counter()
-        self.generator.train()
-        self.discriminator.train()
+        self._g.train()
+        self._d.train()
         b = self.sample_batch()
         x, cond, target = (v.to(self.device) for v in (b.x, b.cond, b.target))
         coarse = b.coarse.to(self.device) if b.coarse is not None else None
         with self._autocast():
-            fake = self.generator(x, coarse) if isinstance(self.generator, HRGenerator) else self.generator(x)
-            d_real = self.discriminator(torch.cat([cond, target], 1))
-            d_fake = self.discriminator(torch.cat([cond, fake.detach()], 1))
+            fake = self._g(x, coarse) if isinstance(self.generator, HRGenerator) else self._g(x)
+            d_real = self._d(torch.cat([cond, target], 1))
+            d_fake = self._d(torch.cat([cond, fake.detach()], 1))
             dl_real, dl_fake = self.gan_loss(d_real, True), self.gan_loss(d_fake, False)
             d_loss = DiscriminatorLoss(0.5 * (dl_real + dl_fake), dl_real, dl_fake)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.total.backward()
         self.opt_d.step()
         with self._autocast():
-            g_gan = self.gan_loss(self.discriminator(torch.cat([cond, fake], 1)), True)
+            g_gan = self.gan_loss(self._d(torch.cat([cond, fake], 1)), True)
             g_l1 = F.l1_loss(fake.float(), target)
             g_loss = GeneratorLoss(g_gan + self.cfg.train.l1_weight * g_l1, g_gan, g_l1)
         self.opt_g.zero_grad(set_to_none=True)
@@ -367,19 +374,25 @@ class ScaleTrainer:
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.rng.bit_generator.state = state["rng_numpy"]
-        torch.set_rng_state(state["rng_torch"])
         self.step = int(state["step"])
+        if self.rank == 0:
+            self.rng.bit_generator.state = state["rng_numpy"]
+            torch.set_rng_state(state["rng_torch"])
+        else:  # checkpoints hold rank 0's streams; other ranks continue on a fresh, step-dependent one
+            self.rng = np.random.default_rng([self.cfg.seed, self.scale, self.rank, self.step])
 
     def save(self, path: str | Path) -> None:
         """Write a checkpoint atomically (a crash never leaves a torn file)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(self.to_bytes())
+        os.replace(tmp, p)
+
+    def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save(self.state_dict(), buf)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, p)
+        return buf.getvalue()
 
     def restore(self, path: str | Path) -> None:
         self.load_state_dict(torch.load(Path(path), map_location=self.device, weights_only=False))

@@ -356,6 +356,15 @@ def kernel_pair(
     return recon["soft"], recon["sharp"]
 
 
+def phantom_image(shape: Sequence[int], seed: int, kernel: str = "soft") -> np.ndarray:
+    """A training image from the phantom: 3D ``shape`` gives the volume reconstructed with ``kernel``;
+    2D ``shape`` gives a radiograph (projection) of the phantom."""
+    if len(shape) == 2:
+        return radiograph(shape, seed=seed, depth=min(192, max(shape)))
+    soft, sharp = kernel_pair(shape, seed)
+    return soft if kernel == "soft" else sharp
+
+
 # ----------------------------------------------------------------------------- radiographs
 
 MU_WATER = 0.02  # linear attenuation of water, 1/mm (~70 keV)
@@ -369,7 +378,7 @@ def radiograph(
     Returns float32 in [0, ~1] (bone bright, lungs dark), shape ``(rows, cols)`` = ``(z, x)``;
     computed slab by slab so a 2048^2 image needs little memory.
     """
-    rows, cols = (size, size) if isinstance(size, int) else tuple(size)
+    rows, cols = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     sp = FOV_MM / max(rows, cols)
     shape = (rows, depth, cols)
     spacing = (sp, FOV_MM / depth, sp)

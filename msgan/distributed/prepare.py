@@ -1,0 +1,128 @@
+"""Prepare: training volumes -> one pyramid store per volume, in parallel as Ray tasks.
+
+A store's name is a content fingerprint (the source's bytes or phantom recipe, plus every
+setting that shapes the pyramid), so a volume prepared once is never prepared again.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from msgan import storage
+from msgan.config import Config, ConfigError, from_dict
+from msgan.io.pyramids import pyramid_meta, write_pyramid
+from msgan.io.volume import Geometry
+from msgan.nets import patchgan_min_size
+from msgan.pyramid import build_pyramid
+from msgan.tiling import pyramid_shapes
+
+PHANTOM_RECIPE = "thorax-1"  # bump when the phantom generator changes what a seed makes
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """A training or validation volume: a phantom (seed + kernel) or an image file."""
+
+    kind: str  # "phantom" | "file"
+    ref: str  # seed or path
+    kernel: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"phantom seed {self.ref} ({self.kernel})" if self.kind == "phantom" else self.ref
+
+
+def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
+    """Training (or held-out) volumes named by the config; missing files fail here, before any work."""
+    d = cfg.data
+    if d.source == "phantom":
+        seeds = d.phantom.holdout_seeds if holdout else d.phantom.seeds
+        return [VolumeSource("phantom", str(s), "soft" if holdout else d.phantom.kernel) for s in seeds]
+    patterns = d.holdout_paths if holdout else d.paths
+    out = []
+    for pat in patterns:
+        matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            key = "data.holdout_paths" if holdout else "data.paths"
+            raise ConfigError(f"{key}: {pat!r} matches no readable file")
+        out += [VolumeSource("file", m) for m in matches]
+    return out
+
+
+def _preprocessing(cfg: Config) -> dict[str, Any]:
+    c = cfg.to_dict()
+    return {"dims": c["dims"], "num_scales": c["num_scales"], "intensity": c["intensity"], "edges": c["edges"]}
+
+
+def fingerprint(source: VolumeSource, cfg: Config) -> str:
+    h = hashlib.sha256(json.dumps(_preprocessing(cfg), sort_keys=True).encode())
+    if source.kind == "phantom":
+        h.update(json.dumps([PHANTOM_RECIPE, source.ref, source.kernel, list(cfg.data.phantom.shape)]).encode())
+    else:
+        with open(source.ref, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def load_source(source: VolumeSource, cfg: Config) -> tuple[Any, Geometry]:
+    from msgan.data.phantom import default_spacing, phantom_image
+    from msgan.io.volume import read_volume
+
+    if source.kind == "file":
+        image, geom = read_volume(source.ref)
+        if image.ndim != cfg.dims:
+            raise ValueError(f"{source.ref}: a {image.ndim}D image; the config trains {cfg.dims}D (dims)")
+        return image, geom
+    shape = cfg.data.phantom.shape
+    image = phantom_image(shape, int(source.ref), source.kernel)
+    return image, Geometry.identity(cfg.dims, tuple(reversed(default_spacing(shape))))
+
+
+def prepare_one(source: VolumeSource, config: dict[str, Any], root: str) -> dict[str, Any]:
+    """Prepare one volume unless its fingerprint is already stored; returns its store and shapes."""
+    cfg = from_dict(config)
+    fp = fingerprint(source, cfg)
+    uri = storage.join(root, "pyramids", f"{fp}.zarr")
+    meta = pyramid_meta(uri)
+    if meta is not None:
+        return {"uri": uri, "prepared": False, "shape": meta["shape"], "source": asdict(source)}
+    image, geom = load_source(source, cfg)
+    pyr = build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges)
+    write_pyramid(uri, pyr, geom, {"fingerprint": fp, "source": asdict(source), "shape": list(image.shape)})
+    return {"uri": uri, "prepared": True, "shape": list(image.shape), "source": asdict(source)}
+
+
+def prepare(cfg: Config, volumes: Sequence[VolumeSource], root: str, use_ray: bool = True) -> list[dict[str, Any]]:
+    """Prepare ``volumes`` under ``root``/pyramids, in parallel Ray tasks when Ray is running."""
+    config = cfg.to_dict()
+    if use_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=2)(prepare_one)
+        return list(ray.get([task.remote(v, config, root) for v in volumes]))
+    return [prepare_one(v, config, root) for v in volumes]
+
+
+def check_shapes(cfg: Config, prepared: Sequence[dict[str, Any]]) -> None:
+    """Every scale of every volume fits the patch and the discriminator, before any training starts."""
+    need_lr = patchgan_min_size(cfg.discriminator.num_layers)
+    for p in prepared:
+        shapes = pyramid_shapes(p["shape"], cfg.num_scales)
+        label = VolumeSource(**p["source"]).label
+        if min(shapes[0]) < need_lr:
+            raise ConfigError(
+                f"{label}: LR grid {shapes[0]} is smaller than the {need_lr} voxels per side the discriminator "
+                f"(num_layers={cfg.discriminator.num_layers}) needs; lower num_scales or discriminator.num_layers"
+            )
+        for s in range(1, cfg.num_scales):
+            if min(shapes[s]) < cfg.train.hr_patch:
+                raise ConfigError(
+                    f"train.hr_patch={cfg.train.hr_patch} is larger than scale {s} of {label}, shape {shapes[s]}"
+                )

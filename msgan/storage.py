@@ -1,0 +1,128 @@
+"""Storage URIs: ``file://`` paths and ``s3://bucket/prefix`` (S3 or an S3-compatible store).
+
+One place decides how every library reaches a URI: fsspec/s3fs for our own files and
+zarr, pyarrow for Ray Train's ``storage_filesystem``, boto3 for conditional writes.
+``AWS_ENDPOINT_URL`` (MinIO, moto) and the usual AWS credential variables apply to all.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+
+DEFAULT_STORAGE = "runs/storage"
+
+
+def normalize_uri(uri: str | os.PathLike[str]) -> str:
+    """``file://`` + absolute path for local paths; ``s3://`` URIs unchanged (no trailing slash)."""
+    s = str(uri)
+    if s.startswith("s3://"):
+        return s.rstrip("/")
+    if s.startswith("file://"):
+        s = s[len("file://") :]
+    elif "://" in s:
+        raise ValueError(f"storage URI {uri!r}: only file:// and s3:// are supported")
+    return "file://" + str(Path(s).expanduser().resolve())
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def local_path(uri: str) -> Path:
+    if not uri.startswith("file://"):
+        raise ValueError(f"{uri!r} is not a file:// URI")
+    return Path(uri[len("file://") :])
+
+
+def join(uri: str, *parts: str) -> str:
+    return posixpath.join(uri, *parts) if is_s3(uri) else "file://" + str(local_path(uri).joinpath(*parts))
+
+
+def s3_options() -> dict[str, Any]:
+    """fsspec/zarr storage options for S3 from the environment."""
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    return opts
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem and the path inside it."""
+    if is_s3(uri):
+        fs = fsspec.filesystem("s3", **s3_options())
+        return fs, uri[len("s3://") :]
+    return fsspec.filesystem("file"), str(local_path(uri))
+
+
+def zarr_store(uri: str) -> tuple[str, dict[str, Any] | None]:
+    """(store, storage_options) for ``zarr.open_group``."""
+    if is_s3(uri):
+        return uri, s3_options()
+    return str(local_path(uri)), None
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return bool(fs.exists(path))
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open(path, "r") as f:
+        return str(f.read())
+
+
+def write_text(uri: str, text: str) -> None:
+    """Whole-object write: S3 puts are atomic; local files go through a temporary and a rename."""
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        fs.pipe_file(path, text.encode())
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+
+
+def pyarrow_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for a Ray Train ``RunConfig``."""
+    if not is_s3(uri):
+        return str(local_path(uri)), None
+    import pyarrow.fs as pafs
+
+    parsed = urlparse(os.environ.get("AWS_ENDPOINT_URL", ""))
+    kwargs: dict[str, Any] = {}
+    if parsed.netloc:
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return uri[len("s3://") :], pafs.S3FileSystem(**kwargs)
+
+
+def env_for_workers() -> dict[str, str]:
+    """Environment variables every Ray worker needs to reach storage and tracking."""
+    keys = (
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_S3_ENDPOINT_URL",
+    )
+    return {k: os.environ[k] for k in keys if os.environ.get(k)}
