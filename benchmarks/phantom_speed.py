@@ -24,9 +24,8 @@ def main() -> None:
     recon = reconstruct(truth, seed=2)
     t2 = time.perf_counter()
     print(f"phantom {n}^3: anatomy {t1 - t0:.1f}s, soft+sharp kernels {t2 - t1:.1f}s, total {t2 - t0:.1f}s")
-    print(
-        f"  noise std in air: soft {recon['soft'][:, :8, :8].std():.1f} HU, sharp {recon['sharp'][:, :8, :8].std():.1f} HU"
-    )
+    soft, sharp = (float(recon[k][:, :8, :8].std()) for k in ("soft", "sharp"))
+    print(f"  noise std in air: soft {soft:.1f} HU, sharp {sharp:.1f} HU")
     print(f"  peak host memory so far: {peak_host_bytes() / 2**30:.2f} GiB")
     del truth, recon
     if args.radiograph:

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 import mlflow
 import mlflow.pyfunc
-from mlflow.pyfunc import PythonModel
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.pyfunc import PythonModel
 
 from msgan import __version__, storage
 from msgan.cascade import Cascade
