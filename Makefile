@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/msgan demo --config configs/demo.yaml --out runs/demo
+	$(BIN)/python jobs/train_all_scales.py --config configs/demo.yaml
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check msgan tests benchmarks jobs

@@ -23,11 +23,9 @@ def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 def _load_cascade(model: str, device: str):  # type: ignore[no-untyped-def]
     from msgan.cascade import Cascade
 
-    if model.startswith("models:/"):
-        try:
-            from msgan.registry import load_cascade  # type: ignore[import-not-found]
-        except ImportError as err:
-            raise SystemExit(f"msgan: {model}: loading registered models needs msgan.registry ({err})") from err
+    if model.startswith(("models:/", "runs:/")):
+        from msgan.registry import load_cascade
+
         return load_cascade(model, device=device)
     return Cascade.load(model, device=device)
 
@@ -111,6 +109,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from msgan.registry import promote, tracking_uri
+
+    promote(args.name, args.version, args.alias)
+    print(f"{args.name}@{args.alias} -> version {args.version} ({tracking_uri()})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from msgan.cascade import MANIFEST
 
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("translate", help="translate one volume (NIfTI, MHA, NRRD or OME-Zarr) through a cascade")
     t.add_argument("input", help="input volume; format from the suffix")
     t.add_argument("output", help="output volume; same size and geometry as the input")
-    t.add_argument("--model", required=True, help="cascade folder (or models:/NAME@ALIAS with a registry)")
+    t.add_argument("--model", required=True, help="cascade folder, or models:/NAME@ALIAS from the MLflow registry")
     t.add_argument("--tile", type=int, default=None, help="inference tile core in voxels (default: memory budget)")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     t.add_argument("--quiet", action="store_true", help="no per-scale progress")
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(tr, required=True)
     tr.add_argument("out_dir", help="cascade folder to write")
     tr.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("promote", help="point an alias of a registered cascade at a version (MLflow)")
+    pr.add_argument("name", help="registered model name")
+    pr.add_argument("version", help="model version to point at")
+    pr.add_argument("--alias", default="champion", help="alias to move (default champion)")
+    pr.set_defaults(func=cmd_promote)
 
     i = sub.add_parser("info", help="print a cascade's manifest summary")
     i.add_argument("model", help="cascade folder")

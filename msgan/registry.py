@@ -13,7 +13,8 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,9 +77,15 @@ class RunLogger:
         self.run_id = run_id
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
+        self.metric_rows([(values, step)])
+
+    def metric_rows(self, rows: Sequence[tuple[Mapping[str, float], int]]) -> None:
+        """Several steps' metrics in as few writes as the store allows (1000 values per batch)."""
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
-        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
+        batch = [Metric(k, float(v), ts, step) for values, step in rows for k, v in values.items()]
+        for i in range(0, len(batch), 1000):
+            part = batch[i : i + 1000]
+            _retry(lambda part=part: self.client.log_batch(self.run_id, metrics=part))  # type: ignore[misc]
 
     def params(self, values: Mapping[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -146,6 +153,9 @@ def job_runs(
 
 # ----------------------------------------------------------------------------- the cascade as a model
 
+# MLflow asks for predict() type hints to infer an input schema; ours takes one volume, not a batch of rows.
+warnings.filterwarnings("ignore", message=r"Add type hints to the `predict` method", category=UserWarning)
+
 
 class CascadeModel(PythonModel):
     """pyfunc wrapper: ``predict`` translates one volume (numpy, input units) through the cascade."""
@@ -153,7 +163,8 @@ class CascadeModel(PythonModel):
     def load_context(self, context: Any) -> None:
         self.cascade = Cascade.load(context.artifacts["cascade"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    # No type hints: MLflow would read them as an input schema of many instances; this takes one volume.
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         import numpy as np
 
         return self.cascade.translate(np.asarray(model_input, dtype=np.float32), **(params or {}))
@@ -169,7 +180,7 @@ def register_cascade(cascade: Cascade, run_id: str, name: str, alias: str = "can
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="cascade",
-                python_model=CascadeModel(),
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models from code: no pickle
                 artifacts={"cascade": str(local)},
                 pip_requirements=["torch", "numpy", "SimpleITK", "zarr", f"msgan=={__version__}"],
             )

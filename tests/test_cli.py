@@ -16,7 +16,7 @@ TINY = [
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "msgan.cli", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("demo", "new-model", "translate", "phantom", "train", "info"):
+    for cmd in ("demo", "new-model", "translate", "phantom", "train", "promote", "info"):
         assert cmd in out.stdout
 
 

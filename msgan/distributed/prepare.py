@@ -35,7 +35,7 @@ class VolumeSource:
 
     @property
     def label(self) -> str:
-        return f"phantom seed {self.ref} ({self.kernel})" if self.kind == "phantom" else self.ref
+        return f"phantom seed {self.ref}" if self.kind == "phantom" else self.ref
 
 
 def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
@@ -110,12 +110,30 @@ def prepare(cfg: Config, volumes: Sequence[VolumeSource], root: str, use_ray: bo
     return [prepare_one(v, config, root) for v in volumes]
 
 
-def check_shapes(cfg: Config, prepared: Sequence[dict[str, Any]]) -> None:
-    """Every scale of every volume fits the patch and the discriminator, before any training starts."""
+def source_shape(source: VolumeSource, cfg: Config) -> tuple[int, ...]:
+    """Array shape (numpy order) of a source without reading its pixels."""
+    if source.kind == "phantom":
+        return tuple(cfg.data.phantom.shape)
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(source.ref)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ConfigError(f"{source.ref}: cannot be read as an image ({str(err).strip().splitlines()[-1]})") from err
+    size = tuple(reversed(reader.GetSize()))
+    if len(size) != cfg.dims:
+        raise ConfigError(f"{source.ref}: a {len(size)}D image; the config trains {cfg.dims}D (dims)")
+    return size
+
+
+def check_shapes(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
+    """Every scale of every volume fits the patch and the discriminator, before any work starts."""
     need_lr = patchgan_min_size(cfg.discriminator.num_layers)
-    for p in prepared:
-        shapes = pyramid_shapes(p["shape"], cfg.num_scales)
-        label = VolumeSource(**p["source"]).label
+    for src in volumes:
+        shapes = pyramid_shapes(source_shape(src, cfg), cfg.num_scales)
+        label = src.label
         if min(shapes[0]) < need_lr:
             raise ConfigError(
                 f"{label}: LR grid {shapes[0]} is smaller than the {need_lr} voxels per side the discriminator "

@@ -1,0 +1,320 @@
+"""Ray Train: every scale GAN is its own ``TorchTrainer`` run, and all of them run at once.
+
+The driver starts one thread per unfinished scale; each thread calls ``TorchTrainer.fit()``
+(Train V2). A scale keeps its checkpoints under ``<storage>/ray/<job>-scale<i>``; a failed
+worker group is restarted from its last checkpoint (``FailureConfig``) without touching the
+other scales, and resubmitting the job resumes unfinished scales and skips finished ones
+(their ``final/done.json`` exists).
+
+Per scale, under ``<storage>/runs/<job>/scale_<i>/``:
+  ``status.json``          step, attempt, pid, host, the step it resumed from (updated at checkpoints)
+  ``final/generator.pt``   the trained generator's weights
+  ``final/done.json``      written last: steps, time, losses, validation metrics, peak memory
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msgan import storage
+from msgan.config import Config, from_dict
+from msgan.io.pyramids import open_pyramid
+from msgan.memory import peak_device_bytes, peak_host_bytes
+from msgan.train import ScaleData, ScaleTrainer, StepMetrics
+
+
+def _say(line: str) -> None:
+    """One progress line on the worker's stdout (Ray forwards it to the driver). Ray Train's patched
+    ``print`` would log it twice when another library has wrapped ``sys.stdout``."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def scale_root(run_root: str, scale: int) -> str:
+    return storage.join(run_root, f"scale_{scale}")
+
+
+def read_json(uri: str) -> dict[str, Any] | None:
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = storage.filesystem(uri)
+    if storage.is_s3(uri):
+        fs.pipe_file(path, data)
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = storage.filesystem(uri)
+    return bytes(fs.cat_file(path))
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _scale_data(volumes: Sequence[str], scale: int, cfg: Config) -> ScaleData:
+    needed = {scale, scale - 1} if scale > 0 else {0}
+    pyramids = [open_pyramid(u, needed) for u in volumes]
+    return ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
+
+
+def _sample_png(trainer: ScaleTrainer, path: Path) -> Path:
+    """Centre slices of (edges, generated, real) for one fixed validation sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from msgan.augment import Augmenter
+    from msgan.config import AugmentConfig
+    from msgan.nets import HRGenerator, crop
+    from msgan.train import sample_hr_batch, sample_lr_batch
+
+    rng = np.random.default_rng(7)
+    clean = Augmenter(AugmentConfig(noise_p=0, blur_p=0, resolution_p=0, edge_noise_p=0))
+    gen = trainer.generator.eval()
+    if isinstance(gen, HRGenerator):
+        b = sample_hr_batch(trainer.data, gen, trainer.cfg.train.hr_patch, 1, rng, clean)
+    else:
+        b = sample_lr_batch(trainer.data, 1, rng, clean)
+    with torch.no_grad():
+        x = b.x.to(trainer.device)
+        c = b.coarse.to(trainer.device) if b.coarse is not None else None
+        y = (gen(x, c) if isinstance(gen, HRGenerator) else gen(x)).float().cpu()
+    edges = crop(b.x, gen.halo)[:, -1:] if isinstance(gen, HRGenerator) else b.x
+    panels = [("edges", edges), ("generated", y), ("real", b.target)]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, (name, t) in zip(axes, panels, strict=True):
+        v = t[0, 0].numpy()
+        img = v[v.shape[0] // 2] if v.ndim == 3 else v
+        ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
+        ax.set_title(f"scale {trainer.scale}: {name}")
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def train_loop(spec: dict[str, Any]) -> None:
+    """Ray Train worker: train one scale, resuming from Ray's latest checkpoint when there is one."""
+    import ray.train
+    import ray.train.torch
+
+    from msgan.registry import RunLogger
+
+    cfg = from_dict(spec["config"])
+    scale = int(spec["scale"])
+    root = scale_root(spec["run_root"], scale)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=False) if world > 1 else None
+    trainer = ScaleTrainer(cfg, scale, _scale_data(spec["volumes"], scale, cfg), device, rank=rank, wrap=wrap)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.restore(Path(d) / "state.pt")
+    resumed_from = trainer.step
+    steps = cfg.steps_for(scale)
+    log = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 and spec.get("run_id") else None
+    status: dict[str, Any] = {}
+    if rank == 0:
+        previous = read_json(storage.join(root, "status.json")) or {}
+        status = {
+            "scale": scale,
+            "steps": steps,
+            "step": trainer.step,
+            "attempt": int(previous.get("attempt", 0)) + 1,
+            "resumed_from": resumed_from,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        storage.write_text(storage.join(root, "status.json"), json.dumps(status))
+        _say(f"[scale {scale}] attempt {status['attempt']}: starting at step {resumed_from}/{steps}")
+        if log is not None:
+            log.metrics({"resumed_from_step": resumed_from}, step=status["attempt"])
+            log.params({"scale": scale, "steps": steps, "workers": world, "device": str(device)})
+    t = cfg.train
+    t0 = time.perf_counter()
+    last: StepMetrics | None = None
+    pending: list[StepMetrics] = []
+    while trainer.step < steps:
+        last = trainer.train_step()
+        pending.append(last)
+        step = last.step
+        if rank == 0 and (step % t.log_every == 0 or step == steps):
+            rate = (step - resumed_from) / (time.perf_counter() - t0)
+            _say(
+                f"[scale {scale}] step {step}/{steps}  G {last.loss_g:.3f} (L1 {last.loss_g_l1:.4f})  "
+                f"D {last.loss_d:.3f}  {rate:.1f} steps/s"
+            )
+            if log is not None:
+                log.metric_rows(
+                    [({k: v for k, v in m.as_dict().items() if k.startswith("loss")}, m.step) for m in pending]
+                )
+            pending = []
+        if step % t.checkpoint_every == 0 or step == steps:
+            metrics = {"step": step, "loss_g": last.loss_g, "loss_d": last.loss_d}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    trainer.save(Path(d) / "state.pt")
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                storage.write_text(storage.join(root, "status.json"), json.dumps(status | {"step": step}))
+            else:
+                ray.train.report(metrics)
+    if rank != 0:
+        return
+    seconds = time.perf_counter() - t0
+    val = trainer.evaluate(_scale_data(spec["val_volumes"], scale, cfg) if spec.get("val_volumes") else None)
+    peak = peak_device_bytes(device) or peak_host_bytes()
+    summary = {
+        "scale": scale,
+        "steps": trainer.step,
+        "seconds": seconds,
+        "attempt": status["attempt"],
+        "resumed_from": resumed_from,
+        "loss_g": last.loss_g if last else None,
+        "loss_d": last.loss_d if last else None,
+        "loss_g_l1": last.loss_g_l1 if last else None,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda" if device.type == "cuda" else "host_rss",
+        **val,
+    }
+    if log is not None:
+        log.metrics({k: float(v) for k, v in val.items()} | {"peak_memory_mib": peak / 2**20}, step=trainer.step)
+        with tempfile.TemporaryDirectory() as d:
+            log.artifact(_sample_png(trainer, Path(d) / f"scale{scale}_step{trainer.step}.png"), "samples")
+    state = {k: v.detach().cpu() for k, v in trainer.generator.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(storage.join(root, "final", "generator.pt"), buf.getvalue())
+    storage.write_text(storage.join(root, "final", "done.json"), json.dumps(summary))
+    _say(f"[scale {scale}] done: {trainer.step} steps in {seconds:.1f}s")
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+@dataclass(frozen=True)
+class ScaleOutcome:
+    scale: int
+    summary: dict[str, Any] | None
+    skipped: bool
+    error: str | None = None
+
+
+def _use_gpu(cfg: Config) -> bool:
+    if cfg.job.device != "auto":
+        return cfg.job.device == "gpu"
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) >= 1
+
+
+def run_scale(spec: dict[str, Any], cfg: Config, job: str, use_gpu: bool) -> ScaleOutcome:
+    """Train one scale with its own TorchTrainer (blocking); skip it when it finished before."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scale = int(spec["scale"])
+    done_uri = storage.join(scale_root(spec["run_root"], scale), "final", "done.json")
+    done = read_json(done_uri)
+    if done is not None:
+        return ScaleOutcome(scale, done, skipped=True)
+    path, fs = storage.pyarrow_storage(storage.join(spec["storage"], "ray"))
+    resources: dict[str, float] = {"CPU": cfg.job.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=spec,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.job.workers_per_scale, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"{job}-scale{scale}",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(  # type: ignore[call-arg]  # V2 fields; the stubs show V1
+                max_failures=cfg.job.max_failures, controller_failure_limit=3
+            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": storage.env_for_workers()},
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # one scale's failure must not take the others down
+        return ScaleOutcome(scale, None, skipped=False, error=f"{type(err).__name__}: {err}")
+    return ScaleOutcome(scale, read_json(done_uri), skipped=False)
+
+
+def train_all_scales(
+    cfg: Config,
+    job: str,
+    volumes: Sequence[str],
+    val_volumes: Sequence[str],
+    storage_root: str,
+    tracking_uri: str | None,
+    run_ids: dict[int, str] | None,
+    scales: Sequence[int] | None = None,
+) -> list[ScaleOutcome]:
+    """Launch every (unfinished) scale at once, one TorchTrainer each; wait for all."""
+    run_root = storage.join(storage_root, "runs", job)
+    use_gpu = _use_gpu(cfg)
+    todo = list(range(cfg.num_scales)) if scales is None else list(scales)
+    specs = [
+        {
+            "scale": s,
+            "config": cfg.to_dict(),
+            "volumes": list(volumes),
+            "val_volumes": list(val_volumes),
+            "run_root": run_root,
+            "storage": storage_root,
+            "tracking_uri": tracking_uri,
+            "run_id": (run_ids or {}).get(s),
+        }
+        for s in todo
+    ]
+    with ThreadPoolExecutor(max_workers=len(specs)) as pool:
+        return list(pool.map(lambda sp: run_scale(sp, cfg, job, use_gpu), specs))
+
+
+def load_generators(cfg: Config, storage_root: str, job: str) -> list[torch.nn.Module]:
+    """Every scale's trained generator from ``final/generator.pt``."""
+    from msgan.train import build_generator
+
+    run_root = storage.join(storage_root, "runs", job)
+    gens = []
+    for s in range(cfg.num_scales):
+        g = build_generator(cfg, s)
+        blob = read_bytes(storage.join(scale_root(run_root, s), "final", "generator.pt"))
+        g.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+        gens.append(g.eval())
+    return gens

@@ -1,0 +1,155 @@
+"""The main job end to end on real components: local Ray (or a `ray start` cluster with `ray job submit`),
+a loopback S3 server, an MLflow sqlite store."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import s3_keys
+from tests.distributed.conftest import JOB, read_json, run_job, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _job_dirs(storage: Path) -> list[Path]:
+    return sorted((storage / "runs").iterdir())
+
+
+def test_bad_config_fails_before_training(tmp_path, job_env):
+    cases = {
+        "unknown key": ({"train": {"stpes": 3}}, "unknown key train.'stpes'"),
+        "patch larger than a level": ({"train": {"hr_patch": 30}}, "hr_patch=30 is larger than scale 1"),
+        "missing data": ({"data": {"source": "files", "paths": [str(tmp_path / "nope*.nii.gz")]}}, "matches no"),
+    }
+    for name, (extra, message) in cases.items():
+        storage = tmp_path / name.replace(" ", "_")
+        cfg = write_config(tmp_path, extra | {"job": {"storage": str(storage)}}, name=f"{storage.name}.yaml")
+        t0 = time.perf_counter()
+        r = run_job(cfg, job_env, tmp_path, 120)
+        assert r.returncode == 2, (name, r.stdout[-2000:], r.stderr[-2000:])
+        assert message in r.stderr, (name, r.stderr[-2000:])
+        assert not storage.exists(), f"{name}: work started before the configuration was rejected"
+        assert time.perf_counter() - t0 < 60
+
+
+def test_ray_job_submit_registers_a_cascade_that_translates(tmp_path, job_env, monkeypatch):
+    """`ray start --head` on loopback, `ray job submit` of the job, then the registry's cascade translates."""
+    port, dash = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    # token authentication, as Ray 2.60 enables for clusters: the head and the submitting client share it
+    env = {**job_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    start = subprocess.run(
+        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        storage = tmp_path / "storage"
+        cfg = write_config(tmp_path, {"job": {"storage": str(storage)}})
+        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}})
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--submission-id=msgan-test",
+             f"--runtime-env-json={runtime_env}", "--", sys.executable, str(JOB), "--config", str(cfg)],
+            env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 0, out[-4000:]
+        status = subprocess.run(
+            [ray_bin, "job", "status", f"--address=http://127.0.0.1:{dash}", "msgan-test"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "job 'msgan-test' succeeded" in (status.stdout + status.stderr).lower()
+        assert "registering the cascade" in out and "[scale 1] done" in out
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    from msgan.registry import load_cascade
+
+    cascade = load_cascade("models:/tiny@candidate")
+    from msgan.data.phantom import kernel_pair
+
+    _, sharp = kernel_pair((20, 26, 22), seed=5)
+    out_img = cascade.translate(sharp)
+    assert out_img.shape == sharp.shape and np.isfinite(out_img).all()
+    assert cascade.meta["steps"] == [6, 6]
+
+
+def test_s3_storage_and_resubmission(tmp_path, job_env, s3_bucket):
+    env = {**job_env, **{k: os.environ[k] for k in os.environ if k.startswith(("AWS_", "MLFLOW_S3"))}}
+    cfg = write_config(tmp_path, {"job": {"storage": f"s3://{s3_bucket}/msgan"}})
+    first = run_job(cfg, env, tmp_path)
+    assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-3000:])
+    keys = s3_keys(s3_bucket, "msgan/")
+    assert sum(k.endswith(".zarr/zarr.json") and "/pyramids/" in k for k in keys) == 3  # 2 training + 1 held out
+    assert any("/ray/" in k and "/checkpoint_" in k and k.endswith("state.pt") for k in keys)
+    assert sum(k.endswith("/final/done.json") for k in keys) == 2
+    assert any(k.startswith("msgan/mlflow-artifacts/") and "cascade" in k for k in keys), "model artifacts in S3"
+
+    again = run_job(cfg, env, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 prepared, 3 already there" in again.stdout
+    assert again.stdout.count("(done before)") == 2
+    assert "version 1," in again.stdout  # registered once
+
+
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path, job_env):
+    storage = tmp_path / "storage"
+    cfg = write_config(
+        tmp_path,
+        {"train": {"steps_per_scale": [6, 600], "checkpoint_every": 25, "log_every": 25},
+         "job": {"storage": str(storage)}},
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(JOB), "--config", str(cfg)], env=job_env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        for status_path in storage.glob("runs/*/scale_1/status.json"):
+            try:
+                status = read_json(status_path)
+            except json.JSONDecodeError:
+                continue
+            if status["attempt"] == 1 and 50 <= status["step"] < 500:
+                os.kill(status["pid"], signal.SIGKILL)
+                killed = status
+    assert killed is not None, "the scale-1 worker never reached a checkpoint to kill it after"
+    assert proc.wait(timeout=600) == 0, "".join(output)[-4000:]
+    run = _job_dirs(storage)[0]
+    s1, s0 = read_json(run / "scale_1" / "status.json"), read_json(run / "scale_0" / "status.json")
+    assert s1["attempt"] == 2
+    # it resumed from a checkpoint, not from zero: the last one Ray committed before the kill (the one
+    # reported just before may not have been committed yet)
+    assert 0 < s1["resumed_from"] <= killed["step"] and s1["resumed_from"] % 25 == 0, (killed, s1)
+    assert s1["resumed_from"] >= killed["step"] - 25, (killed, s1)
+    assert read_json(run / "scale_1" / "final" / "done.json")["steps"] == 600
+    assert s0["attempt"] == 1 and read_json(run / "scale_0" / "final" / "done.json")["attempt"] == 1
+    print(f"killed scale 1 at step {killed['step']} (pid {killed['pid']}); it resumed from step {s1['resumed_from']}")
