@@ -53,7 +53,12 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     env = storage.env_for_workers()
-    ray.init(address="local", runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    ray.init(
+        address="local",
+        runtime_env={"env_vars": env} if env else None,
+        log_to_driver=True,
+        include_dashboard=False,  # no job server needed locally; its processes would take CPU from training
+    )
 
 
 def job_name(cfg: Config, fingerprints: list[str]) -> str:

@@ -122,8 +122,6 @@ def train_loop(spec: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from msgan.registry import RunLogger
-
     cfg = from_dict(spec["config"])
     scale = int(spec["scale"])
     root = scale_root(spec["run_root"], scale)
@@ -142,7 +140,11 @@ def train_loop(spec: dict[str, Any]) -> None:
             trainer.restore(Path(d) / "state.pt")
     resumed_from = trainer.step
     steps = cfg.steps_for(scale)
-    log = RunLogger(spec["tracking_uri"], spec["run_id"]) if rank == 0 and spec.get("run_id") else None
+    log = None
+    if rank == 0 and spec.get("run_id"):
+        from msgan.registry import RunLogger  # imports MLflow: only where it logs
+
+        log = RunLogger(spec["tracking_uri"], spec["run_id"])
     status: dict[str, Any] = {}
     if rank == 0:
         previous = read_json(storage.join(root, "status.json")) or {}

@@ -153,3 +153,15 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, job_env):
     assert read_json(run / "scale_1" / "final" / "done.json")["steps"] == 600
     assert s0["attempt"] == 1 and read_json(run / "scale_0" / "final" / "done.json")["attempt"] == 1
     print(f"killed scale 1 at step {killed['step']} (pid {killed['pid']}); it resumed from step {s1['resumed_from']}")
+
+
+def test_data_parallel_scales(tmp_path, job_env):
+    """Two DDP workers per scale (gloo on CPU): both train, rank 0 checkpoints and finishes."""
+    storage = tmp_path / "storage"
+    cfg = write_config(tmp_path, {"job": {"storage": str(storage), "workers_per_scale": 2, "cpus_per_worker": 0.5}})
+    r = run_job(cfg, job_env, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "world_size=2" in r.stdout + r.stderr
+    run = _job_dirs(storage)[0]
+    for s in (0, 1):
+        assert read_json(run / f"scale_{s}" / "final" / "done.json")["steps"] == 6
