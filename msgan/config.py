@@ -121,8 +121,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
+    """Inference: the tile comes from a memory budget; the batch job's actor pool from the rest.
+    A registered model carries these; a batch job may override them (``--set inference.actors=8``)."""
+
     memory_budget_mb: float = 2048.0  # activations of one tile; picks the tile size
-    batch_size: int = 1
+    batch_size: int = 1  # tiles per forward pass
+    actors: int = 2  # Ray Data actors that hold the cascade
+    cpus_per_actor: float = 0.5  # fractional on small machines: the read tasks need CPU too
+    gpus_per_actor: float = 1.0  # used when the cluster has GPUs; 0.5 packs two actors per GPU
+    device: Literal["auto", "gpu", "cpu"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -259,7 +266,16 @@ def _check_rules(cfg: Config) -> None:
     _require(
         cfg.inference.memory_budget_mb > 0, "inference.memory_budget_mb", cfg.inference.memory_budget_mb, "must be > 0"
     )
-    _require(cfg.inference.batch_size >= 1, "inference.batch_size", cfg.inference.batch_size, "must be >= 1")
+    inf = cfg.inference
+    _require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "must be >= 1")
+    _require(inf.actors >= 1, "inference.actors", inf.actors, "must be >= 1")
+    _require(inf.cpus_per_actor > 0, "inference.cpus_per_actor", inf.cpus_per_actor, "must be > 0")
+    _require(
+        0 < inf.gpus_per_actor <= 1 or inf.gpus_per_actor == int(inf.gpus_per_actor),
+        "inference.gpus_per_actor",
+        inf.gpus_per_actor,
+        "must be a fraction of one GPU or a whole number of GPUs",
+    )
     if cfg.num_scales > 1:
         from msgan.nets import patchgan_min_size  # local: nets imports torch
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import dask.array as da
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -67,6 +69,60 @@ def edges(image: np.ndarray, cfg: EdgeConfig) -> np.ndarray:
     raise ValueError(f"edges.method={cfg.method!r}: must be 'gradient' or 'canny'")
 
 
+# ----------------------------------------------------------------------------- chunked (dask) versions
+#
+# Volume-level work on arrays that need not fit in memory (zarr, dask): the same operations,
+# block by block. Edges are always computed on blocks of EDGE_BLOCK voxels with an overlap
+# of the filter's reach, so the result does not depend on how the input is stored or chunked.
+
+EDGE_BLOCK = 128
+
+
+def edge_depth(cfg: EdgeConfig) -> int:
+    """Overlap that makes block-wise edges equal whole-volume ones: the Gaussian's truncation radius + 2."""
+    return int(4.0 * cfg.sigma + 0.5) + 2
+
+
+def edges_chunked(image: Any, cfg: EdgeConfig) -> da.Array:
+    """:func:`edges` computed lazily, block by block with overlap (mirrored at the volume border)."""
+    x = image if isinstance(image, da.Array) else da.from_array(image, chunks=EDGE_BLOCK)
+    x = x.rechunk(EDGE_BLOCK)
+    if all(len(c) == 1 for c in x.chunks):  # one block: the whole volume at once
+        return x.map_blocks(edges, cfg=cfg, dtype=np.float32)
+    depth = edge_depth(cfg)
+    return x.map_overlap(edges, depth=depth, boundary="reflect", dtype=np.float32, cfg=cfg)
+
+
+def _window_block(block: np.ndarray, intensity: IntensityConfig, label: str) -> np.ndarray:
+    try:
+        return window(block, intensity)
+    except ValueError as err:
+        raise ValueError(f"{label}: {err}") from None
+
+
+def window_chunked(image: Any, intensity: IntensityConfig, name: str = "image") -> da.Array:
+    """:func:`window` lazily; a block with NaN/inf raises a ValueError naming ``name``."""
+    x = image if isinstance(image, da.Array) else da.from_array(image, chunks=EDGE_BLOCK)
+    return da.map_blocks(_window_block, x, intensity=intensity, label=name, dtype=np.float32)
+
+
+def downsample2_chunked(x: da.Array) -> da.Array:
+    """:func:`downsample2` lazily (edge-padded odd axes, then 2x block means)."""
+    pad = [(0, s % 2) for s in x.shape]
+    if any(p for _, p in pad):
+        x = da.pad(x, pad, mode="edge")
+    x = x.rechunk(EDGE_BLOCK)
+    return da.coarsen(np.mean, x, dict.fromkeys(range(x.ndim), 2)).astype(np.float32)
+
+
+def image_pyramid_chunked(windowed: da.Array, num_scales: int) -> list[da.Array]:
+    """Lazy windowed images of every scale, LR first."""
+    levels = [windowed]
+    for _ in range(num_scales - 1):
+        levels.append(downsample2_chunked(levels[-1]))
+    return levels[::-1]
+
+
 @dataclass
 class Pyramid:
     """Windowed image and edges at every scale, LR (scale 0) first."""
@@ -102,7 +158,7 @@ def build_pyramid(image: np.ndarray, num_scales: int, intensity: IntensityConfig
             f"the LR grid would be under one voxel per axis"
         )
     images = image_pyramid(window(image, intensity), num_scales)
-    return Pyramid(images=images, edges=[edges(im, edge_cfg) for im in images])
+    return Pyramid(images=images, edges=[np.asarray(edges_chunked(im, edge_cfg).compute()) for im in images])
 
 
 def foreground_mask(image_lr: np.ndarray, threshold: float) -> np.ndarray:

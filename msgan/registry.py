@@ -154,7 +154,7 @@ def job_runs(
 # ----------------------------------------------------------------------------- the cascade as a model
 
 # MLflow asks for predict() type hints to infer an input schema; ours takes one volume, not a batch of rows.
-warnings.filterwarnings("ignore", message=r"Add type hints to the `predict` method", category=UserWarning)
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class CascadeModel(PythonModel):

@@ -105,7 +105,9 @@ def prepare(cfg: Config, volumes: Sequence[VolumeSource], root: str, use_ray: bo
     if use_ray:
         import ray
 
-        task = ray.remote(num_cpus=1, max_retries=2)(prepare_one)
+        env = storage.env_for_workers()
+        extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+        task = ray.remote(num_cpus=1, max_retries=2, **extra)(prepare_one)
         return list(ray.get([task.remote(v, config, root) for v in volumes]))
     return [prepare_one(v, config, root) for v in volumes]
 

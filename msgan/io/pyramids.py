@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 
 from msgan import storage
-from msgan.io.volume import Geometry, _ome_attrs
+from msgan.io.volume import Geometry, ome_attrs
 from msgan.pyramid import Pyramid
 
 CACHE_BYTES = 256 * 2**20  # levels smaller than this are read into memory when opened
@@ -42,7 +42,7 @@ def write_pyramid(uri: str, pyramid: Pyramid, geometry: Geometry, meta: dict[str
                 str(k), shape=lv.shape, dtype="float32", chunks=tuple(min(chunks, s) for s in lv.shape)
             )
             arr[...] = np.asarray(lv, dtype=np.float32)
-        g.attrs["ome"] = _ome_attrs([lv.shape for lv in finest_first], geometry, name)
+        g.attrs["ome"] = ome_attrs([lv.shape for lv in finest_first], geometry, name)
     root.attrs["msgan"] = {**meta, "geometry": geometry.as_dict(), "num_scales": n, "complete": True}
 
 

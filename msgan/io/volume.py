@@ -94,7 +94,7 @@ def from_sitk(img: sitk.Image) -> tuple[np.ndarray, Geometry]:
 # ----------------------------------------------------------------------------- OME-Zarr
 
 
-def _ome_attrs(shapes: Sequence[Sequence[int]], geometry: Geometry, name: str) -> dict[str, Any]:
+def ome_attrs(shapes: Sequence[Sequence[int]], geometry: Geometry, name: str) -> dict[str, Any]:
     dims = geometry.dims
     axes = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("zyx" if dims == 3 else "yx")]
     sp0 = np.array(geometry.numpy_spacing())
@@ -132,7 +132,7 @@ def write_zarr(
             ch = tuple(min(c, s) for c, s in zip(want, lv.shape, strict=True))
             arr = group.create_array(str(k), shape=lv.shape, dtype=lv.dtype, chunks=ch)
             arr[...] = lv
-        group.attrs["ome"] = _ome_attrs([lv.shape for lv in levels], geometry, dest.name)
+        group.attrs["ome"] = ome_attrs([lv.shape for lv in levels], geometry, dest.name)
         group.attrs["msgan"] = {"geometry": geometry.as_dict(), **(attrs or {})}
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():

@@ -165,3 +165,40 @@ def test_data_parallel_scales(tmp_path, job_env):
     run = _job_dirs(storage)[0]
     for s in (0, 1):
         assert read_json(run / f"scale_{s}" / "final" / "done.json")["steps"] == 6
+
+
+def test_resubmitted_job_resumes_an_interrupted_scale(tmp_path, job_env):
+    """The whole job dies mid-run (driver and local Ray killed); the same job again resumes, not restarts."""
+    storage = tmp_path / "storage"
+    cfg = write_config(
+        tmp_path,
+        {"train": {"steps_per_scale": [6, 400], "checkpoint_every": 25, "log_every": 25},
+         "job": {"storage": str(storage)}},
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(JOB), "--config", str(cfg)], env=job_env, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    seen = None
+    deadline = time.time() + 300
+    while seen is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        for status_path in storage.glob("runs/*/scale_1/status.json"):
+            try:
+                status = read_json(status_path)
+            except json.JSONDecodeError:
+                continue
+            if status["step"] >= 75:
+                seen = status
+    assert seen is not None, "scale 1 never reached step 75"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+
+    again = run_job(cfg, job_env, tmp_path)
+    assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
+    run = _job_dirs(storage)[0]
+    s1 = read_json(run / "scale_1" / "status.json")
+    assert s1["attempt"] == 2 and 0 < s1["resumed_from"] <= seen["step"], (seen, s1)
+    assert read_json(run / "scale_1" / "final" / "done.json")["steps"] == 400
+    print(f"job killed with scale 1 at step {seen['step']}; the resubmitted job resumed it from {s1['resumed_from']}")

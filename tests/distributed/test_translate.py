@@ -1,0 +1,165 @@
+"""Batch translation on a real local Ray cluster (Ray Data actor pool), file:// and a loopback S3 server."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import zarr
+
+from msgan import storage
+from msgan.cascade import Cascade
+from msgan.config import load_config
+from msgan.io.volume import Geometry, write_zarr
+from tests.conftest import randomize_batchnorm, s3_keys
+
+pytestmark = pytest.mark.slow
+
+GEOM = Geometry((0.7, 0.7, 1.5), (1.0, 2.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+SHAPES = {"a": (37, 29, 41), "b": (24, 24, 24)}  # a: not a multiple of the tile
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = load_config(
+        None,
+        {
+            "num_scales": 3,
+            "lr_generator.width": 4,
+            "lr_generator.depth": 1,
+            "hr_generator.width": 4,
+            "hr_generator.num_blocks": 1,
+            "hr_generator.norm": "batch",
+            "discriminator.num_layers": 1,
+            "train.hr_patch": 8,
+            "inference.memory_budget_mb": 0.5,
+            "inference.actors": 2,
+            "inference.batch_size": 2,
+        },
+    )
+    cascade = Cascade.untrained(cfg, seed=2)
+    for g in cascade.generators[1:]:
+        randomize_batchnorm(g)
+    return str(cascade.save(tmp_path_factory.mktemp("model") / "cascade")), cascade
+
+
+def _inputs(root: Path) -> dict[str, np.ndarray]:
+    images = {}
+    for i, (name, shape) in enumerate(SHAPES.items()):
+        images[name] = np.random.default_rng(i).uniform(-1000, 500, shape).astype(np.float32)
+        write_zarr(root / f"{name}.zarr", [images[name]], GEOM)
+    return images
+
+
+def _read(uri: str, level: str = "0") -> np.ndarray:
+    store, opts = storage.zarr_store(uri)
+    return zarr.open_group(store, mode="r", storage_options=opts)[level][...]
+
+
+def test_distributed_equals_local_cascade_and_rerun_skips(tmp_path, ray_local, model):
+    from msgan.distributed.translate import translate_batch
+
+    path, cascade = model
+    images = _inputs(tmp_path / "in")
+    report = translate_batch([str(tmp_path / "in")], str(tmp_path / "out"), path, log=lambda _: None)
+    assert sorted(m["volume"] for m in report.published) == ["a", "b"] and not report.failed
+    for name, img in images.items():
+        out = _read(storage.normalize_uri(tmp_path / "out" / f"{name}.zarr"))
+        assert float(np.abs(out - cascade.translate(img)).max()) < 1e-5 * 1024  # window units -> HU
+    tiles = report.tiles_computed
+    assert tiles == sum(s["tiles"] for s in report.scales[1:]) > 20
+    assert "Mvox/s" in report.summary()
+
+    again = translate_batch([str(tmp_path / "in")], str(tmp_path / "out"), path, log=lambda _: None)
+    assert again.skipped == ["a", "b"] and again.tiles_computed == 0 and not again.published
+
+
+def test_bad_volumes_are_reported_and_the_rest_published(tmp_path, ray_local, model):
+    from msgan.distributed.translate import translate_batch
+
+    path, _ = model
+    _inputs(tmp_path / "in")
+    bad = np.zeros((20, 20, 20), np.float32)
+    bad[5, 5, 5] = np.nan
+    write_zarr(tmp_path / "in" / "nan.zarr", [bad], GEOM)
+    write_zarr(tmp_path / "in" / "flat.zarr", [bad[0]], Geometry.identity(2))
+    write_zarr(tmp_path / "in" / "empty.zarr", [bad], GEOM)
+    del zarr.open_group(str(tmp_path / "in" / "empty.zarr"), mode="r+")["0"]
+    report = translate_batch([str(tmp_path / "in")], str(tmp_path / "out"), path, log=lambda _: None)
+    assert sorted(m["volume"] for m in report.published) == ["a", "b"]
+    assert set(report.failed) == {"nan", "flat", "empty"}
+    assert "NaN" in report.failed["nan"] and "3D" in report.failed["flat"] and "missing array" in report.failed["empty"]
+    for name in ("nan", "flat", "empty"):
+        assert not (tmp_path / "out" / f"{name}.zarr").exists()
+    assert not any((tmp_path / "out" / ".staging").glob("*"))
+
+
+def test_killed_actor_mid_batch_gives_the_clean_result(tmp_path, ray_local, model):
+    from msgan.distributed.translate import translate_batch
+
+    path, cascade = model
+    images = _inputs(tmp_path / "in")
+    result = {}
+
+    def run() -> None:
+        result["r"] = translate_batch([str(tmp_path / "in")], str(tmp_path / "out"), path, {"batch_size": 1})
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and worker.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+        written = list((tmp_path / "out" / ".staging").glob("*/output.zarr/0/c/*/*/*"))
+        if not written:
+            continue
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "TileWorker" in " ".join(proc.info["cmdline"] or []):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed = (proc.info["pid"], len(written))
+                break
+    worker.join(timeout=600)
+    assert killed is not None, "no tile actor was caught mid-batch"
+    report = result["r"]
+    last = report.scales[-1]["tiles"]
+    print(f"killed tile actor {killed[0]} with {killed[1]} of {last} last-scale tiles written")
+    assert killed[1] < last, "the kill came after the last tile"
+    assert not report.failed and len(report.published) == 2
+    for name, img in images.items():
+        out = _read(storage.normalize_uri(tmp_path / "out" / f"{name}.zarr"))
+        assert float(np.abs(out - cascade.translate(img)).max()) < 1e-5 * 1024
+
+
+def test_s3_inputs_staging_outputs_and_manifests(s3_bucket, ray_local, model, tmp_path):
+    """The S3 server's address reaches the actors through the environment they inherit."""
+    from msgan.distributed.translate import translate_batch
+
+    path, cascade = model
+    img = np.random.default_rng(9).uniform(-1000, 500, (30, 26, 22)).astype(np.float32)
+    src = f"s3://{s3_bucket}/exports/v.zarr"
+    store, opts = storage.zarr_store(src)
+    g = zarr.open_group(store, mode="w", storage_options=opts)
+    g.create_array("0", shape=img.shape, chunks=(16, 16, 16), dtype="float32")[...] = img
+    g.attrs["msgan"] = {"geometry": GEOM.as_dict()}
+    seen: list[str] = []
+    report = translate_batch([f"s3://{s3_bucket}/exports/"], f"s3://{s3_bucket}/translated", path,
+                             log=seen.append)  # fmt: skip
+    assert [m["volume"] for m in report.published] == ["v"], report.summary()
+    keys = s3_keys(s3_bucket)
+    assert "translated/v.zarr/manifest.json" in keys and "translated/v.zarr/2/zarr.json" in keys
+    assert not [k for k in keys if "/.staging/" in k]
+    out = _read(f"s3://{s3_bucket}/translated/v.zarr")
+    assert float(np.abs(out - cascade.translate(img)).max()) < 1e-5 * 1024
