@@ -134,6 +134,53 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from msgan.io.convert import ingest
+
+    report = ingest(args.source, args.output)
+    for key, uri in report.written.items():
+        print(f"ingested {key} -> {uri}")
+        for note in report.notes.get(key, []):
+            print(f"  note: {note}")
+    for key, why in report.skipped.items():
+        print(f"skipped {key}: {why}", file=sys.stderr)
+    for key, why in report.errors.items():
+        print(f"REFUSED {key}: {why}", file=sys.stderr)
+    return 1 if report.errors or not report.written else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from msgan.io.convert import export
+
+    out = export(args.volume, args.out_dir, args.format, args.description)
+    where = out.files[0].parent if args.format == "dicom" else out.files[0]
+    uid = f" (series {out.series_uid})" if out.series_uid else ""
+    print(f"exported {args.volume} -> {where}: {len(out.files)} file(s){uid}")
+    return 0
+
+
+def cmd_pacs_sync(args: argparse.Namespace) -> int:
+    from msgan.pacs_sync import SyncConfig, run_once
+
+    cfg = SyncConfig(
+        model=args.model,
+        storage=args.storage,
+        modality=args.modality,
+        kernel=args.kernel,
+        description=args.description,
+        study_date=args.study_date,
+        push=not args.no_push,
+        export_prefix=args.export,
+        export_format=args.format,
+        retranslate=args.retranslate,
+        retry_failed=args.retry_failed,
+        limit=args.limit,
+    )
+    report = run_once(cfg)
+    print(report.summary())
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from msgan.cascade import MANIFEST
 
@@ -190,6 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alias", default="champion", help="alias to move (default champion)")
     pr.set_defaults(func=cmd_promote)
 
+    ig = sub.add_parser("ingest", help="DICOM folder (one or more series) or NIfTI/MHA -> OME-Zarr volume(s)")
+    ig.add_argument("source", help="folder of DICOM files (searched recursively), or a NIfTI/MHA/NRRD file")
+    ig.add_argument("output", help="OUT.zarr for one series; a folder (OUT/<SeriesInstanceUID>.zarr) for several")
+    ig.set_defaults(func=cmd_ingest)
+
+    ex = sub.add_parser("export", help="OME-Zarr volume -> DICOM series (derived, new UIDs) or NIfTI")
+    ex.add_argument("volume", help="an ingested or translated volume (.zarr)")
+    ex.add_argument("out_dir", help="folder for the DICOM files, or a .nii.gz path / folder for NIfTI")
+    ex.add_argument("--format", choices=["dicom", "nifti"], default="dicom")
+    ex.add_argument("--description", default=None, help="SeriesDescription (default: says what made it)")
+    ex.set_defaults(func=cmd_export)
+
+    ps = sub.add_parser("pacs-sync", help="one pass of the scheduled translation of new PACS series (DICOMweb)")
+    ps.add_argument("--model", required=True, help="models:/NAME@ALIAS or a cascade folder")
+    ps.add_argument("--storage", default="runs/pacs", help="state and volumes (path or s3://; default runs/pacs)")
+    ps.add_argument("--modality", default="CT")
+    ps.add_argument("--kernel", default=None, help="regex on ConvolutionKernel, e.g. 'B[6-9]0f'")
+    ps.add_argument("--description", default=None, help="regex on SeriesDescription")
+    ps.add_argument("--study-date", default=None, help="DICOM date range, e.g. 20260101-")
+    ps.add_argument("--no-push", action="store_true", help="do not store results back into the PACS")
+    ps.add_argument("--export", default=None, help="also write results under this folder")
+    ps.add_argument("--format", choices=["dicom", "nifti"], default="dicom", help="format for --export")
+    ps.add_argument("--retranslate", action="store_true", help="redo series translated by another model version")
+    ps.add_argument("--retry-failed", action="store_true", help="try again series refused in an earlier pass")
+    ps.add_argument("--limit", type=int, default=None, help="at most this many series per pass")
+    ps.set_defaults(func=cmd_pacs_sync)
+
     i = sub.add_parser("info", help="print a cascade's manifest summary")
     i.add_argument("model", help="cascade folder")
     i.set_defaults(func=cmd_info)
@@ -200,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"msgan {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -65,3 +65,74 @@ def s3_keys(bucket: str, prefix: str = "") -> list[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys += [o["Key"] for o in page.get("Contents", [])]
     return keys
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc PACS (Debian package) on loopback ports with DICOMweb; yields (DICOMweb URL, user, password).
+
+    Missing Orthanc skips the tests with the reason, except in CI (CI=true), where it fails them."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    import requests
+
+    binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+    plugin = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+    if binary is None or not os.path.exists(plugin):
+        message = "Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("orthanc")
+    http, dicom = _free_port(), _free_port()
+    config = {
+        "Name": "msgan-test",
+        "HttpPort": http,
+        "DicomPort": dicom,
+        "DicomAet": "MSGANTEST",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {"msgan": "s3cret-pw"},
+        "Plugins": [plugin],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "StableAge": 1,
+        "HttpTimeout": 120,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http}"
+    auth = ("msgan", "s3cret-pw")
+    for _ in range(200):
+        try:
+            if requests.get(f"{base}/system", auth=auth, timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"Orthanc exited: {(root / 'orthanc.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("Orthanc did not answer within 20 s")
+    yield {"url": f"{base}/dicom-web", "rest": base, "user": auth[0], "password": auth[1]}
+    try:
+        requests.post(f"{base}/tools/shutdown", auth=auth, timeout=5)
+        proc.wait(timeout=30)
+    except Exception:
+        proc.kill()
+    log.close()

@@ -16,7 +16,18 @@ TINY = [
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "msgan.cli", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("demo", "new-model", "translate", "phantom", "train", "promote", "info"):
+    for cmd in (
+        "demo",
+        "new-model",
+        "translate",
+        "phantom",
+        "train",
+        "promote",
+        "ingest",
+        "export",
+        "pacs-sync",
+        "info",
+    ):
         assert cmd in out.stdout
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from msgan import batch as vb
 from msgan import storage
 from msgan.cascade import Cascade
+from msgan.memory import peak_host_bytes
 from msgan.tiling import Tile
 
 Log = Callable[[str], None]
@@ -119,6 +120,7 @@ class TileWorker:
             "tiles": np.array(counts, dtype=np.int64),
             "error": np.array(errors, dtype=object),
             "seconds": np.array(seconds, dtype=np.float64),
+            "peak_rss": np.full(len(vols), peak_host_bytes(), dtype=np.int64),  # this actor's process so far
         }
 
 
@@ -141,9 +143,10 @@ class BatchReport:
         ]
         for s in self.scales:
             rate = s["voxels"] / s["seconds"] / 1e6 if s["seconds"] > 0 else 0.0
+            rss = f"  actor peak RSS {s['actor_peak_rss'] / 2**20:.0f} MiB" if s.get("actor_peak_rss") else ""
             lines.append(
                 f"  scale {s['scale']}: {s['tiles']:>6} tiles {s['voxels'] / 1e6:9.2f} Mvox {s['seconds']:7.1f}s "
-                f"{rate:8.3f} Mvox/s"
+                f"{rate:8.3f} Mvox/s{rss}"
             )
         lines += [f"  FAILED {name}: {err}" for name, err in self.failed.items()]
         return "\n".join(lines)
@@ -225,19 +228,19 @@ def translate_batch(
         if not items:
             break
         t0 = time.perf_counter()
-        ds = ray.data.from_items(items).map_batches(
+        # a few blocks per actor: rows of one block share a task, so per-task overhead is amortised
+        blocks = max(1, min(len(items), inf.actors * 4))
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             TileWorker,
             fn_constructor_kwargs={"model": model, "tasks": task_dicts, "scale": s, "gpus": gpus, "threads": threads},
             compute=ray.data.ActorPoolStrategy(size=inf.actors),
             batch_size=max(1, inf.batch_size),
             num_cpus=inf.cpus_per_actor,
             num_gpus=gpus,
-            max_restarts=-1,
-            max_task_retries=-1,
-            **remote_args,
+            runtime_env=remote_args.get("runtime_env"),  # Ray Data restarts dead actors and retries their tiles
         )
         rows = ds.take_all()  # the barrier: scale s+1 starts when every tile of scale s is written
-        tiles = 0
+        tiles, rss = 0, max((int(r["peak_rss"]) for r in rows), default=0)
         for row in rows:
             v = int(row["volume"])
             if row["error"] and v in plans:
@@ -246,7 +249,7 @@ def translate_batch(
             tiles += int(row["tiles"])
         report.tiles_computed += tiles
         report.scales.append(
-            {"scale": s, "tiles": tiles, "seconds": time.perf_counter() - t0,
+            {"scale": s, "tiles": tiles, "seconds": time.perf_counter() - t0, "actor_peak_rss": rss,
              "voxels": sum(int(np.prod(p["shapes"][s])) for p in plans.values())}
         )  # fmt: skip
     for name in report.failed:

@@ -114,6 +114,14 @@ def ome_attrs(shapes: Sequence[Sequence[int]], geometry: Geometry, name: str) ->
     return {"version": OME_VERSION, "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}
 
 
+def _write_group(group: zarr.Group, levels: Sequence[np.ndarray], chunks: int | Sequence[int]) -> None:
+    for k, lv in enumerate(levels):
+        want = [chunks] * lv.ndim if isinstance(chunks, int) else list(chunks)
+        ch = tuple(min(c, s) for c, s in zip(want, lv.shape, strict=True))
+        arr = group.create_array(str(k), shape=lv.shape, dtype=lv.dtype, chunks=ch)
+        arr[...] = lv
+
+
 def write_zarr(
     path: str | os.PathLike[str],
     levels: Sequence[np.ndarray],
@@ -122,19 +130,28 @@ def write_zarr(
     chunks: int | Sequence[int] = 64,
 ) -> None:
     """An OME-Zarr multiscale group (level 0 finest) with our geometry beside ``ome`` (NGFF has no
-    direction cosines). Local paths are written to a staging folder and renamed when complete."""
-    dest = Path(path)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent if dest.parent.exists() else None))
+    direction cosines). Local paths are written to a staging folder and renamed when complete;
+    on ``s3://`` the msgan attributes, which readers require, are written last."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    ome = ome_attrs([lv.shape for lv in levels], geometry, name)
+    meta = {"geometry": geometry.as_dict(), **(attrs or {})}
+    if str(path).startswith("s3://"):
+        from msgan import storage
+
+        store, options = storage.zarr_store(str(path))
+        group = zarr.open_group(store, mode="w", storage_options=options)
+        _write_group(group, levels, chunks)
+        group.attrs["ome"] = ome
+        group.attrs["msgan"] = meta
+        return
+    dest = Path(str(path)[len("file://") :] if str(path).startswith("file://") else path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         group = zarr.open_group(str(stage), mode="w")
-        for k, lv in enumerate(levels):
-            want = [chunks] * lv.ndim if isinstance(chunks, int) else list(chunks)
-            ch = tuple(min(c, s) for c, s in zip(want, lv.shape, strict=True))
-            arr = group.create_array(str(k), shape=lv.shape, dtype=lv.dtype, chunks=ch)
-            arr[...] = lv
-        group.attrs["ome"] = ome_attrs([lv.shape for lv in levels], geometry, dest.name)
-        group.attrs["msgan"] = {"geometry": geometry.as_dict(), **(attrs or {})}
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _write_group(group, levels, chunks)
+        group.attrs["ome"] = ome
+        group.attrs["msgan"] = meta
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(stage, dest)

@@ -1,0 +1,103 @@
+"""Ingest (DICOM series, NIfTI/MHA -> OME-Zarr volume) and export (OME-Zarr -> DICOM series or NIfTI).
+
+An ingested volume keeps its geometry and its DICOM identifiers (patient, study, series,
+frame of reference, modality, kernel) in the zarr attributes; a translated volume carries
+them on (``msgan.source``), so its export can become a derived series of the same study.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msgan import storage
+from msgan.io.dicom import DicomError, derived_uid, read_series, write_series
+from msgan.io.volume import ITK_SUFFIXES, Geometry, read_volume, suffix_of, write_volume, write_zarr
+
+
+@dataclass
+class IngestReport:
+    written: dict[str, str] = field(default_factory=dict)  # series UID (or file) -> zarr URI
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+
+def ingest(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> IngestReport:
+    """DICOM folder (one or more series) or a NIfTI/MHA/NRRD file -> OME-Zarr.
+
+    One series (or a file) goes to ``out`` (``*.zarr``); several go to ``out/<SeriesInstanceUID>.zarr``.
+    """
+    report = IngestReport()
+    src = Path(source)
+    if src.is_file() and str(src).lower().endswith(ITK_SUFFIXES):
+        image, geom = read_volume(src)
+        dest = storage.normalize_uri(out)
+        write_zarr(dest, [image.astype(np.float32)], geom, attrs={"source": str(src)})
+        report.written[str(src)] = dest
+        return report
+    result = read_series([src])
+    report.errors, report.skipped = dict(result.errors), dict(result.skipped)
+    dest = storage.normalize_uri(out)
+    single = len(result.volumes) == 1 and dest.endswith(".zarr")
+    for v in result.volumes:
+        uri = dest if single else storage.join(dest, f"{v.series_uid}.zarr")
+        write_zarr(uri, [v.image], v.geometry, attrs={"source": "dicom", "dicom": v.identifiers, "notes": v.notes})
+        report.written[v.series_uid] = uri
+        if v.notes:
+            report.notes[v.series_uid] = v.notes
+    return report
+
+
+@dataclass(frozen=True)
+class Exported:
+    files: list[Path]
+    series_uid: str | None
+
+
+def _open_volume(uri: str) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
+    import zarr
+
+    store, opts = storage.zarr_store(storage.normalize_uri(uri))
+    g = zarr.open_group(store, mode="r", storage_options=opts)
+    meta: dict[str, Any] = dict(g.attrs.get("msgan", {}))  # type: ignore[arg-type]
+    if "geometry" not in meta or "0" not in g:
+        raise ValueError(f"{uri}: not an msgan volume (no geometry or level 0)")
+    arr = g["0"]
+    assert isinstance(arr, zarr.Array)
+    return np.asarray(arr[...]), Geometry.from_dict(meta["geometry"]), meta
+
+
+def export(volume: str, out: str | os.PathLike[str], fmt: str = "dicom", description: str | None = None) -> Exported:
+    """A volume (ingested or translated) as a DICOM series folder or a NIfTI/MHA file."""
+    image, geom, meta = _open_volume(volume)
+    if fmt == "nifti":
+        dest = Path(out)
+        if not str(dest).lower().endswith(ITK_SUFFIXES):
+            dest = dest / (Path(str(volume).rstrip("/")).stem + ".nii.gz")
+        suffix_of(dest)
+        write_volume(dest, image, geom)
+        return Exported([dest], None)
+    if fmt != "dicom":
+        raise ValueError(f"export format {fmt!r}: must be 'dicom' or 'nifti'")
+    if image.ndim != 3:
+        raise ValueError(f"{volume}: DICOM export writes 3D series; this volume is {image.ndim}D (use --format nifti)")
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else meta
+    ids: dict[str, Any] = dict(source.get("dicom", {})) if isinstance(source, dict) else {}
+    model = meta.get("translated_by")
+    src_uid = ids.get("SeriesInstanceUID")
+    if model:
+        series_uid = derived_uid(str(src_uid or volume), str(model))
+        what = description or f"msgan {model} from {ids.get('SeriesDescription', 'series')}"
+    else:
+        series_uid = derived_uid(str(src_uid or volume), "export")
+        what = description or str(ids.get("SeriesDescription", "msgan export"))
+    files = write_series(image, geom, out, ids, series_uid, what, derived_from=src_uid if model else None)
+    return Exported(files, series_uid)
+
+
+__all__ = ["DicomError", "Exported", "IngestReport", "export", "ingest"]

@@ -1,0 +1,172 @@
+"""A PACS over its standard interfaces: DICOMweb QIDO-RS (find), WADO-RS (fetch), STOW-RS (store).
+
+Configured by URL and credentials from the environment (``MSGAN_PACS_URL``, the DICOMweb root,
+e.g. ``http://orthanc:8042/dicom-web``; ``MSGAN_PACS_USER``, ``MSGAN_PACS_PASSWORD``).
+Credentials never appear in messages, logs or ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+TAGS = {
+    "StudyInstanceUID": "0020000D",
+    "SeriesInstanceUID": "0020000E",
+    "Modality": "00080060",
+    "SeriesDescription": "0008103E",
+    "StudyDate": "00080020",
+    "PatientID": "00100020",
+    "NumberOfSeriesRelatedInstances": "00201209",
+    "ConvolutionKernel": "00181210",
+    "ImageType": "00080008",
+}
+
+
+class PacsError(RuntimeError):
+    """The PACS could not be reached or refused a request (the message holds no credentials)."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    study_uid: str
+    series_uid: str
+    modality: str
+    description: str
+    study_date: str
+    patient_id: str
+    instances: int | None
+
+
+def _first(item: dict[str, Any], tag: str) -> Any:
+    value = item.get(TAGS.get(tag, tag), {}).get("Value")
+    if not value:
+        return None
+    v = value[0]
+    return v.get("Alphabetic") if isinstance(v, dict) else v
+
+
+def _parse_multipart(body: bytes, content_type: str) -> list[bytes]:
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        raise PacsError(f"multipart response without a boundary ({content_type})")
+    boundary = b"--" + m.group(1).encode()
+    parts = []
+    for chunk in body.split(boundary)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _, _, payload = chunk.partition(b"\r\n\r\n")  # part headers, blank line, the DICOM file
+        parts.append(payload[:-2] if payload.endswith(b"\r\n") else payload)
+    return parts
+
+
+class DicomWebClient:
+    def __init__(self, url: str, user: str | None = None, password: str | None = None, timeout: float = 120.0):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"PACS URL {url!r}: expected the DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+        self.url = url.rstrip("/")
+        self._auth = (user, password or "") if user else None
+        self.timeout = timeout
+
+    @classmethod
+    def from_env(cls) -> DicomWebClient:
+        url = os.environ.get("MSGAN_PACS_URL")
+        if not url:
+            raise ValueError("MSGAN_PACS_URL is not set (the PACS DICOMweb root, e.g. http://orthanc:8042/dicom-web)")
+        return cls(url, os.environ.get("MSGAN_PACS_USER"), os.environ.get("MSGAN_PACS_PASSWORD"))
+
+    def __repr__(self) -> str:
+        return f"DicomWebClient({self.url!r}, user={'set' if self._auth else 'none'})"
+
+    def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        try:
+            r = requests.request(method, f"{self.url}{path}", auth=self._auth, timeout=self.timeout, **kw)
+        except requests.RequestException as err:
+            raise PacsError(f"PACS {self.url} unreachable ({type(err).__name__})") from None
+        if r.status_code == 401:
+            raise PacsError(f"PACS {self.url}: {method} {path} refused the credentials (HTTP 401)")
+        if r.status_code >= 400:
+            raise PacsError(f"PACS {self.url}: {method} {path} failed: HTTP {r.status_code} {r.text[:300]}")
+        return r
+
+    # -- QIDO-RS
+
+    def find_series(self, modality: str | None = None, study_date: str | None = None) -> list[SeriesInfo]:
+        """Series matching the filters (``study_date``: DICOM range, e.g. ``20260101-``)."""
+        fields = ("SeriesDescription", "StudyDate", "PatientID", "NumberOfSeriesRelatedInstances")
+        params: list[tuple[str, str]] = [("includefield", TAGS[k]) for k in fields]
+        if modality:
+            params.append(("Modality", modality))
+        if study_date:
+            params.append(("StudyDate", study_date))
+        r = self._request("GET", "/series", params=params, headers={"Accept": "application/dicom+json"})
+        items = r.json() if r.content else []
+        out = []
+        for it in items:
+            n = _first(it, "NumberOfSeriesRelatedInstances")
+            out.append(
+                SeriesInfo(
+                    study_uid=str(_first(it, "StudyInstanceUID")),
+                    series_uid=str(_first(it, "SeriesInstanceUID")),
+                    modality=str(_first(it, "Modality") or ""),
+                    description=str(_first(it, "SeriesDescription") or ""),
+                    study_date=str(_first(it, "StudyDate") or ""),
+                    patient_id=str(_first(it, "PatientID") or ""),
+                    instances=int(n) if n is not None else None,
+                )
+            )
+        return out
+
+    def series_metadata(self, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
+        """DICOM JSON metadata of every instance of a series (WADO-RS metadata)."""
+        r = self._request("GET", f"/studies/{study_uid}/series/{series_uid}/metadata",
+                          headers={"Accept": "application/dicom+json"})  # fmt: skip
+        return list(r.json())
+
+    # -- WADO-RS
+
+    def fetch_series(self, study_uid: str, series_uid: str, dest: str | os.PathLike[str]) -> list[Path]:
+        """Every instance of a series as ``.dcm`` files in ``dest``."""
+        r = self._request("GET", f"/studies/{study_uid}/series/{series_uid}",
+                          headers={"Accept": 'multipart/related; type="application/dicom"'})  # fmt: skip
+        parts = _parse_multipart(r.content, r.headers.get("Content-Type", ""))
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for i, part in enumerate(parts):
+            f = out / f"{i:05d}.dcm"
+            f.write_bytes(part)
+            files.append(f)
+        if not files:
+            raise PacsError(f"PACS {self.url}: series {series_uid} returned no instances")
+        return files
+
+    # -- STOW-RS
+
+    def store(self, files: Sequence[str | os.PathLike[str]], batch: int = 64) -> int:
+        """Store DICOM files (STOW-RS); returns how many the PACS accepted (a repeat is accepted too)."""
+        accepted = 0
+        for i in range(0, len(files), batch):
+            boundary = uuid.uuid4().hex
+            sep = b"--" + boundary.encode()
+            part_head = b"\r\nContent-Type: application/dicom\r\n\r\n"
+            body = b"".join(sep + part_head + Path(f).read_bytes() + b"\r\n" for f in files[i : i + batch])
+            body += sep + b"--\r\n"
+            headers = {
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                "Accept": "application/dicom+json",
+            }
+            r = self._request("POST", "/studies", data=body, headers=headers)
+            result = r.json() if r.content else {}
+            failed = result.get("00081198", {}).get("Value", [])
+            if failed:
+                raise PacsError(f"PACS {self.url}: refused {len(failed)} of {len(files[i : i + batch])} instances")
+            accepted += len(result.get("00081199", {}).get("Value", []))
+        return accepted

@@ -1,0 +1,175 @@
+"""One pass of the scheduled translation of PACS exports.
+
+Find series in the PACS that match the filter and were not translated yet (by this model,
+or at all), fetch and ingest them, translate them with the Ray Data batch job, export each
+result as a derived DICOM series and push it back (and/or write it to an export prefix).
+State lives in the object store (``<storage>/pacs-sync/state.json``): which source series
+were translated by which model version into which derived series, and which were refused
+and why. A rerun translates nothing twice; a new model version re-translates only with
+``retranslate``. One bad series never stops the pass: it is reported with its reason.
+Running the pass every N minutes is the scheduler's job (a Kubernetes CronJob in infra/).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from msgan import storage
+from msgan.io.pacs import DicomWebClient, PacsError, SeriesInfo
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    model: str  # models:/NAME@ALIAS or a cascade folder
+    storage: str = "runs/pacs"  # state, ingested and translated volumes (file:// or s3://)
+    modality: str = "CT"
+    kernel: str | None = None  # regex on ConvolutionKernel, e.g. "B[6-9]0f"
+    description: str | None = None  # regex on SeriesDescription
+    study_date: str | None = None  # DICOM date range, e.g. "20260101-"
+    push: bool = True  # store the derived series back into the PACS
+    export_prefix: str | None = None  # also write outputs here (local folder)
+    export_format: str = "dicom"  # dicom | nifti
+    retranslate: bool = False  # translate again series done by another model version
+    retry_failed: bool = False  # try again series refused in an earlier pass
+    limit: int | None = None  # at most this many series per pass
+    inference: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {"actors": 4}
+
+
+@dataclass
+class SyncReport:
+    model: str = ""
+    translated: dict[str, str] = field(default_factory=dict)  # source series -> derived series
+    skipped: dict[str, str] = field(default_factory=dict)  # source series -> reason (bad input, failure)
+    already: int = 0  # matched, but translated in an earlier pass
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"pacs-sync with {self.model}: {len(self.translated)} translated, {self.already} done before, "
+            f"{len(self.skipped)} skipped, {self.seconds:.1f}s"
+        ]
+        lines += [f"  {src} -> {dst}" for src, dst in self.translated.items()]
+        lines += [f"  SKIPPED {src}: {why}" for src, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+class State:
+    """The pass's memory, one JSON document in the object store (written whole after each change)."""
+
+    def __init__(self, root: str) -> None:
+        self.uri = storage.join(root, "pacs-sync", "state.json")
+        self.data: dict[str, Any] = {"series": {}}
+        if storage.exists(self.uri):
+            self.data = json.loads(storage.read_text(self.uri))
+
+    def entry(self, series_uid: str) -> dict[str, Any] | None:
+        e = self.data["series"].get(series_uid)
+        return e if isinstance(e, dict) else None
+
+    def derived(self) -> set[str]:
+        return {e["derived_series_uid"] for e in self.data["series"].values() if e.get("derived_series_uid")}
+
+    def record(self, series_uid: str, **values: Any) -> None:
+        self.data["series"][series_uid] = {**values, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        storage.write_text(self.uri, json.dumps(self.data, indent=1))
+
+
+def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, report: SyncReport) -> list[SeriesInfo]:
+    ours = state.derived()
+    todo = []
+    for s in client.find_series(cfg.modality, cfg.study_date):
+        if s.series_uid in ours or s.description.startswith("msgan "):
+            continue  # our own derived series
+        if cfg.description and not re.search(cfg.description, s.description):
+            continue
+        done = state.entry(s.series_uid)
+        if done is not None:
+            if done.get("status") == "translated" and (done.get("model") == model or not cfg.retranslate):
+                report.already += 1
+                continue
+            if done.get("status") == "failed" and not cfg.retry_failed:
+                report.already += 1
+                continue
+        if cfg.kernel:
+            meta = client.series_metadata(s.study_uid, s.series_uid)
+            kernel = meta[0].get("00181210", {}).get("Value", [""])[0] if meta else ""
+            if not re.search(cfg.kernel, str(kernel)):
+                continue
+        todo.append(s)
+        if cfg.limit and len(todo) >= cfg.limit:
+            break
+    return todo
+
+
+def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = print) -> SyncReport:
+    """One pass: find, ingest, translate, export and push; returns what happened to each series."""
+    from msgan.batch import model_id
+    from msgan.distributed.translate import translate_batch
+    from msgan.io.convert import export, ingest
+    from msgan.io.dicom import DicomError
+
+    t0 = time.perf_counter()
+    client = client or DicomWebClient.from_env()
+    root = storage.normalize_uri(cfg.storage)
+    state = State(root)
+    model = model_id(cfg.model)
+    report = SyncReport(model=model)
+    todo = _select(cfg, client, state, model, report)
+    log(f"[pacs-sync] {len(todo)} new series to translate with {model} ({report.already} done before)")
+    if not todo:
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    ingested: dict[str, tuple[SeriesInfo, str]] = {}
+    for s in todo:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                client.fetch_series(s.study_uid, s.series_uid, tmp)
+                result = ingest(tmp, storage.join(root, "pacs-sync", "ingested", f"{s.series_uid}.zarr"))
+            except (DicomError, PacsError, ValueError) as err:
+                report.skipped[s.series_uid] = str(err)
+                state.record(s.series_uid, status="failed", model=model, reason=str(err))
+                continue
+        mine = result.written.get(s.series_uid)
+        if mine is None:
+            reason = result.errors.get(s.series_uid) or "; ".join(result.errors.values()) or "no image series"
+            report.skipped[s.series_uid] = reason
+            state.record(s.series_uid, status="failed", model=model, reason=reason)
+            continue
+        ingested[s.series_uid] = (s, mine)
+    if not ingested:
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    out_prefix = storage.join(root, "pacs-sync", "translated", re.sub(r"[^A-Za-z0-9._-]", "_", model))
+    batch = translate_batch([u for _, u in ingested.values()], out_prefix, cfg.model, cfg.inference, log=log)
+    for name, why in batch.failed.items():
+        report.skipped[name] = f"translation failed: {why}"
+        state.record(name, status="failed", model=model, reason=why)
+    done = {m["volume"] for m in batch.published} | set(batch.skipped)
+    for uid in sorted(done & set(ingested)):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                out_dir = Path(cfg.export_prefix) / uid if cfg.export_prefix else Path(tmp) / "series"
+                exported = export(storage.join(out_prefix, f"{uid}.zarr"), out_dir, cfg.export_format)
+                if cfg.push:
+                    if cfg.export_format != "dicom":
+                        raise ValueError("push needs export_format=dicom")
+                    client.store(exported.files)
+            except (PacsError, ValueError, OSError) as err:
+                report.skipped[uid] = f"export/push failed: {err}"
+                state.record(uid, status="failed", model=model, reason=str(err))
+                continue
+        report.translated[uid] = str(exported.series_uid or out_dir)
+        state.record(uid, status="translated", model=model, derived_series_uid=exported.series_uid)
+    report.seconds = time.perf_counter() - t0
+    return report

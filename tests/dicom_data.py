@@ -1,0 +1,64 @@
+"""Synthetic DICOM series for tests: a phantom CT with realistic tags, oblique and anisotropic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from msgan.data.phantom import thorax_phantom
+from msgan.io.dicom import derived_uid, write_series
+from msgan.io.volume import Geometry
+
+ANGLE = np.deg2rad(12.0)
+OBLIQUE = Geometry(
+    spacing=(0.9, 0.8, 2.5),
+    origin=(-101.25, -87.5, -312.0),
+    direction=tuple(
+        np.array([[np.cos(ANGLE), 0, np.sin(ANGLE)], [0, 1, 0], [-np.sin(ANGLE), 0, np.cos(ANGLE)]]).ravel().tolist()
+    ),
+)
+PATIENT = {
+    "PatientID": "MSGAN-0001",
+    "PatientName": "Phantom^Thorax",
+    "PatientBirthDate": "19600101",
+    "PatientSex": "O",
+    "StudyDate": "20261101",
+    "StudyTime": "101500",
+    "StudyID": "1",
+    "AccessionNumber": "ACC0001",
+    "StudyDescription": "CT THORAX",
+    "Modality": "CT",
+    "Manufacturer": "msgan-test",
+    "ConvolutionKernel": "B80f",
+    "BodyPartExamined": "CHEST",
+}
+
+
+def phantom_ct(shape=(12, 40, 36), seed=1) -> np.ndarray:
+    return np.round(thorax_phantom(shape, spacing=(6.0, 6.0, 6.0), seed=seed)).astype(np.float32)
+
+
+def write_ct_series(
+    folder: Path,
+    image: np.ndarray | None = None,
+    geometry: Geometry = OBLIQUE,
+    seed: int = 1,
+    kernel: str = "B80f",
+    study_uid: str | None = None,
+    series_name: str = "sharp",
+) -> tuple[list[Path], str, np.ndarray]:
+    """A CT series as a scanner would export it; returns (files, series UID, HU volume)."""
+    image = phantom_ct(seed=seed) if image is None else image
+    study = study_uid or derived_uid("study", str(seed))
+    series = derived_uid("series", series_name, str(seed))
+    ids = PATIENT | {"StudyInstanceUID": study, "FrameOfReferenceUID": derived_uid("for", str(seed)),
+                     "ConvolutionKernel": kernel, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}  # fmt: skip
+    files = write_series(image, geometry, folder, ids, series, f"THORAX {kernel}", series_number=3)
+    for f in files:  # a scanner's series is ORIGINAL\PRIMARY
+        import pydicom
+
+        ds = pydicom.dcmread(f)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.save_as(f)
+    return files, series, image

@@ -1,0 +1,153 @@
+import numpy as np
+import pydicom
+import pytest
+
+from msgan.io.dicom import DicomError, derived_uid, read_series, write_series
+from tests.dicom_data import OBLIQUE, PATIENT, write_ct_series
+
+
+def _edit(path, **tags):
+    ds = pydicom.dcmread(path)
+    for k, v in tags.items():
+        if v is None:
+            delattr(ds, k)
+        else:
+            setattr(ds, k, v)
+    ds.save_as(path)
+
+
+def test_roundtrip_keeps_geometry_and_pixels(tmp_path):
+    _, uid, hu = write_ct_series(tmp_path / "src")
+    res = read_series([tmp_path / "src"])
+    assert not res.errors and not res.skipped and len(res.volumes) == 1
+    v = res.volumes[0]
+    assert v.series_uid == uid and v.image.dtype == np.float32
+    np.testing.assert_array_equal(v.image, hu)  # HU kept exactly, not 8-bit
+    assert v.geometry.allclose(OBLIQUE, atol=1e-6)
+    assert v.identifiers["PatientID"] == PATIENT["PatientID"] and v.identifiers["ConvolutionKernel"] == "B80f"
+
+    out = write_series(v.image, v.geometry, tmp_path / "out", v.identifiers, derived_uid(uid, "m/1"), "msgan m/1",
+                       derived_from=uid)  # fmt: skip
+    again = read_series([tmp_path / "out"]).volumes[0]
+    np.testing.assert_array_equal(again.image, hu)
+    assert again.geometry.allclose(OBLIQUE, atol=1e-6)
+    ds = pydicom.dcmread(out[0])
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    assert ds.SeriesInstanceUID == derived_uid(uid, "m/1") != uid
+    assert ds.StudyInstanceUID == v.identifiers["StudyInstanceUID"] and ds.PatientID == PATIENT["PatientID"]
+    assert len({pydicom.dcmread(f).SOPInstanceUID for f in out}) == len(out)
+    assert ds.FrameOfReferenceUID == v.identifiers["FrameOfReferenceUID"]
+
+
+def test_values_outside_int16_are_clipped_not_wrapped(tmp_path):
+    img = np.full((3, 8, 8), 40000.0, np.float32)
+    img[:, 0, 0] = -1000
+    write_series(img, OBLIQUE, tmp_path, PATIENT, derived_uid("x"), "x")
+    back = read_series([tmp_path]).volumes[0].image
+    assert back.max() >= 32767 - 1000 and back.min() >= -1000 - 1  # shifted by the intercept, never wrapped
+
+
+def test_two_series_in_one_folder_and_a_structured_report(tmp_path):
+    write_ct_series(tmp_path, seed=1, series_name="a")
+    write_ct_series(tmp_path / "b", seed=2, series_name="b")
+    sr = pydicom.Dataset()
+    sr.file_meta = pydicom.dataset.FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    sr.SOPClassUID, sr.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.11", derived_uid("sr")
+    sr.Modality, sr.SeriesInstanceUID = "SR", derived_uid("sr-series")
+    sr.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    res = read_series([tmp_path])
+    assert len(res.volumes) == 2 and not res.errors
+    assert "not an image" in res.skipped[str(tmp_path / "report.dcm")]
+
+
+def _one_error(tmp_path):
+    res = read_series([tmp_path])
+    assert not res.volumes and len(res.errors) == 1, res
+    return next(iter(res.errors.values()))
+
+
+def test_truncated_file(tmp_path):
+    files, _, _ = write_ct_series(tmp_path)
+    data = files[5].read_bytes()
+    files[5].write_bytes(data[: len(data) * 2 // 3])
+    assert "truncated" in _one_error(tmp_path)
+
+
+def test_missing_image_position(tmp_path):
+    files, _, _ = write_ct_series(tmp_path)
+    _edit(files[3], ImagePositionPatient=None)
+    assert "has no ImagePositionPatient" in _one_error(tmp_path)
+
+
+def test_non_uniform_spacing(tmp_path):
+    files, _, _ = write_ct_series(tmp_path)
+    files[4].unlink()  # a missing slice
+    assert "non-uniform slice spacing" in _one_error(tmp_path)
+
+
+def test_gantry_tilt(tmp_path):
+    files, _, _ = write_ct_series(tmp_path)
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        p = [float(x) for x in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [p[0], p[1] + 0.5 * k, p[2]]  # sheared stack
+        ds.GantryDetectorTilt = 11.3
+        ds.save_as(f)
+    assert "gantry tilt" in _one_error(tmp_path)
+
+
+def test_single_slice(tmp_path):
+    files, _, _ = write_ct_series(tmp_path)
+    for f in files[1:]:
+        f.unlink()
+    assert "single CT slice is not a volume" in _one_error(tmp_path)
+
+
+def test_rgb_image(tmp_path):
+    files, _, _ = write_ct_series(tmp_path)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        rgb = np.repeat(ds.pixel_array[..., None], 3, axis=-1).astype(np.uint8)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = rgb.tobytes()
+        ds.save_as(f)
+    assert "color image (RGB)" in _one_error(tmp_path)
+
+
+def test_compressed_without_decoder(tmp_path):
+    files, _, _ = write_ct_series(tmp_path)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"  # HTJ2K: no decoder here
+        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x0a" + b"\x00" * 64])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(f, enforce_file_format=True)
+    assert "cannot be decoded" in _one_error(tmp_path)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DicomError, match="empty folder"):
+        read_series([tmp_path / "empty"])
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not dicom")
+    with pytest.raises(DicomError, match="no DICOM images"):
+        read_series([tmp_path / "junk"])
+
+
+def test_duplicates_and_localizer_left_out(tmp_path):
+    files, _, hu = write_ct_series(tmp_path / "s")
+    (tmp_path / "s" / "copy.dcm").write_bytes(files[2].read_bytes())
+    loc = pydicom.dcmread(files[0])
+    loc.SOPInstanceUID = derived_uid("loc")
+    loc.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    loc.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    loc.save_as(tmp_path / "s" / "loc.dcm")
+    res = read_series([tmp_path / "s"])
+    assert len(res.volumes) == 1, res.errors
+    np.testing.assert_array_equal(res.volumes[0].image, hu)
+    assert any("duplicate" in n for n in res.volumes[0].notes) and any("localizer" in n for n in res.volumes[0].notes)

@@ -1,0 +1,97 @@
+"""One pass of the scheduled PACS translation against a real Orthanc and a local Ray."""
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from msgan.cascade import Cascade
+from msgan.config import load_config
+from msgan.io.dicom import read_series
+from msgan.io.pacs import DicomWebClient
+from msgan.pacs_sync import SyncConfig, run_once
+from tests.dicom_data import OBLIQUE, PATIENT, write_ct_series
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def model(tmp_path):
+    cfg = load_config(
+        None,
+        {
+            "num_scales": 2,
+            "lr_generator.width": 4,
+            "lr_generator.depth": 1,
+            "hr_generator.width": 4,
+            "hr_generator.num_blocks": 1,
+            "discriminator.num_layers": 1,
+            "train.hr_patch": 8,
+            "inference.memory_budget_mb": 1.0,
+            "inference.actors": 1,
+        },
+    )
+    return str(Cascade.untrained(cfg, seed=5).save(tmp_path / "model"))
+
+
+@pytest.fixture
+def empty_orthanc(orthanc):
+    """The session's Orthanc, emptied: this test owns everything the PACS holds."""
+    import requests
+
+    auth = (orthanc["user"], orthanc["password"])
+    for pid in requests.get(f"{orthanc['rest']}/patients", auth=auth, timeout=30).json():
+        requests.delete(f"{orthanc['rest']}/patients/{pid}", auth=auth, timeout=30).raise_for_status()
+    return orthanc
+
+
+def test_pacs_pass_translates_new_series_once(empty_orthanc, ray_local, model, tmp_path):
+    orthanc = empty_orthanc
+    client = DicomWebClient(orthanc["url"], orthanc["user"], orthanc["password"])
+    files, src_uid, hu = write_ct_series(tmp_path / "good", seed=21, series_name="sync-good")
+    client.store(files)
+    bad, bad_uid, _ = write_ct_series(tmp_path / "tilted", seed=22, series_name="sync-tilted")
+    for k, f in enumerate(bad):
+        ds = pydicom.dcmread(f)
+        p = [float(x) for x in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [p[0], p[1] + 0.7 * k, p[2]]
+        ds.GantryDetectorTilt = 15.0
+        ds.save_as(f)
+    client.store(bad)
+    soft, soft_uid, _ = write_ct_series(tmp_path / "soft", seed=23, kernel="B20f", series_name="sync-soft")
+    client.store(soft)
+
+    cfg = SyncConfig(model=model, storage=str(tmp_path / "store"), kernel="B80f")
+    report = run_once(cfg, client, log=lambda _: None)
+    assert set(report.translated) == {src_uid}, report.summary()
+    assert "gantry tilt" in report.skipped[bad_uid]
+    assert soft_uid not in report.translated and soft_uid not in report.skipped  # filtered out by kernel
+
+    derived_uid = report.translated[src_uid]
+    found = [s for s in client.find_series("CT") if s.series_uid == derived_uid]
+    assert len(found) == 1 and found[0].description.startswith("msgan ") and found[0].instances == len(files)
+    got = client.fetch_series(found[0].study_uid, derived_uid, tmp_path / "derived")
+    vol = read_series([tmp_path / "derived"]).volumes[0]
+    assert vol.image.shape == hu.shape and vol.geometry.allclose(OBLIQUE, atol=1e-5)
+    ds = pydicom.dcmread(got[0])
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src_uid
+    assert ds.PatientID == PATIENT["PatientID"] and ds.StudyInstanceUID == vol.identifiers["StudyInstanceUID"]
+    assert ds.SOPInstanceUID not in {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    assert np.isfinite(vol.image).all()
+
+    again = run_once(cfg, client, log=lambda _: None)
+    assert not again.translated and again.already == 2  # the good series and the refused one; ours is not a source
+    state = json.loads((tmp_path / "store" / "pacs-sync" / "state.json").read_text())
+    assert state["series"][src_uid]["derived_series_uid"] == derived_uid
+    assert state["series"][bad_uid]["status"] == "failed"
