@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -29,6 +26,7 @@ from msgan.config import Config, from_dict
 from msgan.memory import largest_tile
 from msgan.nets import HRGenerator, UNet, count_parameters
 from msgan.pyramid import build_pyramid, unwindow
+from msgan.storage import staged_dir
 from msgan.tiling import Tile, iter_batches, read_region, tile_grid, upsample_region
 
 MANIFEST = "manifest.json"
@@ -166,10 +164,7 @@ class Cascade:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``manifest.json`` and ``scale_<i>.pt`` into ``directory`` atomically (staging + rename)."""
-        out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with staged_dir(directory) as stage:
             manifest = self.manifest()
             files = []
             for i, g in enumerate(self.generators):
@@ -178,13 +173,7 @@ class Cascade:
                 files.append({"scale": i, "file": name, "sha256": _sha256(stage / name)})
             manifest["weights"] = files
             (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(stage, out)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        return out
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Cascade:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -82,17 +86,43 @@ def read_text(uri: str) -> str:
         return str(f.read())
 
 
-def write_text(uri: str, text: str) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Whole-object write: S3 puts are atomic; local files go through a temporary and a rename."""
     fs, path = filesystem(uri)
     if is_s3(uri):
-        fs.pipe_file(path, text.encode())
+        fs.pipe_file(path, data)
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, p)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return bytes(fs.cat_file(path))
+
+
+@contextmanager
+def staged_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """A local folder that appears at ``dest`` whole or not at all: fill the yielded staging folder
+    (beside ``dest``); on success it replaces ``dest`` by a rename, on failure it is removed."""
+    out = Path(dest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def pyarrow_storage(uri: str) -> tuple[str, Any]:

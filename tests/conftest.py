@@ -5,6 +5,26 @@ import torch
 torch.set_num_threads(1)
 
 
+# The smallest networks that still exercise every code path: 3D, tiny widths, one block.
+TINY = {
+    "num_scales": 3,
+    "lr_generator.width": 4,
+    "lr_generator.depth": 1,
+    "hr_generator.width": 4,
+    "hr_generator.num_blocks": 1,
+    "discriminator.width": 4,
+    "discriminator.num_layers": 1,
+    "train.hr_patch": 8,
+}
+
+
+def tiny_config(**overrides):
+    """A config of :data:`TINY` networks; keyword overrides use dotted keys via ``**{"a.b": v}``."""
+    from msgan.config import load_config
+
+    return load_config(None, {**TINY, **overrides})
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -6,29 +6,15 @@ import zarr
 
 from msgan import batch, storage
 from msgan.cascade import Cascade
-from msgan.config import load_config
 from msgan.io.volume import Geometry, write_zarr
-from tests.conftest import randomize_batchnorm, s3_keys
+from tests.conftest import randomize_batchnorm, s3_keys, tiny_config
 
 GEOM = Geometry((0.8, 0.8, 2.0), (-10.0, 5.0, 100.0), (1, 0, 0, 0, 0, 1, 0, -1, 0))
 
 
 @pytest.fixture(scope="module")
 def cascade():
-    cfg = load_config(
-        None,
-        {
-            "num_scales": 3,
-            "lr_generator.width": 4,
-            "lr_generator.depth": 1,
-            "hr_generator.width": 4,
-            "hr_generator.num_blocks": 1,
-            "hr_generator.norm": "batch",
-            "discriminator.num_layers": 1,
-            "train.hr_patch": 8,
-            "inference.memory_budget_mb": 1.0,
-        },
-    )
+    cfg = tiny_config(**{"hr_generator.norm": "batch", "inference.memory_budget_mb": 1.0})
     c = Cascade.untrained(cfg, seed=1)
     for g in c.generators[1:]:
         randomize_batchnorm(g)

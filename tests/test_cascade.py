@@ -5,9 +5,8 @@ import torch.nn.functional as F
 import zarr
 
 from msgan.cascade import Cascade, run_hr, run_hr_whole
-from msgan.config import load_config
 from msgan.nets import HRGenerator
-from tests.conftest import randomize_batchnorm
+from tests.conftest import randomize_batchnorm, tiny_config
 
 SHAPES = [(37, 53, 41), (20, 17, 33), (61, 45), (32, 19)]
 
@@ -66,19 +65,7 @@ def test_tiles_stream_between_zarr_arrays(tmp_path, rng):
 
 @pytest.fixture
 def tiny_cfg():
-    return load_config(
-        None,
-        {
-            "num_scales": 3,
-            "lr_generator.width": 4,
-            "lr_generator.depth": 1,
-            "hr_generator.width": 4,
-            "hr_generator.num_blocks": 1,
-            "discriminator.num_layers": 1,
-            "train.hr_patch": 8,
-            "data.phantom.shape": [24, 20, 28],
-        },
-    )
+    return tiny_config(**{"data.phantom.shape": [24, 20, 28]})
 
 
 def test_cascade_output_does_not_depend_on_tile(tiny_cfg, rng):

@@ -1,27 +1,19 @@
 import json
 
 from msgan.cascade import Cascade
-from msgan.config import load_config
 from msgan.demo import run_demo
+from tests.conftest import tiny_config
 
 
 def test_demo_end_to_end_shrunk(tmp_path):
-    cfg = load_config(
-        None,
-        {
+    cfg = tiny_config(
+        **{
             "num_scales": 2,
-            "lr_generator.width": 4,
-            "lr_generator.depth": 1,
-            "hr_generator.width": 4,
-            "hr_generator.num_blocks": 1,
-            "discriminator.width": 4,
-            "discriminator.num_layers": 1,
             "train.steps": 3,
             "train.batch_size": 1,
-            "train.hr_patch": 8,
             "data.phantom.shape": [24, 24, 24],
             "data.phantom.seeds": [1, 2],
-        },
+        }
     )
     lines = []
     result = run_demo(cfg, tmp_path, log=lines.append)
@@ -41,23 +33,15 @@ def test_2d_radiographs_train_and_translate(tmp_path):
     from msgan.data.phantom import phantom_image
     from msgan.demo import phantom_pyramids, train_locally
 
-    cfg = load_config(
-        None,
-        {
+    cfg = tiny_config(
+        **{
             "dims": 2,
             "num_scales": 2,
             "intensity": {"low": 0.0, "high": 1.2},
-            "lr_generator.width": 4,
-            "lr_generator.depth": 1,
-            "hr_generator.width": 4,
-            "hr_generator.num_blocks": 1,
-            "discriminator.width": 4,
-            "discriminator.num_layers": 1,
             "train.steps": 2,
-            "train.hr_patch": 8,
             "data.phantom.shape": [48, 40],
             "data.phantom.seeds": [1, 2],
-        },
+        }
     )
     pyramids = phantom_pyramids(cfg)
     assert pyramids[0].shapes == [(24, 20), (48, 40)]

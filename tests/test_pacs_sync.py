@@ -7,10 +7,10 @@ import pydicom
 import pytest
 
 from msgan.cascade import Cascade
-from msgan.config import load_config
 from msgan.io.dicom import read_series
 from msgan.io.pacs import DicomWebClient
 from msgan.pacs_sync import SyncConfig, run_once
+from tests.conftest import tiny_config
 from tests.dicom_data import OBLIQUE, PATIENT, write_ct_series
 
 pytestmark = pytest.mark.slow
@@ -27,20 +27,7 @@ def ray_local():
 
 @pytest.fixture
 def model(tmp_path):
-    cfg = load_config(
-        None,
-        {
-            "num_scales": 2,
-            "lr_generator.width": 4,
-            "lr_generator.depth": 1,
-            "hr_generator.width": 4,
-            "hr_generator.num_blocks": 1,
-            "discriminator.num_layers": 1,
-            "train.hr_patch": 8,
-            "inference.memory_budget_mb": 1.0,
-            "inference.actors": 1,
-        },
-    )
+    cfg = tiny_config(**{"num_scales": 2, "inference.memory_budget_mb": 1.0, "inference.actors": 1})
     return str(Cascade.untrained(cfg, seed=5).save(tmp_path / "model"))
 
 

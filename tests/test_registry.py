@@ -4,16 +4,9 @@ import pytest
 from msgan import registry
 from msgan.cascade import Cascade
 from msgan.config import load_config
+from tests.conftest import TINY as CONF_TINY
 
-TINY = {
-    "num_scales": 2,
-    "lr_generator.width": 4,
-    "lr_generator.depth": 1,
-    "hr_generator.width": 4,
-    "hr_generator.num_blocks": 1,
-    "discriminator.num_layers": 1,
-    "train.hr_patch": 8,
-}
+TINY = {**CONF_TINY, "num_scales": 2}
 
 
 @pytest.fixture

@@ -53,23 +53,6 @@ def read_json(uri: str) -> dict[str, Any] | None:
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = storage.filesystem(uri)
-    if storage.is_s3(uri):
-        fs.pipe_file(path, data)
-        return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = storage.filesystem(uri)
-    return bytes(fs.cat_file(path))
-
-
 # ----------------------------------------------------------------------------- worker side
 
 
@@ -215,7 +198,7 @@ def train_loop(spec: dict[str, Any]) -> None:
     state = {k: v.detach().cpu() for k, v in trainer.generator.state_dict().items()}
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_bytes(storage.join(root, "final", "generator.pt"), buf.getvalue())
+    storage.write_bytes(storage.join(root, "final", "generator.pt"), buf.getvalue())
     storage.write_text(storage.join(root, "final", "done.json"), json.dumps(summary))
     _say(f"[scale {scale}] done: {trainer.step} steps in {seconds:.1f}s")
 
@@ -316,7 +299,7 @@ def load_generators(cfg: Config, storage_root: str, job: str) -> list[torch.nn.M
     gens = []
     for s in range(cfg.num_scales):
         g = build_generator(cfg, s)
-        blob = read_bytes(storage.join(scale_root(run_root, s), "final", "generator.pt"))
+        blob = storage.read_bytes(storage.join(scale_root(run_root, s), "final", "generator.pt"))
         g.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
         gens.append(g.eval())
     return gens

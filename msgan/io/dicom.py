@@ -39,6 +39,14 @@ IDENTIFIERS = (
     "BodyPartExamined", "KVP", "SOPClassUID",
 )  # fmt: skip
 GEOMETRY_TOL_MM = 1e-3
+# Transfer syntaxes SimpleITK's GDCM decodes; anything else compressed (HTJ2K, JPEG XL, video, ...) is refused
+# by name instead of being handed to a decoder that may misread it.
+DECODABLE = {
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+}  # fmt: skip
 
 
 class DicomError(ValueError):
@@ -108,6 +116,9 @@ def _read_header(path: Path) -> Dataset:
 
 def _check_pixels(path: Path, ds: Dataset) -> None:
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None and str(ts) not in DECODABLE:
+        name = getattr(ts, "name", "") or "unknown"
+        raise DicomError(f"{path.name}: transfer syntax {ts} ({name}) has no decoder here")
     if ts is not None and not ts.is_compressed:
         try:
             n = len(ds.PixelData)

@@ -9,8 +9,6 @@ Writes are atomic: a reader never sees a half-written output.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,20 +142,13 @@ def write_zarr(
         group.attrs["ome"] = ome
         group.attrs["msgan"] = meta
         return
-    dest = Path(str(path)[len("file://") :] if str(path).startswith("file://") else path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    from msgan.storage import staged_dir
+
+    with staged_dir(str(path)[len("file://") :] if str(path).startswith("file://") else path) as stage:
         group = zarr.open_group(str(stage), mode="w")
         _write_group(group, levels, chunks)
         group.attrs["ome"] = ome
         group.attrs["msgan"] = meta
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(stage, dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
 
 
 def open_zarr(path: str | os.PathLike[str], level: int = 0) -> tuple[zarr.Array, Geometry, dict[str, Any]]:

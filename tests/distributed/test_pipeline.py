@@ -29,6 +29,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _scale1_status_when(storage: Path, proc: subprocess.Popen, ready) -> dict | None:
+    """Poll scale 1's status.json of the running job until ``ready(status)``; None if the job ends first."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        for status_path in storage.glob("runs/*/scale_1/status.json"):
+            try:
+                status = read_json(status_path)
+            except json.JSONDecodeError:  # caught between write and rename on another filesystem
+                continue
+            if ready(status):
+                return status
+    return None
+
+
 def _job_dirs(storage: Path) -> list[Path]:
     return sorted((storage / "runs").iterdir())
 
@@ -129,19 +144,9 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, job_env):
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
     reader.start()
-    killed = None
-    deadline = time.time() + 300
-    while killed is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        for status_path in storage.glob("runs/*/scale_1/status.json"):
-            try:
-                status = read_json(status_path)
-            except json.JSONDecodeError:
-                continue
-            if status["attempt"] == 1 and 50 <= status["step"] < 500:
-                os.kill(status["pid"], signal.SIGKILL)
-                killed = status
+    killed = _scale1_status_when(storage, proc, lambda st: st["attempt"] == 1 and 50 <= st["step"] < 500)
     assert killed is not None, "the scale-1 worker never reached a checkpoint to kill it after"
+    os.kill(killed["pid"], signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, "".join(output)[-4000:]
     run = _job_dirs(storage)[0]
     s1, s0 = read_json(run / "scale_1" / "status.json"), read_json(run / "scale_0" / "status.json")
@@ -179,17 +184,7 @@ def test_resubmitted_job_resumes_an_interrupted_scale(tmp_path, job_env):
         [sys.executable, str(JOB), "--config", str(cfg)], env=job_env, cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    seen = None
-    deadline = time.time() + 300
-    while seen is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        for status_path in storage.glob("runs/*/scale_1/status.json"):
-            try:
-                status = read_json(status_path)
-            except json.JSONDecodeError:
-                continue
-            if status["step"] >= 75:
-                seen = status
+    seen = _scale1_status_when(storage, proc, lambda st: st["step"] >= 75)
     assert seen is not None, "scale 1 never reached step 75"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)

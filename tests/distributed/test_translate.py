@@ -13,9 +13,8 @@ import zarr
 
 from msgan import storage
 from msgan.cascade import Cascade
-from msgan.config import load_config
 from msgan.io.volume import Geometry, write_zarr
-from tests.conftest import randomize_batchnorm, s3_keys
+from tests.conftest import randomize_batchnorm, s3_keys, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,21 +33,13 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    cfg = load_config(
-        None,
-        {
-            "num_scales": 3,
-            "lr_generator.width": 4,
-            "lr_generator.depth": 1,
-            "hr_generator.width": 4,
-            "hr_generator.num_blocks": 1,
+    cfg = tiny_config(
+        **{
             "hr_generator.norm": "batch",
-            "discriminator.num_layers": 1,
-            "train.hr_patch": 8,
             "inference.memory_budget_mb": 0.5,
             "inference.actors": 2,
             "inference.batch_size": 2,
-        },
+        }
     )
     cascade = Cascade.untrained(cfg, seed=2)
     for g in cascade.generators[1:]:
