@@ -27,9 +27,9 @@ PHANTOM_RECIPE = "thorax-1"  # bump when the phantom generator changes what a se
 
 @dataclass(frozen=True)
 class VolumeSource:
-    """A training or validation volume: a phantom (seed + kernel) or an image file."""
+    """A training or validation volume: a phantom (seed + kernel), an image file, or a DICOM series folder."""
 
-    kind: str  # "phantom" | "file"
+    kind: str  # "phantom" | "file" | "dicom"
     ref: str  # seed or path
     kernel: str = ""
 
@@ -48,10 +48,10 @@ def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
     out = []
     for pat in patterns:
         matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
-        if not matches or not all(Path(m).is_file() for m in matches):
+        if not matches or not all(Path(m).exists() for m in matches):
             key = "data.holdout_paths" if holdout else "data.paths"
-            raise ConfigError(f"{key}: {pat!r} matches no readable file")
-        out += [VolumeSource("file", m) for m in matches]
+            raise ConfigError(f"{key}: {pat!r} matches no readable file or DICOM folder")
+        out += [VolumeSource("dicom" if Path(m).is_dir() else "file", m) for m in matches]
     return out
 
 
@@ -64,8 +64,12 @@ def fingerprint(source: VolumeSource, cfg: Config) -> str:
     h = hashlib.sha256(json.dumps(_preprocessing(cfg), sort_keys=True).encode())
     if source.kind == "phantom":
         h.update(json.dumps([PHANTOM_RECIPE, source.ref, source.kernel, list(cfg.data.phantom.shape)]).encode())
-    else:
-        with open(source.ref, "rb") as f:
+        return h.hexdigest()[:24]
+    files = (
+        sorted(p for p in Path(source.ref).rglob("*") if p.is_file()) if source.kind == "dicom" else [Path(source.ref)]
+    )
+    for path in files:
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()[:24]
@@ -75,14 +79,25 @@ def load_source(source: VolumeSource, cfg: Config) -> tuple[Any, Geometry]:
     from msgan.data.phantom import default_spacing, phantom_image
     from msgan.io.volume import read_volume
 
-    if source.kind == "file":
-        image, geom = read_volume(source.ref)
+    if source.kind in ("file", "dicom"):
+        image, geom = read_volume(source.ref) if source.kind == "file" else _read_dicom(source.ref)
         if image.ndim != cfg.dims:
             raise ValueError(f"{source.ref}: a {image.ndim}D image; the config trains {cfg.dims}D (dims)")
         return image, geom
     shape = cfg.data.phantom.shape
     image = phantom_image(shape, int(source.ref), source.kernel)
     return image, Geometry.identity(cfg.dims, tuple(reversed(default_spacing(shape))))
+
+
+def _read_dicom(folder: str) -> tuple[Any, Geometry]:
+    """The one image series of a DICOM folder (a folder with several series or none is refused)."""
+    from msgan.io.dicom import read_series
+
+    result = read_series([folder])
+    if len(result.volumes) != 1:
+        why = "; ".join(result.errors.values()) or f"{len(result.volumes)} series"
+        raise ValueError(f"{folder}: a training folder must hold exactly one usable series ({why})")
+    return result.volumes[0].image, result.volumes[0].geometry
 
 
 def prepare_one(source: VolumeSource, config: dict[str, Any], root: str) -> dict[str, Any]:
@@ -116,6 +131,8 @@ def source_shape(source: VolumeSource, cfg: Config) -> tuple[int, ...]:
     """Array shape (numpy order) of a source without reading its pixels."""
     if source.kind == "phantom":
         return tuple(cfg.data.phantom.shape)
+    if source.kind == "dicom":
+        return tuple(_read_dicom(source.ref)[0].shape)
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()

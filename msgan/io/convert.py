@@ -28,11 +28,20 @@ class IngestReport:
 
 
 def ingest(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> IngestReport:
-    """DICOM folder (one or more series) or a NIfTI/MHA/NRRD file -> OME-Zarr.
+    """DICOM folder or S3 prefix (one or more series), or a NIfTI/MHA/NRRD file -> OME-Zarr.
 
     One series (or a file) goes to ``out`` (``*.zarr``); several go to ``out/<SeriesInstanceUID>.zarr``.
     """
     report = IngestReport()
+    if str(source).startswith("s3://"):  # an S3 prefix of DICOM files: fetched once, read like a folder
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fs, path = storage.filesystem(str(source))
+            if not fs.exists(path):
+                raise DicomError(f"{source}: no such S3 prefix")
+            fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
+            return ingest(tmp, out)
     src = Path(source)
     if src.is_file() and str(src).lower().endswith(ITK_SUFFIXES):
         image, geom = read_volume(src)

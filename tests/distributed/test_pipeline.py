@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import s3_keys
-from tests.distributed.conftest import JOB, read_json, run_job, write_config
+from tests.distributed.conftest import JOB, REPO, read_json, run_job, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +95,20 @@ def test_ray_job_submit_registers_a_cascade_that_translates(tmp_path, job_env, m
         )  # fmt: skip
         assert "job 'msgan-test' succeeded" in (status.stdout + status.stderr).lower()
         assert "registering the cascade" in out and "[scale 1] done" in out
+
+        # the batch translation through the same cluster, with the model just registered
+        from msgan.data.phantom import kernel_pair
+        from msgan.io.volume import Geometry, write_zarr
+
+        write_zarr(tmp_path / "vols" / "v1.zarr", [kernel_pair((20, 26, 22), seed=5)[1]], Geometry.identity(3))
+        batch = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--runtime-env-json={runtime_env}",
+             "--", sys.executable, str(REPO / "jobs" / "translate_batch.py"), "--model", "models:/tiny@candidate",
+             "--inputs", str(tmp_path / "vols"), "--output", str(tmp_path / "translated")],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert batch.returncode == 0, (batch.stdout + batch.stderr)[-4000:]
+        assert (tmp_path / "translated" / "v1.zarr" / "manifest.json").is_file()
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
 

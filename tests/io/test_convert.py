@@ -1,0 +1,58 @@
+import numpy as np
+import pydicom
+import pytest
+import zarr
+
+from msgan import storage
+from msgan.cli import main
+from msgan.io.convert import export, ingest
+from msgan.io.volume import read_volume, write_volume
+from tests.dicom_data import OBLIQUE, PATIENT, write_ct_series
+
+
+def test_ingest_export_through_the_cli(tmp_path, capsys):
+    _, uid, hu = write_ct_series(tmp_path / "one", seed=4)
+    assert main(["ingest", str(tmp_path / "one"), str(tmp_path / "v.zarr")]) == 0
+    g = zarr.open_group(str(tmp_path / "v.zarr"), mode="r")
+    np.testing.assert_array_equal(g["0"][...], hu)
+    assert g.attrs["msgan"]["dicom"]["SeriesInstanceUID"] == uid
+    assert main(["export", str(tmp_path / "v.zarr"), str(tmp_path / "out"), "--format", "dicom"]) == 0
+    ds = pydicom.dcmread(sorted((tmp_path / "out").glob("*.dcm"))[0])
+    assert ds.PatientID == PATIENT["PatientID"] and ds.SeriesInstanceUID != uid
+    assert main(["export", str(tmp_path / "v.zarr"), str(tmp_path / "v.nii.gz"), "--format", "nifti"]) == 0
+    img, geom = read_volume(tmp_path / "v.nii.gz")
+    np.testing.assert_array_equal(img, hu)
+    assert geom.allclose(OBLIQUE)
+
+
+def test_several_series_go_to_a_folder_and_refusals_are_reported(tmp_path, capsys):
+    write_ct_series(tmp_path / "in" / "a", seed=5, series_name="a")
+    files, bad_uid, _ = write_ct_series(tmp_path / "in" / "b", seed=6, series_name="b")
+    files[2].unlink()  # series b now has a gap
+    assert main(["ingest", str(tmp_path / "in"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"REFUSED {bad_uid}" in err and "non-uniform" in err
+    assert len(list((tmp_path / "out").glob("*.zarr"))) == 1
+
+
+def test_nifti_in(tmp_path):
+    img = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
+    write_volume(tmp_path / "x.mha", img, OBLIQUE)
+    report = ingest(tmp_path / "x.mha", tmp_path / "x.zarr")
+    assert list(report.written.values()) == [storage.normalize_uri(tmp_path / "x.zarr")]
+    with pytest.raises(ValueError, match="2D"):
+        write_volume(tmp_path / "f.nii.gz", img[0], type(OBLIQUE).identity(2))
+        ingest(tmp_path / "f.nii.gz", tmp_path / "f.zarr")
+        export(str(tmp_path / "f.zarr"), tmp_path / "fo", "dicom")
+
+
+def test_s3_prefix_in_and_out(s3_bucket, tmp_path):
+    files, uid, hu = write_ct_series(tmp_path / "s", seed=7)
+    fs, _ = storage.filesystem(f"s3://{s3_bucket}")
+    for f in files:
+        fs.put_file(str(f), f"{s3_bucket}/exports/series1/{f.name}")
+    out = f"s3://{s3_bucket}/volumes/v.zarr"
+    report = ingest(f"s3://{s3_bucket}/exports/series1", out)
+    assert report.written == {uid: out}
+    store, opts = storage.zarr_store(out)
+    np.testing.assert_array_equal(zarr.open_group(store, mode="r", storage_options=opts)["0"][...], hu)
