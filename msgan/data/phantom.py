@@ -388,7 +388,7 @@ def radiograph(
         hu = thorax_phantom(shape, spacing, seed, region=(slice(a, b), slice(0, depth), slice(0, cols)))
         mu = np.clip(MU_WATER * (1.0 + hu / 1000.0), 0.0, None)
         out[a:b] = mu.sum(axis=1) * spacing[1]
-    out /= 12.0  # ~ the path integral through the mediastinum and spine
+    out /= 6.0  # ~ the path integral through the mediastinum: the image spans about [0, 1]
     out = ndimage.gaussian_filter(out, 0.7)  # detector blur
     out += noise * np.random.default_rng(seed + 104729).standard_normal(out.shape, dtype=np.float32)
     return out.astype(np.float32)
