@@ -24,7 +24,7 @@ from torch import nn
 from msgan import __version__
 from msgan.config import Config, from_dict
 from msgan.memory import largest_tile
-from msgan.nets import HRGenerator, UNet, count_parameters
+from msgan.nets import HRGenerator, count_parameters
 from msgan.pyramid import build_pyramid, unwindow
 from msgan.storage import staged_dir
 from msgan.tiling import Tile, iter_batches, read_region, tile_grid, upsample_region
@@ -256,9 +256,3 @@ class Cascade:
         pyr = build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges)
         outs, _ = self.translate_edges(pyr.edges, tile=tile, device=device, progress=progress)
         return unwindow(outs[-1], cfg.intensity)
-
-    def translate_lr_only(self, image: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
-        """The LR output alone (window units), for the small-generation baseline."""
-        pyr = build_pyramid(image, self.config.num_scales, self.config.intensity, self.config.edges)
-        assert isinstance(self.generators[0], UNet)
-        return run_lr(self.generators[0], pyr.edges[0], device)

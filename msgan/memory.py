@@ -7,6 +7,7 @@ residual skip holds the input while the body runs), plus the tile's input and ou
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 
@@ -55,8 +56,78 @@ def largest_tile(gen: HRGenerator, dims: int, budget_bytes: float, batch: int = 
     return lo
 
 
+# ----------------------------------------------------------------------------- one training step, analytically
+
+
+def activation_elements(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Elements of every leaf module's output in one forward pass: the tensors autograd keeps.
+
+    Runs on the ``meta`` device (shapes only, no memory), so any image size is free to ask about.
+    """
+    meta = _to_meta(module)
+    total = 0
+
+    def hook(_m: torch.nn.Module, _inp: object, out: object) -> None:
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in meta.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            meta(*[torch.empty(x.shape, device="meta") for x in inputs])
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    clone = copy.deepcopy(module) if any(p.device.type != "meta" for p in module.parameters()) else module
+    return clone.to("meta")
+
+
+def training_step_bytes(
+    gen: torch.nn.Module,
+    disc: torch.nn.Module,
+    gen_input: torch.Size | tuple[int, ...],
+    disc_input: torch.Size | tuple[int, ...],
+    bytes_per_value: int = 4,
+) -> dict[str, int]:
+    """Analytic memory of one GAN training step (batch as in the shapes), Adam on both networks.
+
+    parameters + gradients + Adam's two moments (4 values per parameter), the activations kept for
+    backward of one generator pass and two discriminator passes (real and fake), and the inputs.
+    """
+    params = sum(p.numel() for p in gen.parameters()) + sum(p.numel() for p in disc.parameters())
+    a_gen = activation_elements(gen, torch.empty(gen_input, device="meta"))
+    a_disc = activation_elements(disc, torch.empty(disc_input, device="meta"))
+    images = math.prod(gen_input) + 2 * math.prod(disc_input)
+    parts = {
+        "parameters_and_optimizer": 4 * params,
+        "activations": a_gen + 2 * a_disc,
+        "images": images,
+    }
+    out = {k: v * bytes_per_value for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
 def peak_host_bytes() -> int:
-    """Peak resident set size of this process so far (bytes)."""
+    """Peak resident set size of this process so far (bytes).
+
+    Linux: the memory map's high-water mark (VmHWM), which starts afresh at exec; ``ru_maxrss``
+    does not (it keeps the parent's peak across fork and exec, so a child would report its parent's).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
 

@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from msgan.memory import activation_elements, hr_inference_bytes, largest_tile, peak_host_bytes, training_step_bytes
+from msgan.nets import HRGenerator, PatchDiscriminator
+
+
+def test_activation_count_of_a_small_chain():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 3))
+    # outputs: 4 x 6^3, 4 x 6^3, 2 x 4^3 for an 8^3 input
+    assert activation_elements(net, torch.zeros(1, 1, 8, 8, 8)) == 4 * 216 + 4 * 216 + 2 * 64
+
+
+def test_training_step_model_parts():
+    g, d = HRGenerator(3, 4, 1), PatchDiscriminator(3, 3, 4, 1)
+    est = training_step_bytes(g, d, (1, 2, 16, 16, 16), (1, 3, 12, 12, 12))
+    params = sum(p.numel() for p in g.parameters()) + sum(p.numel() for p in d.parameters())
+    assert est["parameters_and_optimizer"] == 4 * 4 * params
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+    assert next(g.parameters()).device.type == "cpu", "estimating must not move the caller's networks"
+
+
+def test_tile_budget_is_monotone_and_bounded():
+    g = HRGenerator(3, 8, 2)
+    assert largest_tile(g, 3, 64 * 2**20) <= largest_tile(g, 3, 256 * 2**20)
+    t = largest_tile(g, 3, 64 * 2**20)
+    assert hr_inference_bytes(g, t, 3) <= 64 * 2**20 < hr_inference_bytes(g, t + 2, 3)
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        largest_tile(g, 3, 1000)
+
+
+def test_peak_host_bytes_is_this_process_not_its_parent():
+    ballast = np.ones(300 * 2**20 // 8)  # the parent holds 300 MiB
+    code = "from msgan.memory import peak_host_bytes; print(peak_host_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < peak_host_bytes() - 200 * 2**20
+    del ballast
