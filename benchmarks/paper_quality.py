@@ -35,6 +35,7 @@ from msgan.config import Config, load_config
 from msgan.data.phantom import kernel_pair
 from msgan.io.pyramids import open_pyramid, write_pyramid
 from msgan.io.volume import Geometry
+from msgan.memory import peak_host_bytes
 from msgan.metrics import paired_test, score
 from msgan.pyramid import build_pyramid, window
 from msgan.train import ScaleData, ScaleTrainer, build_generator
@@ -44,21 +45,23 @@ VARIANTS = {"ours": {}, "wide context": {"hr_generator.context": "wide"}, "augme
 
 
 def _train(job: dict[str, Any]) -> dict[str, Any]:
-    """One scale of one variant, in its own process; returns the generator's weights."""
+    """One scale of one variant, in its own process; returns the generator's weights and the process's peak
+    memory (``job["patch"]``: the patch of the plain patch-wise baseline, when it differs from train.hr_patch)."""
     torch.set_num_threads(1)
     cfg = load_config(None, job["config"])
     scale = job["scale"]
     pyramids = [open_pyramid(u, {scale, scale - 1} if scale else {0}) for u in job["volumes"]]
     data = ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
     gen = patch_generator(cfg) if job["variant"] == "patch-wise" else None
-    if gen is not None:
+    if gen is not None and "patch" in job:
         cfg = cfg.replace(**{"train.hr_patch": job["patch"]})
     trainer = ScaleTrainer(cfg, scale, data, generator=gen)
     t0 = time.perf_counter()
     trainer.fit(cfg.steps_for(scale))
     buf = io.BytesIO()
     torch.save(trainer.generator.state_dict(), buf)
-    return {**{k: job[k] for k in ("variant", "scale")}, "weights": buf.getvalue(), "seconds": time.perf_counter() - t0}
+    return {"variant": job["variant"], "scale": scale, "weights": buf.getvalue(),
+            "seconds": time.perf_counter() - t0, "peak_bytes": peak_host_bytes()}  # fmt: skip
 
 
 def _load(gen: torch.nn.Module, blob: bytes) -> torch.nn.Module:

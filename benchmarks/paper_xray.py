@@ -11,55 +11,35 @@ Writes <out>/quality_xray2048.md, .json and .png.
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paper_quality import _load, _train  # the same per-scale training process
 
 from msgan import storage
 from msgan.baselines import patch_generator, patchwise_translate, upscale_small
 from msgan.cascade import Cascade, run_lr
 from msgan.config import load_config
 from msgan.data.phantom import radiograph
-from msgan.io.pyramids import open_pyramid, write_pyramid
+from msgan.io.pyramids import write_pyramid
 from msgan.io.volume import Geometry
-from msgan.memory import peak_host_bytes
 from msgan.metrics import paired_test, score
 from msgan.pyramid import build_pyramid, window
-from msgan.train import ScaleData, ScaleTrainer, build_generator
+from msgan.train import build_generator
 
 
 def _image(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return radiograph(shape, seed=seed, depth=128)
-
-
-def _train(job: dict[str, Any]) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    cfg = load_config(None, job["config"])
-    scale = job["scale"]
-    pyramids = [open_pyramid(u, {scale, scale - 1} if scale else {0}) for u in job["volumes"]]
-    data = ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
-    gen = patch_generator(cfg) if job["variant"] == "patch-wise" else None
-    trainer = ScaleTrainer(cfg, scale, data, generator=gen)
-    t0 = time.perf_counter()
-    trainer.fit(cfg.steps_for(scale))
-    buf = io.BytesIO()
-    torch.save(trainer.generator.state_dict(), buf)
-    return {"variant": job["variant"], "scale": scale, "weights": buf.getvalue(),
-            "seconds": time.perf_counter() - t0, "peak_bytes": peak_host_bytes()}  # fmt: skip
-
-
-def _load(gen: torch.nn.Module, blob: bytes) -> torch.nn.Module:
-    gen.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
-    return gen.eval()
 
 
 def main() -> None:
