@@ -395,4 +395,4 @@ class ScaleTrainer:
         return buf.getvalue()
 
     def restore(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(Path(path), map_location=self.device, weights_only=False))
+        self.load_state_dict(torch.load(Path(path), map_location=self.device, weights_only=True))

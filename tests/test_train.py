@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -80,7 +82,7 @@ def test_fit_reports_and_checkpoints(pyramids, tmp_path):
     t.fit(5, callback=seen.append, checkpoint=tmp_path / "c.pt")
     assert [m.step for m in seen] == [2, 4, 5]
     assert all(np.isfinite(m.loss_g) and np.isfinite(m.loss_d) for m in seen)
-    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["step"] == 5
 
 
@@ -118,3 +120,22 @@ def test_gan_loss(mode):
         assert float(loss(logits, True)) == pytest.approx(want)
     with pytest.raises(ValueError):
         GANLoss("wgan")
+
+
+class _RunsOnUnpickle:
+    """An object whose unpickling would call arbitrary code (here: os.getcwd)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_restore_refuses_a_checkpoint_that_carries_code(pyramids, tmp_path):
+    cfg = _cfg()
+    t = ScaleTrainer(cfg, 1, ScaleData.from_pyramids(pyramids, 1, cfg.train.foreground_threshold))
+    state = t.state_dict()
+    state["payload"] = _RunsOnUnpickle()
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        t.restore(tmp_path / "evil.pt")
