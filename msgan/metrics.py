@@ -1,4 +1,6 @@
-"""Image quality metrics (SSIM, PSNR, MAE, MSE; 2D and 3D, optionally in a mask) and paired tests."""
+"""Image quality metrics (SSIM, PSNR, MAE, MSE; 2D and 3D, optionally in a mask), the metrics the CT
+field reads (HU errors per tissue, noise, emphysema index, vessel and nodule contrast, a hallucination
+volume) and paired t-tests with Holm's correction."""
 
 from __future__ import annotations
 
@@ -102,3 +104,164 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
         raise ValueError(f"a paired t-test needs at least 2 pairs, got {len(x)}")
     res = stats.ttest_rel(x, y)
     return PairedTest(float(np.mean(x - y)), float(res.statistic), float(res.pvalue), len(x))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given; NaN stays NaN and is not counted)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    valid = np.flatnonzero(~np.isnan(p))
+    out = np.full(p.shape, np.nan)
+    m = len(valid)
+    running = 0.0
+    for rank, i in enumerate(valid[np.argsort(p[valid], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return [float(v) for v in out]
+
+
+# ----------------------------------------------------------------------------- the field's CT metrics
+
+HALLUCINATION_HU = 100.0  # |output - noiseless target| above this ...
+HALLUCINATION_VOXELS = 10  # ... in a 26-connected region of at least this many voxels counts
+EMPHYSEMA_HU = -950.0
+
+
+def window_units(hu: np.ndarray, low: float = -1024.0, high: float = 1024.0) -> np.ndarray:
+    """HU mapped linearly onto [-1, 1], clipped (the project's intensity window)."""
+    return np.clip((np.asarray(hu, dtype=np.float64) - low) * (2.0 / (high - low)) - 1.0, -1.0, 1.0)
+
+
+def body_outline(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
+    """The body with everything it encloses (lungs, airways), for images without labels: voxels above
+    ``threshold`` HU, holes filled slice by slice along the first axis, largest component kept."""
+    x = np.asarray(hu) > threshold
+    filled = np.stack([ndimage.binary_fill_holes(sl) for sl in x]) if x.ndim == 3 else ndimage.binary_fill_holes(x)
+    lab, n = ndimage.label(filled)
+    if n == 0:
+        raise ValueError(f"no voxel above {threshold} HU: no body to measure in")
+    sizes = np.bincount(lab.ravel())[1:]
+    return np.asarray(lab == 1 + int(np.argmax(sizes)))
+
+
+def hallucination_ml(
+    output: np.ndarray,
+    noiseless: np.ndarray,
+    spacing: Sequence[float],
+    mask: np.ndarray | None = None,
+    threshold_hu: float = HALLUCINATION_HU,
+    min_voxels: int = HALLUCINATION_VOXELS,
+) -> float:
+    """Total volume (mL) of the connected regions (26-connectivity in 3D, 8 in 2D) of at least
+    ``min_voxels`` voxels where ``output`` differs from the *noiseless* target by more than
+    ``threshold_hu`` (inside ``mask`` when given): anatomy invented or lost, not noise."""
+    x, y = _pair(output, noiseless)
+    if len(spacing) != x.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} does not match the {x.ndim}D images")
+    bad = np.abs(x - y) > threshold_hu
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != bad.shape:
+            raise ValueError(f"mask of shape {m.shape} does not match image shape {bad.shape}")
+        bad &= m
+    lab, n = ndimage.label(bad, structure=np.ones((3,) * x.ndim, dtype=bool))
+    if n == 0:
+        return 0.0
+    sizes = np.bincount(lab.ravel())[1:]
+    voxels = int(sizes[sizes >= min_voxels].sum())
+    return voxels * float(np.prod(spacing)) / 1000.0
+
+
+def emphysema_index(hu: np.ndarray, lung: np.ndarray, threshold_hu: float = EMPHYSEMA_HU) -> float:
+    """Percent of lung voxels below ``threshold_hu`` (the LAA-950 emphysema index)."""
+    m = np.asarray(lung, dtype=bool)
+    if not m.any():
+        raise ValueError("lung mask is empty: no emphysema index")
+    return 100.0 * float(np.mean(np.asarray(hu)[m] < threshold_hu))
+
+
+def contrast_hu(hu: np.ndarray, inside: np.ndarray, around: np.ndarray) -> float:
+    """Mean HU inside a structure minus the mean of its surroundings; NaN when either is empty."""
+    a, b = np.asarray(inside, bool), np.asarray(around, bool)
+    if not a.any() or not b.any():
+        return float("nan")
+    x = np.asarray(hu, dtype=np.float64)
+    return float(x[a].mean() - x[b].mean())
+
+
+def _shell(structure: np.ndarray, within: np.ndarray, width: int = 2) -> np.ndarray:
+    return ndimage.binary_dilation(structure, iterations=width) & ~structure & within
+
+
+def _eroded(m: np.ndarray, most: int = 2) -> np.ndarray:
+    """``m`` eroded by up to ``most`` voxels, less where that would leave nothing (tiny volumes)."""
+    for k in range(most, 0, -1):
+        e = ndimage.binary_erosion(m, iterations=k)
+        if e.sum() >= 8:
+            return np.asarray(e)
+    return m
+
+
+def tissue_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """``body`` (inside the body outline, lungs and airways included) and one mask per tissue class of
+    :data:`msgan.data.phantom.TISSUES` (lung, soft, bone, blood) from a phantom's labels."""
+    from msgan.data.phantom import TISSUES, Label
+
+    lab = np.asarray(labels)
+    masks = {"body": lab != Label.OUTSIDE}
+    masks.update({name: np.isin(lab, codes) for name, codes in TISSUES.items()})
+    return masks
+
+
+def ct_metrics(
+    output: np.ndarray,
+    target: np.ndarray,
+    noiseless: np.ndarray,
+    labels: np.ndarray,
+    spacing: Sequence[float],
+    window: tuple[float, float] = (-1024.0, 1024.0),
+) -> dict[str, float]:
+    """Every metric of one translated volume (HU) against its target, all inside the body outline.
+
+    ``ssim``, ``psnr``: window units [-1, 1], data range 2. ``mae_hu``, ``rmse_hu`` (+ ``_<tissue>``
+    for lung, soft, bone, blood). ``noise_hu`` / ``noise_target_hu``: standard deviation in
+    homogeneous soft tissue (the body wall and mediastinum, 2 voxels from any border).
+    ``emphysema_index`` (% lung < -950 HU), ``emphysema_error`` (output minus target).
+    ``vessel_contrast_error`` / ``nodule_contrast_error``: contrast against a 2-voxel shell of lung,
+    output minus noiseless target (HU). ``hallucination_ml``: see :func:`hallucination_ml`.
+    """
+    from msgan.data.phantom import Label
+
+    out, tgt = _pair(output, target)
+    clean = np.asarray(noiseless, dtype=np.float64)
+    lab = np.asarray(labels)
+    if clean.shape != out.shape or lab.shape != out.shape:
+        raise ValueError(f"noiseless {clean.shape} / labels {lab.shape} do not match the output {out.shape}")
+    masks = tissue_masks(lab)
+    body = masks["body"]
+    w_out, w_tgt = window_units(out, *window), window_units(tgt, *window)
+    r: dict[str, float] = {
+        "ssim": ssim(w_out, w_tgt, 2.0, body),
+        "psnr": psnr(w_out, w_tgt, 2.0, body),
+        "mae_hu": mae(out, tgt, body),
+        "rmse_hu": float(np.sqrt(mse(out, tgt, body))),
+    }
+    for name in ("lung", "soft", "bone", "blood"):
+        m = masks[name]
+        r[f"mae_hu_{name}"] = mae(out, tgt, m) if m.any() else float("nan")
+        r[f"rmse_hu_{name}"] = float(np.sqrt(mse(out, tgt, m))) if m.any() else float("nan")
+    flat = _eroded(lab == Label.SOFT)
+    r["noise_hu"] = float(out[flat].std())
+    r["noise_target_hu"] = float(tgt[flat].std())
+    r["noise_error_hu"] = r["noise_hu"] - r["noise_target_hu"]
+    lung = masks["lung"]
+    if lung.any():
+        r["emphysema_index"] = emphysema_index(out, lung)
+        r["emphysema_index_target"] = emphysema_index(tgt, lung)
+        r["emphysema_error"] = r["emphysema_index"] - r["emphysema_index_target"]
+    parenchyma = lab == Label.LUNG
+    for name, code in (("vessel", Label.LUNG_VESSEL), ("nodule", Label.NODULE)):
+        inside = lab == code
+        around = _shell(inside, parenchyma)
+        r[f"{name}_contrast_error"] = contrast_hu(out, inside, around) - contrast_hu(clean, inside, around)
+    r["hallucination_ml"] = hallucination_ml(out, clean, spacing, body)
+    return r

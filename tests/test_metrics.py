@@ -3,7 +3,21 @@ import pytest
 from scipy import stats
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from msgan.metrics import mae, mse, paired_test, psnr, score, ssim
+from msgan.data.phantom import Label
+from msgan.metrics import (
+    body_outline,
+    contrast_hu,
+    ct_metrics,
+    emphysema_index,
+    hallucination_ml,
+    holm,
+    mae,
+    mse,
+    paired_test,
+    psnr,
+    score,
+    ssim,
+)
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (24, 30, 28)])
@@ -39,3 +53,104 @@ def test_paired_test_matches_scipy():
     assert r.mean_difference == pytest.approx(0.1)
     with pytest.raises(ValueError, match="at least 2"):
         paired_test([1.0], [2.0])
+
+
+# ----------------------------------------------------------------------------- the field's CT metrics
+
+
+def _blob(shape, start, count):
+    """A mask of ``count`` face-connected voxels in a row starting at ``start`` (along the last axis)."""
+    m = np.zeros(shape, bool)
+    z, y, x = start
+    m[z, y, x : x + count] = True
+    return m
+
+
+def test_hallucination_counts_a_planted_blob_and_ignores_noise_and_small_blobs(rng):
+    shape = (20, 20, 24)
+    clean = np.zeros(shape)
+    out = clean + rng.normal(0, 25, shape)  # noise: |diff| > 100 HU is a 4-sigma event, isolated voxels
+    assert hallucination_ml(out, clean, (1.0, 1.0, 1.0)) == 0.0
+    blob = _blob(shape, (5, 5, 2), 10)
+    nine = _blob(shape, (12, 12, 2), 9)
+    out[blob] = 150.0
+    out[nine] = 150.0
+    assert hallucination_ml(out, clean, (1.0, 1.0, 1.0)) == pytest.approx(10 / 1000.0)
+    assert hallucination_ml(out, clean, (2.0, 1.0, 0.5)) == pytest.approx(10 / 1000.0)  # 1 mm^3 voxels
+    assert hallucination_ml(out, clean, (2.0, 2.0, 2.0)) == pytest.approx(80 / 1000.0)  # mL from spacing
+    out[blob] = -150.0  # lost anatomy counts as well
+    assert hallucination_ml(out, clean, (1.0, 1.0, 1.0)) == pytest.approx(0.01)
+    out[blob] = 90.0  # under the threshold
+    assert hallucination_ml(out, clean, (1.0, 1.0, 1.0)) == 0.0
+
+
+def test_hallucination_uses_26_connectivity_and_the_mask():
+    shape = (12, 12, 12)
+    clean = np.zeros(shape)
+    out = clean.copy()
+    for k in range(10):  # a diagonal line: only corner-connected
+        out[1 + k % 10, 1 + k, 1 + k] = 200.0
+    assert hallucination_ml(out, clean, (1, 1, 1)) == pytest.approx(0.01)
+    mask = np.zeros(shape, bool)
+    mask[:6] = True
+    assert hallucination_ml(out, clean, (1, 1, 1), mask=mask) == 0.0  # 5 voxels left inside
+    with pytest.raises(ValueError, match="spacing"):
+        hallucination_ml(out, clean, (1, 1))
+
+
+def test_emphysema_index_and_contrast():
+    hu = np.full((4, 5, 5), -850.0)
+    hu[0, 0, :4] = -960.0
+    lung = np.ones(hu.shape, bool)
+    assert emphysema_index(hu, lung) == pytest.approx(100 * 4 / hu.size)
+    with pytest.raises(ValueError, match="empty"):
+        emphysema_index(hu, np.zeros_like(lung))
+    inside = np.zeros(hu.shape, bool)
+    inside[2, 2, 2] = True
+    hu[2, 2, 2] = 40.0
+    assert contrast_hu(hu, inside, ~inside & (hu == -850.0)) == pytest.approx(890.0)
+    assert np.isnan(contrast_hu(hu, np.zeros_like(inside), inside))
+
+
+def test_holm_matches_the_step_down_rule():
+    adjusted = holm([0.01, 0.04, 0.03, 0.005])
+    # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone 0.06
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, float("nan")])[0] == pytest.approx(0.5)
+    assert holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
+
+
+def test_body_outline_keeps_the_lungs():
+    hu = np.full((3, 30, 30), -1000.0)
+    yy, xx = np.mgrid[:30, :30]
+    body = (yy - 15) ** 2 + (xx - 15) ** 2 < 12**2
+    lung = (yy - 15) ** 2 + (xx - 12) ** 2 < 5**2
+    hu[:, body] = 40.0
+    hu[:, lung] = -850.0
+    hu[:, 0, 0] = 50.0  # a speck outside: not the largest component
+    m = body_outline(hu)
+    assert m[:, lung].all() and m[:, body].all() and not m[:, 0, 0].any()
+
+
+def test_ct_metrics_exact_on_a_tiny_fixture():
+    shape = (12, 12, 12)
+    labels = np.full(shape, Label.SOFT, np.uint8)
+    labels[:, :, :2] = Label.OUTSIDE
+    labels[:, 2:10, 6:11] = Label.LUNG
+    labels[6, 6, 8] = Label.LUNG_VESSEL
+    target = np.where(labels == Label.LUNG, -850.0, 40.0)
+    target[labels == Label.OUTSIDE] = -1000.0
+    target[labels == Label.LUNG_VESSEL] = 40.0
+    out = target.copy()
+    out[labels == Label.SOFT] += 10.0  # soft tissue 10 HU too bright
+    r = ct_metrics(out, target, target, labels, (1.0, 1.0, 1.0))
+    body = labels != Label.OUTSIDE
+    assert r["mae_hu"] == pytest.approx(10.0 * np.mean(labels[body] == Label.SOFT))
+    assert r["mae_hu_soft"] == pytest.approx(10.0) and r["rmse_hu_soft"] == pytest.approx(10.0)
+    assert r["mae_hu_lung"] == 0.0 and r["mae_hu_blood"] == 0.0 and np.isnan(r["mae_hu_bone"])
+    assert r["noise_hu"] == 0.0 and r["noise_target_hu"] == 0.0
+    assert r["emphysema_index"] == 0.0 and r["vessel_contrast_error"] == pytest.approx(0.0)
+    assert r["hallucination_ml"] == 0.0 and r["ssim"] < 1.0
+    assert np.isnan(r["nodule_contrast_error"])
+    r = ct_metrics(target, target, target, labels, (1.0, 1.0, 1.0))
+    assert r["ssim"] == pytest.approx(1.0) and r["mae_hu"] == 0.0

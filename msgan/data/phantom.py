@@ -8,6 +8,11 @@ and projections are made slab by slab.
 
 Axes are numpy ``(z, y, x)``; coordinates in mm, centred on the grid; ``+y`` is
 posterior and ``+x`` the patient's left (DICOM LPS), ``+z`` superior.
+
+:class:`PhantomOptions` adds what the translation tasks (:mod:`msgan.data.tasks`) and the
+full-HU-range tests need: dense cortical bone (1500-2000 HU), a metal implant (3000 HU),
+low-attenuation (emphysema) areas in the lungs and an aorta. They are off by default, so a seed
+makes the same phantom as before; :func:`thorax_labels` gives the tissue label of every voxel.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from msgan.io.volume import Geometry
 
 FOV_MM = 400.0  # default field of view: the largest axis spans this many mm
 
@@ -27,7 +36,53 @@ AIR, FAT, SOFT, LUNG, BLOOD, MYOCARDIUM, BONE, CANCELLOUS, DISC, AIRWAY_WALL = (
     -1000.0, -100.0, 40.0, -850.0, 45.0, 60.0, 750.0, 250.0, 80.0, 30.0,
 )  # fmt: skip
 
+METAL = 3000.0  # a steel/titanium implant, far above the usual window
+LAA = -985.0  # low-attenuation (emphysematous) lung
+CORTICAL_RANGE = (1500.0, 2000.0)  # dense cortical bone, one value per subject
+
 Vec = tuple[float, float, float]
+
+
+class Label:
+    """Tissue label of a voxel (uint8), from :func:`thorax_labels`."""
+
+    OUTSIDE = 0  # air around the body
+    FAT = 1
+    SOFT = 2  # muscle and other soft tissue of the body wall and mediastinum
+    LUNG = 3
+    LAA = 4  # low-attenuation lung (emphysema)
+    LUNG_VESSEL = 5
+    AIRWAY = 6  # lumen (air inside the body)
+    AIRWAY_WALL = 7
+    MYOCARDIUM = 8
+    HEART_BLOOD = 9  # the heart's chambers
+    AORTA = 10
+    NODULE = 11
+    CORTICAL = 12  # ribs and the vertebrae's cortical shell
+    CANCELLOUS = 13
+    DISC = 14
+    METAL = 15
+
+
+TISSUES: dict[str, tuple[int, ...]] = {
+    "lung": (Label.LUNG, Label.LAA),
+    "soft": (Label.FAT, Label.SOFT, Label.AIRWAY_WALL, Label.MYOCARDIUM, Label.NODULE, Label.DISC),
+    "bone": (Label.CORTICAL, Label.CANCELLOUS, Label.METAL),
+    "blood": (Label.LUNG_VESSEL, Label.HEART_BLOOD, Label.AORTA),
+}  # the tissue classes of the metrics; every label but OUTSIDE and AIRWAY is in one
+
+
+@dataclass(frozen=True)
+class PhantomOptions:
+    """Anatomy beyond the original phantom, each drawn from the seed when switched on."""
+
+    dense_bone: bool = False  # ribs and vertebral cortex at a subject's value in CORTICAL_RANGE (else 750 HU)
+    metal: bool = False  # a cylindrical implant (radius 12 mm, 40 mm long) at METAL HU in a vertebral body
+    emphysema: bool = False  # low-attenuation areas, 3-15 % of the lung, at about LAA HU
+    aorta: bool = False  # ascending aorta, arch and descending aorta (blood, 45 HU)
+
+
+ALL_OPTIONS = PhantomOptions(dense_bone=True, metal=True, emphysema=True, aorta=True)
 
 
 @dataclass(frozen=True)
@@ -60,6 +115,11 @@ class Anatomy:
     nodules: tuple[tuple[Vec, float, float], ...]  # (centre, radius, HU)
     texture_seed: int = 0
     extras: dict[str, float] = field(default_factory=dict)
+    # drawn from a second stream of the seed, so the fields above do not change with them
+    aorta: tuple[Tube, ...] = ()
+    cortical_hu: float = BONE  # with PhantomOptions.dense_bone
+    laa_fraction: float = 0.0  # share of the lung that is low-attenuation, with PhantomOptions.emphysema
+    implant: Tube | None = None
 
 
 def _rotate_towards(d: np.ndarray, angle: float, rng: np.random.Generator) -> np.ndarray:
@@ -133,10 +193,23 @@ def sample_anatomy(seed: int) -> Anatomy:
             (cz, cy, cx), (az, ay_, ax_) = lung.centre, lung.axes
             centre = (float(cz + az * u[0]), float(cy + ay_ * u[1]), float(cx + ax_ * u[2]))
             nodules.append((centre, float(rng.uniform(2.5, 7.0)), float(rng.uniform(-30, 60))))
+    texture_seed = int(rng.integers(2**31))
+    more = np.random.default_rng([seed, 1])  # the additions' own stream
+    sy, _, sr = spine
+    top, arch_y = z0 + 80 * s, -0.05 * iy
+    desc = (sy - sr - 15 * s, 24 * s)  # (y, x): left and in front of the spine
+    path = [(z0 - 15 * s, -0.32 * iy, 0.0), (top - 5 * s, -0.47 * iy, -5 * s), (top, -0.42 * iy, 25 * s),
+            (top + 3 * s, arch_y, 32 * s), (top - 8 * s, *desc), (z0 - 400.0, *desc)]  # fmt: skip
+    radii = [14 * s, 14 * s, 13 * s, 12 * s, 11 * s]
+    aorta = tuple(Tube(a, b, r) for (a, b), r in zip(itertools.pairwise(path), radii, strict=True))
+    cortical = float(more.uniform(*CORTICAL_RANGE))
+    laa = float(more.uniform(0.03, 0.15))
+    zc = z0 + float(more.uniform(-60, 20)) * s
+    implant = Tube((zc - 20 * s, sy, 0.0), (zc + 20 * s, sy, 0.0), 12 * s)
     return Anatomy(
         body=(ay, ax), fat=fat, lungs=(lungs[0], lungs[1]), heart=heart, spine=spine, ribs=tuple(ribs),
         vessels=tuple(vessels), airways=tuple(airways), nodules=tuple(nodules),  # type: ignore[arg-type]
-        texture_seed=int(rng.integers(2**31)),
+        texture_seed=texture_seed, aorta=aorta, cortical_hu=cortical, laa_fraction=laa, implant=implant,
     )  # fmt: skip
 
 
@@ -219,23 +292,45 @@ def thorax_phantom(
     spacing: Sequence[float] | None = None,
     seed: int = 0,
     region: Sequence[slice] | None = None,
+    options: PhantomOptions | None = None,
 ) -> np.ndarray:
     """The noiseless phantom in HU (float32) on a ``(z, y, x)`` grid, or on its sub-box ``region``."""
+    return thorax_labels(shape, spacing, seed, region, options)[0]
+
+
+def thorax_labels(
+    shape: Sequence[int],
+    spacing: Sequence[float] | None = None,
+    seed: int = 0,
+    region: Sequence[slice] | None = None,
+    options: PhantomOptions | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The noiseless phantom in HU (float32) and its tissue labels (uint8, :class:`Label`)."""
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"phantom shape {tuple(shape)}: must be three positive sizes (z, y, x)")
     spacing = default_spacing(shape) if spacing is None else tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"phantom spacing {spacing}: must be three positive sizes in mm")
+    opt = options or PhantomOptions()
     region = tuple(region) if region is not None else tuple(slice(0, n) for n in shape)
     an = sample_anatomy(seed)
     grid = _Grid(shape, spacing, region)
     vol = np.full(grid.shape, AIR, dtype=np.float32)
+    lab = np.zeros(grid.shape, dtype=np.uint8)
+
+    def put(m: tuple[tuple[slice, ...], np.ndarray] | None, hu: float, label: int) -> None:
+        if m is not None:
+            vol[m[0]][m[1]] = hu
+            lab[m[0]][m[1]] = label
+
     _, y, x = grid.coords((slice(None),) * 3)
     ay, ax = an.body
     body2 = (y / ay) ** 2 + (x / ax) ** 2  # (1, H, W): a cylinder along z
     vol[:] = np.where(body2 <= 1.0, FAT, AIR)
+    lab[:] = np.where(body2 <= 1.0, Label.FAT, Label.OUTSIDE)
     inner = ((y / (ay - an.fat)) ** 2 + (x / (ax - an.fat)) ** 2 <= 1.0)[0]
     vol[:, inner] = SOFT
+    lab[:, inner] = Label.SOFT
 
     lung = np.zeros(grid.shape, dtype=bool)
     for e in an.lungs:
@@ -248,45 +343,68 @@ def thorax_phantom(
     if lung.any():
         tex = 38.0 * _smooth_noise(grid, an.texture_seed, 3.0) + 22.0 * _smooth_noise(grid, an.texture_seed + 1, 9.0)
         vol[lung] = LUNG + tex[lung]
+        lab[lung] = Label.LUNG
+        if opt.emphysema:  # clusters where a smooth field exceeds its (1 - laa_fraction) quantile
+            field_ = _smooth_noise(grid, an.texture_seed + 2, 5.0)
+            laa = lung & (field_ > _normal_quantile(1.0 - an.laa_fraction))
+            vol[laa] = np.minimum(LAA + 0.25 * tex[laa], -955.0)
+            lab[laa] = Label.LAA
+            del field_
         del tex
     for t in an.vessels:
         m = _tube_mask(grid, t)
         if m is not None:
-            sub = vol[m[0]]
-            sub[m[1] & lung[m[0]]] = BLOOD
+            hit = m[1] & lung[m[0]]
+            vol[m[0]][hit] = BLOOD
+            lab[m[0]][hit] = Label.LUNG_VESSEL
     for t in an.airways:
-        wall = _tube_mask(grid, t, t.r + max(1.2, 0.25 * t.r))
-        if wall is not None:
-            vol[wall[0]][wall[1]] = AIRWAY_WALL
-        lumen = _tube_mask(grid, t)
-        if lumen is not None:
-            vol[lumen[0]][lumen[1]] = AIR
+        put(_tube_mask(grid, t, t.r + max(1.2, 0.25 * t.r)), AIRWAY_WALL, Label.AIRWAY_WALL)
+        put(_tube_mask(grid, t), AIR, Label.AIRWAY)
+    if opt.aorta:
+        for t in an.aorta:
+            put(_tube_mask(grid, t), BLOOD, Label.AORTA)
     if heart is not None:
-        vol[heart[0]][heart[1]] = MYOCARDIUM
-        cavity = Ellipsoid(an.heart.centre, tuple(a * 0.72 for a in an.heart.axes))  # type: ignore[arg-type]
-        m = _ellipsoid_mask(grid, cavity)
-        if m is not None:
-            vol[m[0]][m[1]] = BLOOD
+        put(heart, MYOCARDIUM, Label.MYOCARDIUM)
+        put(_ellipsoid_mask(grid, Ellipsoid(an.heart.centre, tuple(a * 0.72 for a in an.heart.axes))),  # type: ignore[arg-type]
+            BLOOD, Label.HEART_BLOOD)  # fmt: skip
     for centre, r, hu in an.nodules:
-        m = _ellipsoid_mask(grid, Ellipsoid(centre, (r, r, r)))
-        if m is not None:
-            vol[m[0]][m[1]] = hu
+        put(_ellipsoid_mask(grid, Ellipsoid(centre, (r, r, r))), hu, Label.NODULE)
+    cortical = an.cortical_hu if opt.dense_bone else BONE
     sy, sx, sr = an.spine
     sl = grid.box([-1e9, sy - sr - 1, sx - sr - 1], [1e9, sy + sr + 1, sx + sr + 1])
     if sl is not None:
         z, yy, xx = grid.coords(sl)
         rr = np.sqrt((yy - sy) ** 2 + (xx - sx) ** 2)  # (1, h, w)
         phase = np.mod(z, 30.0)  # (d, 1, 1): 25 mm vertebrae, 5 mm discs
-        bone = np.where(rr > sr - 2.5, BONE, CANCELLOUS)
-        val = np.where(phase < 25.0, bone, DISC)
-        sub = vol[sl]
+        shell = rr > sr - 2.5
+        val = np.where(phase < 25.0, np.where(shell, cortical, CANCELLOUS), DISC)
+        kind = np.where(phase < 25.0, np.where(shell, Label.CORTICAL, Label.CANCELLOUS), Label.DISC)
+        sub, sub_lab = vol[sl], lab[sl]
         inside = np.broadcast_to(rr <= sr, sub.shape)
         sub[inside] = np.broadcast_to(val, sub.shape)[inside]
+        sub_lab[inside] = np.broadcast_to(kind, sub.shape)[inside]
+    if opt.metal and an.implant is not None:
+        put(_tube_mask(grid, an.implant), METAL, Label.METAL)
     for t in an.ribs:
-        m = _tube_mask(grid, t)
-        if m is not None:
-            vol[m[0]][m[1]] = BONE
-    return vol
+        put(_tube_mask(grid, t), cortical, Label.CORTICAL)
+    return vol, lab
+
+
+def _normal_quantile(q: float) -> float:
+    from scipy.special import ndtri
+
+    return float(ndtri(q))
+
+
+def phantom_geometry(shape: Sequence[int], spacing: Sequence[float] | None = None) -> Geometry:
+    """The geometry of a phantom grid: identity direction, zero origin, spacing in ITK order (x, y, z),
+    i.e. the numpy-order (z, y, x) spacing of :func:`default_spacing` (or ``spacing``) reversed."""
+    from msgan.io.volume import Geometry
+
+    sp = default_spacing(shape) if spacing is None else tuple(float(v) for v in spacing)
+    if len(sp) != len(shape):
+        raise ValueError(f"spacing {tuple(sp)} does not match the {len(shape)}D shape {tuple(shape)}")
+    return Geometry.identity(len(shape), tuple(reversed(sp)))
 
 
 # ----------------------------------------------------------------------------- reconstruction kernels
@@ -346,6 +464,28 @@ def reconstruct(
         image += noise
         out[name] = image
     return out
+
+
+def apply_mtf(phantom: np.ndarray, kernel: str, workers: int = -1) -> np.ndarray:
+    """The noiseless reconstruction of ``phantom`` with ``kernel`` (its MTF only): what
+    :func:`reconstruct` gives before the noise is added."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: must be one of {sorted(KERNELS)}")
+    x = np.asarray(phantom, dtype=np.float32)
+    spectrum = sfft.rfftn(x, workers=workers) * KERNELS[kernel].mtf(_radial_frequency(x.shape))
+    return sfft.irfftn(spectrum, s=x.shape, workers=workers).astype(np.float32)
+
+
+def kernel_noise(shape: Sequence[int], kernel: str, seed: int, std: float, workers: int = -1) -> np.ndarray:
+    """Noise with ``kernel``'s noise power spectrum and standard deviation ``std`` (HU), from ``seed``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: must be one of {sorted(KERNELS)}")
+    shape = tuple(shape)
+    white = sfft.rfftn(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32), workers=workers)
+    noise = sfft.irfftn(white * KERNELS[kernel].nps_amplitude(_radial_frequency(shape)), s=shape, workers=workers)
+    noise = noise.astype(np.float32)
+    noise *= std / max(float(noise.std()), 1e-12)
+    return noise
 
 
 def kernel_pair(

@@ -63,3 +63,44 @@ def test_radiograph_small():
     centre_col = img[:, 40:56].mean()
     outside = img[:, :4].mean()
     assert centre_col > outside + 0.2  # mediastinum and spine attenuate more than air
+
+
+def test_options_add_dense_bone_metal_emphysema_aorta_and_labels():
+    from msgan.data.phantom import ALL_OPTIONS, CORTICAL_RANGE, METAL, TISSUES, Label, thorax_labels
+
+    shape = (48, 64, 64)
+    plain, plain_labels = thorax_labels(shape, seed=3)
+    np.testing.assert_array_equal(plain, thorax_phantom(shape, seed=3))  # off by default: same phantom
+    hu, lab = thorax_labels(shape, seed=3, options=ALL_OPTIONS)
+    cortical = hu[lab == Label.CORTICAL]
+    assert CORTICAL_RANGE[0] <= cortical.min() and cortical.max() <= CORTICAL_RANGE[1]
+    assert (hu[lab == Label.METAL] == METAL).all() and (lab == Label.METAL).sum() > 10
+    lung = np.isin(lab, TISSUES["lung"])
+    assert 1.0 < 100 * np.mean(hu[lung] < -950) < 25  # emphysema index not zero
+    assert (lab == Label.AORTA).sum() > 50 and not (plain_labels == Label.AORTA).any()
+    grouped = np.concatenate([np.asarray(v) for v in TISSUES.values()])
+    assert len(set(grouped.tolist())) == len(grouped)  # each label in at most one tissue
+    region = (slice(10, 30), slice(5, 60), slice(20, 64))
+    sub_hu, sub_lab = thorax_labels(shape, seed=3, region=region, options=ALL_OPTIONS)
+    np.testing.assert_array_equal(sub_hu, hu[region])
+    np.testing.assert_array_equal(sub_lab, lab[region])
+
+
+def test_noiseless_reconstruction_is_the_mtf_part(truth):
+    from msgan.data.phantom import apply_mtf
+
+    r = reconstruct(truth, ("soft",), seed=1)["soft"]
+    noise = r - apply_mtf(truth, "soft")
+    assert float(noise.std()) == pytest.approx(12.0, rel=1e-3)
+    assert abs(float(noise.mean())) < 1.0
+
+
+def test_phantom_geometry_reverses_to_itk_order():
+    from msgan.data.phantom import phantom_geometry
+
+    g = phantom_geometry((10, 20, 40))
+    assert g.spacing == (10.0, 10.0, 10.0) and g.origin == (0.0, 0.0, 0.0)
+    g = phantom_geometry((10, 20, 40), spacing=(3.0, 2.0, 1.0))
+    assert g.spacing == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="spacing"):
+        phantom_geometry((10, 20, 40), spacing=(1.0, 1.0))
