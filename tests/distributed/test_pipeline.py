@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import s3_keys
 from tests.distributed.conftest import JOB, REPO, read_json, run_job, write_config
+from tests.ray_procs import short_temp_dir, stop_ray
 
 pytestmark = pytest.mark.slow
 
@@ -71,14 +72,17 @@ def test_ray_job_submit_registers_a_cascade_that_translates(tmp_path, job_env, m
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # token authentication, as Ray 2.60 enables for clusters: the head and the submitting client share it
     env = {**job_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # its own temp dir and ports, stopped by exactly those processes after (never `ray stop`: other clusters run here)
+    ray_tmp = short_temp_dir()
     start = subprocess.run(
         [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--disable-usage-stats"],
+         f"--temp-dir={ray_tmp}", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    assert start.returncode == 0, start.stderr[-3000:]
     try:
+        assert start.returncode == 0, start.stderr[-3000:]
         storage = tmp_path / "storage"
         cfg = write_config(tmp_path, {"job": {"storage": str(storage)}})
         runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}})
@@ -110,7 +114,7 @@ def test_ray_job_submit_registers_a_cascade_that_translates(tmp_path, job_env, m
         assert batch.returncode == 0, (batch.stdout + batch.stderr)[-4000:]
         assert (tmp_path / "translated" / "v1.zarr" / "manifest.json").is_file()
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray(ray_tmp)
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "1"
@@ -194,15 +198,18 @@ def test_resubmitted_job_resumes_an_interrupted_scale(tmp_path, job_env):
         {"train": {"steps_per_scale": [6, 400], "checkpoint_every": 25, "log_every": 25},
          "job": {"storage": str(storage)}},
     )  # fmt: skip
+    ray_tmp = short_temp_dir()  # the job's local Ray lives here, so the test stops that Ray and no other
     proc = subprocess.Popen(
-        [sys.executable, str(JOB), "--config", str(cfg)], env=job_env, cwd=tmp_path,
+        [sys.executable, str(JOB), "--config", str(cfg)], env={**job_env, "RAY_TMPDIR": str(ray_tmp)}, cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    seen = _scale1_status_when(storage, proc, lambda st: st["step"] >= 75)
-    assert seen is not None, "scale 1 never reached step 75"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+    try:
+        seen = _scale1_status_when(storage, proc, lambda st: st["step"] >= 75)
+        assert seen is not None, "scale 1 never reached step 75"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        stop_ray(ray_tmp)
 
     again = run_job(cfg, job_env, tmp_path)
     assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
