@@ -23,6 +23,7 @@ from typing import Any
 
 from msgan import storage
 from msgan.io.pacs import DicomWebClient, PacsError, SeriesInfo
+from msgan.io.uids import shown, uid_problem
 
 Log = Callable[[str], None]
 
@@ -87,6 +88,11 @@ def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, r
     ours = state.derived()
     todo = []
     for s in client.find_series(cfg.modality, cfg.study_date):
+        uids = {"SeriesInstanceUID": s.series_uid, "StudyInstanceUID": s.study_uid}
+        bad = [f"{k} {shown(v)} is not a valid DICOM UID ({why})" for k, v in uids.items() if (why := uid_problem(v))]
+        if bad:  # it names no state entry, folder, key or request: reported on every pass, never fetched
+            report.skipped[shown(s.series_uid)] = "refused, nothing fetched or written: " + "; ".join(bad)
+            continue
         if s.series_uid in ours or s.description.startswith("msgan "):
             continue  # our own derived series
         if cfg.description and not re.search(cfg.description, s.description):

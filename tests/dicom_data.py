@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,19 @@ def write_ct_series(
     kernel: str = "B80f",
     study_uid: str | None = None,
     series_name: str = "sharp",
+    series_uid: str | None = None,
 ) -> tuple[list[Path], str, np.ndarray]:
-    """A CT series as a scanner would export it; returns (files, series UID, HU volume)."""
+    """A CT series as a scanner would export it; returns (files, series UID, HU volume).
+
+    ``series_uid`` replaces the generated (valid) one, e.g. with a hostile value such as ``../../x``."""
     image = phantom_ct(seed=seed) if image is None else image
     study = study_uid or derived_uid("study", str(seed))
-    series = derived_uid("series", series_name, str(seed))
+    series = series_uid if series_uid is not None else derived_uid("series", series_name, str(seed))
     ids = PATIENT | {"StudyInstanceUID": study, "FrameOfReferenceUID": derived_uid("for", str(seed)),
                      "ConvolutionKernel": kernel, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}  # fmt: skip
-    files = write_series(image, geometry, folder, ids, series, f"THORAX {kernel}", series_number=3)
+    with warnings.catch_warnings():  # pydicom warns when it writes a hostile UID; that is the point of it
+        warnings.simplefilter("ignore" if series_uid is not None else "default")
+        files = write_series(image, geometry, folder, ids, series, f"THORAX {kernel}", series_number=3)
     for f in files:  # a scanner's series is ORIGINAL\PRIMARY
         import pydicom
 

@@ -82,3 +82,27 @@ def test_pacs_pass_translates_new_series_once(empty_orthanc, ray_local, model, t
     state = json.loads((tmp_path / "store" / "pacs-sync" / "state.json").read_text())
     assert state["series"][src_uid]["derived_series_uid"] == derived_uid
     assert state["series"][bad_uid]["status"] == "failed"
+
+
+@pytest.mark.parametrize("bad", ["../../escaped", "1..2", "/abs", "1." + "2" * 63, "1.02.3"])
+def test_a_pacs_series_with_an_invalid_uid_names_nothing(empty_orthanc, model, tmp_path, bad):
+    """A UID from the PACS is checked before it names a request, a folder, a key or a state entry."""
+    orthanc = empty_orthanc
+    client = DicomWebClient(orthanc["url"], orthanc["user"], orthanc["password"])
+    files, _, _ = write_ct_series(tmp_path / "bad", seed=24, series_uid=bad)
+    client.store(files)
+    assert bad in {s.series_uid for s in client.find_series("CT")}  # the PACS holds it under that UID
+
+    store = tmp_path / "a" / "b" / "store"
+    report = run_once(SyncConfig(model=model, storage=str(store)), client, log=lambda _: None)
+    assert not report.translated and list(report.skipped) == [f"(invalid UID {bad!r})"], report.summary()
+    assert "is not a valid DICOM UID" in report.skipped[f"(invalid UID {bad!r})"]
+    leftovers = [
+        p for p in tmp_path.rglob("*") if p.is_file() and p.relative_to(tmp_path).parts[0] not in ("bad", "model")
+    ]
+    state = store / "pacs-sync" / "state.json"
+    assert leftovers in ([], [state]), leftovers  # no volume, no export, nothing outside the store
+    if state.exists():
+        assert bad not in json.loads(state.read_text())["series"]
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        client.fetch_series("1.2.3", bad, tmp_path / "f")  # the client refuses it as a URL path too

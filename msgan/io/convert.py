@@ -16,6 +16,7 @@ import numpy as np
 
 from msgan import storage
 from msgan.io.dicom import DicomError, derived_uid, read_series, write_series
+from msgan.io.uids import check_uid
 from msgan.io.volume import ITK_SUFFIXES, Geometry, read_volume, suffix_of, write_volume, write_zarr
 
 
@@ -54,7 +55,7 @@ def ingest(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> Inges
     dest = storage.normalize_uri(out)
     single = len(result.volumes) == 1 and dest.endswith(".zarr")
     for v in result.volumes:
-        uri = dest if single else storage.join(dest, f"{v.series_uid}.zarr")
+        uri = dest if single else storage.join(dest, f"{check_uid(v.series_uid, 'SeriesInstanceUID')}.zarr")
         write_zarr(uri, [v.image], v.geometry, attrs={"source": "dicom", "dicom": v.identifiers, "notes": v.notes})
         report.written[v.series_uid] = uri
         if v.notes:

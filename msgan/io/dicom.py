@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from msgan.io.uids import UidError, check_uid, shown
 from msgan.io.volume import Geometry
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -206,17 +207,33 @@ def read_series(paths: Iterable[str | os.PathLike[str]]) -> IngestResult:
         except DicomError as err:
             skipped[str(f)] = str(err)
             continue
-        groups[str(ds.get("SeriesInstanceUID", f"(no series UID: {f.name})"))].append((f, ds))
+        if ds.get("SeriesInstanceUID") in (None, ""):
+            skipped[str(f)] = f"{f.name}: no SeriesInstanceUID; it belongs to no series"
+            continue
+        groups[str(ds.SeriesInstanceUID)].append((f, ds))
     if not groups:
         reasons = "; ".join(list(skipped.values())[:3])
         raise DicomError(f"{', '.join(map(str, paths))}: no DICOM images ({reasons})")
     volumes, errors = [], {}
     for uid, members in groups.items():
         try:
+            _check_uids(uid, members)
             volumes.append(_ingest_one(uid, members))
         except DicomError as err:
-            errors[uid] = str(err)
+            errors[shown(uid)] = str(err)
     return IngestResult(volumes, errors, skipped)
+
+
+def _check_uids(uid: str, members: list[tuple[Path, Dataset]]) -> None:
+    """Refuse the series when a UID that may name a file, key or request is not a DICOM UID."""
+    try:
+        check_uid(uid, "SeriesInstanceUID")
+        for p, ds in members:
+            for tag in ("StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID"):
+                if ds.get(tag) not in (None, ""):
+                    check_uid(str(ds.get(tag)), f"{p.name}: {tag}")
+    except UidError as err:
+        raise DicomError(f"series {shown(uid)}: refused, nothing of it is written: {err}") from None
 
 
 def _ingest_one(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesVolume:

@@ -17,6 +17,8 @@ from typing import Any
 
 import requests
 
+from msgan.io.uids import check_uid
+
 TAGS = {
     "StudyInstanceUID": "0020000D",
     "SeriesInstanceUID": "0020000E",
@@ -96,6 +98,13 @@ class DicomWebClient:
             raise PacsError(f"PACS {self.url}: {method} {path} failed: HTTP {r.status_code} {r.text[:300]}")
         return r
 
+    @staticmethod
+    def _series_path(study_uid: str, series_uid: str) -> str:
+        """The WADO-RS path of a series; UIDs from the PACS are checked before they become a URL path."""
+        return (
+            f"/studies/{check_uid(study_uid, 'StudyInstanceUID')}/series/{check_uid(series_uid, 'SeriesInstanceUID')}"
+        )
+
     # -- QIDO-RS
 
     def find_series(self, modality: str | None = None, study_date: str | None = None) -> list[SeriesInfo]:
@@ -126,7 +135,8 @@ class DicomWebClient:
 
     def series_metadata(self, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
         """DICOM JSON metadata of every instance of a series (WADO-RS metadata)."""
-        r = self._request("GET", f"/studies/{study_uid}/series/{series_uid}/metadata",
+        path = self._series_path(study_uid, series_uid)
+        r = self._request("GET", f"{path}/metadata",
                           headers={"Accept": "application/dicom+json"})  # fmt: skip
         return list(r.json())
 
@@ -134,7 +144,7 @@ class DicomWebClient:
 
     def fetch_series(self, study_uid: str, series_uid: str, dest: str | os.PathLike[str]) -> list[Path]:
         """Every instance of a series as ``.dcm`` files in ``dest``."""
-        r = self._request("GET", f"/studies/{study_uid}/series/{series_uid}",
+        r = self._request("GET", self._series_path(study_uid, series_uid),
                           headers={"Accept": 'multipart/related; type="application/dicom"'})  # fmt: skip
         parts = _parse_multipart(r.content, r.headers.get("Content-Type", ""))
         out = Path(dest)

@@ -56,3 +56,28 @@ def test_s3_prefix_in_and_out(s3_bucket, tmp_path):
     assert report.written == {uid: out}
     store, opts = storage.zarr_store(out)
     np.testing.assert_array_equal(zarr.open_group(store, mode="r", storage_options=opts)["0"][...], hu)
+
+
+@pytest.mark.parametrize("bad", ["../../escaped", "1..2", "ABS", "1." + "2" * 63, "1.02.3"])
+def test_a_series_with_an_invalid_uid_is_refused_and_nothing_of_it_is_written(tmp_path, capsys, bad):
+    """A hostile SeriesInstanceUID never names a folder: `../../escaped` once made ingest write outside OUT."""
+    bad = str(tmp_path / "abs") if bad == "ABS" else bad  # an absolute path as the UID
+    root = tmp_path / "a" / "b"
+    _, good_uid, _ = write_ct_series(root / "in" / "good", seed=8, series_name="good")
+    write_ct_series(root / "in" / "bad", seed=9, series_uid=bad)
+    with pytest.warns(UserWarning):  # pydicom warns about the invalid UI value it reads; we refuse it
+        code = main(["ingest", str(root / "in"), str(root / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "REFUSED (invalid UID" in err and "is not a valid DICOM UID" in err and "nothing of it is written" in err
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.zarr"))
+    assert written == [root.relative_to(tmp_path) / "out" / f"{good_uid}.zarr"]  # nothing escaped, nothing of bad
+    assert not (tmp_path / "escaped.zarr").exists() and not (tmp_path / "abs.zarr").exists()
+
+
+def test_a_single_series_with_an_invalid_uid_writes_nothing(tmp_path, capsys):
+    write_ct_series(tmp_path / "in", seed=10, series_uid="1..2")
+    with pytest.warns(UserWarning):
+        assert main(["ingest", str(tmp_path / "in"), str(tmp_path / "v.zarr")]) == 1
+    assert "REFUSED (invalid UID '1..2')" in capsys.readouterr().err
+    assert not (tmp_path / "v.zarr").exists() and not list(tmp_path.glob(".v.zarr*"))
