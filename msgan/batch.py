@@ -1,30 +1,42 @@
 """Translation of volumes at rest (OME-Zarr on ``file://`` or ``s3://``), staged, then published whole.
 
+One :class:`InferencePlan` per batch, resolved once where the batch starts: the model reference
+pinned (``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION``, a folder -> its manifest's hash), the
+inference overrides, the run id. Every step of every volume receives that plan, never the alias.
+
 A volume goes through four steps, each a plain function of its :class:`VolumeTask`, so Ray
 Data (:mod:`msgan.distributed.translate`) and the local ``msgan translate`` run the same code:
 
-1. :func:`stage`: the windowed input and its edge pyramid are written block by block (dask)
-   into ``<staging>/inputs.zarr``; the output levels are created, chunked by each scale's tile;
+1. :func:`plan_volume` + :func:`stage`: the input is checked (geometry, every chunk present),
+   its tile plan made; the windowed input and its edge pyramid are written block by block (dask)
+   into the run's own staging folder; the output levels are created, chunked by each scale's tile;
 2. :func:`run_scale0`: the LR generator on the whole LR edge image;
 3. :func:`translate_tiles`: each HR scale, tile by tile; a tile's core is exactly one output
    chunk, so no two tiles ever write the same chunk;
-4. :func:`publish`: every level is checked complete (unwritten chunks read as NaN) and
-   checksummed, the manifest is written, and the output appears at once: a rename on
-   ``file://``; on ``s3://`` a copy whose ``manifest.json`` is written last.
+4. :func:`publish`: every level is checked complete (staged arrays read NaN where never written)
+   and checksummed, the manifest is written, and the output appears at once: an atomic exchange
+   with the old output on ``file://``; on ``s3://`` a copy whose ``manifest.json`` is written last.
 
-A volume is published iff ``<output>/manifest.json`` exists; reruns skip published volumes.
+A volume is published iff ``<output>/manifest.json`` exists. A rerun skips outputs published by the
+same model version and translates again (and replaces) those of another version. A lease per
+output (:mod:`msgan.lease`) keeps two runs from publishing the same output at once.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
+import itertools
 import json
+import math
+import os
 import posixpath
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +46,133 @@ import numpy as np
 import torch
 import zarr
 
-from msgan import storage
+from msgan import lease, storage
 from msgan.cascade import Cascade, run_lr, tile_inputs
+from msgan.config import Config
 from msgan.io.volume import Geometry, ome_attrs
 from msgan.nets import HRGenerator
 from msgan.pyramid import edges_chunked, image_pyramid_chunked, unwindow, window_chunked
 from msgan.tiling import Tile, iter_batches, pyramid_shapes, tile_grid
 
 MANIFEST = "manifest.json"
+RUN_FILE = "run.json"  # in a staging folder: which run made it, for which output
+MANIFEST_KEYS = ("volume", "model", "shape", "tiles", "checksum_sha256")
+CASCADE_MANIFEST_KEYS = ("format", "config", "weights")
+
+Progress = Callable[[int, int, int], None]  # (scale, tiles done, tiles total)
+Log = Callable[[str], None]
 
 
 class VolumeError(ValueError):
     """A volume that cannot be translated; the message names it and says why."""
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be pinned or loaded; the message names it and says why."""
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """What translates a batch, resolved once: every task and actor gets this, never an alias."""
+
+    model: str  # what loads: models:/NAME/VERSION, runs:/..., or an absolute cascade folder
+    model_id: str  # what manifests record: NAME/VERSION, or folder-name/manifest-hash
+    run: str  # this batch's run id (staging folder, leases)
+    overrides: dict[str, Any] = field(default_factory=dict)  # inference.* settings, without the prefix
+    tile: int | None = None  # every HR scale's tile core (else each scale's from the memory budget)
+    digest: str | None = None  # sha256 of a folder model's manifest.json, checked at every load
+
+    def load(self, device: str | torch.device = "cpu") -> Cascade:
+        """The pinned cascade with the plan's overrides (a folder changed since pinning is refused)."""
+        if self.model.startswith(("models:/", "runs:/")):
+            from msgan.registry import load_cascade
+
+            cascade = load_cascade(self.model, str(device))
+        else:
+            digest, _ = _folder_manifest(self.model)
+            if self.digest is not None and digest != self.digest:
+                raise ModelError(
+                    f"{self.model}: the cascade changed since this batch pinned it "
+                    f"(manifest sha256 {digest[:12]}, pinned {self.digest[:12]}); rerun the batch"
+                )
+            try:
+                cascade = Cascade.load(self.model, device)
+            except (KeyError, TypeError) as err:
+                raise ModelError(f"{Path(self.model) / MANIFEST}: malformed cascade manifest ({err!r})") from err
+        return with_overrides(cascade, self.overrides)
+
+
+def with_overrides(cascade: Cascade, overrides: dict[str, Any]) -> Cascade:
+    if overrides:
+        cascade.config = cascade.config.replace(**{f"inference.{k}": v for k, v in overrides.items()})
+    return cascade
+
+
+def _folder_manifest(folder: str) -> tuple[str, dict[str, Any]]:
+    """(sha256, content) of a cascade folder's manifest; :class:`ModelError` naming the file when unusable."""
+    path = Path(folder) / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as err:
+        raise ModelError(f"{folder}: not a cascade folder (no {MANIFEST})") from err
+    except OSError as err:
+        raise ModelError(f"{path}: cannot be read ({err.strerror or err})") from err
+    try:
+        content = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from err
+    missing = [k for k in CASCADE_MANIFEST_KEYS if not isinstance(content, dict) or k not in content]
+    if missing:
+        raise ModelError(
+            f"{path}: malformed cascade manifest: missing keys {', '.join(missing)} "
+            f"(a cascade manifest has {', '.join(CASCADE_MANIFEST_KEYS)})"
+        )
+    return hashlib.sha256(raw).hexdigest(), content
+
+
+def _pin_registry(model: str) -> str:
+    """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (other references are already fixed)."""
+    ref = model[len("models:/") :]
+    if "@" not in ref:
+        return model
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from msgan.registry import tracking_uri
+
+    name, alias = ref.split("@", 1)
+    try:
+        version = MlflowClient(tracking_uri()).get_model_version_by_alias(name, alias).version
+    except MlflowException as err:
+        raise ModelError(f"{model}: registered model {name!r} has no alias {alias!r} ({err.message})") from err
+    return f"models:/{name}/{version}"
+
+
+def resolve_plan(
+    model: str, overrides: dict[str, Any] | None = None, tile: int | None = None, run: str | None = None
+) -> InferencePlan:
+    """Pin ``model`` (registry alias -> version, folder -> manifest hash) for one batch."""
+    if model.startswith("models:/"):
+        pinned = _pin_registry(model)
+        return InferencePlan(pinned, pinned[len("models:/") :], run or lease.new_run_id(), dict(overrides or {}), tile)
+    if model.startswith("runs:/"):
+        return InferencePlan(model, model[len("runs:/") :], run or lease.new_run_id(), dict(overrides or {}), tile)
+    folder = str(Path(model).expanduser().resolve())
+    digest, _ = _folder_manifest(folder)
+    return InferencePlan(
+        folder, f"{Path(folder).name}/{digest[:12]}", run or lease.new_run_id(), dict(overrides or {}), tile, digest
+    )
+
+
+def model_id(model: str) -> str:
+    """A stable name for what translates: ``NAME/VERSION`` for registry models, a content hash for folders."""
+    return resolve_plan(model).model_id
+
+
+# ----------------------------------------------------------------------------- volumes and their outputs
 
 
 @dataclass(frozen=True)
@@ -53,8 +180,9 @@ class VolumeTask:
     name: str
     input: str  # URI of the input OME-Zarr group
     output: str  # URI of the published output group
-    staging: str  # URI of the volume's staging folder
-    model: str  # what translates it, e.g. "msgan-cascade/3"
+    staging: str  # URI of this run's staging folder for this volume
+    model: str  # what translates it, pinned, e.g. "msgan-cascade/3"
+    run: str = ""  # the run id (leases)
 
     @property
     def inputs_uri(self) -> str:
@@ -64,17 +192,41 @@ class VolumeTask:
     def result_uri(self) -> str:
         return storage.join(self.staging, "output.zarr")
 
+    @property
+    def lease(self) -> lease.Lease:
+        parent, base = posixpath.split(self.output.rstrip("/"))
+        return lease.Lease(f"{parent}/.leases/{base}.json", self.run)
 
-def volume_task(input_uri: str, out_prefix: str, model: str, output: str | None = None) -> VolumeTask:
+
+def _parent(uri: str) -> str:
+    return posixpath.dirname(uri.rstrip("/"))
+
+
+def volume_task(
+    input_uri: str, out_prefix: str, model: str, output: str | None = None, run: str | None = None
+) -> VolumeTask:
     """The task of translating ``input_uri`` into ``<out_prefix>/<name>.zarr`` (or ``output``);
-    staging lives beside the output, under ``.staging/``, named per volume and model."""
+    staging lives beside the output, under ``.staging/``, one folder per volume and run."""
     src = storage.normalize_uri(input_uri)
     base = posixpath.basename(src.rstrip("/"))
     name = base[: -len(".zarr")] if base.endswith(".zarr") else base
     dest = storage.normalize_uri(output) if output else storage.join(storage.normalize_uri(out_prefix), f"{name}.zarr")
-    parent = posixpath.dirname(dest.rstrip("/"))
-    tag = hashlib.sha256(f"{src}|{model}".encode()).hexdigest()[:10]
-    return VolumeTask(name, src, dest, staging=f"{parent}/.staging/{name}-{tag}", model=model)
+    run = run or lease.new_run_id()
+    return VolumeTask(name, src, dest, staging=f"{_parent(dest)}/.staging/{name}-{run}", model=model, run=run)
+
+
+def check_collisions(tasks: Sequence[VolumeTask]) -> None:
+    """Refuse (before any work) inputs that would be translated into the same output."""
+    by_output: dict[str, list[str]] = {}
+    for t in tasks:
+        by_output.setdefault(t.output, []).append(t.input)
+    clashes = {out: ins for out, ins in by_output.items() if len(ins) > 1}
+    if clashes:
+        out, ins = next(iter(clashes.items()))
+        raise VolumeError(
+            f"{len(ins)} inputs map to one output {out}: {', '.join(ins)}; give volumes distinct names "
+            f"or translate them into different output prefixes ({len(clashes)} such output(s))"
+        )
 
 
 def expand_inputs(items: Sequence[str]) -> list[str]:
@@ -96,11 +248,36 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
     return out
 
 
-def is_published(task: VolumeTask) -> bool:
-    return storage.exists(storage.join(task.output, MANIFEST))
+def read_manifest(task: VolumeTask) -> dict[str, Any] | None:
+    """The published output's manifest, None when unpublished; a malformed one is a :class:`VolumeError`."""
+    uri = storage.join(task.output, MANIFEST)
+    if not storage.exists(uri):
+        return None
+    try:
+        manifest = json.loads(storage.read_text(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise VolumeError(
+            f"{uri}: malformed manifest, not valid JSON ({err}); remove {task.output} to translate it again"
+        ) from err
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise VolumeError(
+            f"{uri}: malformed manifest: missing keys {', '.join(missing)}; remove {task.output} to translate it again"
+        )
+    return dict(manifest)
 
 
-def _open(uri: str, mode: str) -> zarr.Group:
+def is_published(task: VolumeTask, by_same_model: bool = True) -> bool:
+    """Published (by ``task.model`` unless ``by_same_model`` is false)."""
+    manifest = read_manifest(task)
+    return manifest is not None and (not by_same_model or manifest["model"] == task.model)
+
+
+# ----------------------------------------------------------------------------- zarr access
+
+
+def open_group(uri: str, mode: str) -> zarr.Group:
+    """A zarr group at a ``file://`` or ``s3://`` URI with the storage settings of this process."""
     store, options = storage.zarr_store(uri)
     return zarr.open_group(store, mode=mode, storage_options=options)  # type: ignore[arg-type]
 
@@ -111,10 +288,41 @@ def _array(group: zarr.Group, key: str) -> zarr.Array:
     return arr
 
 
+def _chunk_grid(arr: zarr.Array) -> tuple[int, ...]:
+    """Stored objects per axis (shards when sharded, else chunks)."""
+    unit = arr.shards or arr.chunks
+    return tuple(math.ceil(s / c) for s, c in zip(arr.shape, unit, strict=True))
+
+
+def missing_chunks(uri: str, key: str, arr: zarr.Array) -> list[str]:
+    """Keys of chunks of ``uri``/``key`` never written (they would read as the fill value, silently)."""
+    fs, path = storage.filesystem(storage.join(uri, key))
+    base = path.rstrip("/") + "/"
+    present = {p[len(base) :] for p in fs.find(base)} if fs.exists(path) else set()
+    grid = _chunk_grid(arr)
+    return [
+        k
+        for k in (arr.metadata.encode_chunk_key(c) for c in itertools.product(*(range(g) for g in grid)))
+        if k not in present
+    ]
+
+
+def _find_bad_chunk(arr: zarr.Array) -> tuple[str, BaseException] | None:
+    """The first chunk of ``arr`` that fails to read back, and its error (None when all read)."""
+    unit = arr.shards or arr.chunks
+    for c in itertools.product(*(range(g) for g in _chunk_grid(arr))):
+        box = tuple(slice(i * u, min((i + 1) * u, s)) for i, u, s in zip(c, unit, arr.shape, strict=True))
+        try:
+            arr[box]
+        except Exception as err:  # the codec's own error types (zstd, blosc, ...) vary
+            return arr.metadata.encode_chunk_key(c), err
+    return None
+
+
 def inspect_input(uri: str, dims: int) -> tuple[zarr.Array, Geometry, dict[str, Any]]:
     """The input's level 0, geometry and attributes; a clear :class:`VolumeError` when unusable."""
     try:
-        group = _open(uri, "r")
+        group = open_group(uri, "r")
     except Exception as err:  # zarr raises several types for a missing or broken store
         raise VolumeError(f"{uri}: not a readable zarr group ({type(err).__name__}: {err})") from err
     meta = group.attrs.get("msgan")
@@ -134,27 +342,48 @@ def inspect_input(uri: str, dims: int) -> tuple[zarr.Array, Geometry, dict[str, 
     return arr, geom, dict(meta)
 
 
-# ----------------------------------------------------------------------------- 1. stage
+# ----------------------------------------------------------------------------- 1. plan + stage
 
 
-def stage(task: VolumeTask, cascade: Cascade, chunk: int = 64, tile: int | None = None) -> dict[str, Any]:
-    """Write the windowed image and edges of every scale to staging and create the output levels.
-    Each HR scale's tile (= output chunk) comes from the memory budget unless ``tile`` is given."""
+def plan_volume(task: VolumeTask, cascade: Cascade, tile: int | None = None) -> dict[str, Any]:
+    """The volume's tile plan (shapes and tile core per scale, geometry, source attributes), after
+    checking the input: readable, the model's dimensions, large enough, every chunk of level 0 written."""
     cfg = cascade.config
     n = cfg.num_scales
     level0, geom, attrs = inspect_input(task.input, cfg.dims)
     shapes = pyramid_shapes(level0.shape, n)
     if min(shapes[0]) < 1 or any(min(s) < 2 for s in shapes[1:]):
         raise VolumeError(f"{task.input}: shape {level0.shape} is too small for {n} scales")
+    missing = missing_chunks(task.input, "0", level0)
+    if missing:
+        raise VolumeError(
+            f"{task.input}: {len(missing)} chunk(s) of array '0' were never written (first: {missing[0]}); "
+            f"they would read as the fill value {level0.fill_value}. The volume is incomplete: ingest it again"
+        )
     tiles = [0] + [tile or cascade.tile_size(s, shapes[s]) for s in range(1, n)]
-    inputs = _open(task.inputs_uri, "w")
+    return {"shapes": [list(s) for s in shapes], "tiles": tiles, "geometry": geom.as_dict(), "source": attrs}
+
+
+def stage(task: VolumeTask, config: Config | Cascade, vplan: dict[str, Any], chunk: int = 64) -> None:
+    """Write the windowed image and edges of every scale to the run's staging folder and create the
+    output levels (NaN where never written), chunked by each scale's tile of ``vplan``."""
+    cfg = config.config if isinstance(config, Cascade) else config
+    n = cfg.num_scales
+    shapes = [tuple(s) for s in vplan["shapes"]]
+    tiles = vplan["tiles"]
+    storage.write_text(
+        storage.join(task.staging, RUN_FILE),
+        json.dumps({"run": task.run, "output": task.output, "model": task.model, "time": time.time()}),
+    )
+    level0 = _array(open_group(task.input, "r"), "0")
+    inputs = open_group(task.inputs_uri, "w")
     windowed = window_chunked(da.from_zarr(level0), cfg.intensity, name=task.input)
     images = image_pyramid_chunked(windowed, n)
     img_arrays = []
     for s, shape in enumerate(shapes):
         ch = tuple(min(chunk, d) for d in shape)
-        img_arrays.append(inputs.create_array(f"image/{s}", shape=shape, chunks=ch, dtype="float32"))
-        inputs.create_array(f"edges/{s}", shape=shape, chunks=ch, dtype="float32")
+        img_arrays.append(inputs.create_array(f"image/{s}", shape=shape, chunks=ch, dtype="float32", fill_value=np.nan))
+        inputs.create_array(f"edges/{s}", shape=shape, chunks=ch, dtype="float32", fill_value=np.nan)
     with dask.config.set(scheduler="threads"):
         try:
             sources = [im.rechunk(a.chunks) for im, a in zip(images, img_arrays, strict=True)]
@@ -162,27 +391,31 @@ def stage(task: VolumeTask, cascade: Cascade, chunk: int = 64, tile: int | None 
             for s in range(n):
                 e = edges_chunked(da.from_zarr(img_arrays[s]), cfg.edges)
                 da.store(e.rechunk(img_arrays[s].chunks), _array(inputs, f"edges/{s}"), lock=False)  # type: ignore[arg-type]
+        except (VolumeError, OSError):
+            raise
         except ValueError as err:
             raise VolumeError(str(err)) from err
+        except Exception as err:  # a chunk that does not decode: name it
+            bad = _find_bad_chunk(level0)
+            if bad is None:
+                raise
+            key, why = bad
+            raise VolumeError(
+                f"{task.input}: chunk {key} of array '0' cannot be read ({type(why).__name__}: {why}); "
+                "the stored volume is corrupt: ingest it again"
+            ) from err
     for s in range(n - 1):  # the cascade's intermediate outputs (window units), chunked by the scale's tile
         ch = tuple(min(tiles[s] or d, d) for d in shapes[s])
         inputs.create_array(f"work/{s}", shape=shapes[s], chunks=ch, dtype="float32", fill_value=np.nan)
-    result = _open(task.result_uri, "w")
+    result = open_group(task.result_uri, "w")
     for s, shape in enumerate(shapes):  # OME level k = scale n-1-k, in input units
         ch = tuple(min(tiles[s] or d, d) for d in shape)
         result.create_array(str(n - 1 - s), shape=shape, chunks=ch, dtype="float32", fill_value=np.nan)
-    plan: dict[str, Any] = {
-        "shapes": [list(s) for s in shapes],
-        "tiles": tiles,
-        "geometry": geom.as_dict(),
-        "source": attrs,
-    }
-    inputs.attrs["plan"] = plan
-    return plan
+    inputs.attrs["plan"] = vplan
 
 
 def plan_of(task: VolumeTask) -> dict[str, Any]:
-    plan = _open(task.inputs_uri, "r").attrs.get("plan")
+    plan = open_group(task.inputs_uri, "r").attrs.get("plan")
     if not isinstance(plan, dict):
         raise VolumeError(f"{task.name}: not staged")
     return plan
@@ -190,6 +423,11 @@ def plan_of(task: VolumeTask) -> dict[str, Any]:
 
 def tiles_of(plan: dict[str, Any], scale: int) -> list[Tile]:
     return tile_grid(tuple(plan["shapes"][scale]), plan["tiles"][scale])
+
+
+def batches_of(plan: dict[str, Any], scale: int, batch_size: int) -> list[list[Tile]]:
+    """The fixed batches of ``scale``'s tiles: a function of the plan only, whoever runs them."""
+    return list(iter_batches(tiles_of(plan, scale), batch_size))
 
 
 # ----------------------------------------------------------------------------- 2. + 3. the cascade
@@ -200,7 +438,7 @@ def run_scale0(task: VolumeTask, cascade: Cascade, device: str | torch.device = 
     t0 = time.perf_counter()
     cfg = cascade.config
     n = cfg.num_scales
-    inputs, result = _open(task.inputs_uri, "r+"), _open(task.result_uri, "r+")
+    inputs, result = open_group(task.inputs_uri, "r+"), open_group(task.result_uri, "r+")
     y = run_lr(cascade.generators[0], _array(inputs, "edges/0")[...], device, cfg.train.amp)
     if n > 1:
         _array(inputs, "work/0")[...] = y
@@ -216,6 +454,7 @@ def translate_tiles(
     tiles: Sequence[Tile],
     device: str | torch.device = "cpu",
     batch_size: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Run HR ``scale`` on ``tiles`` of one volume, writing each core into its own output chunk."""
     cfg = cascade.config
@@ -224,7 +463,7 @@ def translate_tiles(
     assert isinstance(gen, HRGenerator)
     d = torch.device(device)
     gen.eval()
-    inputs, result = _open(task.inputs_uri, "r+"), _open(task.result_uri, "r+")
+    inputs, result = open_group(task.inputs_uri, "r+"), open_group(task.result_uri, "r+")
     prev, edges = _array(inputs, f"work/{scale - 1}"), _array(inputs, f"edges/{scale}")
     work = _array(inputs, f"work/{scale}") if scale < n - 1 else None
     out = _array(result, str(n - 1 - scale))
@@ -241,6 +480,8 @@ def translate_tiles(
                 work[t.slices] = yi[0]
             out[t.slices] = unwindow(yi[0], cfg.intensity)
         done += len(batch)
+        if progress is not None:
+            progress(len(batch))
     return done
 
 
@@ -256,16 +497,55 @@ def _checksum_and_check(result: zarr.Group, n: int, name: str) -> str:
         for a in range(0, arr.shape[0], step):
             block = np.asarray(arr[a : a + step])
             if np.isnan(block).any():
-                raise VolumeError(f"{name}: level {k} has unwritten voxels in rows {a}..{a + step}; not published")
+                first = np.argwhere(np.isnan(block))[0]
+                voxel = (a + int(first[0]), *(int(i) for i in first[1:]))
+                key = arr.metadata.encode_chunk_key(tuple(v // c for v, c in zip(voxel, arr.chunks, strict=True)))
+                raise VolumeError(
+                    f"{name}: output level {k} chunk {key} has unwritten voxels (first at {voxel}; "
+                    "a tile was lost or an input chunk was missing); not published"
+                )
             h.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
     return h.hexdigest()
 
 
-def publish(task: VolumeTask, cascade: Cascade, info: dict[str, Any]) -> dict[str, Any]:
-    """Check, checksum and publish the staged output; returns the manifest."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Put ``new`` at ``dest``; an old ``dest`` is removed only once ``new`` is in its place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    if _exchange(new, dest):
+        shutil.rmtree(new, ignore_errors=True)  # the old output, now at the staging path
+        return
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    os.rename(dest, old)  # fallback: a moment without an output, never a mix of two
+    os.rename(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(task: VolumeTask, info: dict[str, Any]) -> dict[str, Any]:
+    """Check, checksum and publish the staged output (the run must hold the output's lease);
+    returns the manifest."""
     plan = plan_of(task)
-    n = cascade.config.num_scales
-    result = _open(task.result_uri, "r+")
+    n = len(plan["shapes"])
+    result = open_group(task.result_uri, "r+")
     geom = Geometry.from_dict(plan["geometry"])
     checksum = _checksum_and_check(result, n, task.name)
     shapes = [tuple(s) for s in plan["shapes"]][::-1]  # finest first
@@ -276,27 +556,38 @@ def publish(task: VolumeTask, cascade: Cascade, info: dict[str, Any]) -> dict[st
         "volume": task.name,
         "input": task.input,
         "model": task.model,
+        "run": task.run,
         "shape": list(plan["shapes"][-1]),
         "tiles": plan["tiles"],
         "checksum_sha256": checksum,
         "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **info,
     }
-    text = json.dumps(manifest, indent=2)
+    if task.run and not lease.holds(task.lease):
+        raise VolumeError(
+            f"{task.name}: this run ({task.run}) no longer holds the lease on {task.output}; not published"
+        )
     if storage.is_s3(task.output):
         fs, src = storage.filesystem(task.result_uri)
         _, dst = storage.filesystem(task.output)
-        for key in fs.find(src):
-            fs.copy(key, dst + key[len(src) :])
-        storage.write_text(storage.join(task.output, MANIFEST), text)  # last: now it is published
+        fs.invalidate_cache()  # listings cached by s3fs predate this run's writes
+        new_keys = {key[len(src) :] for key in fs.find(src)}
+        manifest["objects"] = len(new_keys) + 1
+        text = json.dumps(manifest, indent=2)
+        if fs.exists(f"{dst}/{MANIFEST}"):
+            fs.rm(f"{dst}/{MANIFEST}")  # unpublished from here until the new manifest lands
+        for rel in sorted(new_keys):
+            fs.copy(src + rel, dst + rel)
+        stale = {key[len(dst) :] for key in fs.find(dst)} - new_keys
+        for rel in sorted(stale):
+            fs.rm(dst + rel)
+        storage.write_text(storage.join(task.output, MANIFEST), text)  # last: it names exactly what is there
         fs.rm(storage.filesystem(task.staging)[1], recursive=True)
     else:
         src_path, dst_path = storage.local_path(task.result_uri), storage.local_path(task.output)
+        text = json.dumps(manifest, indent=2)
         (src_path / MANIFEST).write_text(text)
-        if dst_path.exists():
-            shutil.rmtree(dst_path)
-        dst_path.parent.mkdir(parents=True, exist_ok=True)
-        src_path.rename(dst_path)  # atomic: the output appears whole, manifest included
+        _replace_dir(src_path, dst_path)  # the output appears whole, manifest included
         shutil.rmtree(storage.local_path(task.staging), ignore_errors=True)
     return manifest
 
@@ -308,46 +599,114 @@ def discard(task: VolumeTask) -> None:
         fs.rm(path, recursive=True)
 
 
+def sweep_staging(out_parent: str, ttl_s: float = lease.DEFAULT_TTL_S) -> list[str]:
+    """Remove staging folders under ``<out_parent>/.staging`` left by dead runs: whose run does not
+    hold its output's lease (or the lease expired), or, without a run record, older than ``ttl_s``."""
+    fs, path = storage.filesystem(storage.join(out_parent, ".staging"))
+    if not fs.exists(path):
+        return []
+    removed = []
+    scheme = "s3://" if storage.is_s3(out_parent) else "file://"
+    for entry in fs.ls(path, detail=False):
+        uri = scheme + entry.lstrip("/") if scheme == "s3://" else scheme + entry
+        try:
+            record = json.loads(storage.read_text(storage.join(uri, RUN_FILE)))
+        except (FileNotFoundError, json.JSONDecodeError):
+            record = None
+        except OSError:
+            continue
+        if isinstance(record, dict) and "run" in record and "output" in record:
+            out = str(record["output"])
+            parent, base = posixpath.split(out.rstrip("/"))
+            info = lease.holder(f"{parent}/.leases/{base}.json")
+            alive = info is not None and info["run"] == record["run"] and time.time() - info["time"] <= ttl_s
+        else:
+            try:
+                alive = time.time() - float(fs.modified(entry).timestamp()) <= ttl_s
+            except (OSError, NotImplementedError, AttributeError):
+                alive = True
+        if not alive:
+            try:
+                fs.rm(entry, recursive=True)
+                removed.append(uri)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 # ----------------------------------------------------------------------------- local, one volume
 
 
 def translate_volume(
-    task: VolumeTask, cascade: Cascade, device: str | torch.device = "cpu", log: Any = None, tile: int | None = None
+    task: VolumeTask,
+    cascade: Cascade,
+    device: str | torch.device = "cpu",
+    log: Log | None = None,
+    tile: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """All four steps in this process (``msgan translate`` for zarr): constant memory, same result
-    as the distributed job."""
-    if is_published(task):
-        return json.loads(storage.read_text(storage.join(task.output, MANIFEST)))
+    as the distributed job. Returns the manifest with ``status``: ``skipped`` (published by the same
+    model), ``translated``, or ``re-translated`` (``previous_model`` replaced)."""
+    previous = read_manifest(task)
+    if previous is not None and previous["model"] == task.model:
+        return {**previous, "status": "skipped"}
     t0 = time.perf_counter()
+    held = task.lease
     try:
-        plan = stage(task, cascade, tile=tile)
+        lease.acquire(held, task.output)
+    except lease.LeaseError as err:
+        raise VolumeError(str(err)) from err
+    try:
+        sweep_staging(_parent(task.output))
+        vplan = plan_volume(task, cascade, tile)
+        stage(task, cascade.config, vplan)
+        if progress is not None:
+            progress(0, 0, 1)
         timings = [{"scale": 0, "tiles": 1, "seconds": run_scale0(task, cascade, device)}]
+        if progress is not None:
+            progress(0, 1, 1)
         for s in range(1, cascade.config.num_scales):
             t1 = time.perf_counter()
-            tiles = tiles_of(plan, s)
-            translate_tiles(task, cascade, s, tiles, device, cascade.config.inference.batch_size)
+            tiles = tiles_of(vplan, s)
+            done = [0]
+
+            def tick(k: int, s: int = s, total: int = len(tiles), done: list[int] = done) -> None:
+                done[0] += k
+                if progress is not None:
+                    progress(s, done[0], total)
+
+            translate_tiles(task, cascade, s, tiles, device, cascade.config.inference.batch_size, tick)
             timings.append({"scale": s, "tiles": len(tiles), "seconds": time.perf_counter() - t1})
             if log is not None:
-                log(f"  scale {s}: {len(tiles)} tiles of {plan['tiles'][s]} in {timings[-1]['seconds']:.1f}s")
-        return publish(task, cascade, {"timings": timings, "seconds": time.perf_counter() - t0})
+                log(f"  scale {s}: {len(tiles)} tiles of {vplan['tiles'][s]} in {timings[-1]['seconds']:.1f}s")
+        manifest = publish(task, {"timings": timings, "seconds": time.perf_counter() - t0})
+    except OSError as err:
+        discard(task)
+        where = f" ({err.filename})" if err.filename else ""
+        raise VolumeError(f"{task.name}: {err.strerror or err}{where}; nothing published") from err
     except BaseException:
         discard(task)
         raise
+    finally:
+        lease.release(held)
+    if previous is not None:
+        if log is not None:
+            log(f"re-translated: model {previous['model']} -> {task.model}")
+        return {**manifest, "status": "re-translated", "previous_model": previous["model"]}
+    return {**manifest, "status": "translated"}
 
 
-def model_id(model: str) -> str:
-    """A stable name for what translates: ``NAME/VERSION`` for registry models, a content hash for folders."""
-    if model.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        from msgan.registry import tracking_uri
-
-        ref = model[len("models:/") :]
-        client = MlflowClient(tracking_uri())
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
-        return ref
-    manifest = Path(model) / "manifest.json"
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.is_file() else "unknown"
-    return f"{Path(model).name}/{digest}"
+__all__ = [
+    "InferencePlan",
+    "ModelError",
+    "VolumeError",
+    "VolumeTask",
+    "check_collisions",
+    "expand_inputs",
+    "publish",
+    "resolve_plan",
+    "stage",
+    "translate_volume",
+    "volume_task",
+]

@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import pytest
@@ -43,7 +44,9 @@ def test_staged_translation_equals_in_memory_cascade(tmp_path, cascade):
         == (manifest["checksum_sha256"])
     )
     assert not list((tmp_path / "out" / ".staging").iterdir()), "staging cleaned up"
-    assert batch.is_published(task)
+    assert batch.is_published(task) and manifest["status"] == "translated"
+    again = batch.translate_volume(batch.volume_task(task.input, str(tmp_path / "out"), "m/1"), cascade)
+    assert again["status"] == "skipped" and again["checksum_sha256"] == manifest["checksum_sha256"]
 
 
 def test_published_output_does_not_depend_on_tile(tmp_path, cascade):
@@ -91,13 +94,14 @@ def test_bad_volume_fails_clearly_and_publishes_nothing(tmp_path, cascade, break
 def test_unwritten_tile_blocks_publishing(tmp_path, cascade):
     _volume(tmp_path, "v3")
     task = batch.volume_task(str(tmp_path / "in" / "v3.zarr"), str(tmp_path / "out"), "m/1")
-    plan = batch.stage(task, cascade)
+    plan = batch.plan_volume(task, cascade)
+    batch.stage(task, cascade.config, plan)
     batch.run_scale0(task, cascade)
     for s in (1, 2):
         tiles = batch.tiles_of(plan, s)
         batch.translate_tiles(task, cascade, s, tiles[:-1] if s == 2 else tiles)  # one tile of the last scale lost
     with pytest.raises(batch.VolumeError, match="unwritten voxels"):
-        batch.publish(task, cascade, {})
+        batch.publish(task, {})
     assert not batch.is_published(task)
 
 
@@ -130,3 +134,204 @@ def test_expand_inputs(tmp_path):
         batch.expand_inputs([str(tmp_path)])
     with pytest.raises(batch.VolumeError, match="neither"):
         batch.expand_inputs([str(tmp_path / "missing")])
+
+
+# ----------------------------------------------------------------------------- no silent wrong output
+
+
+@pytest.fixture(scope="module")
+def other_cascade():
+    return Cascade.untrained(tiny_config(**{"inference.memory_budget_mb": 1.0}), seed=7)
+
+
+def _out(tmp_path, name, sub="out"):
+    return zarr.open_group(str(tmp_path / sub / f"{name}.zarr"), mode="r")["0"][...]
+
+
+def test_output_of_another_model_is_translated_again_and_replaced(tmp_path, cascade, other_cascade):
+    img = _volume(tmp_path, "v5", shape=(20, 18, 22))
+    src = str(tmp_path / "in" / "v5.zarr")
+    batch.translate_volume(batch.volume_task(src, str(tmp_path / "out"), "m/1"), cascade)
+    logged = []
+    manifest = batch.translate_volume(
+        batch.volume_task(src, str(tmp_path / "out"), "m/2"), other_cascade, log=logged.append
+    )
+    assert manifest["status"] == "re-translated" and manifest["previous_model"] == "m/1"
+    assert "re-translated: model m/1 -> m/2" in logged
+    on_disk = json.loads((tmp_path / "out" / "v5.zarr" / "manifest.json").read_text())
+    assert on_disk["model"] == "m/2"
+    np.testing.assert_allclose(_out(tmp_path, "v5"), other_cascade.translate(img), atol=1e-5 * 1024)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name not in ("v5.zarr", ".staging", ".leases")]
+
+
+def test_failed_retranslation_keeps_the_old_output(tmp_path, cascade, other_cascade):
+    _volume(tmp_path, "v6", shape=(20, 18, 22))
+    src = tmp_path / "in" / "v6.zarr"
+    first = batch.translate_volume(batch.volume_task(str(src), str(tmp_path / "out"), "m/1"), cascade)
+    before = _out(tmp_path, "v6")
+    chunk = sorted(p for p in (src / "0" / "c").rglob("*") if p.is_file())[0]
+    chunk.unlink()  # the input is now incomplete
+    with pytest.raises(batch.VolumeError, match="never written"):
+        batch.translate_volume(batch.volume_task(str(src), str(tmp_path / "out"), "m/2"), other_cascade)
+    assert json.loads((tmp_path / "out" / "v6.zarr" / "manifest.json").read_text())["model"] == "m/1"
+    np.testing.assert_array_equal(_out(tmp_path, "v6"), before)
+    assert first["status"] == "translated"
+
+
+def test_missing_input_chunk_is_an_error_naming_volume_and_chunk(tmp_path, cascade):
+    _volume(tmp_path, "holes", shape=(20, 18, 22))
+    (tmp_path / "in" / "holes.zarr" / "0" / "c" / "0" / "0" / "0").unlink()
+    task = batch.volume_task(str(tmp_path / "in" / "holes.zarr"), str(tmp_path / "out"), "m/1")
+    with pytest.raises(batch.VolumeError, match=r"holes\.zarr.*never written \(first: c/0/0/0\)"):
+        batch.translate_volume(task, cascade)
+    assert not (tmp_path / "out" / "holes.zarr").exists()
+
+
+def test_corrupt_input_chunk_is_an_error_naming_volume_and_chunk(tmp_path, cascade):
+    write_zarr(tmp_path / "in" / "bad.zarr", [np.full((20, 18, 22), 40.0, np.float32)], GEOM, chunks=8)
+    (tmp_path / "in" / "bad.zarr" / "0" / "c" / "1" / "0" / "2").write_bytes(b"not zstd at all" * 8)
+    task = batch.volume_task(str(tmp_path / "in" / "bad.zarr"), str(tmp_path / "out"), "m/1")
+    with pytest.raises(batch.VolumeError, match=r"bad\.zarr: chunk c/1/0/2 of array '0' cannot be read"):
+        batch.translate_volume(task, cascade)
+    assert not (tmp_path / "out" / "bad.zarr").exists()
+    assert not any((tmp_path / "out" / ".staging").glob("*"))
+
+
+def test_malformed_output_manifest_is_a_clear_error(tmp_path, cascade):
+    _volume(tmp_path, "v7", shape=(12, 12, 12))
+    task = batch.volume_task(str(tmp_path / "in" / "v7.zarr"), str(tmp_path / "out"), "m/1")
+    (tmp_path / "out" / "v7.zarr").mkdir(parents=True)
+    (tmp_path / "out" / "v7.zarr" / "manifest.json").write_text(json.dumps({"volume": "v7"}))
+    with pytest.raises(batch.VolumeError, match=r"v7\.zarr/manifest\.json: malformed manifest: missing keys model"):
+        batch.translate_volume(task, cascade)
+
+
+def test_malformed_model_manifest_is_a_clear_error(tmp_path, cascade):
+    folder = cascade.save(tmp_path / "model")
+    (folder / "manifest.json").write_text(json.dumps({"format": "msgan-cascade/1"}))
+    with pytest.raises(
+        batch.ModelError, match=r"model/manifest\.json: malformed cascade manifest: missing keys config"
+    ):
+        batch.resolve_plan(str(folder))
+
+
+def test_os_error_is_one_clear_line_and_nothing_is_published(tmp_path, cascade):
+    _volume(tmp_path, "v8", shape=(12, 12, 12))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".staging").write_text("a file where the staging folder goes")
+    task = batch.volume_task(str(tmp_path / "in" / "v8.zarr"), str(tmp_path / "out"), "m/1")
+    with pytest.raises(batch.VolumeError, match=r"v8: .*\.staging.*nothing published"):
+        batch.translate_volume(task, cascade)
+    assert not (tmp_path / "out" / "v8.zarr").exists()
+    assert not (tmp_path / "out" / ".leases" / "v8.zarr.json").exists(), "lease released"
+
+
+def test_full_disk_is_one_clear_line_and_nothing_is_published(tmp_path, cascade):
+    import subprocess
+
+    _volume(tmp_path, "v9", shape=(40, 40, 40))
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk")
+    try:
+        task = batch.volume_task(str(tmp_path / "in" / "v9.zarr"), str(out), "m/1")
+        with pytest.raises(batch.VolumeError, match="No space left on device") as info:
+            batch.translate_volume(task, cascade)
+        assert "\n" not in str(info.value) and "nothing published" in str(info.value)
+        assert not (out / "v9.zarr").exists() and not any((out / ".staging").glob("*"))
+    finally:
+        subprocess.run(["umount", str(out)], check=False)
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+def test_another_run_holding_the_lease_is_refused_its_retry_is_not(tmp_path, cascade):
+    from msgan import lease
+
+    _volume(tmp_path, "v10", shape=(12, 12, 12))
+    src, out = str(tmp_path / "in" / "v10.zarr"), str(tmp_path / "out")
+    first = batch.volume_task(src, out, "m/1", run="runA")
+    lease.acquire(first.lease, first.output)  # run A is busy with it
+    with pytest.raises(batch.VolumeError, match=r"run runA .* has been publishing it"):
+        batch.translate_volume(batch.volume_task(src, out, "m/1", run="runB"), cascade)
+    assert not (tmp_path / "out" / "v10.zarr").exists()
+    manifest = batch.translate_volume(batch.volume_task(src, out, "m/1", run="runA"), cascade)  # a retry of run A
+    assert manifest["run"] == "runA" and not lease.holds(first.lease)
+
+
+def test_expired_lease_of_a_killed_run_is_taken_over(tmp_path):
+    from msgan import lease, storage
+
+    uri = storage.normalize_uri(tmp_path / ".leases" / "x.zarr.json")
+    lease.acquire(lease.Lease(uri, "dead", ttl_s=0.0), "x")
+    time.sleep(0.01)
+    lease.acquire(lease.Lease(uri, "alive", ttl_s=0.0), "x")
+    assert lease.holder(uri)["run"] == "alive"
+    with pytest.raises(lease.LeaseError, match="run alive"):
+        lease.acquire(lease.Lease(uri, "third", ttl_s=3600), "x")
+
+
+def test_staging_is_per_run_and_dead_runs_staging_is_swept(tmp_path, cascade):
+    from msgan import lease
+
+    _volume(tmp_path, "v11", shape=(12, 12, 12))
+    src, out = str(tmp_path / "in" / "v11.zarr"), str(tmp_path / "out")
+    a, b = batch.volume_task(src, out, "m/1", run="r1"), batch.volume_task(src, out, "m/1", run="r2")
+    assert a.staging != b.staging
+    for t in (a, b):
+        batch.stage(t, cascade.config, batch.plan_volume(t, cascade))
+    lease.acquire(b.lease, b.output)  # r2 is alive, r1 was killed
+    removed = batch.sweep_staging(storage.normalize_uri(tmp_path / "out"))
+    assert removed == [a.staging]
+    assert storage.exists(b.staging) and not storage.exists(a.staging)
+
+
+def test_publish_exchanges_the_old_output_for_the_new(tmp_path):
+    new, dest = tmp_path / "stage" / "o.zarr", tmp_path / "out" / "o.zarr"
+    for d, text in ((new, "new"), (dest, "old")):
+        d.mkdir(parents=True)
+        (d / "f").write_text(text)
+    (dest / "only-old").write_text("x")
+    batch._replace_dir(new, dest)
+    assert (dest / "f").read_text() == "new" and not (dest / "only-old").exists() and not new.exists()
+
+
+def test_two_inputs_for_one_output_are_refused(tmp_path):
+    tasks = [batch.volume_task(str(tmp_path / d / "v.zarr"), str(tmp_path / "out"), "m/1") for d in ("a", "b")]
+    with pytest.raises(batch.VolumeError, match=r"2 inputs map to one output .*out/v\.zarr: .*a/v\.zarr, .*b/v\.zarr"):
+        batch.check_collisions(tasks)
+
+
+# ----------------------------------------------------------------------------- the pinned plan
+
+
+def test_folder_plan_refuses_a_cascade_changed_after_pinning(tmp_path, cascade, other_cascade):
+    folder = cascade.save(tmp_path / "model")
+    plan = batch.resolve_plan(str(folder), {"batch_size": 3})
+    assert plan.model_id.startswith("model/") and plan.load().config.inference.batch_size == 3
+    other_cascade.save(folder)
+    with pytest.raises(batch.ModelError, match="changed since this batch pinned it"):
+        plan.load()
+
+
+def test_plan_pins_the_registry_version_the_alias_named(tmp_path, monkeypatch, cascade, other_cascade):
+    from mlflow import MlflowClient
+
+    from msgan import registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(registry.tracking_uri())
+    exp = client.create_experiment("pin")
+    for c in (cascade, other_cascade):
+        registry.register_cascade(c, client.create_run(exp).info.run_id, "pinned", alias="champion")
+    registry.promote("pinned", "1", "champion")
+    img = _volume(tmp_path, "v12", shape=(20, 18, 22))
+    plan = batch.resolve_plan("models:/pinned@champion")
+    assert plan.model == "models:/pinned/1" and plan.model_id == "pinned/1"
+    registry.promote("pinned", "2", "champion")  # promoted while the batch runs
+    task = batch.volume_task(str(tmp_path / "in" / "v12.zarr"), str(tmp_path / "out"), plan.model_id, run=plan.run)
+    manifest = batch.translate_volume(task, plan.load())
+    assert manifest["model"] == "pinned/1"
+    np.testing.assert_allclose(_out(tmp_path, "v12"), cascade.translate(img), atol=1e-5 * 1024)

@@ -1,18 +1,21 @@
 """Ray Data: cascaded batch translation of many large volumes in object storage.
 
-Per batch: stage every volume (a Ray task each: windowed image + edge pyramid, block by
-block), scale 0 (a task per volume on its whole LR edge image), then for each HR scale one
-Ray Data dataset of tile descriptors from *all* volumes, mapped onto a pool of actors that
-each hold the cascade; ``take_all()`` is the barrier between scales. Tiles read their inputs
-from zarr and write their core into their own output chunk: only descriptors and small
-records pass through the object store. A failing volume is reported with its error and
-never published; the others go on.
+Per batch, on the driver: one :class:`~msgan.batch.InferencePlan` (the model pinned to a version,
+the overrides, the run id), the output of every input (two inputs for one output are refused
+before any work), which outputs are done (by this version: skipped; by another: translated
+again), a lease per output, and each volume's tile plan. Then: stage every volume (a Ray task
+each: windowed image + edge pyramid, block by block), scale 0 (a task per volume on its whole
+LR edge image), and for each HR scale one Ray Data dataset whose rows are the scale's fixed tile
+batches of *all* volumes, mapped onto a pool of actors that each load the pinned cascade once;
+the dataset's end is the barrier between scales. Tiles read their inputs from zarr and write
+their core into their own output chunk: only descriptors and small records pass through the
+object store. A failing volume is reported with its error and never published; the others go on.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,27 +23,21 @@ from typing import Any
 import numpy as np
 
 from msgan import batch as vb
-from msgan import storage
+from msgan import lease, storage
 from msgan.cascade import Cascade
 from msgan.memory import peak_host_bytes
-from msgan.tiling import Tile
 
 Log = Callable[[str], None]
+PROGRESS_EVERY_S = 10.0  # one progress line per interval (and one at the end of each scale)
+
+# Tile actors run in worker processes of their own (a distinct runtime env: Ray never hands them
+# a worker that ran a staging task) with few malloc arenas, so their memory is theirs and stays flat.
+ACTOR_ENV = {"MALLOC_ARENA_MAX": "2", "MSGAN_WORKER": "tile-actor"}
 
 
 def load_model(model: str, device: str = "cpu") -> Cascade:
-    """A cascade from a registry URI (``models:/NAME@ALIAS``) or a cascade folder."""
-    if model.startswith(("models:/", "runs:/")):
-        from msgan.registry import load_cascade
-
-        return load_cascade(model, device)
-    return Cascade.load(model, device)
-
-
-def _with_inference(cascade: Cascade, overrides: dict[str, Any]) -> Cascade:
-    if overrides:
-        cascade.config = cascade.config.replace(**{f"inference.{k}": v for k, v in overrides.items()})
-    return cascade
+    """A cascade from a registry URI (``models:/...``) or a cascade folder (pinned on the spot)."""
+    return vb.resolve_plan(model).load(device)
 
 
 def _task(d: dict[str, Any]) -> vb.VolumeTask:
@@ -53,74 +50,116 @@ def _device(gpus: float) -> str:
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak-RSS mark afresh (Linux ``clear_refs`` 5): peaks measured later are
+    this process's own from now, not a high-water mark a reused worker carried in."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _trim() -> None:
+    """Give freed heap back to the OS (glibc), so RSS follows what is live."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
 # ----------------------------------------------------------------------------- per-volume steps (Ray tasks)
 
 
-def _stage(task: dict[str, Any], model: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    cascade = _with_inference(load_model(model), overrides)
+def _stage(task: dict[str, Any], config: dict[str, Any], vplan: dict[str, Any]) -> dict[str, Any]:
+    from msgan.config import from_dict
+
     try:
-        return {"plan": vb.stage(_task(task), cascade)}
+        vb.stage(_task(task), from_dict(config), vplan)
+        return {"ok": True}
     except Exception as err:  # reported per volume; the batch goes on
         vb.discard(_task(task))
-        return {"error": f"{type(err).__name__}: {err}"}
+        return {"error": _error(err)}
 
 
-def _scale0(task: dict[str, Any], model: str, gpus: float) -> dict[str, Any]:
+def _scale0(task: dict[str, Any], plan: vb.InferencePlan, gpus: float) -> dict[str, Any]:
     try:
-        return {"seconds": vb.run_scale0(_task(task), load_model(model, _device(gpus)), _device(gpus))}
+        device = _device(gpus)
+        return {"seconds": vb.run_scale0(_task(task), plan.load(device), device)}
     except Exception as err:
-        return {"error": f"{type(err).__name__}: {err}"}
+        return {"error": _error(err)}
 
 
-def _publish(task: dict[str, Any], model: str, info: dict[str, Any]) -> dict[str, Any]:
+def _publish(task: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     try:
-        return {"manifest": vb.publish(_task(task), load_model(model), info)}
+        return {"manifest": vb.publish(_task(task), info)}
     except Exception as err:
-        return {"error": f"{type(err).__name__}: {err}"}
+        return {"error": _error(err)}
 
 
 class TileWorker:
-    """A Ray Data actor: loads the cascade once, translates batches of tile descriptors."""
+    """A Ray Data actor: loads the pinned cascade once in its life, runs rows of fixed tile batches."""
 
-    def __init__(self, model: str, tasks: list[dict[str, Any]], scale: int, gpus: float, threads: int) -> None:
+    def __init__(
+        self,
+        plan: vb.InferencePlan,
+        tasks: list[dict[str, Any]],
+        plans: dict[int, dict[str, Any]],
+        scale: int,
+        gpus: float,
+        threads: int,
+    ) -> None:
         import torch
 
+        reset_peak_rss()
+        self.rss_start = current_rss()
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = _device(gpus)
-        self.cascade = load_model(model, self.device)
+        self.cascade = plan.load(self.device)
         self.tasks = [_task(t) for t in tasks]
         self.scale = scale
+        bs = max(1, self.cascade.config.inference.batch_size)
+        self.batches = {v: vb.batches_of(p, scale, bs) for v, p in plans.items()}
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        by_volume: dict[int, list[Tile]] = defaultdict(list)
-        for v, a, b in zip(rows["volume"], rows["start"], rows["stop"], strict=True):
-            by_volume[int(v)].append(Tile(tuple(int(x) for x in a), tuple(int(x) for x in b)))
         vols, counts, errors, seconds = [], [], [], []
-        for v, tiles in by_volume.items():
+        for v, b in zip(rows["volume"], rows["batch"], strict=True):
+            v, b = int(v), int(b)
+            tiles = self.batches[v][b]
             t0 = time.perf_counter()
             try:
-                vb.translate_tiles(
-                    self.tasks[v],
-                    self.cascade,
-                    self.scale,
-                    tiles,
-                    self.device,
-                    self.cascade.config.inference.batch_size,
-                )
+                vb.translate_tiles(self.tasks[v], self.cascade, self.scale, tiles, self.device, len(tiles))
                 err = ""
             except Exception as e:  # an error stays with its volume instead of aborting the dataset
-                err = f"{type(e).__name__}: {e}"
+                err = _error(e)
             vols.append(v)
             counts.append(0 if err else len(tiles))
             errors.append(err)
             seconds.append(time.perf_counter() - t0)
+        _trim()
         return {
             "volume": np.array(vols, dtype=np.int64),
             "tiles": np.array(counts, dtype=np.int64),
             "error": np.array(errors, dtype=object),
             "seconds": np.array(seconds, dtype=np.float64),
-            "peak_rss": np.full(len(vols), peak_host_bytes(), dtype=np.int64),  # this actor's process so far
+            "peak_rss": np.full(len(vols), peak_host_bytes(), dtype=np.int64),  # this actor's, from its start
+            "start_rss": np.full(len(vols), self.rss_start, dtype=np.int64),
+            "pid": np.full(len(vols), os.getpid(), dtype=np.int64),
         }
 
 
@@ -129,8 +168,11 @@ class TileWorker:
 
 @dataclass
 class BatchReport:
+    model: str = ""  # the pinned model id every volume was translated with
+    run: str = ""
     published: list[dict[str, Any]] = field(default_factory=list)  # manifests
-    skipped: list[str] = field(default_factory=list)  # already published before this run
+    skipped: list[str] = field(default_factory=list)  # published by this model version before this run
+    retranslated: dict[str, str] = field(default_factory=dict)  # volume -> "model A -> B"
     failed: dict[str, str] = field(default_factory=dict)  # volume -> error
     scales: list[dict[str, Any]] = field(default_factory=list)  # per scale: tiles, voxels, seconds
     tiles_computed: int = 0
@@ -139,7 +181,7 @@ class BatchReport:
     def summary(self) -> str:
         lines = [
             f"volumes: {len(self.published)} published, {len(self.skipped)} already published, "
-            f"{len(self.failed)} failed; {self.tiles_computed} tiles in {self.seconds:.1f}s"
+            f"{len(self.failed)} failed; {self.tiles_computed} tiles in {self.seconds:.1f}s with {self.model}"
         ]
         for s in self.scales:
             rate = s["voxels"] / s["seconds"] / 1e6 if s["seconds"] > 0 else 0.0
@@ -148,8 +190,30 @@ class BatchReport:
                 f"  scale {s['scale']}: {s['tiles']:>6} tiles {s['voxels'] / 1e6:9.2f} Mvox {s['seconds']:7.1f}s "
                 f"{rate:8.3f} Mvox/s{rss}"
             )
+        lines += [f"  re-translated {name}: model {what}" for name, what in self.retranslated.items()]
         lines += [f"  FAILED {name}: {err}" for name, err in self.failed.items()]
         return "\n".join(lines)
+
+
+class ProgressLines:
+    """Tiles done per scale with rate and ETA: a line every ``every`` seconds and one at the end."""
+
+    def __init__(self, log: Log, scale: int, total: int, volumes: int, every: float = PROGRESS_EVERY_S) -> None:
+        self.log, self.scale, self.total, self.volumes, self.every = log, scale, total, volumes, every
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def add(self, tiles: int) -> None:
+        self.done += tiles
+        now = time.perf_counter()
+        if self.done >= self.total or now - self.last >= self.every:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.log(
+                f"  scale {self.scale}: {self.done}/{self.total} tiles of {self.volumes} volume(s), "
+                f"{rate:.1f} tiles/s, ETA {eta:.0f}s"
+            )
 
 
 def _gpus_per_actor(cascade: Cascade) -> float:
@@ -163,55 +227,116 @@ def _gpus_per_actor(cascade: Cascade) -> float:
     return 0.0
 
 
+def _claim(
+    tasks: list[vb.VolumeTask], cascade: Cascade, plan: vb.InferencePlan, report: BatchReport, log: Log
+) -> tuple[list[vb.VolumeTask], dict[int, dict[str, Any]]]:
+    """Skip what this version published, lease the rest, plan their tiles. Returns (tasks, plans)."""
+    todo: list[vb.VolumeTask] = []
+    for t in tasks:
+        try:
+            previous = vb.read_manifest(t)
+            if previous is not None and previous["model"] == t.model:
+                report.skipped.append(t.name)
+                continue
+            lease.acquire(t.lease, t.output)
+            previous = vb.read_manifest(t)  # another run may have published it meanwhile
+            if previous is not None and previous["model"] == t.model:
+                lease.release(t.lease)
+                report.skipped.append(t.name)
+                continue
+        except (vb.VolumeError, lease.LeaseError, OSError) as err:
+            report.failed[t.name] = str(err)
+            continue
+        if previous is not None:
+            report.retranslated[t.name] = f"{previous['model']} -> {t.model}"
+            log(f"  {t.name}: published by {previous['model']}; re-translating with {t.model}")
+        todo.append(t)
+    plans: dict[int, dict[str, Any]] = {}
+    for i, t in enumerate(todo):
+        try:
+            plans[i] = vb.plan_volume(t, cascade, plan.tile)
+        except (vb.VolumeError, OSError) as err:
+            report.failed[t.name] = str(err)
+            lease.release(t.lease)
+    return todo, plans
+
+
 def translate_batch(
     inputs: Sequence[str],
     out_prefix: str,
     model: str,
     overrides: dict[str, Any] | None = None,
     log: Log = print,
+    tile: int | None = None,
+    progress_every: float = PROGRESS_EVERY_S,
 ) -> BatchReport:
-    """Translate every input volume not yet published under ``out_prefix`` with ``model``."""
-    import ray
-
+    """Translate every input volume not yet published under ``out_prefix`` by this model version."""
     from msgan.distributed.pipeline import ensure_ray
 
     t_start = time.perf_counter()
-    overrides = dict(overrides or {})
-    cascade = _with_inference(load_model(model), overrides)
+    plan = vb.resolve_plan(model, overrides, tile)  # the one resolution of the alias in this batch
+    cascade = plan.load()
+    all_tasks = [vb.volume_task(uri, out_prefix, plan.model_id, run=plan.run) for uri in vb.expand_inputs(inputs)]
+    vb.check_collisions(all_tasks)  # before any work
     ensure_ray(cascade.config)
-    mid = vb.model_id(model)
-    report = BatchReport()
-    tasks = []
-    for uri in vb.expand_inputs(inputs):
-        t = vb.volume_task(uri, out_prefix, mid)
-        (report.skipped.append(t.name) if vb.is_published(t) else tasks.append(t))
-    log(f"[1/4] {len(tasks)} volumes to translate with {mid}, {len(report.skipped)} already published")
-    if not tasks:
+    report = BatchReport(model=plan.model_id, run=plan.run)
+    for parent in sorted({vb._parent(t.output) for t in all_tasks}):
+        for gone in vb.sweep_staging(parent):
+            log(f"  removed stale staging {gone}")
+    tasks, plans = _claim(all_tasks, cascade, plan, report, log)
+    log(
+        f"[1/4] {len(plans)} volumes to translate with {plan.model_id} (run {plan.run}), "
+        f"{len(report.skipped)} already published, {len(report.failed)} refused"
+    )
+    if not plans:
         report.seconds = time.perf_counter() - t_start
         return report
+    try:
+        _run(tasks, plans, cascade, plan, report, log, progress_every)
+    finally:
+        for t in tasks:
+            lease.release(t.lease)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _run(
+    tasks: list[vb.VolumeTask],
+    plans: dict[int, dict[str, Any]],
+    cascade: Cascade,
+    plan: vb.InferencePlan,
+    report: BatchReport,
+    log: Log,
+    progress_every: float,
+) -> None:
+    import ray
+
     inf = cascade.config.inference
     gpus = _gpus_per_actor(cascade)
     n = cascade.config.num_scales
     task_dicts = [asdict(t) for t in tasks]
     env = storage.env_for_workers()  # this process's storage/tracking settings reach every task and actor
     remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    config = cascade.config.to_dict()
+
+    def fail(i: int, why: str) -> None:
+        report.failed[tasks[i].name] = why
+        plans.pop(i, None)
+        vb.discard(tasks[i])
+        lease.release(tasks[i].lease)
 
     stage_remote = ray.remote(num_cpus=1, max_retries=2, **remote_args)(_stage)
-    staged = ray.get([stage_remote.remote(t, model, overrides) for t in task_dicts])
-    plans: dict[int, dict[str, Any]] = {}
-    for i, r in enumerate(staged):
+    staged = ray.get([stage_remote.remote(task_dicts[i], config, p) for i, p in plans.items()])
+    for i, r in zip(list(plans), staged, strict=True):
         if "error" in r:
-            report.failed[tasks[i].name] = r["error"]
-        else:
-            plans[i] = r["plan"]
+            fail(i, r["error"])
     log(f"[2/4] staged {len(plans)} volumes (edges at {n} scales); scale 0 on each whole LR image")
     t0 = time.perf_counter()
     remote0 = ray.remote(num_cpus=inf.cpus_per_actor, num_gpus=gpus, max_retries=2, **remote_args)(_scale0)
-    results0 = dict(zip(plans, ray.get([remote0.remote(task_dicts[i], model, gpus) for i in plans]), strict=True))
+    results0 = dict(zip(plans, ray.get([remote0.remote(task_dicts[i], plan, gpus) for i in plans]), strict=True))
     for i, r in results0.items():
         if "error" in r:
-            report.failed[tasks[i].name] = r["error"]
-            plans.pop(i)
+            fail(i, r["error"])
     report.scales.append(
         {"scale": 0, "tiles": len(plans), "seconds": time.perf_counter() - t0,
          "voxels": sum(int(np.prod(p["shapes"][0])) for p in plans.values())}
@@ -219,52 +344,60 @@ def translate_batch(
 
     log(f"[3/4] HR scales 1..{n - 1}: tiles of all volumes on {inf.actors} actors ({gpus or 'no'} GPU each)")
     threads = max(1, int(inf.cpus_per_actor)) if gpus == 0 else 0
+    bs = max(1, inf.batch_size)
+    actor_env = {"env_vars": {**env, **ACTOR_ENV}}
     for s in range(1, n):
-        items = [
-            {"volume": i, "start": list(t.start), "stop": list(t.stop)}
-            for i, plan in plans.items()
-            for t in vb.tiles_of(plan, s)
-        ]
+        for t in tasks:
+            lease.refresh(t.lease)
+        grids = {i: {"shapes": p["shapes"], "tiles": p["tiles"]} for i, p in plans.items()}
+        items = [{"volume": i, "batch": b} for i, p in plans.items() for b in range(len(vb.batches_of(p, s, bs)))]
         if not items:
             break
+        total = sum(len(vb.tiles_of(p, s)) for p in plans.values())
         t0 = time.perf_counter()
-        # a few blocks per actor: rows of one block share a task, so per-task overhead is amortised
-        blocks = max(1, min(len(items), inf.actors * 4))
+        blocks = max(1, min(len(items), inf.actors * 4))  # rows of a block share a task: overhead amortised
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             TileWorker,
-            fn_constructor_kwargs={"model": model, "tasks": task_dicts, "scale": s, "gpus": gpus, "threads": threads},
+            fn_constructor_kwargs={
+                "plan": plan,
+                "tasks": task_dicts,
+                "plans": grids,
+                "scale": s,
+                "gpus": gpus,
+                "threads": threads,
+            },
             compute=ray.data.ActorPoolStrategy(size=inf.actors),
-            batch_size=max(1, inf.batch_size),
+            batch_size=1,  # a row is one fixed batch of tiles: one forward pass, whichever actor runs it
             num_cpus=inf.cpus_per_actor,
             num_gpus=gpus,
-            runtime_env=remote_args.get("runtime_env"),  # Ray Data restarts dead actors and retries their tiles
+            runtime_env=actor_env,  # Ray Data restarts dead actors and retries their tiles
         )
-        rows = ds.take_all()  # the barrier: scale s+1 starts when every tile of scale s is written
-        tiles, rss = 0, max((int(r["peak_rss"]) for r in rows), default=0)
-        for row in rows:
+        progress = ProgressLines(log, s, total, len(plans), progress_every)
+        tiles, rss, rss0, pids = 0, 0, 0, set()
+        for row in ds.iter_rows():  # the barrier: scale s+1 starts when every tile of scale s is written
             v = int(row["volume"])
+            rss, rss0 = max(rss, int(row["peak_rss"])), max(rss0, int(row["start_rss"]))
+            pids.add(int(row["pid"]))
             if row["error"] and v in plans:
-                report.failed[tasks[v].name] = f"scale {s}: {row['error']}"
-                plans.pop(v)
+                fail(v, f"scale {s}: {row['error']}")
             tiles += int(row["tiles"])
+            progress.add(int(row["tiles"]))
         report.tiles_computed += tiles
         report.scales.append(
             {"scale": s, "tiles": tiles, "seconds": time.perf_counter() - t0, "actor_peak_rss": rss,
+             "actor_start_rss": rss0, "actors_seen": len(pids),
              "voxels": sum(int(np.prod(p["shapes"][s])) for p in plans.values())}
         )  # fmt: skip
-    for name in report.failed:
-        for t in tasks:
-            if t.name == name:
-                vb.discard(t)
 
     log(f"[4/4] publishing {len(plans)} volumes")
-    info = {"timings": report.scales}
+    info = {"timings": report.scales, "model_uri": plan.model}
     remote_pub = ray.remote(num_cpus=inf.cpus_per_actor, max_retries=2, **remote_args)(_publish)
-    published = ray.get([remote_pub.remote(task_dicts[i], model, info) for i in plans])
-    for i, r in zip(plans, published, strict=True):
+    published = ray.get([remote_pub.remote(task_dicts[i], info) for i in plans])
+    for i, r in zip(list(plans), published, strict=True):
         if "error" in r:
-            report.failed[tasks[i].name] = r["error"]
+            fail(i, r["error"])
         else:
             report.published.append(r["manifest"])
-    report.seconds = time.perf_counter() - t_start
-    return report
+    for name in list(report.retranslated):
+        if name in report.failed:
+            report.retranslated.pop(name)
