@@ -11,7 +11,7 @@ from msgan.io.dicom import read_series
 from msgan.io.pacs import DicomWebClient
 from msgan.pacs_sync import SyncConfig, run_once
 from tests.conftest import tiny_config
-from tests.dicom_data import OBLIQUE, PATIENT, write_ct_series
+from tests.dicom_data import OBLIQUE, PATIENT, assert_valid_dicom, write_ct_series
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,12 @@ def test_pacs_pass_translates_new_series_once(empty_orthanc, ray_local, model, t
     vol = read_series([tmp_path / "derived"]).volumes[0]
     assert vol.image.shape == hu.shape and vol.geometry.allclose(OBLIQUE, atol=1e-5)
     ds = pydicom.dcmread(got[0])
-    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src_uid
+    src = pydicom.dcmread(files[0])
+    assert ds.SOPClassUID == src.SOPClassUID and ds.PhotometricInterpretation == src.PhotometricInterpretation
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    assert_valid_dicom(got)
     assert ds.PatientID == PATIENT["PatientID"] and ds.StudyInstanceUID == vol.identifiers["StudyInstanceUID"]
     assert ds.SOPInstanceUID not in {pydicom.dcmread(f).SOPInstanceUID for f in files}
     assert np.isfinite(vol.image).all()

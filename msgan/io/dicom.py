@@ -8,8 +8,9 @@ Pixel values are rescaled to modality units (HU for CT), kept as float32, never 
 
 Export: a volume becomes a derived series of single-frame images with the same size and
 geometry: new Series/SOP Instance UIDs (deterministic from the source series and the model,
-so a retried push is not a duplicate), ImageType DERIVED\\SECONDARY, the source's patient and
-study, and a reference to the source series. Written with pydicom (sequences included).
+so a retried push is not a duplicate), ImageType DERIVED\\SECONDARY\\<the source's third value>, the
+source's patient and study attributes (Type 2 attributes present, empty when unknown), and a reference to
+the source series. Written with pydicom (sequences included).
 """
 
 from __future__ import annotations
@@ -37,8 +38,38 @@ IDENTIFIERS = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
     "StudyID", "AccessionNumber", "StudyDescription", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
     "Modality", "FrameOfReferenceUID", "ConvolutionKernel", "Manufacturer", "ManufacturerModelName",
-    "BodyPartExamined", "KVP", "SOPClassUID",
+    "BodyPartExamined", "KVP", "SOPClassUID", "SpecificCharacterSet", "ReferringPhysicianName", "PatientPosition",
+    "Laterality", "ImageType", "InstitutionName", "ScanningSequence", "SequenceVariant", "ScanOptions",
+    "MRAcquisitionType", "RepetitionTime", "EchoTime", "EchoTrainLength", "MagneticFieldStrength",
 )  # fmt: skip
+# What a derived image carries over from its source, by module (PS3.3): Patient and General Study (the same
+# patient and study), General Equipment, and the acquisition attributes of the CT/MR Image modules.
+COPIED = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription", "Manufacturer",
+    "ManufacturerModelName", "InstitutionName", "BodyPartExamined", "PatientPosition", "Laterality",
+)  # fmt: skip
+# Type 2 attributes (present, empty when the source has no value) of the modules each SOP class writes.
+TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "Manufacturer",
+    "PatientPosition",
+    "AcquisitionNumber",
+)  # fmt: skip  (Laterality is 2C: only when the source has it, as dciodvfy checks)
+TYPE2_BY_CLASS = {
+    CT_IMAGE: ("KVP", "ConvolutionKernel"),
+    MR_IMAGE: ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength", "RepetitionTime"),
+}
+# Type 1 attributes of the MR Image module with the values PS3.3 C.8.3.1 gives when the source does not say.
+MR_TYPE1 = {"ScanningSequence": ["RM"], "SequenceVariant": ["NONE"]}
 GEOMETRY_TOL_MM = 1e-3
 # Transfer syntaxes SimpleITK's GDCM decodes; anything else compressed (HTJ2K, JPEG XL, video, ...) is refused
 # by name instead of being handed to a decoder that may misread it.
@@ -272,7 +303,10 @@ def _ingest_one(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesVolume:
         return SeriesVolume(uid, arr, geom, _identifiers(ds), notes)
     files, geom, more = _series_geometry(uid, unique)
     arr = _read_pixels(uid, files)
-    return SeriesVolume(uid, arr, geom, _identifiers(first) | {"NumberOfSlices": len(files)}, notes + more)
+    by_path = dict(unique)
+    sources = [str(by_path[f].get("SOPInstanceUID", "")) for f in files]  # UIDs checked in _check_uids
+    ids = _identifiers(first) | {"NumberOfSlices": len(files), "SourceInstances": sources}
+    return SeriesVolume(uid, arr, geom, ids, notes + more)
 
 
 # ----------------------------------------------------------------------------- export
@@ -281,6 +315,13 @@ def _ingest_one(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesVolume:
 def derived_uid(*parts: str) -> str:
     """A UID determined by ``parts`` (e.g. source series UID + model version): a retried export is identical."""
     return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+
+
+def derived_image_type(source: Any, default_third: str) -> list[str]:
+    """ImageType of a derived image: DERIVED\\SECONDARY, then the source's further values (e.g. AXIAL)."""
+    values = [str(v) for v in source] if isinstance(source, (list, tuple)) else [str(source or "")]
+    rest = [v for v in values[2:] if v]
+    return ["DERIVED", "SECONDARY", *(rest or [default_third])]
 
 
 def _int16_encoding(values: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -317,6 +358,9 @@ def write_series(
     )
     modality = identifiers.get("Modality") or ("MR" if sop_class == MR_IMAGE else "CT")
     frame_uid = identifiers.get("FrameOfReferenceUID") or derived_uid(series_uid, "frame")
+    sources = [str(u) for u in identifiers.get("SourceInstances") or []]
+    source_class = str(identifiers.get("SOPClassUID") or sop_class)
+    image_type = derived_image_type(identifiers.get("ImageType"), "AXIAL" if sop_class == CT_IMAGE else "OTHER")
     paths = []
     for k in range(image.shape[0]):
         sop_uid = derived_uid(series_uid, str(k))
@@ -327,17 +371,20 @@ def write_series(
         meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()
         ds.file_meta = meta
-        for key in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "StudyID", "AccessionNumber", "StudyDescription", "Manufacturer",
-                    "BodyPartExamined", "ConvolutionKernel"):  # fmt: skip
-            if identifiers.get(key) not in (None, ""):
-                setattr(ds, key, identifiers[key])
+        for key in (*TYPE2, *TYPE2_BY_CLASS[sop_class]):
+            setattr(ds, key, "")
+        for key in (*COPIED, *TYPE2_BY_CLASS[sop_class], *(MR_TYPE1 if sop_class == MR_IMAGE else ())):
+            value = identifiers.get(key, MR_TYPE1.get(key) if sop_class == MR_IMAGE else None)
+            if value not in (None, ""):
+                setattr(ds, key, value)
+        if "BodyPartExamined" not in ds and "Laterality" not in ds:
+            ds.Laterality = ""  # 2C: unknown body part, so whether it is paired is unknown too
         ds.StudyInstanceUID = identifiers.get("StudyInstanceUID") or derived_uid(series_uid, "study")
         ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, k + 1
         ds.SeriesDescription = description[:64]
         ds.Modality = modality
-        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.ImageType = image_type
         ds.FrameOfReferenceUID = frame_uid
         ds.PositionReferenceIndicator = ""
         ds.ImagePositionPatient = [f"{v:.6f}" for v in origin + k * sz * normal]
@@ -350,10 +397,15 @@ def write_series(
         ds.RescaleIntercept, ds.RescaleSlope = f"{intercept:g}", f"{slope:g}"
         ds.RescaleType = "HU" if modality == "CT" else "US"
         if derived_from:
-            ref = Dataset()
-            ref.SeriesInstanceUID = derived_from
-            ds.ReferencedSeriesSequence = [ref]
             ds.DerivationDescription = description[:1024]
+            if len(sources) == image.shape[0] and all(sources):  # the source slice this one is made from
+                source = Dataset()
+                source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = source_class, sources[k]
+                ds.SourceImageSequence = [source]
+                instance, ref = Dataset(), Dataset()  # Common Instance Reference: the same instance, by series
+                instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = source_class, sources[k]
+                ref.SeriesInstanceUID, ref.ReferencedInstanceSequence = derived_from, [instance]
+                ds.ReferencedSeriesSequence = [ref]
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
         path = out / f"{k + 1:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -7,7 +7,7 @@ from msgan import storage
 from msgan.cli import main
 from msgan.io.convert import export, ingest
 from msgan.io.volume import read_volume, write_volume
-from tests.dicom_data import OBLIQUE, PATIENT, write_ct_series
+from tests.dicom_data import OBLIQUE, PATIENT, assert_valid_dicom, write_ct_series
 
 
 def test_ingest_export_through_the_cli(tmp_path, capsys):
@@ -17,8 +17,10 @@ def test_ingest_export_through_the_cli(tmp_path, capsys):
     np.testing.assert_array_equal(g["0"][...], hu)
     assert g.attrs["msgan"]["dicom"]["SeriesInstanceUID"] == uid
     assert main(["export", str(tmp_path / "v.zarr"), str(tmp_path / "out"), "--format", "dicom"]) == 0
-    ds = pydicom.dcmread(sorted((tmp_path / "out").glob("*.dcm"))[0])
+    exported = sorted((tmp_path / "out").glob("*.dcm"))
+    ds = pydicom.dcmread(exported[0])
     assert ds.PatientID == PATIENT["PatientID"] and ds.SeriesInstanceUID != uid
+    assert_valid_dicom(exported)
     assert main(["export", str(tmp_path / "v.zarr"), str(tmp_path / "v.nii.gz"), "--format", "nifti"]) == 0
     img, geom = read_volume(tmp_path / "v.nii.gz")
     np.testing.assert_array_equal(img, hu)

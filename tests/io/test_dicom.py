@@ -3,7 +3,8 @@ import pydicom
 import pytest
 
 from msgan.io.dicom import DicomError, derived_uid, read_series, write_series
-from tests.dicom_data import OBLIQUE, PATIENT, write_ct_series
+from msgan.io.volume import Geometry
+from tests.dicom_data import OBLIQUE, PATIENT, assert_valid_dicom, dciodvfy_errors, phantom_ct, write_ct_series
 
 
 def _edit(path, **tags):
@@ -32,7 +33,7 @@ def test_roundtrip_keeps_geometry_and_pixels(tmp_path):
     np.testing.assert_array_equal(again.image, hu)
     assert again.geometry.allclose(OBLIQUE, atol=1e-6)
     ds = pydicom.dcmread(out[0])
-    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]  # the source's third value kept
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
     assert ds.SeriesInstanceUID == derived_uid(uid, "m/1") != uid
     assert ds.StudyInstanceUID == v.identifiers["StudyInstanceUID"] and ds.PatientID == PATIENT["PatientID"]
@@ -151,3 +152,55 @@ def test_duplicates_and_localizer_left_out(tmp_path):
     assert len(res.volumes) == 1, res.errors
     np.testing.assert_array_equal(res.volumes[0].image, hu)
     assert any("duplicate" in n for n in res.volumes[0].notes) and any("localizer" in n for n in res.volumes[0].notes)
+
+
+def test_a_derived_ct_series_passes_dciodvfy_and_keeps_the_study(tmp_path):
+    files, uid, _ = write_ct_series(tmp_path / "src")
+    src = pydicom.dcmread(files[0])
+    src.ReferringPhysicianName, src.KVP, src.PatientPosition = "Doe^Jane", "120", "HFS"
+    src.SpecificCharacterSet = "ISO_IR 100"
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.ReferringPhysicianName, ds.KVP, ds.PatientPosition = "Doe^Jane", "120", "HFS"
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jörg"
+        ds.save_as(f)
+    assert_valid_dicom(files[:1])  # the synthetic source is itself a valid CT image
+    v = read_series([tmp_path / "src"]).volumes[0]
+    out = write_series(v.image, v.geometry, tmp_path / "out", v.identifiers, derived_uid(uid, "m/2"), "msgan m/2",
+                       derived_from=uid)  # fmt: skip
+    assert_valid_dicom(out)
+    ds = pydicom.dcmread(out[0])
+    for key in ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+                "PatientName", "PatientBirthDate", "PatientSex", "KVP", "PatientPosition", "Manufacturer"):  # fmt: skip
+        assert ds[key].value == pydicom.dcmread(files[0])[key].value, key
+    assert ds.SOPClassUID == src.SOPClassUID and ds.PhotometricInterpretation == src.PhotometricInterpretation
+    assert str(ds.PatientName) == "Müller^Jörg" and ds.SpecificCharacterSet == "ISO_IR 100"
+
+
+def test_unknown_type2_attributes_are_present_and_empty(tmp_path):
+    """A volume without DICOM identifiers (e.g. from NIfTI) still exports as a valid CT image."""
+    out = write_series(phantom_ct(shape=(3, 16, 12)), OBLIQUE, tmp_path, {}, derived_uid("bare"), "bare")
+    assert_valid_dicom(out)
+    ds = pydicom.dcmread(out[0])
+    for key in ("PatientName", "PatientID", "ReferringPhysicianName", "AccessionNumber", "KVP", "AcquisitionNumber"):
+        assert key in ds and ds[key].value in ("", None), key
+
+
+def test_a_derived_mr_series_passes_dciodvfy(tmp_path):
+    ids = PATIENT | {"Modality": "MR", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.4", "EchoTime": "10",
+                     "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"], "ScanningSequence": "SE",
+                     "SequenceVariant": "NONE", "RepetitionTime": "500"}  # fmt: skip
+    out = write_series(phantom_ct(shape=(3, 16, 12)), Geometry.identity(3), tmp_path, ids, derived_uid("mr"), "mr")
+    assert_valid_dicom(out)
+    ds = pydicom.dcmread(out[0])
+    assert ds.SOPClassUID == ids["SOPClassUID"] and list(ds.ImageType) == ["DERIVED", "SECONDARY", "M", "ND"]
+    assert ds.ScanningSequence == "SE" and float(ds.EchoTime) == 10
+
+
+def test_the_validator_helper_reports_errors(tmp_path):
+    """The helper can fail: a CT image without its Type 2 attributes has dciodvfy errors."""
+    out = write_series(phantom_ct(shape=(2, 8, 8)), OBLIQUE, tmp_path, {}, derived_uid("x2"), "x")
+    _edit(out[0], ReferringPhysicianName=None, KVP=None)
+    errors = dciodvfy_errors(out)
+    assert list(errors) == [out[0].name]
+    assert any("ReferringPhysicianName" in e for e in errors[out[0].name])
