@@ -3,41 +3,49 @@
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default: a local sqlite store). The
 driver creates the experiment, the job's parent run and one child run per scale; workers
 log into their child run by id (no active-run state), so a retried worker re-attaches
-instead of making a duplicate run. A finished job registers the cascade as one pyfunc model
-version (every scale's weights + the manifest) with the alias ``candidate``.
+instead of making a duplicate run. A finished job registers the cascade as one model version
+whose artifact is data only (every scale's weights + the manifest with their sha256) with the
+alias ``candidate``; loading it builds the networks with this installed msgan, weights only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
+import re
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
-import mlflow.pyfunc
+import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.pyfunc import PythonModel
+from mlflow.entities.model_registry import ModelVersion
 
 from msgan import __version__, storage
-from msgan.cascade import Cascade
+from msgan.cascade import FORMAT, MANIFEST, Cascade
+from msgan.redact import redact_text, redact_uri
 
 DEFAULT_DB = "runs/mlflow.db"
 T = TypeVar("T")
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` or a sqlite store under ``runs/`` of the working directory."""
+    """``MLFLOW_TRACKING_URI`` or a sqlite store at ``$MSGAN_HOME/runs/mlflow.db`` (never the working
+    directory, which ``ray job submit`` makes a temporary package folder): see :mod:`msgan.settings`."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    path = Path(DEFAULT_DB).resolve()
+    from msgan.settings import home
+
+    path = home() / DEFAULT_DB
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -152,40 +160,41 @@ def job_runs(
 
 
 # ----------------------------------------------------------------------------- the cascade as a model
+#
+# A registered cascade is data only: the run artifact directory ``cascade/<manifest sha256[:16]>`` holds
+# ``manifest.json`` and ``scale_<i>.pt`` (sha256 of each in the manifest), and the model version points at
+# it. Loading downloads exactly those files, checks them and builds the networks with the *installed*
+# msgan (``torch.load(weights_only=True)``); nothing else in the artifact directory is read, let alone run.
 
-# MLflow asks for predict() type hints to infer an input schema; ours takes one volume, not a batch of rows.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
+ARTIFACT_DIR = "cascade"
+FORMAT_TAG = "msgan.format"
+MANIFEST_TAG = "msgan.manifest_sha256"
+_WEIGHT_NAME = re.compile(r"scale_(\d+)\.pt")
 
 
-class CascadeModel(PythonModel):
-    """pyfunc wrapper: ``predict`` translates one volume (numpy, input units) through the cascade."""
-
-    def load_context(self, context: Any) -> None:
-        self.cascade = Cascade.load(context.artifacts["cascade"])
-
-    # No type hints: MLflow would read them as an input schema of many instances; this takes one volume.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        import numpy as np
-
-        return self.cascade.translate(np.asarray(model_input, dtype=np.float32), **(params or {}))
+class ModelLoadError(ValueError):
+    """A model reference that cannot be resolved, or an artifact that is not a sound msgan cascade."""
 
 
 def register_cascade(cascade: Cascade, run_id: str, name: str, alias: str = "candidate") -> str:
-    """Log the cascade into ``run_id`` as a pyfunc model, register a new version of ``name`` and
-    point ``alias`` at it. Returns the version."""
+    """Log the cascade (manifest + weights, nothing executable) into ``run_id``, register a new version of
+    ``name`` pointing at that artifact directory and point ``alias`` at it. Returns the version."""
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = cascade.save(Path(tmp) / "cascade")
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="cascade",
-                python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models from code: no pickle
-                artifacts={"cascade": str(local)},
-                pip_requirements=["torch", "numpy", "SimpleITK", "zarr", f"msgan=={__version__}"],
-            )
-    version = _retry(lambda: mlflow.register_model(info.model_uri, name, tags=_model_tags(cascade)))
-    client = MlflowClient(uri)
+        digest = hashlib.sha256((local / MANIFEST).read_bytes()).hexdigest()
+        artifact_path = f"{ARTIFACT_DIR}/{digest[:16]}"
+        _retry(lambda: client.log_artifacts(run_id, str(local), artifact_path))
+    try:
+        _retry(lambda: client.create_registered_model(name))
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    tags = _model_tags(cascade) | {FORMAT_TAG: FORMAT, MANIFEST_TAG: digest}
+    version = _retry(
+        lambda: client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
+    )
     _retry(lambda: client.set_registered_model_alias(name, alias, version.version))
     return str(version.version)
 
@@ -210,14 +219,121 @@ def promote(name: str, version: str, alias: str) -> None:
     _retry(lambda: client.set_registered_model_alias(name, alias, version))
 
 
-def load_cascade(model_uri: str, device: str = "cpu") -> Cascade:
-    """A cascade from ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/...``, ready for inference."""
-    mlflow.set_tracking_uri(tracking_uri())
+def _parse_models_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, None, ALIAS); ``models:/NAME/VERSION`` -> (NAME, VERSION, None)."""
+    ref = model_uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        if name and alias and "/" not in alias:
+            return name, None, alias
+    else:
+        name, _, version = ref.rpartition("/")
+        if name and version.isdigit():
+            return name, version, None
+    raise ModelLoadError(f"model URI {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def _model_version(model_uri: str) -> ModelVersion:
+    name, version, alias = _parse_models_uri(model_uri)
+    client = MlflowClient(tracking_uri())
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(version))
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"{model_uri}: cannot be loaded from {tracking_uri()} ({err.message})") from err
-    python_model = model.unwrap_python_model()
-    if not isinstance(python_model, CascadeModel):
-        raise ValueError(f"{model_uri} is not an msgan cascade")
-    return python_model.cascade.to(device)
+        raise ModelLoadError(
+            f"{model_uri}: not found in the registry at {redact_uri(tracking_uri())} ({redact_text(err.message)})"
+        ) from err
+
+
+def pin_model(model_uri: str) -> str:
+    """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` of the version the alias names now, so a batch
+    loads one version however the alias moves meanwhile. Other references come back unchanged."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    mv = _model_version(model_uri)
+    return f"models:/{mv.name}/{mv.version}"
+
+
+def _artifact_source(model_uri: str) -> tuple[str, str | None]:
+    """(URI of the cascade's artifact directory, the manifest sha256 the registry recorded or None)."""
+    if model_uri.startswith("runs:/"):
+        return model_uri.rstrip("/"), None
+    mv = _model_version(model_uri)
+    tags = mv.tags or {}
+    if tags.get(FORMAT_TAG) != FORMAT:
+        raise ModelLoadError(
+            f"{model_uri} (version {mv.version}) is not an msgan cascade artifact: tag {FORMAT_TAG}="
+            f"{tags.get(FORMAT_TAG)!r}, expected {FORMAT!r} (versions logged as MLflow pyfunc models are not "
+            "loaded, since loading one runs code stored with it; register the cascade again)"
+        )
+    if not tags.get(MANIFEST_TAG):
+        raise ModelLoadError(f"{model_uri} (version {mv.version}): no {MANIFEST_TAG} tag to check the manifest by")
+    return str(mv.source).rstrip("/"), tags[MANIFEST_TAG]
+
+
+def _download(source: str, name: str, dest: Path, model_uri: str) -> Path:
+    try:
+        uri = f"{source}/{name}"
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri())
+        )
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise ModelLoadError(f"{model_uri}: cannot download {name} ({redact_text(str(err))})") from err
+
+
+def _checked_manifest(path: Path, digest: str | None, model_uri: str) -> dict[str, Any]:
+    """The manifest, refused unless it is the one registered and lists exactly scale_0.pt .. scale_{n-1}.pt."""
+    raw = path.read_bytes()
+    if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
+        raise ModelLoadError(
+            f"{model_uri}: {MANIFEST} does not match the sha256 recorded at registration (replaced artifact)"
+        )
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{model_uri}: {MANIFEST} is not valid JSON ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModelLoadError(f"{model_uri}: {MANIFEST} has format {found!r}, expected {FORMAT!r}")
+    missing = [k for k in ("config", "weights", "num_scales") if k not in manifest]
+    if missing:
+        raise ModelLoadError(f"{model_uri}: {MANIFEST} lacks {', '.join(missing)}")
+    weights = manifest["weights"]
+    want = [f"scale_{i}.pt" for i in range(int(manifest["num_scales"]))]
+    names = [w.get("file") if isinstance(w, dict) else None for w in weights] if isinstance(weights, list) else None
+    if names != want or any(w.get("scale") != i or not w.get("sha256") for i, w in enumerate(weights)):
+        raise ModelLoadError(
+            f"{model_uri}: {MANIFEST} lists weights {names!r}; expected exactly {want} with scale and sha256"
+        )
+    return manifest
+
+
+def load_cascade(model_uri: str, device: str = "cpu") -> Cascade:
+    """A cascade from ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN/PATH`` or a folder.
+
+    Registry references download only the manifest and the weight files it lists, check the manifest
+    against the registered sha256 and every weight against the manifest, and build the networks with
+    this installed msgan (weights only). :class:`ModelLoadError` names the model and what is wrong."""
+    if not model_uri.startswith(("models:/", "runs:/")):
+        return _load_dir(Path(model_uri), device, model_uri)
+    source, digest = _artifact_source(model_uri)
+    with tempfile.TemporaryDirectory(prefix="msgan-model-") as tmp:
+        dest = Path(tmp)
+        manifest = _checked_manifest(_download(source, MANIFEST, dest, model_uri), digest, model_uri)
+        for entry in manifest["weights"]:
+            _download(source, entry["file"], dest, model_uri)
+        return _load_dir(dest, device, model_uri)
+
+
+def _load_dir(directory: Path, device: str, model_uri: str) -> Cascade:
+    try:
+        return Cascade.load(directory, device)
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"{model_uri}: a weight file holds more than tensors and is refused (weights only): {err}"
+        ) from err
+    except (KeyError, TypeError) as err:
+        raise ModelLoadError(f"{model_uri}: malformed cascade manifest ({err!r})") from err
+    except ValueError as err:
+        raise ModelLoadError(f"{model_uri}: {err}") from err

@@ -1,5 +1,14 @@
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import mlflow
 import numpy as np
 import pytest
+import torch
+from mlflow import MlflowClient
 
 from msgan import registry
 from msgan.cascade import Cascade
@@ -66,3 +75,99 @@ def test_cli_promote_and_translate_from_registry(tracking, tmp_path, rng):
     assert main(["translate", str(tmp_path / "in.mha"), str(tmp_path / "out.mha"), "--model",
                  "models:/cli-test@champion", "--quiet"]) == 0  # fmt: skip
     assert read_volume(tmp_path / "out.mha")[0].shape == (16, 16, 16)
+
+
+# ----------------------------------------------------------------------------- the registered artifact is data
+
+
+class _Payload:
+    """Unpickling this object creates ``marker``: a stand-in for code an attacker stores in an artifact."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _registered(tmp_path, name="safe", seed=2):
+    cfg = load_config(None, TINY)
+    runs = registry.job_runs("exp", f"job-{name}", 2, cfg.to_dict(), artifact_root=f"file://{tmp_path}/store")
+    version = registry.register_cascade(Cascade.untrained(cfg, seed=seed), runs.parent, name)
+    client = MlflowClient(registry.tracking_uri())
+    mv = client.get_model_version(name, version)
+    run_dir = Path(client.get_run(runs.parent).info.artifact_uri.removeprefix("file://"))
+    return cfg, runs, mv, run_dir / mv.source.split("/", 2)[2]
+
+
+def test_registered_cascade_is_weights_manifest_and_checksums(tracking, tmp_path, rng):
+    cfg, _, mv, folder = _registered(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "scale_0.pt", "scale_1.pt"]
+    assert mv.tags[registry.FORMAT_TAG] == "msgan-cascade/1"
+    assert mv.tags[registry.MANIFEST_TAG] == hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    assert registry.pin_model("models:/safe@candidate") == f"models:/safe/{mv.version}"
+    assert registry.pin_model("/some/folder") == "/some/folder"
+    image = rng.uniform(-1000, 500, (16, 18, 20)).astype(np.float32)
+    want = Cascade.untrained(cfg, seed=2).translate(image)
+    np.testing.assert_array_equal(registry.load_cascade(f"models:/safe/{mv.version}").translate(image), want)
+    with pytest.raises(registry.ModelLoadError, match="expected models:/NAME@ALIAS or models:/NAME/VERSION"):
+        registry.load_cascade("models:/safe")
+
+
+def test_code_stored_with_a_registered_model_is_never_run(tracking, tmp_path):
+    marker = tmp_path / "code-ran"
+    # 1. a version logged as an MLflow pyfunc from code (what main registered): its code file runs on load
+    code = tmp_path / "model_code.py"
+    code.write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from mlflow.models import set_model\nfrom mlflow.pyfunc import PythonModel\n"
+        "class M(PythonModel):\n    def predict(self, context, model_input, params=None):\n        return model_input\n"
+        "set_model(M())\n"
+    )
+    mlflow.set_tracking_uri(tracking)
+    exp = MlflowClient(tracking).create_experiment("pyfunc", artifact_location=f"file://{tmp_path}/pyfunc")
+    with mlflow.start_run(experiment_id=exp):
+        info = mlflow.pyfunc.log_model(name="cascade", python_model=str(code))
+    marker.unlink(missing_ok=True)  # logging itself ran the code once, on the attacker's side
+    mlflow.register_model(info.model_uri, "pyfunc-model")
+    with pytest.raises(registry.ModelLoadError, match="not an msgan cascade artifact"):
+        registry.load_cascade("models:/pyfunc-model/1")
+    assert not marker.exists(), "loading the registered model ran code stored with it"
+
+    # 2. a sound cascade whose artifact directory also holds a python file, an MLmodel and a pickle
+    cfg, _, mv, folder = _registered(tmp_path)
+    (folder / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    (folder / "payload.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    (folder / "MLmodel").write_text("python_function:\n  loader_module: evil\n")
+    assert registry.load_cascade("models:/safe@candidate").config.num_scales == 2
+    assert not marker.exists()
+
+    # 3. a version whose weight file is a pickled object (manifest and registry tags made to match it)
+    bad = tmp_path / "bad"
+    Cascade.untrained(cfg, seed=1).save(bad)
+    torch.save({"weight": _Payload(marker)}, bad / "scale_1.pt")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["weights"][1]["sha256"] = hashlib.sha256((bad / "scale_1.pt").read_bytes()).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    client = MlflowClient(tracking)
+    client.log_artifacts(mv.run_id, str(bad), "cascade/bad")
+    digest = hashlib.sha256((bad / "manifest.json").read_bytes()).hexdigest()
+    tags = {registry.FORMAT_TAG: "msgan-cascade/1", registry.MANIFEST_TAG: digest}
+    client.create_model_version("safe", f"runs:/{mv.run_id}/cascade/bad", run_id=mv.run_id, tags=tags)
+    with pytest.raises(registry.ModelLoadError, match="weights only"):
+        registry.load_cascade("models:/safe/2")
+    assert not marker.exists()
+
+
+def test_tampered_artifacts_fail_their_checksums(tracking, tmp_path):
+    _, _, mv, folder = _registered(tmp_path)
+    weights = folder / "scale_1.pt"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(registry.ModelLoadError, match=r"scale_1.pt: checksum does not match the manifest"):
+        registry.load_cascade("models:/safe@candidate")
+    manifest = folder / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"scale_1.pt"', '"../../../etc/passwd"'))
+    with pytest.raises(registry.ModelLoadError, match="does not match the sha256 recorded at registration"):
+        registry.load_cascade(f"models:/safe/{mv.version}")
