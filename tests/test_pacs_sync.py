@@ -12,6 +12,7 @@ from msgan.io.pacs import DicomWebClient
 from msgan.pacs_sync import SyncConfig, run_once
 from tests.conftest import tiny_config
 from tests.dicom_data import OBLIQUE, PATIENT, assert_valid_dicom, write_ct_series
+from tests.ngff import assert_valid_ome_zarr
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +81,11 @@ def test_pacs_pass_translates_new_series_once(empty_orthanc, ray_local, model, t
     assert ds.PatientID == PATIENT["PatientID"] and ds.StudyInstanceUID == vol.identifiers["StudyInstanceUID"]
     assert ds.SOPInstanceUID not in {pydicom.dcmread(f).SOPInstanceUID for f in files}
     assert np.isfinite(vol.image).all()
+
+    translated = list((tmp_path / "store" / "pacs-sync" / "translated").glob(f"*/{src_uid}.zarr"))
+    assert len(translated) == 1
+    assert_valid_ome_zarr(str(translated[0]))  # the batch output: NGFF 0.5, opens with ome-zarr
+    assert_valid_ome_zarr(str(tmp_path / "store" / "pacs-sync" / "ingested" / f"{src_uid}.zarr"))
 
     again = run_once(cfg, client, log=lambda _: None)
     assert not again.translated and again.already == 2  # the good series and the refused one; ours is not a source

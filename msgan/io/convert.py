@@ -8,6 +8,7 @@ them on (``msgan.source``), so its export can become a derived series of the sam
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,17 @@ import numpy as np
 from msgan import storage
 from msgan.io.dicom import DicomError, derived_uid, read_series, write_series
 from msgan.io.uids import check_uid
-from msgan.io.volume import ITK_SUFFIXES, Geometry, read_volume, suffix_of, write_volume, write_zarr
+from msgan.io.volume import (
+    ITK_SUFFIXES,
+    ZARR_SUFFIXES,
+    Geometry,
+    not_a_volume_message,
+    read_foreign_zarr,
+    read_volume,
+    suffix_of,
+    write_volume,
+    write_zarr,
+)
 
 
 @dataclass
@@ -44,6 +55,15 @@ def ingest(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> Inges
             fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
             return ingest(tmp, out)
     src = Path(source)
+    if str(source).rstrip("/").lower().endswith(ZARR_SUFFIXES):  # a zarr msgan did not write: wrapped
+        image, geom, notes = read_foreign_zarr(storage.normalize_uri(source))
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+        dest = storage.normalize_uri(out)
+        write_zarr(dest, [image], geom, attrs={"source": str(source), "notes": notes})
+        report.written[str(source)] = dest
+        report.notes[str(source)] = notes
+        return report
     if src.is_file() and str(src).lower().endswith(ITK_SUFFIXES):
         image, geom = read_volume(src)
         dest = storage.normalize_uri(out)
@@ -73,7 +93,10 @@ def _open_volume(uri: str) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
     import zarr
 
     store, opts = storage.zarr_store(storage.normalize_uri(uri))
-    g = zarr.open_group(store, mode="r", storage_options=opts)
+    try:
+        g = zarr.open_group(store, mode="r", storage_options=opts)
+    except Exception as err:  # a bare array, a missing or broken store
+        raise ValueError(not_a_volume_message(uri, err)) from err
     meta: dict[str, Any] = dict(g.attrs.get("msgan", {}))  # type: ignore[arg-type]
     if "geometry" not in meta or "0" not in g:
         raise ValueError(f"{uri}: not an msgan volume (no geometry or level 0)")

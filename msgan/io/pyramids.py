@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 
 from msgan import storage
-from msgan.io.volume import Geometry, ome_attrs
+from msgan.io.volume import Geometry, dimension_names, ome_attrs
 from msgan.pyramid import Pyramid
 
 CACHE_BYTES = 256 * 2**20  # levels smaller than this are read into memory when opened
@@ -38,8 +38,9 @@ def write_pyramid(uri: str, pyramid: Pyramid, geometry: Geometry, meta: dict[str
         g = root.create_group(name)
         finest_first = list(reversed(levels))
         for k, lv in enumerate(finest_first):
+            ch = tuple(min(chunks, s) for s in lv.shape)
             arr = g.create_array(
-                str(k), shape=lv.shape, dtype="float32", chunks=tuple(min(chunks, s) for s in lv.shape)
+                str(k), shape=lv.shape, dtype="float32", chunks=ch, dimension_names=dimension_names(lv.ndim)
             )
             arr[...] = np.asarray(lv, dtype=np.float32)
         g.attrs["ome"] = ome_attrs([lv.shape for lv in finest_first], geometry, name)

@@ -92,9 +92,16 @@ def from_sitk(img: sitk.Image) -> tuple[np.ndarray, Geometry]:
 # ----------------------------------------------------------------------------- OME-Zarr
 
 
+def dimension_names(ndim: int) -> tuple[str, ...]:
+    """The zarr 3 ``dimension_names`` of an array (NGFF 0.5 requires them, matching the multiscales axes)."""
+    if ndim not in (2, 3):
+        raise ValueError(f"an OME-Zarr volume has 2 or 3 dimensions (yx or zyx), not {ndim}")
+    return tuple("zyx"[3 - ndim :])
+
+
 def ome_attrs(shapes: Sequence[Sequence[int]], geometry: Geometry, name: str) -> dict[str, Any]:
     dims = geometry.dims
-    axes = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("zyx" if dims == 3 else "yx")]
+    axes = [{"name": n, "type": "space", "unit": "millimeter"} for n in dimension_names(dims)]
     sp0 = np.array(geometry.numpy_spacing())
     org = np.array(tuple(reversed(geometry.origin)))
     datasets = []
@@ -116,8 +123,49 @@ def _write_group(group: zarr.Group, levels: Sequence[np.ndarray], chunks: int | 
     for k, lv in enumerate(levels):
         want = [chunks] * lv.ndim if isinstance(chunks, int) else list(chunks)
         ch = tuple(min(c, s) for c, s in zip(want, lv.shape, strict=True))
-        arr = group.create_array(str(k), shape=lv.shape, dtype=lv.dtype, chunks=ch)
+        arr = group.create_array(
+            str(k), shape=lv.shape, dtype=lv.dtype, chunks=ch, dimension_names=dimension_names(lv.ndim)
+        )
         arr[...] = lv
+
+
+def read_foreign_zarr(uri: str) -> tuple[np.ndarray, Geometry, list[str]]:
+    """A zarr that msgan did not write: a bare 2D/3D array (identity geometry, with a warning note) or an
+    OME-Zarr image (level 0; spacing and origin from its first dataset's scale/translation, no rotation)."""
+    from msgan import storage
+
+    store, options = storage.zarr_store(uri)
+    try:
+        node = zarr.open(store, mode="r", storage_options=options)
+    except Exception as err:
+        raise ValueError(not_a_volume_message(uri, err)) from err
+    if isinstance(node, zarr.Array):
+        if node.ndim not in (2, 3):
+            raise ValueError(f"{uri}: a zarr array of shape {node.shape}; a volume is 2D (yx) or 3D (zyx)")
+        note = f"{uri}: a bare zarr array has no geometry; identity assumed (1 mm spacing, origin 0, axes as stored)"
+        return np.asarray(node[...], dtype=np.float32), Geometry.identity(node.ndim), [note]
+    ms = node.attrs.get("ome", node.attrs).get("multiscales")  # type: ignore[union-attr]
+    if not isinstance(ms, list) or not ms:
+        raise ValueError(f"{uri}: a zarr group without OME multiscales metadata or msgan geometry; not a volume")
+    try:
+        first = ms[0]["datasets"][0]
+        arr = node[first["path"]]  # type: ignore[index]
+        if not isinstance(arr, zarr.Array) or arr.ndim not in (2, 3):
+            raise ValueError(f"level 0 must be a 2D/3D scalar image (yx/zyx), got {getattr(arr, 'shape', arr)}")
+        transforms = {t["type"]: t for t in first.get("coordinateTransformations", [])}
+        scale = transforms.get("scale", {}).get("scale", [1.0] * arr.ndim)
+        shift = transforms.get("translation", {}).get("translation", [0.0] * arr.ndim)
+        if len(scale) != arr.ndim or len(shift) != arr.ndim:
+            raise ValueError(f"scale {scale} / translation {shift} do not match {arr.ndim} axes")
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"{uri}: unusable OME multiscales metadata ({type(err).__name__}: {err})") from err
+    geom = Geometry(tuple(map(float, reversed(scale))), tuple(map(float, reversed(shift))),
+                    tuple(float(v) for v in np.eye(arr.ndim).ravel()))  # fmt: skip
+    return (
+        np.asarray(arr[...], dtype=np.float32),
+        geom,
+        [f"{uri}: OME-Zarr without direction cosines; axes assumed aligned"],
+    )
 
 
 def write_zarr(
@@ -151,12 +199,25 @@ def write_zarr(
         group.attrs["msgan"] = meta
 
 
+def not_a_volume_message(uri: str | os.PathLike[str], err: Exception) -> str:
+    """Why ``uri`` cannot be opened as an OME-Zarr volume; for a bare zarr array, how to wrap it."""
+    if isinstance(err, zarr.errors.ContainsArrayError):
+        return (
+            f"{uri}: a bare zarr array, not an OME-Zarr volume (no geometry); wrap it first with "
+            f"`msgan ingest {uri} OUT.zarr` (it gets identity geometry: 1 mm spacing, origin 0, axes as stored, "
+            f"and a warning in its notes)"
+        )
+    return f"{uri}: not a readable zarr group ({type(err).__name__}: {err})"
+
+
 def open_zarr(path: str | os.PathLike[str], level: int = 0) -> tuple[zarr.Array, Geometry, dict[str, Any]]:
     """Level ``level`` of an OME-Zarr volume (lazy), its geometry and our attributes."""
     try:
         group = zarr.open_group(str(path), mode="r")
+    except zarr.errors.ContainsArrayError as err:
+        raise ValueError(not_a_volume_message(path, err)) from err
     except Exception as err:  # zarr raises several types for a missing/invalid store
-        raise FileNotFoundError(f"{path}: not a readable zarr group ({err})") from err
+        raise FileNotFoundError(not_a_volume_message(path, err)) from err
     meta: dict[str, Any] = dict(group.attrs.get("msgan", {}))  # type: ignore[arg-type]
     if "geometry" not in meta:
         raise ValueError(f"{path}: no msgan geometry in the group attributes; ingest the volume with msgan first")

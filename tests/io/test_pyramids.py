@@ -7,6 +7,7 @@ from msgan.io.pyramids import open_pyramid, pyramid_meta, write_pyramid
 from msgan.io.volume import Geometry
 from msgan.pyramid import build_pyramid
 from tests.conftest import s3_keys
+from tests.ngff import assert_valid_ome_zarr
 
 
 @pytest.fixture
@@ -23,6 +24,7 @@ def _check(uri, pyramid):
     part = open_pyramid(uri, scales={2}, cache_bytes=0)  # streamed, not cached
     assert part.images[1] is None and part.images[0] is not None
     assert part.images[2][3:5, 0, 0].tolist() == pyramid.images[2][3:5, 0, 0].tolist()
+    assert_valid_ome_zarr(uri, groups=("image", "edges"))  # NGFF 0.5, and ome-zarr's reader on local stores
 
 
 def test_local_store(tmp_path, pyramid):

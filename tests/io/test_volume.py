@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import zarr
 
 from msgan.io.volume import Geometry, open_zarr, read_volume, write_volume, write_zarr
 
@@ -45,3 +46,45 @@ def test_errors_name_the_input(tmp_path):
         read_volume(tmp_path / "bad.mha")
     with pytest.raises(FileNotFoundError, match=r"missing\.zarr"):
         open_zarr(tmp_path / "missing.zarr")
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 10), (8, 10)])
+def test_ome_zarr_validates_and_opens_with_the_reference_reader(tmp_path, shape):
+    from tests.ngff import assert_valid_ome_zarr
+
+    a = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    half = a[tuple(slice(None, None, 2) for _ in shape)]
+    geom = OBLIQUE if len(shape) == 3 else Geometry.identity(2, (0.5, 0.25))
+    write_zarr(tmp_path / "v.zarr", [a, half], geom)
+    assert_valid_ome_zarr(str(tmp_path / "v.zarr"))
+    assert zarr.open_array(str(tmp_path / "v.zarr" / "0"), mode="r").metadata.dimension_names == tuple(
+        "zyx"[-len(shape) :]
+    )
+
+
+def test_a_bare_zarr_array_is_refused_with_how_to_wrap_it_and_ingest_wraps_it(tmp_path):
+    from msgan.io.convert import ingest
+
+    a = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    zarr.create_array(str(tmp_path / "bare.zarr"), shape=a.shape, dtype="float32")[...] = a
+    with pytest.raises(ValueError, match=r"bare zarr array.*msgan ingest"):
+        open_zarr(tmp_path / "bare.zarr")
+    with pytest.warns(UserWarning, match="identity assumed"):
+        report = ingest(tmp_path / "bare.zarr", tmp_path / "v.zarr")
+    assert report.notes and "identity" in next(iter(report.notes.values()))[0]
+    b, g = read_volume(tmp_path / "v.zarr")
+    np.testing.assert_array_equal(a, b)
+    assert g == Geometry.identity(3)
+
+
+def test_a_foreign_ome_zarr_is_ingested_with_its_spacing(tmp_path):
+    from msgan.io.convert import ingest
+
+    a = np.ones((3, 4, 5), np.float32)
+    write_zarr(tmp_path / "f.zarr", [a], Geometry((0.5, 0.6, 2.0), (1.0, 2.0, 3.0), tuple(np.eye(3).ravel())))
+    g = zarr.open_group(str(tmp_path / "f.zarr"), mode="r+")
+    del g.attrs["msgan"]  # as another tool would write it: OME metadata only
+    with pytest.warns(UserWarning, match="direction"):
+        ingest(tmp_path / "f.zarr", tmp_path / "v.zarr")
+    _, geom = read_volume(tmp_path / "v.zarr")
+    assert geom.allclose(Geometry((0.5, 0.6, 2.0), (1.0, 2.0, 3.0), tuple(np.eye(3).ravel())))
