@@ -55,3 +55,24 @@ def test_task_definitions():
     assert abs(np.corrcoef(noise_in, noise_out)[0, 1]) < 0.1  # separate acquisitions
     with pytest.raises(ValueError, match="did you mean 'low-dose'"):
         make_task("low_dose", 101, SHAPE)
+
+
+def test_benchmark_results_resume_per_volume_and_refuse_mixed_sizes(tmp_path):
+    from benchmarks.tasks import Results, tables
+
+    path = tmp_path / "tasks.json"
+    meta = {"shape": [32, 32, 32], "heldout": list(SEEDS["heldout"])}
+    r = Results(path, meta)
+    r.add("low-dose", "input", 301, {"ssim": 0.9, "mae_hu": 20.0, "hallucination_ml": 0.0, "seconds": 0.0})
+    r.add("low-dose", "input", 302, {"ssim": 0.8, "mae_hu": 22.0, "hallucination_ml": float("nan"), "seconds": 0.0})
+    again = Results(path, meta)  # a new session reads what the last one wrote
+    assert again.done("low-dose", "input", 302) and not again.done("low-dose", "input", 303)
+    assert again.data["low-dose"]["input"]["ssim"] == [0.9, 0.8]
+    assert again.data["low-dose"]["input"]["hallucination_ml"] == [0.0, None]
+    for m, ssim in (("ours", [0.95, 0.85]), ("linear", [0.9, 0.8])):
+        for seed, s in zip((301, 302), ssim, strict=True):
+            again.add("low-dose", m, seed, {"ssim": s, "mae_hu": 10.0 + s, "hallucination_ml": 0.0, "seconds": 1.0})
+    text = tables(again.data, again.meta)
+    assert "| ours | 2 | 0.9000 |" in text and "| input | 2 | 0.8500 |" in text
+    with pytest.raises(SystemExit, match="never mix sizes"):
+        Results(path, {"shape": [64, 64, 64], "heldout": list(SEEDS["heldout"])})

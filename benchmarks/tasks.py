@@ -1,0 +1,424 @@
+"""The task benchmark: every translation task x every method, per held-out volume, resumable.
+
+    python benchmarks/tasks.py [--shape 128] [--tasks low-dose contrast] [--methods input linear nlm cnn edges ours]
+    python benchmarks/tasks.py --smoke          # 32^3, tiny training: checks the whole path in minutes
+    python benchmarks/tasks.py --tables         # only print / write the tables from what is measured
+
+Tasks and seeds: ``msgan.data.tasks`` (training 101-108, held-out 301-308, fixed before any run).
+Methods, all fitted or trained on the same training pairs and scored on the same held-out volumes
+with the same mask (``msgan.metrics.ct_metrics``):
+
+- ``input``: the input itself;
+- ``linear``: radially symmetric linear filter fitted by least squares in the Fourier domain;
+- ``nlm``: non-local means of the input (the settings of docs/results.md: patch 5, distance 6,
+  h = 0.8 sigma), on HU / 1024 without clipping, all cores;
+- ``cnn``: residual U-Net, L1 on patches; total steps = our whole cascade's, patch >= our HR
+  patch, parameters >= our finest scale's; stitched with blended overlaps;
+- ``edges``: the paper's cascade, generating from edges (``condition=edges``);
+- ``ours``: the cascade conditioned on the source image (``configs/<task>.yaml``, adversarial loss kept).
+
+Results go to ``docs/results/tasks.json`` (``{task: {method: {metric: [per volume]}}}``, each method
+with the ``seeds`` it holds) after every volume; trained models stay in ``--workdir``, so a rerun
+resumes where the last one stopped and loses nothing but the volume in flight. Translation times
+are measured with all cores (``torch`` threads and NLM threads alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from msgan.config import Config, ConfigError, load_config
+from msgan.data.tasks import SEEDS, TASKS, TaskVolume, check_task, make_task
+from msgan.metrics import ct_metrics, holm, paired_test
+
+METHODS = ("input", "linear", "nlm", "cnn", "edges", "ours")
+TABLE_KEYS = ("ssim", "psnr", "mae_hu", "rmse_hu", "hallucination_ml", "noise_hu", "emphysema_error")
+TESTED = ("ssim", "mae_hu", "hallucination_ml")  # paired t-tests of ours against every baseline, Holm-corrected
+HIGHER_IS_BETTER = {"ssim": True, "psnr": True}
+SMOKE = {"num_scales": 2, "train.steps_per_scale": [30, 20], "train.hr_patch": 12, "lr_generator.depth": 2}
+CNN_DEPTH = 2
+CNN_PATCH = 24  # >= train.hr_patch of every task config (16); a multiple of 2**CNN_DEPTH
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def task_config(task: str, shape: int, smoke: bool, overrides: list[str]) -> Config:
+    """``configs/<task>.yaml`` at ``shape`` (the configuration of ``ours``)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{task}.yaml"
+    extra = [f"data.phantom.shape=[{shape},{shape},{shape}]", *overrides]
+    cfg = load_config(str(path), extra)
+    if smoke:
+        cfg = cfg.replace(**SMOKE)
+    return cfg
+
+
+def edges_config(cfg: Config) -> Config:
+    """The paper's cascade: the same networks and steps, conditioned on edges only."""
+    keys = cfg.to_dict()
+    over: dict[str, Any] = {}
+    if "condition" in keys:
+        over["condition"] = "edges"
+    for section in ("hr_generator", "lr_generator"):
+        if "source_residual" in keys.get(section, {}):
+            over[f"{section}.source_residual"] = False
+    if "source_residual" in keys:
+        over["source_residual"] = False
+    return cfg.replace(**over) if over else cfg
+
+
+def ours_pending(cfg: Config) -> str | None:
+    """Why ``ours`` cannot run with this code yet, or None."""
+    keys = cfg.to_dict()
+    if keys.get("condition", "edges") == "edges":
+        return "image conditioning (issue 12 item 1) has not landed: the config has no condition other than edges"
+    return None
+
+
+# ----------------------------------------------------------------------------- results file
+
+
+class Results:
+    """``{task: {method: {"seeds": [...], metric: [...]}}}`` on disk, rewritten atomically per volume."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path, self.meta_path = path, path.with_name(path.stem + "_meta.json")
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        old = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
+        if old and (old.get("shape"), old.get("heldout")) != (meta["shape"], meta["heldout"]):
+            raise SystemExit(
+                f"{path} holds results at shape {old.get('shape')} / held-out {old.get('heldout')}; this run is "
+                f"{meta['shape']} / {meta['heldout']}: pass another --out (never mix sizes in one table)"
+            )
+        self.meta = {**meta, **{k: v for k, v in old.items() if k not in meta}}
+        self.meta.setdefault("methods", {})
+
+    def done(self, task: str, method: str, seed: int) -> bool:
+        return seed in self.data.get(task, {}).get(method, {}).get("seeds", [])
+
+    def add(self, task: str, method: str, seed: int, metrics: dict[str, float]) -> None:
+        entry = self.data.setdefault(task, {}).setdefault(method, {"seeds": []})
+        n = len(entry["seeds"])
+        for k, v in metrics.items():
+            col = entry.setdefault(k, [None] * n)
+            col.append(None if v is None or not np.isfinite(v) else float(v))
+        for k, col in entry.items():
+            if k != "seeds" and len(col) == n:
+                col.append(None)
+        entry["seeds"].append(seed)
+        self.save()
+
+    def note(self, task: str, method: str, **info: Any) -> None:
+        self.meta["methods"].setdefault(task, {}).setdefault(method, {}).update(info)
+        self.save()
+
+    def save(self) -> None:
+        for path, obj in ((self.path, self.data), (self.meta_path, self.meta)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(obj, indent=1))
+            os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- training (own processes)
+
+
+def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
+    """The CNN baseline on the task's training pairs, in its own process."""
+    from msgan.baselines import cnn_for_budget, train_cnn
+
+    torch.set_num_threads(1)
+    pairs = []
+    for seed in job["seeds"]:
+        tv = make_task(job["task"], seed, job["shape"], workers=1)
+        pairs.append((tv.input, tv.target))
+    torch.manual_seed(0)
+    net = cnn_for_budget(3, job["min_parameters"], job["depth"])
+    info = train_cnn(net, pairs, job["steps"], job["patch"], job["batch_size"], log=None)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    width = net.body.down[0][0].out_channels  # type: ignore[index]
+    return {"kind": "cnn", "weights": buf.getvalue(), "width": int(width), **info,
+            "parameters": sum(p.numel() for p in net.parameters())}  # fmt: skip
+
+
+def _atomic_bytes(path: Path, blob: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def train_task(
+    task: str, cfgs: dict[str, Config], methods: list[str], shape: tuple[int, ...], work: Path,
+    workers: int, results: Results, log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Train whatever of ``methods`` has no weights in ``work`` yet: cascade scales and the CNN, in parallel."""
+    from benchmarks.paper_quality import _train
+    from msgan import storage
+    from msgan.data.phantom import phantom_geometry
+    from msgan.io.pyramids import write_pyramid
+    from msgan.nets import count_parameters
+    from msgan.pyramid import build_pyramid
+    from msgan.train import build_generator
+
+    jobs: list[dict[str, Any]] = []
+    cascades = [m for m in ("edges", "ours") if m in methods and m in cfgs]
+    need_pyr = [m for m in cascades if any(not (work / m / f"scale_{s}.pt").exists()
+                                           for s in range(cfgs[m].num_scales))]  # fmt: skip
+    if need_pyr:
+        volumes = []
+        for seed in SEEDS["train"]:
+            uri = storage.normalize_uri(str(work / "pyramids" / f"train{seed}.zarr"))
+            if not (work / "pyramids" / f"train{seed}.zarr" / "zarr.json").exists():
+                tv = make_task(task, seed, shape)
+                cfg = cfgs[need_pyr[0]]
+                # the paper trains every scale on the target (edges -> image); the image-conditioned
+                # cascade gets its source from the pyramid's source levels when the code has them
+                write_pyramid(uri, build_pyramid(tv.target, cfg.num_scales, cfg.intensity, cfg.edges),
+                              phantom_geometry(shape), {"task": task, "seed": seed})  # fmt: skip
+            volumes.append(uri)
+        for m in need_pyr:
+            for s in range(cfgs[m].num_scales):
+                if not (work / m / f"scale_{s}.pt").exists():
+                    jobs.append({"variant": m, "scale": s, "config": cfgs[m].to_dict(), "volumes": volumes})
+    ref = cfgs.get("ours") or cfgs["edges"]
+    if "cnn" in methods and not (work / "cnn.pt").exists():
+        finest = count_parameters(build_generator(ref, ref.num_scales - 1))
+        steps = sum(ref.steps_for(s) for s in range(ref.num_scales))
+        patch = max(CNN_PATCH if ref.data.phantom.shape[0] >= 64 else 8, ref.train.hr_patch)
+        patch = -(-patch // 2**CNN_DEPTH) * 2**CNN_DEPTH
+        jobs.append({"variant": "cnn", "task": task, "seeds": list(SEEDS["train"]), "shape": shape,
+                     "min_parameters": finest, "depth": CNN_DEPTH, "steps": steps, "patch": patch,
+                     "batch_size": ref.train.batch_size})  # fmt: skip
+    if not jobs:
+        return
+    log(f"  {task}: training {len(jobs)} jobs on {workers} processes: "
+        + ", ".join(f"{j['variant']}/{j.get('scale', '-')}" for j in jobs))  # fmt: skip
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_train_cnn if j["variant"] == "cnn" else _train, j) for j in jobs]
+        for job, fut in zip(jobs, futures, strict=True):
+            r = fut.result()
+            if job["variant"] == "cnn":
+                _atomic_bytes(work / "cnn.pt", r["weights"])
+                results.note(task, "cnn", steps=r["steps"], train_seconds=r["seconds"], width=r["width"],
+                             depth=CNN_DEPTH, patch=job["patch"], parameters=r["parameters"],
+                             min_parameters=job["min_parameters"], batch_size=job["batch_size"])  # fmt: skip
+            else:
+                _atomic_bytes(work / job["variant"] / f"scale_{job['scale']}.pt", r["weights"])
+                seconds = results.meta["methods"].get(task, {}).get(job["variant"], {}).get("train_seconds", {})
+                results.note(task, job["variant"], train_seconds={**seconds, str(job["scale"]): r["seconds"]})
+            log(f"  {task}: trained {job['variant']}/{job.get('scale', '-')} ({time.perf_counter() - t0:.0f}s)")
+
+
+# ----------------------------------------------------------------------------- translation
+
+
+def load_methods(task: str, cfgs: dict[str, Config], methods: list[str], work: Path, train_pairs: Callable[[], Any]
+                 ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:  # fmt: skip
+    from msgan.baselines import ResidualUNet, cnn_translate, fit_radial_filter, nlm_filter
+    from msgan.cascade import Cascade
+    from msgan.train import build_generator
+
+    out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    if "input" in methods:
+        out["input"] = lambda x: x
+    if "linear" in methods:
+        path = work / "linear.npz"
+        if not path.exists():
+            filt = fit_radial_filter(train_pairs())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, edges=filt.edges, gain=filt.gain)
+        from msgan.baselines import RadialFilter
+
+        z = np.load(path)
+        filt = RadialFilter(z["edges"], z["gain"])
+        out["linear"] = filt.apply
+    if "nlm" in methods:
+        out["nlm"] = lambda x: nlm_filter(np.asarray(x) / 1024.0, workers=0) * 1024.0
+    if "cnn" in methods and (work / "cnn.pt").exists():
+        state = torch.load(work / "cnn.pt", weights_only=True)
+        width = int(state["body.down.0.0.weight"].shape[0])
+        net = ResidualUNet(3, width, CNN_DEPTH)
+        net.load_state_dict(state)
+
+        def cnn(x: np.ndarray, net: ResidualUNet = net) -> np.ndarray:
+            return cnn_translate(net, x, tile=64, overlap=8)
+
+        out["cnn"] = cnn
+    for m in ("edges", "ours"):
+        if m in methods and m in cfgs:
+            cfg = cfgs[m]
+            files = [work / m / f"scale_{s}.pt" for s in range(cfg.num_scales)]
+            if all(f.exists() for f in files):
+                gens = []
+                for s, f in enumerate(files):
+                    g = build_generator(cfg, s)
+                    g.load_state_dict(torch.load(f, weights_only=True))
+                    gens.append(g.eval())
+                out[m] = Cascade(cfg, gens).translate
+    return out
+
+
+def run_task(task: str, args: argparse.Namespace, results: Results, log: Callable[[str], None]) -> None:
+    shape = (args.shape,) * 3
+    work = Path(args.workdir) / f"{args.shape}" / task
+    cfg = task_config(task, args.shape, args.smoke, args.set)
+    cfgs = {"edges": edges_config(cfg)}
+    methods = list(args.methods)
+    if "ours" in methods:
+        why = ours_pending(cfg)
+        if why is None:
+            cfgs["ours"] = cfg
+            loss = cfg.train
+            results.note(task, "ours", config=f"configs/{task}.yaml", l1_weight=loss.l1_weight,
+                         adversarial_weight=1.0, gan_loss=loss.gan_loss, pending=None)  # fmt: skip
+        else:
+            results.note(task, "ours", pending=why)
+            log(f"  {task}: ours pending: {why}")
+            methods.remove("ours")
+    results.note(task, "edges", config=f"configs/{task}.yaml with condition=edges")
+    heldout = list(SEEDS["heldout"][: args.volumes])
+    if all(results.done(task, m, s) for m in methods for s in heldout):
+        log(f"  {task}: all {len(methods)} methods x {len(heldout)} volumes already measured")
+        return
+    train_task(task, cfgs, methods, shape, work, args.workers, results, log)
+
+    def train_pairs() -> Any:
+        for seed in SEEDS["train"]:
+            tv = make_task(task, seed, shape)
+            yield tv.input, tv.target
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    fns = load_methods(task, cfgs, methods, work, train_pairs)
+    for seed in heldout:
+        todo = [m for m in methods if m in fns and not results.done(task, m, seed)]
+        if not todo:
+            continue
+        tv: TaskVolume = make_task(task, seed, shape)
+        low, high = cfg.intensity.low, cfg.intensity.high
+        line = []
+        for m in todo:
+            t0 = time.perf_counter()
+            out = np.asarray(fns[m](tv.input), dtype=np.float32)
+            seconds = time.perf_counter() - t0
+            r = ct_metrics(out, tv.target, tv.noiseless, tv.labels, tv.spacing, (low, high))
+            results.add(task, m, seed, {**r, "seconds": seconds})
+            line.append(f"{m} {r['ssim']:.3f}/{r['mae_hu']:.1f}HU/{r['hallucination_ml']:.1f}mL/{seconds:.1f}s")
+        log(f"  {task} seed {seed}: " + ", ".join(line))
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fmt(values: list[float | None], key: str) -> str:
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    if np.all(np.isnan(v)):
+        return "-"
+    digits = 4 if key == "ssim" else 2 if key in ("psnr", "emphysema_error") else 1
+    return f"{np.nanmean(v):.{digits}f}"
+
+
+def tables(data: dict[str, Any], meta: dict[str, Any]) -> str:
+    """One markdown table per task: means over held-out volumes; p: paired t-test of ours against the
+    row (SSIM / MAE / hallucination), Holm-corrected across the table."""
+    lines = []
+    for task in TASKS:
+        rows = data.get(task)
+        if not rows:
+            continue
+        info = meta.get("methods", {}).get(task, {})
+        ours = rows.get("ours")
+        tests: dict[tuple[str, str], float] = {}
+        if ours is not None:
+            for m, r in rows.items():
+                if m == "ours":
+                    continue
+                for k in TESTED:
+                    common = [s for s in ours["seeds"] if s in r["seeds"]]
+                    a = [ours[k][ours["seeds"].index(s)] for s in common]
+                    b = [r[k][r["seeds"].index(s)] for s in common]
+                    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+                    if len(pairs) >= 2 and any(x != y for x, y in pairs):
+                        tests[(m, k)] = paired_test([x for x, _ in pairs], [y for _, y in pairs]).p
+        adjusted = dict(zip(tests, holm(list(tests.values())), strict=True))
+        n = max(len(r["seeds"]) for r in rows.values())
+        lines += [f"### {task}", "", f"{n} held-out volumes; means; p: ours vs the row, paired t-test on "
+                  "SSIM / MAE / hallucination, Holm-corrected across this table.", "",
+                  "| method | n | SSIM | PSNR | MAE HU | RMSE HU | halluc. mL | noise HU (target) | "
+                  "EI error % | s / volume | p (SSIM / MAE / halluc.) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for m in METHODS:
+            if m not in rows:
+                if m in info and info[m].get("pending"):
+                    lines.append(f"| {m} | pending: {info[m]['pending']} |" + " |" * 9)
+                continue
+            r = rows[m]
+            cols = [_fmt(r.get(k, []), k) for k in TABLE_KEYS]
+            cols[5] = f"{cols[5]} ({_fmt(r.get('noise_target_hu', []), 'noise_hu')})"
+            ps = " / ".join(f"{adjusted[(m, k)]:.2g}" if (m, k) in adjusted else "-" for k in TESTED)
+            lines.append(f"| {m} | {len(r['seeds'])} | " + " | ".join(cols)
+                         + f" | {_fmt(r.get('seconds', []), 'seconds')} | {ps if m != 'ours' else ''} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, default=128)
+    p.add_argument("--smoke", action="store_true", help="32^3, tiny training, 2 held-out volumes, runs/tasks-smoke")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--volumes", type=int, default=len(SEEDS["heldout"]), help="first N held-out seeds")
+    p.add_argument("--out", default=None, help="default docs/results/tasks.json (smoke: runs/tasks-smoke/tasks.json)")
+    p.add_argument("--workdir", default=None, help="trained models (default runs/tasks, smoke: runs/tasks-smoke)")
+    p.add_argument("--workers", type=int, default=2, help="training processes")
+    p.add_argument("--set", action="append", default=[], help="config override for every task, KEY=VALUE")
+    p.add_argument("--tables", action="store_true", help="only print and write the tables")
+    args = p.parse_args()
+    if args.smoke:
+        args.shape = 32
+        args.volumes = min(args.volumes, 2)
+    for t in args.tasks:
+        try:
+            check_task(t)
+        except ValueError as err:
+            raise SystemExit(str(err)) from err
+    out = Path(args.out or ("runs/tasks-smoke/tasks.json" if args.smoke else "docs/results/tasks.json"))
+    args.workdir = args.workdir or ("runs/tasks-smoke" if args.smoke else "runs/tasks")
+    heldout = list(SEEDS["heldout"][: args.volumes])
+    results = Results(out, {"shape": [args.shape] * 3, "heldout": list(SEEDS["heldout"]), "smoke": args.smoke})
+
+    def log(msg: str) -> None:
+        print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+    if not args.tables:
+        log(f"tasks {args.tasks}, methods {args.methods}, {args.shape}^3, held-out {heldout} -> {out}")
+        for task in args.tasks:
+            try:
+                run_task(task, args, results, log)
+            except ConfigError as err:
+                raise SystemExit(f"{task}: {err}") from err
+    text = tables(results.data, results.meta)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
