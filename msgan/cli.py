@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from msgan.config import ConfigError, load_config
+from msgan.console import Progress, quiet, run_entry, scale_progress, set_verbose
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -33,11 +34,13 @@ def _load_cascade(model: str, device: str):  # type: ignore[no-untyped-def]
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from msgan.demo import run_demo
+    from msgan.settings import resolve_local
 
     cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else resolve_local("runs/demo")
     t0 = time.perf_counter()
-    run_demo(cfg, args.out)
-    print(f"demo finished in {time.perf_counter() - t0:.1f}s")
+    run_demo(cfg, out)
+    print(f"demo finished in {time.perf_counter() - t0:.1f}s; outputs in {out}")
     return 0
 
 
@@ -61,15 +64,16 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if image.ndim != cascade.config.dims:
         raise SystemExit(f"msgan: {args.input}: a {image.ndim}D image; the model translates {cascade.config.dims}D")
     t0 = time.perf_counter()
-
-    def progress(scale: int, done: int, total: int) -> None:
-        if not args.quiet and (done == total or done % max(1, total // 10) == 0):
-            print(f"  scale {scale}: {done}/{total} tiles", file=sys.stderr)
-
+    progress = None if args.quiet else Progress(sys.stderr)
     try:
-        out = cascade.translate(image, tile=args.tile, device=args.device, progress=progress)
+        out = cascade.translate(
+            image, tile=args.tile, device=args.device, progress=scale_progress(progress) if progress else None
+        )
     except ValueError as err:
         raise SystemExit(f"msgan: {args.input}: {err}") from err
+    finally:
+        if progress is not None:
+            progress.close()
     write_volume(args.output, out, geom)
     print(f"translated {args.input} {image.shape} -> {args.output} in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -81,11 +85,28 @@ def _translate_store(args: argparse.Namespace, cascade: Any) -> int:
 
     task = batch.volume_task(args.input, "", batch.model_id(args.model), output=args.output)
     t0 = time.perf_counter()
+    progress = None if args.quiet else Progress(sys.stderr)
     try:
-        manifest = batch.translate_volume(task, cascade, args.device, log=None if args.quiet else print, tile=args.tile)
+        manifest = batch.translate_volume(
+            task, cascade, args.device, tile=args.tile, progress=scale_progress(progress) if progress else None
+        )
     except batch.VolumeError as err:
         raise SystemExit(f"msgan: {err}") from err
-    print(f"translated {args.input} {tuple(manifest['shape'])} -> {args.output} in {time.perf_counter() - t0:.1f}s")
+    finally:
+        if progress is not None:
+            progress.close()
+    status = manifest.get("status", "translated")
+    if status == "skipped":
+        print(f"{args.output} is already translated by {manifest['model']} (its manifest.json); nothing to do")
+        return 0
+    again = (
+        f" (re-translated: {manifest.get('previous_model')} -> {manifest['model']})"
+        if status == "re-translated"
+        else ""
+    )
+    print(
+        f"translated {args.input} {tuple(manifest['shape'])} -> {args.output} in {time.perf_counter() - t0:.1f}s{again}"
+    )
     return 0
 
 
@@ -106,20 +127,12 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from msgan.demo import fingerprint, phantom_pyramids, train_locally
-    from msgan.io.volume import read_volume
-    from msgan.pyramid import build_pyramid
+    from msgan.demo import fingerprint, train_locally
+    from msgan.distributed.prepare import check_shapes, sources, training_pyramids
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.data.source == "phantom":
-        pyramids = phantom_pyramids(cfg)
-    else:
-        import glob
-
-        paths = [p for pat in cfg.data.paths for p in sorted(glob.glob(pat))]
-        if not paths:
-            raise SystemExit(f"msgan: data.paths {list(cfg.data.paths)} match no files")
-        pyramids = [build_pyramid(read_volume(p)[0], cfg.num_scales, cfg.intensity, cfg.edges) for p in paths]
+    check_shapes(cfg, sources(cfg))  # the job's sources and checks: phantoms, files and DICOM folders
+    pyramids = training_pyramids(cfg)
     cascade = train_locally(cfg, pyramids)
     cascade.meta["data_fingerprint"] = fingerprint(pyramids)
     print(f"wrote {cascade.save(args.out_dir)}")
@@ -161,10 +174,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pacs_sync(args: argparse.Namespace) -> int:
     from msgan.pacs_sync import SyncConfig, run_once
+    from msgan.settings import resolve_storage
 
     cfg = SyncConfig(
         model=args.model,
-        storage=args.storage,
+        storage=args.storage or resolve_storage("runs/pacs"),
         modality=args.modality,
         kernel=args.kernel,
         description=args.description,
@@ -181,6 +195,29 @@ def cmd_pacs_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from msgan.io.volume import ZARR_SUFFIXES, read_volume, suffix_of
+    from msgan.preview import default_output, preview_volume, save_columns
+
+    if suffix_of(args.volume) in ZARR_SUFFIXES:
+        where = preview_volume(args.volume, args.output, args.source)
+    else:
+        columns = {}
+        if args.source:
+            columns["source"] = read_volume(args.source)[0]
+        image, geom = read_volume(args.volume)
+        columns["result" if args.source else Path(args.volume).name] = image
+        where = str(save_columns(args.output or default_output(args.volume), columns, geom.numpy_spacing()))
+    print(f"wrote {where}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from msgan.doctor import doctor
+
+    return doctor(args.storage, args.gpu)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from msgan.cascade import MANIFEST
 
@@ -195,12 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="msgan",
         description="Multi-scale patch GANs for translating large medical images (Uzunova et al. 2019).",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--verbose", action="store_true", help="libraries' logs, and the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_sub_parser(common))
 
     d = sub.add_parser("demo", help="end-to-end local demo: train on phantoms, translate, score, plot")
     _config_args(d)
     d.set_defaults(config="configs/demo.yaml" if Path("configs/demo.yaml").is_file() else None)
-    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--out", default=None, help="output folder (default: $MSGAN_HOME/runs/demo, MSGAN_HOME=~/.msgan)")
     d.set_defaults(func=cmd_demo)
 
     n = sub.add_parser("new-model", help="write an untrained, seeded cascade (every scale + manifest)")
@@ -251,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("pacs-sync", help="one pass of the scheduled translation of new PACS series (DICOMweb)")
     ps.add_argument("--model", required=True, help="models:/NAME@ALIAS or a cascade folder")
-    ps.add_argument("--storage", default="runs/pacs", help="state and volumes (path or s3://; default runs/pacs)")
+    ps.add_argument("--storage", default=None, help="state and volumes (path or s3://; default $MSGAN_HOME/runs/pacs)")
     ps.add_argument("--modality", default="CT")
     ps.add_argument("--kernel", default=None, help="regex on ConvolutionKernel, e.g. 'B[6-9]0f'")
     ps.add_argument("--description", default=None, help="regex on SeriesDescription")
@@ -264,19 +304,52 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--limit", type=int, default=None, help="at most this many series per pass")
     ps.set_defaults(func=cmd_pacs_sync)
 
+    pv = sub.add_parser("preview", help="PNG of a volume's centre slices (a translated one beside its source)")
+    pv.add_argument("volume", help="OME-Zarr volume (a translated one shows its source too), or NIfTI/MHA/NRRD")
+    pv.add_argument("output", nargs="?", default=None, help="PNG to write (default: beside the volume, NAME.png)")
+    pv.add_argument("--source", default=None, help="show this volume as the source (default: the manifest's input)")
+    pv.set_defaults(func=cmd_preview)
+
+    dr = sub.add_parser("doctor", help="check what a job needs: packages, Ray, storage, MLflow, PACS, GPU")
+    dr.add_argument(
+        "--storage", default="runs/storage", help="storage to probe (default runs/storage under MSGAN_HOME)"
+    )
+    dr.add_argument("--gpu", choices=["auto", "gpu"], default="auto", help="gpu: a missing GPU is a failure")
+    dr.set_defaults(func=cmd_doctor)
+
     i = sub.add_parser("info", help="print a cascade's manifest summary")
     i.add_argument("model", help="cascade folder")
     i.set_defaults(func=cmd_info)
     return p
 
 
+def _sub_parser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """Subcommand parsers that also accept ``--verbose`` after the command."""
+
+    class Sub(argparse.ArgumentParser):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            kw["parents"] = [*kw.get("parents", []), common]
+            super().__init__(*a, **kw)
+
+    return Sub
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one line naming it), 1 an unexpected error (one line; the
+    traceback with ``--verbose``)."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"msgan {args.command}: {err}", file=sys.stderr)
-        return 2
+    set_verbose(args.verbose)
+    quiet(args.verbose)
+    from msgan.redact import redact_text
+
+    def body() -> int:
+        try:
+            return int(args.func(args))
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            print(f"msgan {args.command}: {redact_text(str(err))}", file=sys.stderr)
+            return 2
+
+    return run_entry(f"msgan {args.command}", body, verbose=args.verbose)
 
 
 if __name__ == "__main__":

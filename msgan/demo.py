@@ -16,22 +16,14 @@ import torch
 
 from msgan.cascade import Cascade
 from msgan.config import Config
-from msgan.data.phantom import default_spacing, kernel_pair, phantom_image
-from msgan.io.volume import Geometry, write_volume
+from msgan.distributed.prepare import held_out, training_pyramids
+from msgan.io.volume import write_volume
 from msgan.metrics import Scores, score
-from msgan.pyramid import Pyramid, build_pyramid, window
+from msgan.preview import save_columns
+from msgan.pyramid import Pyramid, window
 from msgan.train import ScaleData, ScaleTrainer, StepMetrics
 
 Log = Callable[[str], None]
-HOLDOUT_SEED = 1000
-
-
-def phantom_pyramids(cfg: Config) -> list[Pyramid]:
-    """One pyramid per training phantom."""
-    p = cfg.data.phantom
-    return [
-        build_pyramid(phantom_image(p.shape, s, p.kernel), cfg.num_scales, cfg.intensity, cfg.edges) for s in p.seeds
-    ]
 
 
 def fingerprint(pyramids: Sequence[Pyramid]) -> str:
@@ -82,33 +74,16 @@ def body_mask(gt_windowed: np.ndarray, threshold: float = -0.8) -> np.ndarray:
     return gt_windowed > threshold
 
 
-def save_slices_png(path: Path, columns: dict[str, np.ndarray], vmin: float = -1.0, vmax: float = 1.0) -> Path:
-    """Axial, coronal and sagittal centre slices (rows) of each volume (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(columns)
-    fig, axes = plt.subplots(3, len(names), figsize=(3.2 * len(names), 9.6), squeeze=False)
-    for j, name in enumerate(names):
-        v = columns[name]
-        c = [n // 2 for n in v.shape]
-        views = [("axial", v[c[0]]), ("coronal", v[:, c[1]][::-1]), ("sagittal", v[:, :, c[2]][::-1])]
-        for i, (view, img) in enumerate(views):
-            ax = axes[i][j]
-            ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name)
-            if j == 0:
-                ax.set_ylabel(view)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+def score_against_truth(
+    cfg: Config, image: np.ndarray, ours: np.ndarray, truth: np.ndarray, spacing: Sequence[float], png: Path
+) -> tuple[Scores, Scores]:
+    """The one hold-out scoring (demo and job): input and ours against the truth, in window units inside the
+    body, and a preview PNG of (input, ours, truth) at the volume's aspect ratio."""
+    w = {k: window(v, cfg.intensity) for k, v in (("input", image), ("ours", ours), ("truth", truth))}
+    mask = body_mask(w["truth"])
+    s_in, s_ours = score(w["input"], w["truth"], mask=mask), score(w["ours"], w["truth"], mask=mask)
+    save_columns(png, {"input": w["input"], "ours": w["ours"], "truth": w["truth"]}, spacing, (-1.0, 1.0))
+    return s_in, s_ours
 
 
 def run_demo(cfg: Config, out_dir: str | Path, log: Log = print) -> DemoResult:
@@ -120,26 +95,25 @@ def run_demo(cfg: Config, out_dir: str | Path, log: Log = print) -> DemoResult:
     shape = cfg.data.phantom.shape
     log(f"[1/4] {len(cfg.data.phantom.seeds)} training phantoms {tuple(shape)} (soft kernel), pyramids of "
         f"{cfg.num_scales} scales")  # fmt: skip
-    pyramids = phantom_pyramids(cfg)
+    pyramids = training_pyramids(cfg)
     log(f"[2/4] training {cfg.num_scales} scales, steps {[cfg.steps_for(s) for s in range(cfg.num_scales)]}")
     t0 = time.perf_counter()
     cascade = train_locally(cfg, pyramids, log)
     t_train = time.perf_counter() - t0
     model_dir = cascade.save(out / "model")
-    log(f"[3/4] translating held-out phantom (seed {HOLDOUT_SEED}): sharp kernel -> soft kernel")
-    soft, sharp = kernel_pair(shape, HOLDOUT_SEED)
+    held = next(held_out(cfg))
+    log(f"[3/4] translating held-out {held.label}: sharp kernel -> soft kernel")
+    sharp, soft = held.image, held.truth
+    if soft is None:
+        raise ValueError(f"{held.label}: the demo needs a phantom with its truth")
     t0 = time.perf_counter()
     ours = cascade.translate(sharp)
     t_translate = time.perf_counter() - t0
-    geom = Geometry.identity(3, tuple(reversed(default_spacing(shape))))
+    geom = held.geometry
     for name, vol in (("input_sharp", sharp), ("ours", ours), ("truth_soft", soft)):
         write_volume(out / f"{name}.nii.gz", vol, geom)
-    w = {k: window(v, cfg.intensity) for k, v in (("input", sharp), ("ours", ours), ("truth", soft))}
-    mask = body_mask(w["truth"])
-    s_in, s_ours = score(w["input"], w["truth"], mask=mask), score(w["ours"], w["truth"], mask=mask)
-    png = save_slices_png(
-        out / "slices.png", {"input (sharp)": w["input"], "ours": w["ours"], "truth (soft)": w["truth"]}
-    )
+    png = out / "slices.png"
+    s_in, s_ours = score_against_truth(cfg, sharp, ours, soft, geom.numpy_spacing(), png)
     result = DemoResult(s_in, s_ours, t_train, t_translate, png, model_dir)
     report: dict[str, Any] = {
         "input_vs_truth": asdict(s_in),

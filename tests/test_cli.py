@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -5,7 +6,7 @@ import numpy as np
 import pytest
 
 from msgan.cli import main
-from msgan.io.volume import Geometry, read_volume, write_volume
+from msgan.io.volume import Geometry, read_volume, write_volume, write_zarr
 
 TINY = [
     "--set", "num_scales=3", "--set", "lr_generator.width=4", "--set", "lr_generator.depth=1",
@@ -72,3 +73,40 @@ def test_phantom_and_info(tmp_path, model, capsys):
     assert img.shape == (16, 20, 24) and geom.spacing == pytest.approx((400 / 24,) * 3)
     assert main(["info", str(model)]) == 0
     assert '"halos": [\n    0,\n    4,\n    4\n  ]' in capsys.readouterr().out
+
+
+def test_translate_shows_tiles_rate_and_eta_and_says_when_nothing_was_done(tmp_path, model, capsys, rng):
+    write_zarr(tmp_path / "in.zarr", [rng.uniform(-1000, 400, (21, 26, 19)).astype(np.float32)], Geometry.identity(3))
+    args = ["translate", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--model", str(model), "--tile", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    for s in (1, 2):
+        assert re.search(rf"scale {s}: (\d+)/\1 tiles \(100%\)  [\d.]+ tiles/(s|min)  done in \d+s", out.err), out.err
+    assert re.search(r"scale 2: \d+/\d+ tiles \( 25%\)  [\d.]+ tiles/(s|min)  ETA \d+", out.err), out.err
+    assert "translated " in out.out
+    assert main(args) == 0  # published by the same model: nothing to do, and it says so
+    again = capsys.readouterr()
+    assert "already translated by" in again.out and "translated in" not in again.out and " in 0.0s" not in again.out
+
+
+def test_unexpected_error_is_one_line_and_the_traceback_is_for_verbose(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text("[1, 2]")  # valid JSON, not a manifest
+    assert main(["info", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("msgan info: error: AttributeError:"), err
+    assert main(["info", str(tmp_path / "m"), "--verbose"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_train_reads_the_jobs_data_sources_dicom_folders_included(tmp_path, capsys):
+    from tests.dicom_data import write_ct_series
+
+    write_ct_series(tmp_path / "dicom" / "s1", seed=3)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dims: 3\n")
+    paths = f"data.paths=['{tmp_path / 'dicom' / '*'}']"
+    args = ["train", "--config", str(cfg), *TINY, "--set", "num_scales=2", "--set", "train.steps=1",
+            "--set", "data.source=files", "--set", paths, str(tmp_path / "m")]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "m" / "manifest.json").is_file()

@@ -31,7 +31,8 @@ def test_2d_radiographs_train_and_translate(tmp_path):
     import numpy as np
 
     from msgan.data.phantom import phantom_image
-    from msgan.demo import phantom_pyramids, train_locally
+    from msgan.demo import train_locally
+    from msgan.distributed.prepare import training_pyramids
 
     cfg = tiny_config(
         **{
@@ -43,7 +44,7 @@ def test_2d_radiographs_train_and_translate(tmp_path):
             "data.phantom.seeds": [1, 2],
         }
     )
-    pyramids = phantom_pyramids(cfg)
+    pyramids = training_pyramids(cfg)
     assert pyramids[0].shapes == [(24, 20), (48, 40)]
     cascade = train_locally(cfg, pyramids, log=lambda _: None)
     image = phantom_image((48, 40), 9)

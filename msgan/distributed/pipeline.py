@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from msgan import storage
+from msgan import console, settings, storage
 from msgan.cascade import Cascade
 from msgan.config import Config, ConfigError
 from msgan.distributed import prepare as prep
 from msgan.distributed.train import ScaleOutcome, load_generators, train_all_scales
+from msgan.redact import redact_uri
 
 Log = Callable[[str], None]
 
@@ -37,28 +38,84 @@ class JobResult:
     seconds: float = 0.0
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: Config | None = None, verbose: bool | None = None) -> None:
     """Connect to the cluster named by RAY_ADDRESS (as ``ray job submit`` sets it) or start a local one.
 
-    Submitted jobs carry their environment in the job's runtime env; a local cluster gets the
-    storage and tracking variables of this process (workers need them to reach S3 and MLflow).
+    Quiet unless ``verbose`` (default: :func:`msgan.console.verbose`): Ray's own logging at WARNING and
+    workers' output not forwarded (our workers report through a progress board; failures come back as
+    exceptions). Submitted jobs carry their environment in the job's runtime env; a local cluster gets
+    the storage and tracking variables of this process (workers need them to reach S3 and MLflow).
     """
     import ray
 
+    from msgan import console
+
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every scale's progress lines
+    verbose = console.verbose() if verbose is None else verbose
+    console.quiet(verbose)
+    console.ray_data_progress(verbose)
+    kwargs = console.ray_init_kwargs(verbose)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **kwargs)
         return
     env = storage.env_for_workers()
     ray.init(
         address="local",
         runtime_env={"env_vars": env} if env else None,
-        log_to_driver=True,
         include_dashboard=False,  # no job server needed locally; its processes would take CPU from training
+        **kwargs,
     )
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_shared_storage(root: str, tracking: str, nodes: int) -> None:
+    """Storage and the MLflow store must be reachable from every node: on a multi-node cluster a node-local
+    path fails here, before any work, unless MSGAN_SHARED_PATHS marks it as a shared mount."""
+    try:
+        settings.check_reachable_from_all_nodes("job.storage", root, nodes)
+        settings.check_reachable_from_all_nodes("the MLflow store", tracking, nodes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+class TrainingConsole:
+    """The driver's view of every scale training at once, fed by the workers through a progress board:
+    per scale its step, rate and ETA (a bar on a terminal, a line per quarter when piped), restarts and
+    failures with their cause (always shown), and the end of each scale."""
+
+    def __init__(self, cfg: Config, log: Log, progress: console.Progress | None = None) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.progress = progress or console.Progress()
+        self.failures: dict[int, list[str]] = {}
+
+    def handle(self, item: dict[str, Any]) -> None:
+        scale, kind = int(item.get("scale", -1)), item.get("kind")
+        label = f"[scale {scale}]"
+        if kind == "start":
+            steps, at = int(item["steps"]), item.get("t")
+            self.progress.add(scale, label, steps, "steps", start=int(item["step"]), final_line=False, at=at)
+            again = f"attempt {item['attempt']}, resumed at step {item['step']}" if item["attempt"] > 1 else ""
+            start = again or ("resumed at step " + str(item["step"]) if item["step"] else "started")
+            self.progress.say(
+                f"{label} {start}: {item['steps']} steps on {item['device']} (world_size={item['world']})"
+            )
+        elif kind == "step":
+            note = f"G {item['loss_g']:.3f} (L1 {item['l1']:.4f}) D {item['loss_d']:.3f}"
+            self.progress.update(scale, int(item["step"]), note, at=item.get("t"))
+        elif kind == "failed":
+            self.failures.setdefault(scale, []).append(str(item["error"]))
+            self.progress.say(f"{label} worker (rank {item.get('rank', 0)}) failed: {item['error']}")
+        elif kind == "done":
+            self.progress.update(scale, int(item["step"]), at=item.get("t"))
+            self.progress.say(f"{label} done: {item['step']} steps in {console.fmt_seconds(item['seconds'])}")
 
 
 def job_name(cfg: Config, fingerprints: list[str]) -> str:
@@ -90,59 +147,58 @@ def summary_table(outcomes: list[ScaleOutcome]) -> str:
 
 
 def translate_holdout(cascade: Cascade, cfg: Config, out_dir: Path, log: Log) -> list[dict[str, Any]]:
-    """Translate each held-out volume; phantoms are scored against their soft-kernel truth."""
-    from msgan.data.phantom import default_spacing, kernel_pair, radiograph
-    from msgan.demo import body_mask, save_slices_png
-    from msgan.io.volume import Geometry, read_volume, write_volume
-    from msgan.metrics import score
-    from msgan.pyramid import window
+    """Translate each held-out volume; phantoms are scored against their truth (the demo's scoring)."""
+    from msgan.demo import score_against_truth
+    from msgan.io.volume import write_volume
+    from msgan.preview import save_columns
 
     results = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for src in prep.sources(cfg, holdout=True):
+    for held in prep.held_out(cfg):
         t0 = time.perf_counter()
-        truth: np.ndarray | None = None
-        if src.kind == "file":
-            image, geom = read_volume(src.ref)
-        else:
-            shape = cfg.data.phantom.shape
-            geom = Geometry.identity(cfg.dims, tuple(reversed(default_spacing(shape))))
-            if cfg.dims == 3:  # sharp kernel in, soft kernel is the truth
-                truth, image = kernel_pair(shape, int(src.ref))
-            else:  # radiograph generated from its own edges: the radiograph is the truth
-                truth = image = radiograph(shape, seed=int(src.ref), depth=min(192, max(shape)))
-        ours = cascade.translate(image)
+        ours = cascade.translate(held.image)
         seconds = time.perf_counter() - t0
-        stem = f"holdout_{src.ref}" if src.kind == "phantom" else Path(src.ref).name.split(".")[0]
-        write_volume(out_dir / f"{stem}_translated.nii.gz", ours, geom)
-        entry: dict[str, Any] = {"source": src.label, "seconds": seconds, "output": str(out_dir)}
-        if truth is not None:
-            w = {k: window(v, cfg.intensity) for k, v in (("input", image), ("ours", ours), ("truth", truth))}
-            mask = body_mask(w["truth"])
-            entry["input"] = score(w["input"], w["truth"], mask=mask).__dict__
-            entry["ours"] = score(w["ours"], w["truth"], mask=mask).__dict__
-            png = save_slices_png(out_dir / f"{stem}.png", {"input (sharp)": w["input"], "ours": w["ours"],
-                                                            "truth (soft)": w["truth"]})  # fmt: skip
-            entry["png"] = str(png)
+        write_volume(out_dir / f"{held.stem}_translated.nii.gz", ours, held.geometry)
+        entry: dict[str, Any] = {"source": held.label, "seconds": seconds, "output": str(out_dir)}
+        png = out_dir / f"{held.stem}.png"
+        spacing = held.geometry.numpy_spacing()
+        if held.truth is None:
+            save_columns(png, {"input": held.image, "ours": ours}, spacing)
+            log(f"      {held.label}: translated in {seconds:.1f}s")
+        else:
+            s_in, s_ours = score_against_truth(cfg, held.image, ours, held.truth, spacing, png)
+            entry["input"], entry["ours"] = s_in.__dict__, s_ours.__dict__
             log(
-                f"  {src.label}: SSIM input {entry['input']['ssim']:.4f} -> ours {entry['ours']['ssim']:.4f}, "
-                f"MAE {entry['input']['mae']:.4f} -> {entry['ours']['mae']:.4f} ({seconds:.1f}s)"
+                f"      {held.label}: SSIM input {s_in.ssim:.4f} -> ours {s_ours.ssim:.4f}, "
+                f"MAE {s_in.mae:.4f} -> {s_ours.mae:.4f} (window units; {seconds:.1f}s)"
             )
+        entry["png"] = str(png)
         results.append(entry)
     return results
 
 
-def run_training_job(cfg: Config, log: Log = print, workdir: str | Path = "runs") -> JobResult:
-    """Prepare, train every scale at once on Ray, register the cascade, translate held-out volumes."""
+def run_training_job(
+    cfg: Config, log: Log = print, workdir: str | Path = "runs", progress: console.Progress | None = None
+) -> JobResult:
+    """Prepare, train every scale at once on Ray, register the cascade, translate held-out volumes.
+
+    Relative paths (``job.storage``, ``workdir``) and the default MLflow store live under ``MSGAN_HOME``
+    (:mod:`msgan.settings`), never under the working directory, which ``ray job submit`` makes temporary."""
     from msgan import registry
 
     t_start = time.perf_counter()
-    root = storage.normalize_uri(cfg.job.storage)
+    root = storage.normalize_uri(settings.resolve_storage(cfg.job.storage))
+    out_root = settings.resolve_local(workdir)
     train_src, holdout_src = prep.sources(cfg), prep.sources(cfg, holdout=True)
     if not train_src:
         raise ConfigError("no training volumes: set data.phantom.seeds or data.paths")
     prep.check_shapes(cfg, train_src)  # bad data or config fails here, before Ray or any training starts
     ensure_ray(cfg)
+    tracking = registry.tracking_uri()
+    check_shared_storage(root, tracking, alive_nodes())
+    log(f"storage {root}")
+    log(f"MLflow  {redact_uri(tracking)}")
+    log(f"outputs {out_root}")
     log(f"[1/4] preparing {len(train_src)} training + {len(holdout_src)} held-out volumes under {root}/pyramids")
     prepared = prep.prepare(cfg, train_src + holdout_src, root)
     n_new = sum(p["prepared"] for p in prepared)
@@ -155,7 +211,16 @@ def run_training_job(cfg: Config, log: Log = print, workdir: str | Path = "runs"
 
     runs = registry.job_runs(cfg.job.experiment, job, cfg.num_scales, cfg.to_dict(), artifact_root=root)
     log(f"[2/4] training {cfg.num_scales} scales at once as job {job!r} (MLflow run {runs.parent})")
-    outcomes = train_all_scales(cfg, job, volumes, val_volumes, root, runs.tracking_uri, runs.children)
+    board = console.ProgressBoard()
+    view = TrainingConsole(cfg, log, progress)
+    stop = board.follow(view.handle)
+    try:
+        outcomes = train_all_scales(
+            cfg, job, volumes, val_volumes, root, runs.tracking_uri, runs.children, board=board.handle
+        )
+    finally:
+        stop()
+        view.progress.close()
     log("      " + summary_table(outcomes).replace("\n", "\n      "))
     failed = [o for o in outcomes if o.summary is None]
     if failed:
@@ -184,7 +249,7 @@ def run_training_job(cfg: Config, log: Log = print, workdir: str | Path = "runs"
 
     log(f"[4/4] translating held-out volumes with {model_uri}")
     loaded = registry.load_cascade(model_uri)
-    out_dir = Path(workdir).resolve() / job / "holdout"
+    out_dir = out_root / job / "holdout"
     holdout = translate_holdout(loaded, cfg, out_dir, log)
     for i, h in enumerate(holdout):
         if "ours" in h:
@@ -192,6 +257,8 @@ def run_training_job(cfg: Config, log: Log = print, workdir: str | Path = "runs"
         if "png" in h:
             parent.artifact(h["png"], "holdout")
     seconds = time.perf_counter() - t_start
-    log(f"done in {seconds:.0f}s. Outputs: {out_dir}")
-    log(f"MLflow: {runs.tracking_uri}  (UI: mlflow ui --backend-store-uri {runs.tracking_uri})")
+    log(f"done in {console.fmt_seconds(seconds)}. Outputs: {out_dir}")
+    for h in holdout:
+        log(f"picture: {h['png']}")
+    log(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(runs.tracking_uri)}")
     return JobResult(job, cfg.job.registered_model, version, outcomes, holdout, runs.tracking_uri, seconds)

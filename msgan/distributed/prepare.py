@@ -9,17 +9,19 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from msgan import storage
 from msgan.config import Config, ConfigError, from_dict
 from msgan.io.pyramids import pyramid_meta, write_pyramid
 from msgan.io.volume import Geometry
 from msgan.nets import patchgan_min_size
-from msgan.pyramid import build_pyramid
+from msgan.pyramid import Pyramid, build_pyramid
 from msgan.tiling import pyramid_shapes
 
 PHANTOM_RECIPE = "thorax-1"  # bump when the phantom generator changes what a seed makes
@@ -53,6 +55,44 @@ def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
             raise ConfigError(f"{key}: {pat!r} matches no readable file or DICOM folder")
         out += [VolumeSource("dicom" if Path(m).is_dir() else "file", m) for m in matches]
     return out
+
+
+def training_pyramids(cfg: Config, holdout: bool = False) -> list[Pyramid]:
+    """In-memory pyramids of the config's training (or held-out) volumes: the local path of ``msgan train``
+    and ``msgan demo`` reads the very sources the Ray job prepares (phantoms, files, DICOM folders)."""
+    return [
+        build_pyramid(load_source(s, cfg)[0], cfg.num_scales, cfg.intensity, cfg.edges) for s in sources(cfg, holdout)
+    ]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out volume to translate at the end of a job: its input and, for phantoms, the truth."""
+
+    label: str
+    stem: str  # file-name stem for its outputs
+    image: np.ndarray
+    geometry: Geometry
+    truth: np.ndarray | None
+
+
+def held_out(cfg: Config) -> Iterator[HeldOut]:
+    """The held-out volumes, one at a time: a 3D phantom's sharp-kernel reconstruction with its soft-kernel
+    truth, a 2D phantom radiograph (its own truth: generated from its edges), or a file without truth."""
+    from msgan.data.phantom import default_spacing, kernel_pair, radiograph
+
+    for src in sources(cfg, holdout=True):
+        if src.kind != "phantom":
+            image, geom = load_source(src, cfg)
+            yield HeldOut(src.label, Path(src.ref).name.split(".")[0], image, geom, None)
+            continue
+        shape, seed = cfg.data.phantom.shape, int(src.ref)
+        geom = Geometry.identity(cfg.dims, tuple(reversed(default_spacing(shape))))
+        if cfg.dims == 3:
+            truth, image = kernel_pair(shape, seed)
+        else:
+            truth = image = radiograph(shape, seed=seed, depth=min(192, max(shape)))
+        yield HeldOut(src.label, f"holdout_{seed}", image, geom, truth)
 
 
 def _preprocessing(cfg: Config) -> dict[str, Any]:

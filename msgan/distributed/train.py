@@ -33,16 +33,21 @@ import torch
 
 from msgan import storage
 from msgan.config import Config, from_dict
+from msgan.console import ProgressBoard, describe_error
 from msgan.io.pyramids import open_pyramid
 from msgan.memory import peak_device_bytes, peak_host_bytes
 from msgan.train import ScaleData, ScaleTrainer, StepMetrics
 
 
-def _say(line: str) -> None:
-    """One progress line on the worker's stdout (Ray forwards it to the driver). Ray Train's patched
-    ``print`` would log it twice when another library has wrapped ``sys.stdout``."""
+def _say(line: str, board: Any = None, **item: Any) -> None:
+    """One progress line on the worker's stdout (in the worker's log; on the driver's console only with
+    ``--verbose``) and, when ``item`` is given, a structured copy to the driver's progress board, which
+    prints what a person reads. Ray Train's patched ``print`` would log twice when another library has
+    wrapped ``sys.stdout``, hence the plain write."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+    if item:
+        ProgressBoard.send(board, t=time.time(), **item)
 
 
 def scale_root(run_root: str, scale: int) -> str:
@@ -101,7 +106,27 @@ def _sample_png(trainer: ScaleTrainer, path: Path) -> Path:
 
 
 def train_loop(spec: dict[str, Any]) -> None:
-    """Ray Train worker: train one scale, resuming from Ray's latest checkpoint when there is one."""
+    """Ray Train worker: train one scale, resuming from Ray's latest checkpoint when there is one.
+
+    A failure's cause goes to the driver's progress board before Ray sees the exception, so the
+    console shows it even when Ray retries the scale and its own logs are not forwarded."""
+    try:
+        _train_loop(spec)
+    except Exception as err:
+        import ray.train
+
+        _say(
+            f"[scale {spec['scale']}] failed: {describe_error(err)}",
+            spec.get("board"),
+            kind="failed",
+            scale=int(spec["scale"]),
+            rank=ray.train.get_context().get_world_rank(),
+            error=describe_error(err),
+        )
+        raise
+
+
+def _train_loop(spec: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -123,6 +148,7 @@ def train_loop(spec: dict[str, Any]) -> None:
             trainer.restore(Path(d) / "state.pt")
     resumed_from = trainer.step
     steps = cfg.steps_for(scale)
+    board = spec.get("board")
     log = None
     if rank == 0 and spec.get("run_id"):
         from msgan.registry import RunLogger  # imports MLflow: only where it logs
@@ -141,7 +167,18 @@ def train_loop(spec: dict[str, Any]) -> None:
             "host": socket.gethostname(),
         }
         storage.write_text(storage.join(root, "status.json"), json.dumps(status))
-        _say(f"[scale {scale}] attempt {status['attempt']}: starting at step {resumed_from}/{steps}")
+        _say(
+            f"[scale {scale}] attempt {status['attempt']}: starting at step {resumed_from}/{steps} "
+            f"(world_size={world}, {device})",
+            board,
+            kind="start",
+            scale=scale,
+            steps=steps,
+            step=resumed_from,
+            attempt=status["attempt"],
+            world=world,
+            device=str(device),
+        )
         if log is not None:
             log.metrics({"resumed_from_step": resumed_from}, step=status["attempt"])
             log.params({"scale": scale, "steps": steps, "workers": world, "device": str(device)})
@@ -157,7 +194,14 @@ def train_loop(spec: dict[str, Any]) -> None:
             rate = (step - resumed_from) / (time.perf_counter() - t0)
             _say(
                 f"[scale {scale}] step {step}/{steps}  G {last.loss_g:.3f} (L1 {last.loss_g_l1:.4f})  "
-                f"D {last.loss_d:.3f}  {rate:.1f} steps/s"
+                f"D {last.loss_d:.3f}  {rate:.1f} steps/s",
+                board,
+                kind="step",
+                scale=scale,
+                step=step,
+                loss_g=last.loss_g,
+                l1=last.loss_g_l1,
+                loss_d=last.loss_d,
             )
             if log is not None:
                 log.metric_rows(
@@ -200,7 +244,14 @@ def train_loop(spec: dict[str, Any]) -> None:
     torch.save(state, buf)
     storage.write_bytes(storage.join(root, "final", "generator.pt"), buf.getvalue())
     storage.write_text(storage.join(root, "final", "done.json"), json.dumps(summary))
-    _say(f"[scale {scale}] done: {trainer.step} steps in {seconds:.1f}s")
+    _say(
+        f"[scale {scale}] done: {trainer.step} steps in {seconds:.1f}s",
+        board,
+        kind="done",
+        scale=scale,
+        step=trainer.step,
+        seconds=seconds,
+    )
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -256,8 +307,18 @@ def run_scale(spec: dict[str, Any], cfg: Config, job: str, use_gpu: bool) -> Sca
     try:
         trainer.fit()
     except Exception as err:  # one scale's failure must not take the others down
-        return ScaleOutcome(scale, None, skipped=False, error=f"{type(err).__name__}: {err}")
+        return ScaleOutcome(scale, None, skipped=False, error=failure_cause(err))
     return ScaleOutcome(scale, read_json(done_uri), skipped=False)
+
+
+def failure_cause(err: BaseException) -> str:
+    """One line for a failed ``fit()``: the first worker's own exception (not Ray's wrapper and traceback)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    cause: BaseException = next(iter(failures.values()), None) or getattr(err, "controller_failure", None) or err
+    inner = getattr(cause, "cause", None)  # ray.exceptions.RayTaskError carries the user's exception
+    if isinstance(inner, BaseException):
+        cause = inner
+    return describe_error(cause)
 
 
 def train_all_scales(
@@ -269,8 +330,10 @@ def train_all_scales(
     tracking_uri: str | None,
     run_ids: dict[int, str] | None,
     scales: Sequence[int] | None = None,
+    board: Any = None,
 ) -> list[ScaleOutcome]:
-    """Launch every (unfinished) scale at once, one TorchTrainer each; wait for all."""
+    """Launch every (unfinished) scale at once, one TorchTrainer each; wait for all. Workers send their
+    progress to ``board`` (a :class:`msgan.console.ProgressBoard` handle) when one is given."""
     run_root = storage.join(storage_root, "runs", job)
     use_gpu = _use_gpu(cfg)
     todo = list(range(cfg.num_scales)) if scales is None else list(scales)
@@ -284,6 +347,7 @@ def train_all_scales(
             "storage": storage_root,
             "tracking_uri": tracking_uri,
             "run_id": (run_ids or {}).get(s),
+            "board": board,
         }
         for s in todo
     ]

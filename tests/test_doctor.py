@@ -1,0 +1,45 @@
+import socket
+
+import pytest
+
+from msgan.cli import main
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    for k in ("RAY_ADDRESS", "MSGAN_PACS_URL", "MSGAN_PACS_USER", "MSGAN_PACS_PASSWORD", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MSGAN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return tmp_path
+
+
+def test_doctor_passes_on_real_storage_and_mlflow(env, capsys):
+    assert main(["doctor", "--storage", str(env / "store")]) == 0
+    out = capsys.readouterr().out
+    assert f"ok    storage  file://{env}/store writable" in out
+    assert f"ok    mlflow   sqlite:///{env}/mlflow.db answers" in out
+    assert out.rstrip().endswith("everything a job needs is in place")
+    assert list((env / "store").iterdir()) == []  # the probe is removed
+
+
+def test_doctor_names_each_problem_in_one_line(env, capsys, monkeypatch):
+    port = _closed_port()
+    monkeypatch.setenv("MSGAN_PACS_URL", f"http://doc:s3cret@127.0.0.1:{port}/dicom-web")
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{port}")
+    (env / "file").write_text("not a folder")
+    assert main(["doctor", "--storage", str(env / "file" / "store")]) == 1
+    out = capsys.readouterr().out
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("ok", "FAIL", "warn"))}
+    assert lines["pacs"].startswith("FAIL") and f"127.0.0.1:{port}/dicom-web unreachable" in lines["pacs"]
+    assert lines["ray"].startswith("FAIL") and "unreachable" in lines["ray"]
+    assert lines["storage"].startswith("FAIL") and "not writable" in lines["storage"]
+    assert lines["mlflow"].startswith("ok") and lines["python"].startswith("ok")
+    assert "s3cret" not in out and "doc:***@" in lines["pacs"]
+    assert out.rstrip().splitlines()[-1] == "3 problem(s): ray, storage, pacs"

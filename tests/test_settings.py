@@ -1,0 +1,47 @@
+import pytest
+
+from msgan import settings
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSGAN_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MSGAN_SHARED_PATHS", raising=False)
+    return tmp_path / "home"
+
+
+def test_relative_paths_resolve_under_msgan_home_not_the_working_directory(home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as `ray job submit --working-dir` does, into a temporary package folder
+    assert settings.resolve_storage("runs/storage") == f"file://{home}/runs/storage"
+    assert settings.resolve_storage("file://runs/x") == f"file://{home}/runs/x"
+    assert settings.resolve_storage("/abs/store") == "file:///abs/store"
+    assert settings.resolve_storage("s3://bucket/p/") == "s3://bucket/p"
+    assert settings.default_tracking_uri() == f"sqlite:///{home}/runs/mlflow.db"
+    with pytest.raises(ValueError, match="only file:// and s3://"):
+        settings.resolve_storage("gs://b/p")
+
+
+def test_default_home_is_in_the_user_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("MSGAN_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert settings.home() == tmp_path / ".msgan"
+
+
+def test_registry_default_store_is_under_msgan_home(home, tmp_path, monkeypatch):
+    from msgan.registry import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{home}/runs/mlflow.db"
+
+
+def test_local_paths_fail_fast_on_a_multi_node_cluster(home, tmp_path, monkeypatch):
+    local = f"file://{tmp_path}/store"
+    settings.check_reachable_from_all_nodes("job.storage", local, nodes=1)  # one node: fine
+    settings.check_reachable_from_all_nodes("job.storage", "s3://b/p", nodes=3)
+    with pytest.raises(ValueError, match=r"job.storage file://.*3 nodes.*s3://.*MSGAN_SHARED_PATHS"):
+        settings.check_reachable_from_all_nodes("job.storage", local, nodes=3)
+    with pytest.raises(ValueError, match="the MLflow store sqlite:///"):
+        settings.check_reachable_from_all_nodes("the MLflow store", settings.default_tracking_uri(), nodes=2)
+    monkeypatch.setenv("MSGAN_SHARED_PATHS", f"/nowhere:{tmp_path}")
+    settings.check_reachable_from_all_nodes("job.storage", local, nodes=3)  # a marked shared mount
