@@ -69,7 +69,8 @@ def task_config(task: str, shape: int, smoke: bool, overrides: list[str]) -> Con
 
 
 def edges_config(cfg: Config) -> Config:
-    """The paper's cascade: the same networks and steps, conditioned on edges only."""
+    """The paper's cascade: the same networks and steps, conditioned on edges only, clipped to the
+    window; trained on the same pairs as every method (the source's edges -> the target)."""
     keys = cfg.to_dict()
     over: dict[str, Any] = {}
     if "condition" in keys:
@@ -79,6 +80,9 @@ def edges_config(cfg: Config) -> Config:
             over[f"{section}.source_residual"] = False
     if "source_residual" in keys:
         over["source_residual"] = False
+        over["hr_generator.residual"] = True  # the paper: previous scale + correction
+    if "outside" in keys.get("intensity", {}):
+        over["intensity.outside"] = "clip"  # the paper: the window's ends
     return cfg.replace(**over) if over else cfg
 
 
@@ -138,6 +142,41 @@ class Results:
 # ----------------------------------------------------------------------------- training (own processes)
 
 
+def pair_pyramid(cfg: Config, source: np.ndarray, target: np.ndarray) -> Any:
+    """The training pyramid of one (source, target) pair: the target's images with the source's edges
+    and images (what every cascade sees at inference). Code without paired training (before image
+    conditioning) trains on the target's own edges, as the paper does."""
+    import msgan.pyramid as pyr
+
+    build_pair = getattr(pyr, "build_pair_pyramid", None)
+    if build_pair is None:
+        return pyr.build_pyramid(target, cfg.num_scales, cfg.intensity, cfg.edges)
+    return build_pair(source, target, cfg.num_scales, cfg.intensity, cfg.edges)
+
+
+def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
+    """One scale of one cascade on a task's training pairs, in its own process (one torch thread)."""
+    from msgan.config import from_dict
+    from msgan.memory import peak_host_bytes
+    from msgan.train import ScaleData, ScaleTrainer
+
+    torch.set_num_threads(1)
+    cfg = from_dict(job["config"])
+    scale = job["scale"]
+    pyramids = []
+    for seed in job["seeds"]:
+        tv = make_task(job["task"], seed, job["shape"], workers=1)
+        pyramids.append(pair_pyramid(cfg, tv.input, tv.target))
+        del tv
+    data = ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
+    trainer = ScaleTrainer(cfg, scale, data)
+    t0 = time.perf_counter()
+    trainer.fit(cfg.steps_for(scale))
+    buf = io.BytesIO()
+    torch.save(trainer.generator.state_dict(), buf)
+    return {"weights": buf.getvalue(), "seconds": time.perf_counter() - t0, "peak_bytes": peak_host_bytes()}
+
+
 def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
     """The CNN baseline on the task's training pairs, in its own process."""
     from msgan.baselines import cnn_for_budget, train_cnn
@@ -149,7 +188,10 @@ def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
         pairs.append((tv.input, tv.target))
     torch.manual_seed(0)
     net = cnn_for_budget(3, job["min_parameters"], job["depth"])
-    info = train_cnn(net, pairs, job["steps"], job["patch"], job["batch_size"], log=None)
+    def log(msg: str) -> None:
+        print(time.strftime("%H:%M:%S"), f"  {job['task']}: {msg}", flush=True)
+
+    info = train_cnn(net, pairs, job["steps"], job["patch"], job["batch_size"], log=log, log_every=300)
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
     width = net.body.down[0][0].out_channels  # type: ignore[index]
@@ -166,44 +208,26 @@ def _atomic_bytes(path: Path, blob: bytes) -> None:
 
 def train_task(
     task: str, cfgs: dict[str, Config], methods: list[str], shape: tuple[int, ...], work: Path,
-    workers: int, results: Results, log: Callable[[str], None],
+    workers: int, results: Results, log: Callable[[str], None], seeds: tuple[int, ...] = SEEDS["train"],
 ) -> None:  # fmt: skip
     """Train whatever of ``methods`` has no weights in ``work`` yet: cascade scales and the CNN, in parallel."""
-    from benchmarks.paper_quality import _train
-    from msgan import storage
-    from msgan.data.phantom import phantom_geometry
-    from msgan.io.pyramids import write_pyramid
     from msgan.nets import count_parameters
-    from msgan.pyramid import build_pyramid
     from msgan.train import build_generator
 
     jobs: list[dict[str, Any]] = []
-    cascades = [m for m in ("edges", "ours") if m in methods and m in cfgs]
-    need_pyr = [m for m in cascades if any(not (work / m / f"scale_{s}.pt").exists()
-                                           for s in range(cfgs[m].num_scales))]  # fmt: skip
-    if need_pyr:
-        volumes = []
-        for seed in SEEDS["train"]:
-            uri = storage.normalize_uri(str(work / "pyramids" / f"train{seed}.zarr"))
-            if not (work / "pyramids" / f"train{seed}.zarr" / "zarr.json").exists():
-                tv = make_task(task, seed, shape)
-                cfg = cfgs[need_pyr[0]]
-                # the paper trains every scale on the target (edges -> image); the image-conditioned
-                # cascade gets its source from the pyramid's source levels when the code has them
-                write_pyramid(uri, build_pyramid(tv.target, cfg.num_scales, cfg.intensity, cfg.edges),
-                              phantom_geometry(shape), {"task": task, "seed": seed})  # fmt: skip
-            volumes.append(uri)
-        for m in need_pyr:
+    for m in ("edges", "ours"):
+        if m in methods and m in cfgs:
             for s in range(cfgs[m].num_scales):
                 if not (work / m / f"scale_{s}.pt").exists():
-                    jobs.append({"variant": m, "scale": s, "config": cfgs[m].to_dict(), "volumes": volumes})
+                    jobs.append({"variant": m, "scale": s, "config": cfgs[m].to_dict(), "task": task,
+                                 "seeds": list(seeds), "shape": shape})  # fmt: skip
     ref = cfgs.get("ours") or cfgs["edges"]
     if "cnn" in methods and not (work / "cnn.pt").exists():
         finest = count_parameters(build_generator(ref, ref.num_scales - 1))
         steps = sum(ref.steps_for(s) for s in range(ref.num_scales))
         patch = max(CNN_PATCH if ref.data.phantom.shape[0] >= 64 else 8, ref.train.hr_patch)
         patch = -(-patch // 2**CNN_DEPTH) * 2**CNN_DEPTH
-        jobs.append({"variant": "cnn", "task": task, "seeds": list(SEEDS["train"]), "shape": shape,
+        jobs.append({"variant": "cnn", "task": task, "seeds": list(seeds), "shape": shape,
                      "min_parameters": finest, "depth": CNN_DEPTH, "steps": steps, "patch": patch,
                      "batch_size": ref.train.batch_size})  # fmt: skip
     if not jobs:
@@ -212,7 +236,7 @@ def train_task(
         + ", ".join(f"{j['variant']}/{j.get('scale', '-')}" for j in jobs))  # fmt: skip
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_train_cnn if j["variant"] == "cnn" else _train, j) for j in jobs]
+        futures = [pool.submit(_train_cnn if j["variant"] == "cnn" else _train_scale, j) for j in jobs]
         for job, fut in zip(jobs, futures, strict=True):
             r = fut.result()
             if job["variant"] == "cnn":

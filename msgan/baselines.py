@@ -173,7 +173,8 @@ def fit_radial_filter(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bands: int
 
 class ResidualUNet(nn.Module):
     """The field's supervised translation CNN: output = input + U-Net(input) (padded convolutions,
-    no normalisation, so patches stitch without per-patch statistics)."""
+    no normalisation, so patches stitch without per-patch statistics); the U-Net's last layer starts at
+    zero, so training starts from the identity."""
 
     def __init__(self, dims: int, width: int = 16, depth: int = 2) -> None:
         super().__init__()
@@ -181,6 +182,10 @@ class ResidualUNet(nn.Module):
 
         self.dims, self.depth = dims, depth
         self.body = UNet(dims, 1, 1, width=width, depth=depth, norm_kind="none")
+        head = self.body.head
+        assert isinstance(head, (nn.Conv2d, nn.Conv3d))
+        nn.init.zeros_(head.weight)  # starts as the identity: the residual learns only the correction
+        nn.init.zeros_(head.bias)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)  # (B, 1, D, H, W)
