@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The demo keeps its storage, MLflow store and outputs under ./runs of this checkout: it sets
+# MSGAN_HOME here explicitly (jobs elsewhere default to ~/.msgan, never the working directory).
 demo: $(VENV)/.installed
-	$(BIN)/python jobs/train_all_scales.py --config configs/demo.yaml
+	MSGAN_HOME=$(CURDIR) $(BIN)/python jobs/train_all_scales.py --config configs/demo.yaml
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check msgan tests benchmarks jobs

@@ -39,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else resolve_local("runs/demo")
     t0 = time.perf_counter()
-    run_demo(cfg, out)
+    run_demo(cfg, out, progress=Progress())
     print(f"demo finished in {time.perf_counter() - t0:.1f}s; outputs in {out}")
     return 0
 
@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_shapes(cfg, sources(cfg))  # the job's sources and checks: phantoms, files and DICOM folders
     pyramids = training_pyramids(cfg)
-    cascade = train_locally(cfg, pyramids)
+    cascade = train_locally(cfg, pyramids, progress=Progress())
     cascade.meta["data_fingerprint"] = fingerprint(pyramids)
     print(f"wrote {cascade.save(args.out_dir)}")
     return 0

@@ -16,6 +16,7 @@ import torch
 
 from msgan.cascade import Cascade
 from msgan.config import Config
+from msgan.console import Progress
 from msgan.distributed.prepare import held_out, training_pyramids
 from msgan.io.volume import write_volume
 from msgan.metrics import Scores, score
@@ -37,26 +38,33 @@ def fingerprint(pyramids: Sequence[Pyramid]) -> str:
     return h.hexdigest()
 
 
-def train_locally(cfg: Config, pyramids: Sequence[Pyramid], log: Log = print) -> Cascade:
-    """Train every scale one after another in this process (the Ray job trains them at once)."""
+def train_locally(
+    cfg: Config, pyramids: Sequence[Pyramid], log: Log = print, progress: Progress | None = None
+) -> Cascade:
+    """Train every scale one after another in this process (the Ray job trains them at once). With a
+    ``progress``, each scale shows its step, rate and ETA there; otherwise every logged step goes to ``log``."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     gens, steps = [], []
     for s in range(cfg.num_scales):
         trainer = ScaleTrainer(cfg, s, ScaleData.from_pyramids(pyramids, s, cfg.train.foreground_threshold))
         t0 = time.perf_counter()
-
         total = cfg.steps_for(s)
+        if progress is not None:
+            progress.add(s, f"[scale {s}]", total, "steps")
 
         def report(m: StepMetrics, t0: float = t0, total: int = total) -> None:
-            log(
-                f"  scale {m.scale} step {m.step:>5}/{total}  G {m.loss_g:7.3f} (L1 {m.loss_g_l1:.4f})"
-                f"  D {m.loss_d:.3f}  {time.perf_counter() - t0:6.1f}s"
-            )
+            note = f"G {m.loss_g:.3f} (L1 {m.loss_g_l1:.4f}) D {m.loss_d:.3f}"
+            if progress is not None:
+                progress.update(m.scale, m.step, note)
+            else:
+                log(f"  scale {m.scale} step {m.step:>5}/{total}  {note}  {time.perf_counter() - t0:6.1f}s")
 
         trainer.fit(total, callback=report)
         gens.append(trainer.generator.eval())
         steps.append(trainer.step)
+    if progress is not None:
+        progress.close()
     return Cascade(cfg, gens, {"steps": steps, "data_fingerprint": fingerprint(pyramids)})
 
 
@@ -86,7 +94,7 @@ def score_against_truth(
     return s_in, s_ours
 
 
-def run_demo(cfg: Config, out_dir: str | Path, log: Log = print) -> DemoResult:
+def run_demo(cfg: Config, out_dir: str | Path, log: Log = print, progress: Progress | None = None) -> DemoResult:
     """Build phantoms, train, translate a held-out sharp-kernel volume and score it."""
     if cfg.dims != 3 or cfg.data.source != "phantom":
         raise ValueError("the demo uses 3D phantoms: set dims=3 and data.source=phantom")
@@ -98,7 +106,7 @@ def run_demo(cfg: Config, out_dir: str | Path, log: Log = print) -> DemoResult:
     pyramids = training_pyramids(cfg)
     log(f"[2/4] training {cfg.num_scales} scales, steps {[cfg.steps_for(s) for s in range(cfg.num_scales)]}")
     t0 = time.perf_counter()
-    cascade = train_locally(cfg, pyramids, log)
+    cascade = train_locally(cfg, pyramids, log, progress)
     t_train = time.perf_counter() - t0
     model_dir = cascade.save(out / "model")
     held = next(held_out(cfg))

@@ -67,8 +67,9 @@ def _scale_data(volumes: Sequence[str], scale: int, cfg: Config) -> ScaleData:
     return ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
 
 
-def _sample_png(trainer: ScaleTrainer, path: Path) -> Path:
-    """Centre slices of (edges, generated, real) for one fixed validation sample."""
+def _sample_png(trainer: ScaleTrainer, path: Path, n: int = 4) -> Path:
+    """A montage of ``n`` fixed validation samples (rows: centre slices of edges, generated, real), readable
+    as the scale's sample in MLflow; the same samples at every call (fixed seed, no corruption)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,22 +84,26 @@ def _sample_png(trainer: ScaleTrainer, path: Path) -> Path:
     clean = Augmenter(AugmentConfig(noise_p=0, blur_p=0, resolution_p=0, edge_noise_p=0))
     gen = trainer.generator.eval()
     if isinstance(gen, HRGenerator):
-        b = sample_hr_batch(trainer.data, gen, trainer.cfg.train.hr_patch, 1, rng, clean)
+        b = sample_hr_batch(trainer.data, gen, trainer.cfg.train.hr_patch, n, rng, clean)
     else:
-        b = sample_lr_batch(trainer.data, 1, rng, clean)
+        b = sample_lr_batch(trainer.data, n, rng, clean)
     with torch.no_grad():
         x = b.x.to(trainer.device)
         c = b.coarse.to(trainer.device) if b.coarse is not None else None
         y = (gen(x, c) if isinstance(gen, HRGenerator) else gen(x)).float().cpu()
-    edges = crop(b.x, gen.halo)[:, -1:] if isinstance(gen, HRGenerator) else b.x
+    edges = crop(b.x, gen.halo)[:, -1:] if isinstance(gen, HRGenerator) else b.x[:, -1:]
     panels = [("edges", edges), ("generated", y), ("real", b.target)]
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    for ax, (name, t) in zip(axes, panels, strict=True):
-        v = t[0, 0].numpy()
-        img = v[v.shape[0] // 2] if v.ndim == 3 else v
-        ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(f"scale {trainer.scale}: {name}")
-        ax.axis("off")
+    rows = int(y.shape[0])
+    fig, axes = plt.subplots(rows, 3, figsize=(6.6, 2.2 * rows + 0.3), squeeze=False)
+    for r in range(rows):
+        for ax, (name, t) in zip(axes[r], panels, strict=True):
+            v = t[r, 0].float().numpy()
+            img = v[v.shape[0] // 2] if v.ndim == 3 else v
+            ax.imshow(img, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            ax.axis("off")
+            if r == 0:
+                ax.set_title(name)
+    fig.suptitle(f"scale {trainer.scale}, step {trainer.step}")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

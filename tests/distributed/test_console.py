@@ -68,3 +68,17 @@ def test_job_console_is_short_and_free_of_ray_internals(tmp_path, job_env):
     assert re.search(r"\[scale 1\]: \d+/6 steps \(\s*\d+%\)  [\d.]+ steps/(s|min)  ETA", text), text
     assert "[scale 0] done: 6 steps" in text and "[scale 1] done: 6 steps" in text
     assert "val SSIM" in text and "Outputs: " in text and "picture: " in text
+
+    # every scale's MLflow run carries its sample montage, a readable PNG
+    from matplotlib.image import imread
+    from mlflow import MlflowClient
+
+    client = MlflowClient(job_env["MLFLOW_TRACKING_URI"])
+    (exp,) = [e for e in client.search_experiments() if e.name == "test"]
+    children = [r for r in client.search_runs([exp.experiment_id]) if "msgan.scale" in r.data.tags
+                or r.data.tags.get("mlflow.parentRunId")]  # fmt: skip
+    assert len(children) == 2, [r.data.tags for r in client.search_runs([exp.experiment_id])]
+    for run in children:
+        (art,) = client.list_artifacts(run.info.run_id, "samples")
+        png = imread(client.download_artifacts(run.info.run_id, art.path, str(tmp_path)))
+        assert png.shape[0] > 4 * 100 and png.shape[1] > 300 and png.std() > 0.01, png.shape  # 4 rows x 3 panels
