@@ -104,10 +104,12 @@ class Results:
         self.path, self.meta_path = path, path.with_name(path.stem + "_meta.json")
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         old = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
-        if old and (old.get("shape"), old.get("heldout")) != (meta["shape"], meta["heldout"]):
+        keys = ("shape", "heldout", "validation")
+        if old and [old.get(k) for k in keys] != [meta.get(k) for k in keys]:
+            was, now = [old.get(k) for k in keys], [meta.get(k) for k in keys]
             raise SystemExit(
-                f"{path} holds results at shape {old.get('shape')} / held-out {old.get('heldout')}; this run is "
-                f"{meta['shape']} / {meta['heldout']}: pass another --out (never mix sizes in one table)"
+                f"{path} holds results of (shape, held-out, validation seeds) {was}; this run is {now}: pass "
+                "another --out (never mix sizes or seeds in one table)"
             )
         self.meta = {**meta, **{k: v for k, v in old.items() if k not in meta}}
         self.meta.setdefault("methods", {})
@@ -188,6 +190,7 @@ def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
         pairs.append((tv.input, tv.target))
     torch.manual_seed(0)
     net = cnn_for_budget(3, job["min_parameters"], job["depth"])
+
     def log(msg: str) -> None:
         print(time.strftime("%H:%M:%S"), f"  {job['task']}: {msg}", flush=True)
 
@@ -215,13 +218,13 @@ def train_task(
     from msgan.train import build_generator
 
     jobs: list[dict[str, Any]] = []
-    for m in ("edges", "ours"):
-        if m in methods and m in cfgs:
+    for m in cfgs:
+        if m in methods:
             for s in range(cfgs[m].num_scales):
                 if not (work / m / f"scale_{s}.pt").exists():
                     jobs.append({"variant": m, "scale": s, "config": cfgs[m].to_dict(), "task": task,
                                  "seeds": list(seeds), "shape": shape})  # fmt: skip
-    ref = cfgs.get("ours") or cfgs["edges"]
+    ref = cfgs.get("ours") or cfgs.get("edges") or next(iter(cfgs.values()))
     if "cnn" in methods and not (work / "cnn.pt").exists():
         finest = count_parameters(build_generator(ref, ref.num_scales - 1))
         steps = sum(ref.steps_for(s) for s in range(ref.num_scales))
@@ -247,7 +250,12 @@ def train_task(
             else:
                 _atomic_bytes(work / job["variant"] / f"scale_{job['scale']}.pt", r["weights"])
                 seconds = results.meta["methods"].get(task, {}).get(job["variant"], {}).get("train_seconds", {})
-                results.note(task, job["variant"], train_seconds={**seconds, str(job["scale"]): r["seconds"]})
+                results.note(
+                    task,
+                    job["variant"],
+                    train_seconds={**seconds, str(job["scale"]): r["seconds"]},
+                    steps_per_scale=[cfgs[job["variant"]].steps_for(i) for i in range(cfgs[job["variant"]].num_scales)],
+                )
             log(f"  {task}: trained {job['variant']}/{job.get('scale', '-')} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -286,9 +294,8 @@ def load_methods(task: str, cfgs: dict[str, Config], methods: list[str], work: P
             return cnn_translate(net, x, tile=64, overlap=8)
 
         out["cnn"] = cnn
-    for m in ("edges", "ours"):
-        if m in methods and m in cfgs:
-            cfg = cfgs[m]
+    for m, cfg in cfgs.items():
+        if m in methods:
             files = [work / m / f"scale_{s}.pt" for s in range(cfg.num_scales)]
             if all(f.exists() for f in files):
                 gens = []
@@ -331,18 +338,25 @@ def run_task(task: str, args: argparse.Namespace, results: Results, log: Callabl
 
     torch.set_num_threads(os.cpu_count() or 1)
     fns = load_methods(task, cfgs, methods, work, train_pairs)
-    for seed in heldout:
-        todo = [m for m in methods if m in fns and not results.done(task, m, seed)]
+    evaluate(task, fns, heldout, shape, (cfg.intensity.low, cfg.intensity.high), results, log)
+
+
+def evaluate(
+    task: str, fns: dict[str, Callable[[np.ndarray], np.ndarray]], seeds: list[int], shape: tuple[int, ...],
+    window: tuple[float, float], results: Results, log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Translate each volume of ``seeds`` with every method not measured on it yet; one results write each."""
+    for seed in seeds:
+        todo = [m for m in fns if not results.done(task, m, seed)]
         if not todo:
             continue
         tv: TaskVolume = make_task(task, seed, shape)
-        low, high = cfg.intensity.low, cfg.intensity.high
         line = []
         for m in todo:
             t0 = time.perf_counter()
             out = np.asarray(fns[m](tv.input), dtype=np.float32)
             seconds = time.perf_counter() - t0
-            r = ct_metrics(out, tv.target, tv.noiseless, tv.labels, tv.spacing, (low, high))
+            r = ct_metrics(out, tv.target, tv.noiseless, tv.labels, tv.spacing, window)
             results.add(task, m, seed, {**r, "seconds": seconds})
             line.append(f"{m} {r['ssim']:.3f}/{r['mae_hu']:.1f}HU/{r['hallucination_ml']:.1f}mL/{seconds:.1f}s")
         log(f"  {task} seed {seed}: " + ", ".join(line))
