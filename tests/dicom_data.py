@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -101,3 +102,104 @@ def assert_valid_dicom(files: list[Path]) -> None:
     assert files, "no files to validate"
     errors = dciodvfy_errors(files)
     assert not errors, "\n".join(f"{name}: {line}" for name, lines in errors.items() for line in lines)
+
+
+@functools.lru_cache(maxsize=8)
+def _radiograph(size: tuple[int, int], seed: int) -> np.ndarray:
+    from msgan.data.phantom import radiograph
+
+    return radiograph(size, seed=seed)
+
+
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def _code(value: str, scheme: str, meaning: str):  # type: ignore[no-untyped-def]
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def write_radiograph(
+    folder: Path,
+    modality: str = "DX",
+    size: tuple[int, int] = (64, 48),
+    seed: int = 1,
+    monochrome1: bool = False,
+    imager_spacing: tuple[float, float] = (0.2, 0.2),
+    magnification: float | None = 1.1,
+    pixel_spacing: tuple[float, float] | None = None,
+    series_name: str = "radiograph",
+) -> tuple[Path, str, np.ndarray]:
+    """A DX (for presentation), MG (for presentation) or CR image of the phantom's radiograph with the attributes
+    such a modality writes (unsigned 12-bit pixels, detector spacing, anatomy codes); returns (file, series UID,
+    the image as msgan reads it: MONOCHROME2 convention, modality units)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    sop_class = {"DX": DX_PRESENTATION, "MG": MG_PRESENTATION, "CR": CR_IMAGE}[modality]
+    shown = np.clip(np.round(_radiograph(size, seed) * 3000.0 + 500.0), 0, 4095).astype(np.uint16)
+    stored = (4095 - shown).astype(np.uint16) if monochrome1 else shown
+    series = derived_uid("series", series_name, modality, str(seed))
+    sop = derived_uid(series, "1")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for key in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                "AccessionNumber", "Manufacturer"):  # fmt: skip
+        setattr(ds, key, PATIENT[key])
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = derived_uid("study", str(seed)), series
+    ds.ReferringPhysicianName, ds.StudyDescription = "", f"{modality} CHEST"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
+    ds.ContentDate, ds.ContentTime = PATIENT["StudyDate"], PATIENT["StudyTime"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PatientOrientation = ["L", "F"] if modality != "MG" else ["A", "R"]
+    ds.BodyPartExamined = "CHEST" if modality != "MG" else "BREAST"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.Rows, ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.BurnedInAnnotation, ds.LossyImageCompression = "NO", "00"
+    ds.KVP = "120" if modality != "MG" else "28"
+    if modality == "CR":
+        ds.ViewPosition = "PA"
+    else:
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.AcquisitionContextSequence = []
+        ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LOG", 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
+        ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
+        ds.WindowCenter, ds.WindowWidth = "2048", "4096"
+        ds.DetectorType, ds.ImageLaterality = "DIRECT", "U" if modality == "DX" else "L"
+        ds.ViewPosition = "PA" if modality == "DX" else "CC"
+        ds.PositionerType = "NONE" if modality == "DX" else "MAMMOGRAPHIC"
+        ds.DistanceSourceToDetector, ds.DistanceSourceToPatient = "1800", f"{1800 / (magnification or 1.0):.2f}"
+        if modality == "MG":
+            ds.AnatomicRegionSequence = [_code("T-04000", "SRT", "Breast")]
+            ds.ViewCodeSequence = [_code("R-10242", "SRT", "cranio-caudal")]
+            ds.ViewCodeSequence[0].ViewModifierCodeSequence = []
+            ds.BreastImplantPresent, ds.PartialView, ds.OrganExposed = "NO", "NO", "BREAST"
+            ds.CompressionForce, ds.BodyPartThickness, ds.ExposureTime = "100", "45", "1000"
+            ds.XRayTubeCurrent, ds.Exposure, ds.ExposureInuAs = "100", "100", "100000"
+            ds.AnodeTargetMaterial, ds.FilterMaterial = "MOLYBDENUM", "MOLYBDENUM"
+            ds.FocalSpots, ds.DetectorPrimaryAngle, ds.PositionerPrimaryAngle = "0.3", "0", "0"
+            ds.EntranceDoseInmGy, ds.OrganDose, ds.HalfValueLayer = "5", "1.5", "0.3"
+        else:
+            ds.AnatomicRegionSequence = [_code("T-D3000", "SRT", "Chest")]
+    ds.ImagerPixelSpacing = [f"{v:g}" for v in imager_spacing]
+    if magnification is not None:
+        ds.EstimatedRadiographicMagnificationFactor = f"{magnification:g}"
+    if pixel_spacing is not None:
+        ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
+    ds.PixelData = stored.tobytes()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "00001.dcm"
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path, series, shown.astype(np.float32)

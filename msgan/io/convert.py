@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from msgan import storage
-from msgan.io.dicom import DicomError, derived_uid, read_series, write_series
+from msgan.io.dicom import DicomError, derived_uid, read_series, write_projection, write_series
 from msgan.io.uids import check_uid
 from msgan.io.volume import (
     ITK_SUFFIXES,
@@ -117,8 +117,8 @@ def export(volume: str, out: str | os.PathLike[str], fmt: str = "dicom", descrip
         return Exported([dest], None)
     if fmt != "dicom":
         raise ValueError(f"export format {fmt!r}: must be 'dicom' or 'nifti'")
-    if image.ndim != 3:
-        raise ValueError(f"{volume}: DICOM export writes 3D series; this volume is {image.ndim}D (use --format nifti)")
+    if image.ndim not in (2, 3):
+        raise ValueError(f"{volume}: DICOM export writes 2D images and 3D series; this volume is {image.ndim}D")
     source = meta.get("source") if isinstance(meta.get("source"), dict) else meta
     ids: dict[str, Any] = dict(source.get("dicom", {})) if isinstance(source, dict) else {}
     model = meta.get("translated_by")
@@ -129,7 +129,8 @@ def export(volume: str, out: str | os.PathLike[str], fmt: str = "dicom", descrip
     else:
         series_uid = derived_uid(str(src_uid or volume), "export")
         what = description or str(ids.get("SeriesDescription", "msgan export"))
-    files = write_series(image, geom, out, ids, series_uid, what, derived_from=src_uid if model else None)
+    write = write_projection if image.ndim == 2 else write_series
+    files = write(image, geom, out, ids, series_uid, what, derived_from=src_uid if model else None)
     return Exported(files, series_uid)
 
 

@@ -33,7 +33,7 @@ from msgan.io.volume import Geometry
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-PROJECTION_MODALITIES = {"CR", "DX", "MG"}  # a single image is a complete 2D image
+PROJECTION_MODALITIES = {"CR", "DX", "MG", "XA", "RF"}  # a single image is a complete 2D image
 IDENTIFIERS = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
     "StudyID", "AccessionNumber", "StudyDescription", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
@@ -293,20 +293,171 @@ def _ingest_one(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesVolume:
             raise DicomError(f"series {uid}: {p.name} is a multi-frame image; only single-frame series are read")
         _check_pixels(p, ds)
     modality = str(first.get("Modality", ""))
-    if len(unique) == 1 and modality not in PROJECTION_MODALITIES:
-        raise DicomError(f"series {uid}: a single {modality or 'image'} slice is not a volume")
+    if modality in PROJECTION_MODALITIES:
+        if len(unique) != 1:
+            raise DicomError(f"series {uid}: {len(unique)} {modality} images in one series; a projection series "
+                             f"is read when it holds one image (split the views into series of their own)")  # fmt: skip
+        return _projection(uid, *unique[0], notes)
     if len(unique) == 1:
-        p, ds = unique[0]
-        arr = _read_pixels(uid, [p])[0]
-        ps = [float(x) for x in (ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0])]
-        geom = Geometry((ps[1], ps[0]), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
-        return SeriesVolume(uid, arr, geom, _identifiers(ds), notes)
+        raise DicomError(f"series {uid}: a single {modality or 'image'} slice is not a volume")
     files, geom, more = _series_geometry(uid, unique)
     arr = _read_pixels(uid, files)
     by_path = dict(unique)
     sources = [str(by_path[f].get("SOPInstanceUID", "")) for f in files]  # UIDs checked in _check_uids
     ids = _identifiers(first) | {"NumberOfSlices": len(files), "SourceInstances": sources}
     return SeriesVolume(uid, arr, geom, ids, notes + more)
+
+
+# ----------------------------------------------------------------------------- 2D projection images
+
+
+def projection_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str]:
+    """(row spacing, column spacing) in mm in the patient, and where it came from (PS3.3 C.8.11.4, C.8.11.7):
+    PixelSpacing when present and non-zero (calibrated in the patient); else ImagerPixelSpacing (at the detector)
+    divided by EstimatedRadiographicMagnificationFactor when there is one; None when no usable spacing exists."""
+
+    def pair(tag: str) -> tuple[float, float] | None:
+        v = ds.get(tag)
+        try:
+            vals = tuple(float(x) for x in v) if v is not None and len(v) == 2 else None
+        except (TypeError, ValueError):
+            return None
+        return (vals[0], vals[1]) if vals and all(np.isfinite(x) and x > 0 for x in vals) else None
+
+    ps, ips = pair("PixelSpacing"), pair("ImagerPixelSpacing")
+    if ps is not None:
+        kind = ds.get("PixelSpacingCalibrationType")
+        return ps, "PixelSpacing (in the patient" + (f", calibration {kind})" if kind else ")")
+    if ips is not None:
+        try:
+            m = float(ds.get("EstimatedRadiographicMagnificationFactor") or 0)
+        except (TypeError, ValueError):
+            m = 0.0
+        if m > 0:
+            return (ips[0] / m, ips[1] / m), f"ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor {m:g}"
+        return ips, "ImagerPixelSpacing (at the detector; no magnification factor, so not corrected to the patient)"
+    found = {t: str(ds.get(t)) for t in ("PixelSpacing", "ImagerPixelSpacing") if t in ds}
+    return None, f"no usable spacing ({found or 'PixelSpacing and ImagerPixelSpacing absent'})"
+
+
+def _header(ds: Dataset) -> dict[str, Any]:
+    """The source's attributes as DICOM JSON, without pixels, private tags, overlays and icons: the template a
+    derived image of the same SOP class is written from, so it keeps every module of the source's IOD."""
+    head = Dataset()
+    for elem in ds:
+        tag = elem.tag
+        if (
+            tag.is_private
+            or tag.group == 0x7FE0
+            or 0x6000 <= tag.group <= 0x60FF
+            or elem.keyword == "IconImageSequence"
+        ):
+            continue
+        if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") and elem.value is not None and len(elem.value) > 1024:
+            continue
+        head.add(elem)
+    return dict(head.to_json_dict())
+
+
+def _projection(uid: str, p: Path, ds: Dataset, notes: list[str]) -> SeriesVolume:
+    """One radiograph (CR, DX, MG, single-frame XA/RF): pixels as displayed (MONOCHROME2), spacing as the standard
+    says, and the source header kept for a derived image of the same SOP class."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "MONOCHROME1" and int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        raise DicomError(f"series {uid}: {p.name} is MONOCHROME1 with signed pixels; its inversion is undefined here")
+    arr = _read_pixels(uid, [p])[0]
+    if photometric == "MONOCHROME1":  # GDCM inverts it: slope * (2^BitsStored - 1 - stored) + intercept
+        notes.append(f"{p.name}: MONOCHROME1 read inverted (white = attenuating, as MONOCHROME2); restored on export")
+    spacing, where = projection_spacing(ds)
+    if spacing is None:
+        notes.append(f"{p.name}: {where}; 1 mm assumed: distances in this image are NOT measurements")
+        spacing = (1.0, 1.0)
+    else:
+        notes.append(f"{p.name}: spacing {spacing[0]:g} x {spacing[1]:g} mm from {where}")
+    geom = Geometry((spacing[1], spacing[0]), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    ids = _identifiers(ds) | {
+        "PhotometricInterpretation": photometric,
+        "SpacingSource": where if where.startswith(("PixelSpacing", "Imager")) else "assumed 1 mm",
+        "SourceInstances": [str(ds.get("SOPInstanceUID", ""))],
+        "Header": _header(ds),
+    }
+    return SeriesVolume(uid, arr, geom, ids, notes)
+
+
+def write_projection(
+    image: np.ndarray,
+    geometry: Geometry,
+    out_dir: str | os.PathLike[str],
+    identifiers: dict[str, Any],
+    series_uid: str,
+    description: str,
+    derived_from: str | None = None,
+    series_number: int = 900,
+) -> list[Path]:
+    """A 2D image as a derived image of its source's SOP class (CR, DX, MG, XA, RF; never Secondary Capture):
+    the source's attributes, its pixel encoding (bits, sign, rescale) and photometric interpretation (MONOCHROME1
+    restored), new UIDs, ImageType DERIVED, and a reference to the source image."""
+    header = identifiers.get("Header")
+    if image.ndim != 2 or geometry.dims != 2:
+        raise ValueError(f"write_projection needs a 2D image and geometry, got {image.shape}, {geometry.dims}D")
+    if not isinstance(header, dict):
+        raise ValueError(
+            "a 2D image exports to DICOM only as a derived image of its DICOM source (CR, DX, MG, XA, RF); "
+            "this one has no source header (not ingested from DICOM): use --format nifti"
+        )
+    ds = Dataset.from_json(header)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if tuple(image.shape) != (rows, cols):
+        raise ValueError(f"image of shape {image.shape} but its source is {rows}x{cols}; a derived radiograph "
+                         f"keeps the source grid")  # fmt: skip
+    bits, alloc = int(ds.BitsStored), int(ds.BitsAllocated)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    stored = np.round((np.asarray(image, dtype=np.float64) - intercept) / slope)
+    if str(ds.get("PhotometricInterpretation")) == "MONOCHROME1":
+        stored = (2**bits - 1) - stored  # undo GDCM's inversion: the derived image displays like the source
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    dtype = {(8, False): np.uint8, (8, True): np.int8, (16, False): np.uint16, (16, True): np.int16}.get(
+        (alloc, signed)
+    )
+    if dtype is None:
+        raise ValueError(f"source pixels of {alloc} bits allocated cannot be written back (8 or 16 are)")
+    for key in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelData"):
+        if key in ds:
+            delattr(ds, key)
+    if "PixelSpacing" in ds and not projection_spacing(ds)[1].startswith("PixelSpacing"):
+        del ds.PixelSpacing  # a zero PixelSpacing is no spacing (Type 3 in CR, 1C in DX): left out
+    sop_class = str(ds.SOPClassUID)
+    source_sop = str(ds.get("SOPInstanceUID", ""))
+    sop_uid = derived_uid(series_uid, "0")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, 1
+    ds.SeriesDescription = description[:64]
+    source_type = ds.get("ImageType") or []
+    ds.ImageType = ["DERIVED", "SECONDARY", *(str(v) for v in (source_type if len(source_type) > 1 else [])[2:])]
+    if derived_from and source_sop:
+        ds.DerivationDescription = description[:1024]
+        source = Dataset()
+        source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = sop_class, source_sop
+        ds.SourceImageSequence = [source]
+        instance, ref = Dataset(), Dataset()
+        instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = sop_class, source_sop
+        ref.SeriesInstanceUID, ref.ReferencedInstanceSequence = derived_from, [instance]
+        ds.ReferencedSeriesSequence = [ref]
+    ds.PixelData = np.ascontiguousarray(np.clip(stored, lo, hi).astype(dtype)).tobytes()
+    ds["PixelData"].VR = "OW" if alloc > 8 else "OB"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "00001.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return [path]
 
 
 # ----------------------------------------------------------------------------- export
