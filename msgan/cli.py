@@ -113,14 +113,14 @@ def _translate_store(args: argparse.Namespace, cascade: Any) -> int:
 def cmd_phantom(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from msgan.data.phantom import default_spacing, reconstruct, thorax_phantom
-    from msgan.io.volume import Geometry, write_volume
+    from msgan.data.phantom import default_spacing, phantom_geometry, reconstruct, thorax_phantom
+    from msgan.io.volume import write_volume
 
     shape = tuple(args.shape)
     spacing = tuple(args.spacing) if args.spacing else default_spacing(shape)
     truth = thorax_phantom(shape, spacing, args.seed)
     vol = truth if args.kernel == "truth" else reconstruct(truth, (args.kernel,), seed=args.seed + 7919)[args.kernel]
-    geom = Geometry.identity(3, tuple(reversed(spacing)))
+    geom = phantom_geometry(shape, spacing)
     write_volume(args.output, np.asarray(vol, dtype=np.float32), geom)
     print(f"wrote {args.kernel} phantom seed {args.seed} {shape} spacing {spacing} mm to {args.output}")
     return 0

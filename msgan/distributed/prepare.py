@@ -79,7 +79,7 @@ class HeldOut:
 def held_out(cfg: Config) -> Iterator[HeldOut]:
     """The held-out volumes, one at a time: a 3D phantom's sharp-kernel reconstruction with its soft-kernel
     truth, a 2D phantom radiograph (its own truth: generated from its edges), or a file without truth."""
-    from msgan.data.phantom import default_spacing, kernel_pair, radiograph
+    from msgan.data.phantom import kernel_pair, phantom_geometry, radiograph
 
     for src in sources(cfg, holdout=True):
         if src.kind != "phantom":
@@ -87,7 +87,7 @@ def held_out(cfg: Config) -> Iterator[HeldOut]:
             yield HeldOut(src.label, Path(src.ref).name.split(".")[0], image, geom, None)
             continue
         shape, seed = cfg.data.phantom.shape, int(src.ref)
-        geom = Geometry.identity(cfg.dims, tuple(reversed(default_spacing(shape))))
+        geom = phantom_geometry(shape)
         if cfg.dims == 3:
             truth, image = kernel_pair(shape, seed)
         else:
@@ -116,7 +116,7 @@ def fingerprint(source: VolumeSource, cfg: Config) -> str:
 
 
 def load_source(source: VolumeSource, cfg: Config) -> tuple[Any, Geometry]:
-    from msgan.data.phantom import default_spacing, phantom_image
+    from msgan.data.phantom import phantom_geometry, phantom_image
     from msgan.io.volume import read_volume
 
     if source.kind in ("file", "dicom"):
@@ -126,7 +126,7 @@ def load_source(source: VolumeSource, cfg: Config) -> tuple[Any, Geometry]:
         return image, geom
     shape = cfg.data.phantom.shape
     image = phantom_image(shape, int(source.ref), source.kernel)
-    return image, Geometry.identity(cfg.dims, tuple(reversed(default_spacing(shape))))
+    return image, phantom_geometry(shape)
 
 
 def _read_dicom(folder: str) -> tuple[Any, Geometry]:
