@@ -11,7 +11,7 @@ from msgan.io.dicom import read_series
 from msgan.io.pacs import DicomWebClient
 from msgan.pacs_sync import SyncConfig, run_once
 from tests.conftest import tiny_config
-from tests.dicom_data import OBLIQUE, PATIENT, assert_valid_dicom, write_ct_series
+from tests.dicom_data import OBLIQUE, PATIENT, assert_valid_dicom, write_ct_series, write_radiograph
 from tests.ngff import assert_valid_ome_zarr
 
 pytestmark = pytest.mark.slow
@@ -116,3 +116,31 @@ def test_a_pacs_series_with_an_invalid_uid_names_nothing(empty_orthanc, model, t
         assert bad not in json.loads(state.read_text())["series"]
     with pytest.raises(ValueError, match="not a valid DICOM UID"):
         client.fetch_series("1.2.3", bad, tmp_path / "f")  # the client refuses it as a URL path too
+
+
+def test_pacs_pass_with_a_2d_model_translates_a_radiograph(empty_orthanc, ray_local, tmp_path):
+    """A DX radiograph (256^2, MONOCHROME1) goes PACS -> ingest -> 2D cascade -> derived DX -> PACS."""
+    cfg2d = tiny_config(**{"dims": 2, "num_scales": 2, "data.phantom.shape": [64, 64],
+                           "intensity": {"low": 0.0, "high": 4095.0}, "inference.memory_budget_mb": 1.0,
+                           "inference.actors": 1})  # fmt: skip
+    model2d = str(Cascade.untrained(cfg2d, seed=6).save(tmp_path / "model2d"))
+    client = DicomWebClient(empty_orthanc["url"], empty_orthanc["user"], empty_orthanc["password"])
+    src_file, src_uid, _ = write_radiograph(tmp_path / "dx", "DX", size=(256, 256), monochrome1=True)
+    client.store([src_file])
+
+    report = run_once(
+        SyncConfig(model=model2d, storage=str(tmp_path / "store"), modality="DX"), client, log=lambda _: None
+    )
+    assert set(report.translated) == {src_uid}, report.summary()
+    derived = report.translated[src_uid]
+    found = [s for s in client.find_series("DX") if s.series_uid == derived]
+    assert len(found) == 1 and found[0].instances == 1
+    got = client.fetch_series(found[0].study_uid, derived, tmp_path / "derived")
+    src, ds = pydicom.dcmread(src_file), pydicom.dcmread(got[0])
+    assert ds.SOPClassUID == src.SOPClassUID and ds.PhotometricInterpretation == "MONOCHROME1"
+    assert ds.ImagerPixelSpacing == src.ImagerPixelSpacing and (ds.Rows, ds.Columns) == (256, 256)
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    back = read_series([tmp_path / "derived"]).volumes[0]
+    source = read_series([tmp_path / "dx"]).volumes[0]
+    assert back.geometry.allclose(source.geometry) and np.isfinite(back.image).all()
+    assert_valid_dicom(got)
