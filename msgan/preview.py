@@ -119,20 +119,10 @@ def save_columns(
 
 def _level0(uri: str) -> tuple[Any, tuple[float, ...], dict[str, Any]]:
     """Level 0 of an OME-Zarr volume (lazy), its spacing in numpy order, and its msgan attributes."""
-    from msgan.batch import open_group
-    from msgan.io.volume import Geometry
+    from msgan.io.volume import read_level
 
-    try:
-        group = open_group(uri, "r")
-    except Exception as err:  # zarr raises several types for a missing or invalid store
-        raise FileNotFoundError(f"{uri}: not a readable OME-Zarr volume ({err})") from err
-    meta: dict[str, Any] = dict(group.attrs.get("msgan", {}))  # type: ignore[arg-type]
-    if "geometry" not in meta:
-        raise ValueError(f"{uri}: no msgan geometry in the group attributes; ingest the volume with msgan first")
-    if "0" not in group:
-        raise ValueError(f"{uri}: has no level 0 (arrays: {sorted(group.array_keys())})")
-    geom = Geometry.from_dict(meta["geometry"])
-    return group["0"], tuple(float(s) for s in geom.numpy_spacing()), meta
+    arr, geom, meta = read_level(uri, 0)  # the one reader: a VolumeError (a FileNotFoundError when missing)
+    return arr, tuple(float(s) for s in geom.numpy_spacing()), meta
 
 
 def _uri(path: str | Path) -> str:

@@ -18,16 +18,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-from msgan import storage
-from msgan.io.volume import Geometry, dimension_names, ome_attrs
+from msgan.io.volume import Geometry, dimension_names, ome_attrs, open_group
 from msgan.pyramid import Pyramid
 
 CACHE_BYTES = 256 * 2**20  # levels smaller than this are read into memory when opened
 
 
 def _group(uri: str, mode: str) -> zarr.Group:
-    store, options = storage.zarr_store(uri)
-    return zarr.open_group(store, mode=mode, storage_options=options)  # type: ignore[arg-type]
+    return open_group(uri, mode)
 
 
 def write_pyramid(uri: str, pyramid: Pyramid, geometry: Geometry, meta: dict[str, Any], chunks: int = 64) -> None:

@@ -210,23 +210,61 @@ def not_a_volume_message(uri: str | os.PathLike[str], err: Exception) -> str:
     return f"{uri}: not a readable zarr group ({type(err).__name__}: {err})"
 
 
-def open_zarr(path: str | os.PathLike[str], level: int = 0) -> tuple[zarr.Array, Geometry, dict[str, Any]]:
-    """Level ``level`` of an OME-Zarr volume (lazy), its geometry and our attributes."""
+class VolumeError(ValueError):
+    """A volume that cannot be opened or used; the message names it and says why (the one error type
+    of :func:`open_group` and :func:`read_level`)."""
+
+
+class VolumeNotFoundError(VolumeError, FileNotFoundError):
+    """No readable zarr group at the URI (also a ``FileNotFoundError``)."""
+
+
+def open_group(uri: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
+    """The one way to open a zarr group: ``file://``, ``s3://`` or a local path, with this process's
+    storage settings (:func:`msgan.storage.zarr_store`). Reading a missing or broken store, or a bare
+    array, raises :class:`VolumeError`."""
+    from msgan import storage
+
+    store, options = storage.zarr_store(storage.normalize_uri(uri))
     try:
-        group = zarr.open_group(str(path), mode="r")
+        return zarr.open_group(store, mode=mode, storage_options=options)  # type: ignore[arg-type]
     except zarr.errors.ContainsArrayError as err:
-        raise ValueError(not_a_volume_message(path, err)) from err
-    except Exception as err:  # zarr raises several types for a missing/invalid store
-        raise FileNotFoundError(not_a_volume_message(path, err)) from err
-    meta: dict[str, Any] = dict(group.attrs.get("msgan", {}))  # type: ignore[arg-type]
-    if "geometry" not in meta:
-        raise ValueError(f"{path}: no msgan geometry in the group attributes; ingest the volume with msgan first")
+        raise VolumeError(not_a_volume_message(uri, err)) from err
+    except Exception as err:  # zarr raises several types for a missing or invalid store
+        if mode in ("w", "w-", "a"):
+            raise
+        raise VolumeNotFoundError(not_a_volume_message(uri, err)) from err
+
+
+def read_level(
+    uri: str | os.PathLike[str], level: int = 0, dims: int | None = None
+) -> tuple[zarr.Array, Geometry, dict[str, Any]]:
+    """The one "geometry + level" reader of an msgan OME-Zarr volume: level ``level`` (lazy), its
+    :class:`Geometry` and the msgan attributes; every problem is a :class:`VolumeError` naming ``uri``."""
+    group = open_group(uri, "r")
+    meta = group.attrs.get("msgan")
+    if not isinstance(meta, dict) or "geometry" not in meta:
+        raise VolumeError(f"{uri}: no msgan geometry attribute; ingest the volume with msgan first")
     key = str(level)
-    if key not in group:
-        raise ValueError(f"{path}: has no level {level} (levels: {sorted(group.array_keys())})")
+    if key not in group or not isinstance(group[key], zarr.Array):
+        what = "the full-resolution level" if level == 0 else f"level {level}"
+        raise VolumeError(f"{uri}: missing array '{key}' ({what}; arrays: {sorted(group.array_keys())})")
     arr = group[key]
     assert isinstance(arr, zarr.Array)
-    return arr, Geometry.from_dict(meta["geometry"]), meta
+    if dims is not None and arr.ndim != dims:
+        raise VolumeError(f"{uri}: array '{key}' has shape {arr.shape}; the model translates {dims}D volumes")
+    try:
+        geom = Geometry.from_dict(meta["geometry"])
+    except ValueError as err:
+        raise VolumeError(f"{uri}: {err}") from err
+    if geom.dims != arr.ndim:
+        raise VolumeError(f"{uri}: geometry is {geom.dims}D, array '{key}' is {arr.ndim}D")
+    return arr, geom, dict(meta)
+
+
+def open_zarr(path: str | os.PathLike[str], level: int = 0) -> tuple[zarr.Array, Geometry, dict[str, Any]]:
+    """Level ``level`` of an OME-Zarr volume (lazy), its geometry and our attributes (:func:`read_level`)."""
+    return read_level(path, level)
 
 
 # ----------------------------------------------------------------------------- any format
