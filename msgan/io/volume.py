@@ -124,8 +124,9 @@ def _write_group(group: zarr.Group, levels: Sequence[np.ndarray], chunks: int | 
         want = [chunks] * lv.ndim if isinstance(chunks, int) else list(chunks)
         ch = tuple(min(c, s) for c, s in zip(want, lv.shape, strict=True))
         arr = group.create_array(
-            str(k), shape=lv.shape, dtype=lv.dtype, chunks=ch, dimension_names=dimension_names(lv.ndim)
-        )
+            str(k), shape=lv.shape, dtype=lv.dtype, chunks=ch, dimension_names=dimension_names(lv.ndim),
+            config={"write_empty_chunks": True},  # every chunk stored: a missing one means an incomplete volume
+        )  # fmt: skip
         arr[...] = lv
 
 
