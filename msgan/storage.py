@@ -142,16 +142,33 @@ def pyarrow_storage(uri: str) -> tuple[str, Any]:
     return uri[len("s3://") :], pafs.S3FileSystem(**kwargs)
 
 
+# Where storage and tracking are: safe to show, passed to every Ray worker.
+WORKER_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
+# Credentials: never in a runtime_env. Ray shows a task's runtime_env to anyone who can reach the cluster
+# (`ray list tasks --detail`, the dashboard) and writes it into its session logs (runtime_env_agent.log),
+# even for a local Ray. Workers read them from their own environment: on a cluster what the platform
+# provides (an instance role, a Kubernetes Secret in the pod env, the compose file's env); on a local Ray
+# the job starts itself (no RAY_ADDRESS) the driver's environment, which its raylet and workers inherit.
+WORKER_SECRETS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
 def env_for_workers() -> dict[str, str]:
-    """Environment variables every Ray worker needs to reach storage and tracking."""
-    keys = (
-        "AWS_ENDPOINT_URL",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_DEFAULT_REGION",
-        "AWS_REGION",
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_S3_ENDPOINT_URL",
-    )
-    return {k: os.environ[k] for k in keys if os.environ.get(k)}
+    """Environment variables the Ray workers get through ``runtime_env``: where storage and tracking are,
+    never credentials (:data:`WORKER_SECRETS` are left out, and so is a setting whose URI carries
+    ``user:password@``: the workers keep their own environment's value of it)."""
+    return {
+        k: os.environ[k] for k in WORKER_SETTINGS if os.environ.get(k) and "@" not in urlparse(os.environ[k]).netloc
+    }

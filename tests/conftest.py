@@ -42,6 +42,23 @@ def randomize_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def s3_test_credentials():
+    """moto's dummy S3 keys in the environment from the start, as a platform would provide real ones.
+
+    Credentials never travel in a Ray runtime_env (msgan.storage.env_for_workers): workers of a Ray that a
+    test starts in-process inherit this environment, whenever that Ray starts and whichever test then
+    opens a bucket."""
+    import os
+
+    dummy = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    added = {k: v for k, v in dummy.items() if k not in os.environ}
+    os.environ.update(added)
+    yield
+    for k in added:
+        os.environ.pop(k, None)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 HTTP server on loopback (moto's server mode) for the whole session."""

@@ -71,8 +71,19 @@ def _parse_multipart(body: bytes, content_type: str) -> list[bytes]:
 
 class DicomWebClient:
     def __init__(self, url: str, user: str | None = None, password: str | None = None, timeout: float = 120.0):
+        from urllib.parse import unquote, urlsplit
+
+        from msgan.redact import redact_uri
+
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"PACS URL {url!r}: expected the DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+            raise ValueError(
+                f"PACS URL {redact_uri(url)!r}: expected the DICOMweb root, e.g. http://orthanc:8042/dicom-web"
+            )
+        parts = urlsplit(url)
+        if "@" in parts.netloc:  # user:password@ in the URL: used as credentials, never kept in the URL we show
+            user = user or unquote(parts.username or "") or None
+            password = password if password is not None else unquote(parts.password or "")
+            url = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
         self.url = url.rstrip("/")
         self._auth = (user, password or "") if user else None
         self.timeout = timeout
