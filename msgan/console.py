@@ -249,6 +249,32 @@ def ray_init_kwargs(verbose: bool = False) -> dict[str, Any]:
     return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
+# Messages the raylet pushes to every driver (printed by Ray whatever ``log_to_driver`` says) that are
+# hints about Ray's own process management, not about the job; everything else (a worker killed for
+# memory, an actor that died) still shows.
+RAYLET_NOISE = ("PYTHON worker processes have been started on node",)
+
+
+def filter_raylet_noise() -> None:
+    """Drop the raylet hints of :data:`RAYLET_NOISE` from the driver's console (quiet mode only)."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_msgan_filtered", False):
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in RAYLET_NOISE)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        original(data, ignore_prefix)
+
+    filtered._msgan_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
+
+
 class _Board:
     """Collects progress messages from workers; the driver takes them out in order."""
 
@@ -319,7 +345,9 @@ def describe_error(err: BaseException) -> str:
             f"{err.name!r}: install msgan's dependencies into it (make install / pip install -e .), or start "
             f"Ray (ray start) from the environment that has them"
         )
-    text = " ".join(str(err).split()) or "(no message)"
+    from msgan.redact import redact_text
+
+    text = redact_text(" ".join(str(err).split())) or "(no message)"
     return f"{type(err).__name__}: {text}"
 
 

@@ -85,3 +85,34 @@ def test_job_under_a_python_without_the_dependencies_says_so_in_one_line(tmp_pat
     assert "UnboundLocalError" not in r.stderr and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot import" in lines[0] and str(python) in lines[0], r.stderr
+
+
+def test_error_lines_never_show_a_password():
+    line = describe_error(ConnectionError("cannot reach http://user:hunter2@mlflow:5000/api"))
+    assert "hunter2" not in line and "user:***@mlflow" in line
+
+
+def test_ray_data_progress_bars_only_on_a_terminal(monkeypatch):
+    import ray.data
+
+    from msgan.console import ray_data_progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # piped
+    ray_data_progress(verbose=False)
+    assert ray.data.DataContext.get_current().enable_progress_bars is False
+    ray_data_progress(verbose=True)
+    assert ray.data.DataContext.get_current().enable_progress_bars is True
+
+
+def test_raylet_process_hints_are_dropped_and_its_other_messages_kept(capsys):
+    import ray._private.worker as ray_worker
+
+    from msgan.console import filter_raylet_noise
+
+    filter_raylet_noise()
+    noise = "WARNING: 8 PYTHON worker processes have been started on node: abc with address: 1.2.3.4"
+    ray_worker.print_to_stdstream({"lines": [noise], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    died = "A worker died or was killed while executing a task by an unexpected system error (OOM)"
+    ray_worker.print_to_stdstream({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "PYTHON worker processes" not in out and died in out

@@ -55,6 +55,8 @@ def ensure_ray(cfg: Config | None = None, verbose: bool | None = None) -> None:
     verbose = console.verbose() if verbose is None else verbose
     console.quiet(verbose)
     console.ray_data_progress(verbose)
+    if not verbose:
+        console.filter_raylet_noise()
     kwargs = console.ray_init_kwargs(verbose)
     address = os.environ.get("RAY_ADDRESS")
     if address:
