@@ -203,3 +203,104 @@ def write_radiograph(
     path = folder / "00001.dcm"
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path, series, shown.astype(np.float32)
+
+
+def pydicom_data_file(name: str) -> Path:
+    """A file of pydicom-data (MIT; a dev dependency); missing skips the test, except in CI where it fails."""
+    import os
+
+    import pytest
+
+    try:
+        from pydicom.data import get_testdata_file
+
+        path = get_testdata_file(name, download=False)
+    except Exception:  # pydicom-data missing or the file unknown
+        path = None
+    if path is None:
+        message = f"{name} comes with pydicom-data (a dev dependency), which is not installed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(str(path))
+
+
+def enhanced_mr(folder: Path, geometry: Geometry = OBLIQUE) -> tuple[Path, np.ndarray]:
+    """pydicom-data's Enhanced MR (64x64x10, real pixels, but stripped of its functional groups) with the groups
+    and equipment attributes a scanner writes, on ``geometry``; returns (file, the volume in slice order)."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(pydicom_data_file("emri_small.dcm"))
+    n = int(ds.NumberOfFrames)
+    d = np.asarray(geometry.direction).reshape(3, 3)
+    origin, (sx, sy, sz) = np.asarray(geometry.origin), geometry.spacing
+    ds.Manufacturer, ds.ManufacturerModelName, ds.DeviceSerialNumber = "msgan-test", "phantom", "0001"
+    ds.AcquisitionContextSequence, ds.ApplicableSafetyStandardAgency = [], "IEC"
+    ds.SeriesInstanceUID = derived_uid("emri", "series")
+    for key in ("VelocityEncodingDirection",):
+        if key in ds:
+            delattr(ds, key)
+    dim_uid = derived_uid("emri", "dimensions")
+    org = Dataset()
+    org.DimensionOrganizationUID = dim_uid
+    ds.DimensionOrganizationSequence = [org]
+    index = Dataset()
+    index.DimensionOrganizationUID, index.DimensionIndexPointer = dim_uid, 0x00200032
+    index.FunctionalGroupPointer = 0x00209113
+    ds.DimensionIndexSequence = [index]
+    shared = Dataset()
+    measures, orient = Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [f"{sy:g}", f"{sx:g}"], f"{sz:g}"
+    orient.ImageOrientationPatient = [f"{v:.8f}" for v in (*d[:, 0], *d[:, 1])]
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orient]
+    macros = {  # the MR per-frame macros a scanner fills (PS3.3 C.8.13.5), shared by every frame here
+        "FrameAnatomySequence": {"FrameLaterality": "U", "AnatomicRegionSequence": [_code("T-A0100", "SRT", "Brain")]},
+        "PixelValueTransformationSequence": {"RescaleIntercept": "0", "RescaleSlope": "1", "RescaleType": "US"},
+        "MRImageFrameTypeSequence": {"FrameType": ["ORIGINAL", "PRIMARY", "T1", "NONE"],
+                                     "PixelPresentation": "MONOCHROME", "VolumetricProperties": "VOLUME",
+                                     "VolumeBasedCalculationTechnique": "NONE", "ComplexImageComponent": "MAGNITUDE",
+                                     "AcquisitionContrast": "T1"},
+        "MRTimingAndRelatedParametersSequence": {"RepetitionTime": "8.1", "FlipAngle": "8", "EchoTrainLength": 1,
+                                                 "RFEchoTrainLength": 1, "GradientEchoTrainLength": 1},
+        "MRFOVGeometrySequence": {"InPlanePhaseEncodingDirection": "ROW", "MRAcquisitionFrequencyEncodingSteps": 64,
+                                  "MRAcquisitionPhaseEncodingStepsInPlane": 64, "PercentSampling": "100",
+                                  "PercentPhaseFieldOfView": "100", "MRAcquisitionPhaseEncodingStepsOutOfPlane": n},
+        "MREchoSequence": {"EffectiveEchoTime": 3.7},
+        "MRModifierSequence": {"InversionRecovery": "NO", "FlowCompensation": "NONE", "Spoiling": "RF",
+                               "T2Preparation": "NO", "SpectrallySelectedExcitation": "WATER",
+                               "SpatialPresaturation": "NONE", "PartialFourier": "NO", "ParallelAcquisition": "NO"},
+        "MRImagingModifierSequence": {"MagnetizationTransfer": "NONE", "BloodSignalNulling": "NO", "Tagging": "NONE",
+                                      "TransmitterFrequency": 127.7, "PixelBandwidth": "241"},
+        "MRReceiveCoilSequence": {"ReceiveCoilName": "HEAD", "ReceiveCoilManufacturerName": "msgan-test",
+                                  "ReceiveCoilType": "VOLUME", "QuadratureReceiveCoil": "YES"},
+        "MRTransmitCoilSequence": {"TransmitCoilName": "BODY", "TransmitCoilManufacturerName": "msgan-test",
+                                   "TransmitCoilType": "BODY"},
+        "MRAveragesSequence": {"NumberOfAverages": "1"},
+    }  # fmt: skip
+    for key, values in macros.items():
+        item = Dataset()
+        for name, value in values.items():
+            setattr(item, name, value)
+        setattr(shared, key, [item])
+    sar, mode = Dataset(), Dataset()
+    sar.SpecificAbsorptionRateDefinition, sar.SpecificAbsorptionRateValue = "IEC_WHOLE_BODY", 0.5
+    mode.OperatingModeType, mode.OperatingMode = "STATIC FIELD", "IEC_NORMAL"
+    timing = shared.MRTimingAndRelatedParametersSequence[0]
+    timing.SpecificAbsorptionRateSequence, timing.OperatingModeSequence = [sar], [mode]
+    timing.GradientOutputType, timing.GradientOutput = "DB_DT", 10.0
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k in range(n):
+        g, position, content = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [f"{v:.6f}" for v in origin + k * sz * d[:, 2]]
+        content.DimensionIndexValues = [k + 1]
+        content.FrameReferenceDateTime = content.FrameAcquisitionDateTime = "20120820120804.06"
+        content.FrameAcquisitionDuration = 1000.0
+        g.PlanePositionSequence, g.FrameContentSequence = [position], [content]
+        frames.append(g)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "emri.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds.pixel_array.astype(np.float32)

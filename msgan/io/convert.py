@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from msgan import storage
-from msgan.io.dicom import DicomError, derived_uid, read_series, write_projection, write_series
+from msgan.io.dicom import (
+    ENHANCED,
+    DicomError,
+    derived_uid,
+    read_series,
+    write_enhanced,
+    write_projection,
+    write_series,
+)
 from msgan.io.uids import check_uid
 from msgan.io.volume import (
     ITK_SUFFIXES,
@@ -105,8 +113,17 @@ def _open_volume(uri: str) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
     return np.asarray(arr[...]), Geometry.from_dict(meta["geometry"]), meta
 
 
-def export(volume: str, out: str | os.PathLike[str], fmt: str = "dicom", description: str | None = None) -> Exported:
-    """A volume (ingested or translated) as a DICOM series folder or a NIfTI/MHA file."""
+def export(
+    volume: str,
+    out: str | os.PathLike[str],
+    fmt: str = "dicom",
+    description: str | None = None,
+    classic: bool = False,
+) -> Exported:
+    """A volume (ingested or translated) as a DICOM series folder or a NIfTI/MHA file.
+
+    DICOM keeps the source's form: an Enhanced CT/MR source gives one Enhanced image of the same SOP class
+    (``classic=True``: a series of classic single-frame images), a radiograph a derived image of its SOP class."""
     image, geom, meta = _open_volume(volume)
     if fmt == "nifti":
         dest = Path(out)
@@ -129,7 +146,8 @@ def export(volume: str, out: str | os.PathLike[str], fmt: str = "dicom", descrip
     else:
         series_uid = derived_uid(str(src_uid or volume), "export")
         what = description or str(ids.get("SeriesDescription", "msgan export"))
-    write = write_projection if image.ndim == 2 else write_series
+    enhanced = str(ids.get("SOPClassUID", "")) in ENHANCED and "Header" in ids and not classic
+    write = write_projection if image.ndim == 2 else write_enhanced if enhanced else write_series
     files = write(image, geom, out, ids, series_uid, what, derived_from=src_uid if model else None)
     return Exported(files, series_uid)
 

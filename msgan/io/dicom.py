@@ -6,7 +6,12 @@ several broken series (missing slices, gantry tilt, missing positions, localizer
 duplicates, non-image files), so each is checked here and refused with a named reason.
 Pixel values are rescaled to modality units (HU for CT), kept as float32, never 8-bit.
 
-Export: a volume becomes a derived series of single-frame images with the same size and
+Enhanced (and Legacy Converted Enhanced) CT/MR multi-frame files are read frame by frame from their functional
+groups and exported in the same form; radiographs (CR, DX, MG, single-frame XA/RF) are 2D images kept with their
+source header, MONOCHROME1 and spacing rules, and exported as derived images of the source's SOP class.
+Non-image objects with pixels (SEG, parametric maps, RT dose) are skipped with the reason.
+
+Export: a classic volume becomes a derived series of single-frame images with the same size and
 geometry: new Series/SOP Instance UIDs (deterministic from the source series and the model,
 so a retried push is not a duplicate), ImageType DERIVED\\SECONDARY\\<the source's third value>, the
 source's patient and study attributes (Type 2 attributes present, empty when unknown), and a reference to
@@ -33,6 +38,22 @@ from msgan.io.volume import Geometry
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+# Multi-frame image SOP classes read frame by frame from their functional groups -> the classic class they map to.
+ENHANCED = {
+    ENHANCED_CT: CT_IMAGE,
+    ENHANCED_MR: MR_IMAGE,
+    "1.2.840.10008.5.1.4.1.1.2.2": CT_IMAGE,  # Legacy Converted Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4.4": MR_IMAGE,  # Legacy Converted Enhanced MR
+}
+# Objects with pixel data that are not images to translate: skipped with this reason.
+NOT_IMAGES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a segmentation (SEG)",
+    "1.2.840.10008.5.1.4.1.1.30": "a parametric map",
+    "1.2.840.10008.5.1.4.1.1.481.2": "an RT dose",
+    "1.2.840.10008.5.1.4.1.1.66.5": "a surface segmentation",
+}
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "XA", "RF"}  # a single image is a complete 2D image
 IDENTIFIERS = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
@@ -143,6 +164,9 @@ def _read_header(path: Path) -> Dataset:
     if "PixelData" not in ds:
         kind = str(ds.get("SOPClassUID", pydicom.uid.UID("")).name or ds.get("Modality", "object"))
         raise DicomError(f"{path.name}: not an image ({kind}, no pixel data)")
+    what = NOT_IMAGES.get(str(ds.get("SOPClassUID", "")))
+    if what is not None:
+        raise DicomError(f"{path.name}: {what}, not an image to translate ({ds.SOPClassUID.name})")
     return ds
 
 
@@ -166,28 +190,53 @@ def _unit(v: Sequence[float] | np.ndarray) -> np.ndarray:
     return a / np.linalg.norm(a)
 
 
+@dataclass(frozen=True)
+class _Plane:
+    """Where one slice or frame lies: what a stack's geometry is made of."""
+
+    label: str  # file name, or "file frame k"
+    position: tuple[float, ...]
+    orientation: tuple[float, ...]
+    spacing: tuple[float, ...]  # (between rows, between columns)
+    thickness: float
+    tilt: float
+
+
+def _floats(v: Any) -> tuple[float, ...]:
+    return tuple(float(x) for x in v)
+
+
 def _series_geometry(name: str, slices: list[tuple[Path, Dataset]]) -> tuple[list[Path], Geometry, list[str]]:
     """Sort slices along their normal and derive the geometry; refuse what SimpleITK would get wrong."""
-    notes: list[str] = []
+    planes = []
     for p, ds in slices:
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds or ds.get(tag) in (None, ""):
                 raise DicomError(f"series {name}: {p.name} has no {tag}; its geometry would be guessed")
-    iop = np.asarray([float(x) for x in slices[0][1].ImageOrientationPatient])
-    for p, ds in slices[1:]:
-        if np.abs(np.asarray([float(x) for x in ds.ImageOrientationPatient]) - iop).max() > 1e-4:
-            raise DicomError(f"series {name}: {p.name} has another orientation (a localizer or a mixed series)")
+        planes.append(_Plane(p.name, _floats(ds.ImagePositionPatient), _floats(ds.ImageOrientationPatient),
+                             _floats(ds.PixelSpacing), float(ds.get("SliceThickness", 1.0) or 1.0),
+                             float(ds.get("GantryDetectorTilt", 0) or 0)))  # fmt: skip
+    order, geom = _stack_geometry(name, planes)
+    return [slices[i][0] for i in order], geom, []
+
+
+def _stack_geometry(name: str, planes: list[_Plane]) -> tuple[list[int], Geometry]:
+    """(order along the normal, geometry) of parallel planes; refuses what would make a wrong grid."""
+    iop = np.asarray(planes[0].orientation)
+    for pl in planes[1:]:
+        if np.abs(np.asarray(pl.orientation) - iop).max() > 1e-4:
+            raise DicomError(f"series {name}: {pl.label} has another orientation (a localizer or a mixed series)")
+        if np.abs(np.asarray(pl.spacing) - np.asarray(planes[0].spacing)).max() > 1e-6:
+            raise DicomError(f"series {name}: {pl.label} has another pixel spacing ({pl.spacing})")
     row, col = _unit(iop[:3]), _unit(iop[3:])
     normal = np.cross(row, col)
-    pos = np.asarray([[float(x) for x in ds.ImagePositionPatient] for _, ds in slices])
-    order = np.argsort(pos @ normal)
-    slices = [slices[i] for i in order]
+    pos = np.asarray([pl.position for pl in planes])
+    order = [int(i) for i in np.argsort(pos @ normal, kind="stable")]
     pos = pos[order]
-    along = pos @ normal
-    steps = np.diff(along)
-    if len(slices) > 1:
+    steps = np.diff(pos @ normal)
+    if len(planes) > 1:
         if np.any(steps < GEOMETRY_TOL_MM):
-            dup = [slices[i + 1][0].name for i in np.flatnonzero(steps < GEOMETRY_TOL_MM)]
+            dup = [planes[order[i + 1]].label for i in np.flatnonzero(steps < GEOMETRY_TOL_MM)]
             raise DicomError(f"series {name}: several slices at one position ({', '.join(dup[:3])})")
         if steps.max() - steps.min() > max(GEOMETRY_TOL_MM * 10, 0.01 * float(np.median(steps))):
             raise DicomError(
@@ -196,17 +245,17 @@ def _series_geometry(name: str, slices: list[tuple[Path, Dataset]]) -> tuple[lis
             )
         inplane = np.diff(pos, axis=0) - np.outer(steps, normal)
         shear = float(np.linalg.norm(inplane, axis=1).max())
-        tilt = float(slices[0][1].get("GantryDetectorTilt", 0) or 0)
+        tilt = planes[order[0]].tilt
         if shear > 0.01 or abs(tilt) > 1e-3:
             raise DicomError(
                 f"series {name}: gantry tilt / sheared stack (slices shift {shear:.3f} mm in-plane per slice, "
                 f"GantryDetectorTilt {tilt}); resample it to an orthogonal grid first"
             )
-    ps = [float(x) for x in slices[0][1].PixelSpacing]  # (between rows, between columns)
-    dz = float(np.median(steps)) if len(slices) > 1 else float(slices[0][1].get("SliceThickness", 1.0) or 1.0)
+    ps = planes[0].spacing
+    dz = float(np.median(steps)) if len(planes) > 1 else planes[0].thickness
     direction = np.stack([row, col, normal], axis=1)  # columns: x, y, z axes of the grid
     geom = Geometry((ps[1], ps[0], dz), tuple(float(v) for v in pos[0]), tuple(float(v) for v in direction.ravel()))
-    return [p for p, _ in slices], geom, notes
+    return order, geom
 
 
 def _read_pixels(name: str, files: list[Path]) -> np.ndarray:
@@ -289,9 +338,17 @@ def _ingest_one(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesVolume:
         if spp != 1 or str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith(("RGB", "YBR", "PALETTE")):
             raise DicomError(f"series {uid}: {p.name} is a color image ({ds.get('PhotometricInterpretation')}); "
                              f"only grayscale is translated")  # fmt: skip
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise DicomError(f"series {uid}: {p.name} is a multi-frame image; only single-frame series are read")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames != 1 and str(ds.get("SOPClassUID", "")) not in ENHANCED:
+            kind = pydicom.uid.UID(str(ds.get("SOPClassUID", ""))).name or "image"
+            known = ", ".join(pydicom.uid.UID(c).name for c in ENHANCED)
+            raise DicomError(f"series {uid}: {p.name} is a multi-frame {kind}; multi-frame images are read for {known}")
         _check_pixels(p, ds)
+    if str(first.get("SOPClassUID", "")) in ENHANCED:
+        if len(unique) != 1:
+            raise DicomError(f"series {uid}: {len(unique)} multi-frame files in one series; one Enhanced image per "
+                             f"series is read (a stack split over files is not joined)")  # fmt: skip
+        return _enhanced(uid, *unique[0], notes)
     modality = str(first.get("Modality", ""))
     if modality in PROJECTION_MODALITIES:
         if len(unique) != 1:
@@ -306,6 +363,189 @@ def _ingest_one(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesVolume:
     sources = [str(by_path[f].get("SOPInstanceUID", "")) for f in files]  # UIDs checked in _check_uids
     ids = _identifiers(first) | {"NumberOfSlices": len(files), "SourceInstances": sources}
     return SeriesVolume(uid, arr, geom, ids, notes + more)
+
+
+# ----------------------------------------------------------------------------- Enhanced multi-frame
+
+
+def _functional(ds: Dataset, frame: int, sequence: str, attribute: str) -> Any:
+    """``attribute`` of the functional group ``sequence`` for ``frame``: per-frame first, then shared."""
+    groups = [ds.PerFrameFunctionalGroupsSequence[frame]] if "PerFrameFunctionalGroupsSequence" in ds else []
+    groups += list(ds.get("SharedFunctionalGroupsSequence") or [])[:1]
+    for group in groups:
+        items = group.get(sequence)
+        if items and attribute in items[0]:
+            return items[0].get(attribute)
+    return None
+
+
+def _enhanced(uid: str, p: Path, ds: Dataset, notes: list[str]) -> SeriesVolume:
+    """An Enhanced (or Legacy Converted Enhanced) CT/MR: the geometry of every frame from its functional groups
+    (plane position, plane orientation, pixel measures), frames sorted along the normal; the source header is kept
+    so the export can be an object of the same SOP class with the same functional groups."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if len(ds.get("PerFrameFunctionalGroupsSequence") or []) != n:
+        raise DicomError(f"series {uid}: {p.name} is an Enhanced image without per-frame functional groups for its "
+                         f"{n} frames; its geometry is unknown")  # fmt: skip
+    planes, rescales = [], set()
+    for k in range(n):
+        got = {
+            "ImagePositionPatient": _functional(ds, k, "PlanePositionSequence", "ImagePositionPatient"),
+            "ImageOrientationPatient": _functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient"),
+            "PixelSpacing": _functional(ds, k, "PixelMeasuresSequence", "PixelSpacing"),
+        }
+        for tag, value in got.items():
+            if value in (None, "") or len(value) not in (2, 3, 6):
+                raise DicomError(f"series {uid}: {p.name} frame {k + 1} has no {tag} in its functional groups; "
+                                 f"its geometry would be guessed")  # fmt: skip
+        thickness = _functional(ds, k, "PixelMeasuresSequence", "SliceThickness") or 1.0
+        planes.append(_Plane(f"{p.name} frame {k + 1}", _floats(got["ImagePositionPatient"]),
+                             _floats(got["ImageOrientationPatient"]), _floats(got["PixelSpacing"]), float(thickness),
+                             float(ds.get("GantryDetectorTilt", 0) or 0)))  # fmt: skip
+        slope = _functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
+        rescales.add((float(slope if slope not in (None, "") else 1), float(intercept or 0)))
+    if len(rescales) != 1:
+        raise DicomError(f"series {uid}: {p.name} has {len(rescales)} different rescales across its frames; "
+                         f"one per image is read")  # fmt: skip
+    order, geom = _stack_geometry(uid, planes)
+    try:
+        img = sitk.ReadImage(str(p))
+    except RuntimeError as err:
+        msg = str(err).strip().splitlines()[-1]
+        raise DicomError(f"series {uid}: pixel data cannot be decoded here ({msg})") from err
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise DicomError(f"series {uid}: {img.GetNumberOfComponentsPerPixel()} samples per pixel; need grayscale")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (frames, rows, cols) in file order, rescaled by GDCM
+    if arr.shape[0] != n:
+        raise DicomError(f"series {uid}: {n} frames gave {arr.shape[0]} slices")
+    ids = _identifiers(ds) | {
+        "NumberOfSlices": n,
+        "SourceInstances": [str(ds.get("SOPInstanceUID", ""))],
+        "FrameOrder": order,  # slice k of the volume is frame order[k] (0-based) of the source
+        "Header": _header(ds),
+    }
+    notes.append(f"{p.name}: {ds.SOPClassUID.name}, {n} frames, geometry from the functional groups")
+    return SeriesVolume(uid, arr[order], geom, ids, notes)
+
+
+# MR Pulse Sequence and Bulk Motion attributes (PS3.3 C.8.13.4, C.7.6.18.3): Type 1C, present only when ImageType
+# Value 1 is ORIGINAL or MIXED, so a DERIVED Enhanced MR must leave them out.
+MR_ACQUISITION_ONLY = (
+    "PulseSequenceName", "MRAcquisitionType", "EchoPulseSequence", "MultiPlanarExcitation", "PhaseContrast",
+    "VelocityEncodingAcquisitionSequence", "TimeOfFlightContrast", "ArterialSpinLabelingContrast",
+    "SteadyStatePulseSequence", "EchoPlanarPulseSequence", "SaturationRecovery", "SpectrallySelectedSuppression",
+    "OversamplingPhase", "GeometryOfKSpaceTraversal", "RectilinearPhaseEncodeReordering", "SegmentedKSpaceTraversal",
+    "CoverageOfKSpace", "NumberOfKSpaceTrajectories", "BulkMotionCompensationTechnique", "BulkMotionSignalSource",
+)  # fmt: skip
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _derivation(description: str, sop_class: str, sop_uid: str, frame: int) -> Dataset:
+    """A Derivation Image macro item: frame ``frame`` of the source, processed by the model. CID 7203 has no code
+    for a learned image translation, so the derivation code is our own (a private ``99`` coding scheme)."""
+    source = Dataset()
+    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = sop_class, sop_uid
+    source.ReferencedFrameNumber = frame
+    source.PurposeOfReferenceCodeSequence = [_code("121322", "DCM", "Source image for image processing operation")]
+    item = Dataset()
+    item.DerivationDescription = description[:1024]
+    item.DerivationCodeSequence = [_code("TRANSLATION", "99MSGAN", "Image translation by a multi-scale patch GAN")]
+    item.SourceImageSequence = [source]
+    return item
+
+
+def _frame_groups(ds: Dataset) -> list[Dataset]:
+    return list(ds.get("SharedFunctionalGroupsSequence") or []) + list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+
+
+def write_enhanced(
+    image: np.ndarray,
+    geometry: Geometry,
+    out_dir: str | os.PathLike[str],
+    identifiers: dict[str, Any],
+    series_uid: str,
+    description: str,
+    derived_from: str | None = None,
+    series_number: int = 900,
+) -> list[Path]:
+    """A 3D volume as one derived Enhanced image of its source's SOP class: the source's attributes and functional
+    groups (frame geometry, dimensions), frames in the source's order and pixel encoding, new UIDs, ImageType and
+    FrameType DERIVED, and a reference to the source instance."""
+    header = identifiers.get("Header")
+    order = identifiers.get("FrameOrder")
+    if not isinstance(header, dict) or not isinstance(order, list):
+        raise ValueError("an Enhanced export needs the source's header and frame order (ingest it from DICOM)")
+    ds = Dataset.from_json(header)
+    n, rows, cols = int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns)
+    if tuple(image.shape) != (n, rows, cols) or geometry.dims != 3 or sorted(order) != list(range(n)):
+        raise ValueError(f"volume of shape {image.shape} but its Enhanced source is {n}x{rows}x{cols}; a derived "
+                         f"Enhanced image keeps the source grid (export with classic=True otherwise)")  # fmt: skip
+    frames = np.empty(image.shape, dtype=np.float64)
+    frames[order] = image  # slice k is source frame order[k]
+    slope = float(_functional(ds, 0, "PixelValueTransformationSequence", "RescaleSlope") or 1)
+    intercept = float(_functional(ds, 0, "PixelValueTransformationSequence", "RescaleIntercept") or 0)
+    bits, alloc = int(ds.BitsStored), int(ds.BitsAllocated)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    dtype = {(8, False): np.uint8, (8, True): np.int8, (16, False): np.uint16, (16, True): np.int16}.get(
+        (alloc, signed)
+    )
+    if dtype is None:
+        raise ValueError(f"source pixels of {alloc} bits allocated cannot be written back (8 or 16 are)")
+    stored = np.clip(np.round((frames - intercept) / slope), lo, hi).astype(dtype)
+    for key in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelData"):
+        if key in ds:
+            delattr(ds, key)
+    sop_class, source_sop = str(ds.SOPClassUID), str(ds.get("SOPInstanceUID", ""))
+    sop_uid = derived_uid(series_uid, "0")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, 1
+    ds.SeriesDescription = description[:64]
+    ds.ImageType = ["DERIVED", *[str(v) for v in (ds.get("ImageType") or ["", "PRIMARY"])[1:]]]
+    if sop_class == ENHANCED_MR:
+        for key in MR_ACQUISITION_ONLY:
+            if key in ds:
+                delattr(ds, key)
+    for group in _frame_groups(ds):
+        for key in ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence"):
+            for item in group.get(key) or []:
+                if "FrameType" in item:
+                    item.FrameType = ["DERIVED", *[str(v) for v in item.FrameType[1:]]]
+        for item in group.get("PixelValueTransformationSequence") or []:
+            if ds.get("Modality") == "CT":
+                item.RescaleType = "HU"  # the only value Enhanced CT allows; our values are HU
+    if derived_from and source_sop:
+        instance, ref = Dataset(), Dataset()
+        instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = sop_class, source_sop
+        ref.SeriesInstanceUID, ref.ReferencedInstanceSequence = derived_from, [instance]
+        ds.ReferencedSeriesSequence = [ref]
+        for k, group in enumerate(ds.PerFrameFunctionalGroupsSequence):  # Derivation Image macro, frame by frame
+            group.DerivationImageSequence = [_derivation(description, sop_class, source_sop, k + 1)]
+        if sop_class in (ENHANCED_CT, ENHANCED_MR):  # evidence of what the Source Image Sequences reference (1C)
+            sop, series, study = Dataset(), Dataset(), Dataset()
+            sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID = sop_class, source_sop
+            series.SeriesInstanceUID, series.ReferencedSOPSequence = derived_from, [sop]
+            study.StudyInstanceUID, study.ReferencedSeriesSequence = ds.StudyInstanceUID, [series]
+            ds.SourceImageEvidenceSequence = [study]
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    ds["PixelData"].VR = "OW" if alloc > 8 else "OB"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "00001.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return [path]
 
 
 # ----------------------------------------------------------------------------- 2D projection images
@@ -504,14 +744,14 @@ def write_series(
     sx, sy, sz = geometry.spacing
     origin = np.asarray(geometry.origin, dtype=np.float64)
     stored, slope, intercept = _int16_encoding(np.asarray(image))
-    sop_class = (
-        str(identifiers.get("SOPClassUID")) if identifiers.get("SOPClassUID") in (CT_IMAGE, MR_IMAGE) else CT_IMAGE
-    )
+    source_class = str(identifiers.get("SOPClassUID") or "")
+    sop_class = ENHANCED.get(source_class, source_class if source_class in (CT_IMAGE, MR_IMAGE) else CT_IMAGE)
     modality = identifiers.get("Modality") or ("MR" if sop_class == MR_IMAGE else "CT")
     frame_uid = identifiers.get("FrameOfReferenceUID") or derived_uid(series_uid, "frame")
     sources = [str(u) for u in identifiers.get("SourceInstances") or []]
-    source_class = str(identifiers.get("SOPClassUID") or sop_class)
-    image_type = derived_image_type(identifiers.get("ImageType"), "AXIAL" if sop_class == CT_IMAGE else "OTHER")
+    source_class = source_class or sop_class
+    source_type = None if source_class in ENHANCED else identifiers.get("ImageType")  # Enhanced values differ
+    image_type = derived_image_type(source_type, "AXIAL" if sop_class == CT_IMAGE else "OTHER")
     paths = []
     for k in range(image.shape[0]):
         sop_uid = derived_uid(series_uid, str(k))
