@@ -24,6 +24,8 @@ SETTINGS = (
     Setting("MSGAN_SHARED_PATHS", "folders every node mounts (NFS), separated by :; other paths fail on clusters"),
     Setting("MSGAN_VERBOSE", "1: libraries' logs, workers' output and tracebacks on the console (as --verbose)"),
     Setting("MLFLOW_TRACKING_URI", "MLflow tracking server (default: sqlite at $MSGAN_HOME/runs/mlflow.db)"),
+    Setting("MLFLOW_TRACKING_USERNAME", "MLflow user, for a server with basic auth (MLflow reads it)", secret=True),
+    Setting("MLFLOW_TRACKING_PASSWORD", "MLflow password, for a server with basic auth", secret=True),
     Setting("MLFLOW_S3_ENDPOINT_URL", "S3 endpoint for MLflow artifacts (MinIO)"),
     Setting("AWS_ENDPOINT_URL", "S3-compatible endpoint for pyramids, checkpoints, volumes (MinIO)"),
     Setting("AWS_DEFAULT_REGION", "S3 region"),
@@ -55,15 +57,13 @@ def resolve_local(path: str | os.PathLike[str]) -> Path:
 
 
 def resolve_storage(uri: str) -> str:
-    """A storage setting (``s3://...``, ``file://...`` or a path) with relative paths placed under :func:`home`."""
+    """A storage setting (``s3://...``, ``file://...`` or a path) as :func:`msgan.storage.normalize_uri` makes it,
+    but with a relative path placed under :func:`home`."""
+    from msgan.storage import normalize_uri
+
     s = str(uri)
-    if s.startswith("s3://"):
-        return s.rstrip("/")
-    if s.startswith("file://"):
-        s = s[len("file://") :]
-    elif "://" in s:
-        raise ValueError(f"storage URI {uri!r}: only file:// and s3:// are supported")
-    return "file://" + str(resolve_local(s).resolve())
+    local = s[len("file://") :] if s.startswith("file://") else None if "://" in s else s
+    return normalize_uri(s if local is None else resolve_local(local))
 
 
 def default_tracking_uri() -> str:
