@@ -43,3 +43,15 @@ def test_doctor_names_each_problem_in_one_line(env, capsys, monkeypatch):
     assert lines["mlflow"].startswith("ok") and lines["python"].startswith("ok")
     assert "s3cret" not in out and "doc:***@" in lines["pacs"]
     assert out.rstrip().splitlines()[-1] == "3 problem(s): ray, storage, pacs"
+
+
+def test_doctor_reaches_a_real_pacs_and_names_refused_credentials(env, orthanc, monkeypatch, capsys):
+    monkeypatch.setenv("MSGAN_PACS_URL", orthanc["url"])
+    monkeypatch.setenv("MSGAN_PACS_USER", orthanc["user"])
+    monkeypatch.setenv("MSGAN_PACS_PASSWORD", orthanc["password"])
+    assert main(["doctor", "--storage", str(env / "store")]) == 0
+    assert f"ok    pacs     {orthanc['url']} answers QIDO-RS" in capsys.readouterr().out
+    monkeypatch.setenv("MSGAN_PACS_PASSWORD", "wrong-" + orthanc["password"])
+    assert main(["doctor", "--storage", str(env / "store")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  pacs" in out and "refused the credentials (HTTP 401)" in out and "wrong-" not in out
