@@ -147,6 +147,14 @@ def orthanc(tmp_path_factory):
         "Plugins": [plugin],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "StableAge": 1,
+        # DICOM as in infra/compose.yaml: only listed modalities (none), only to our AET
+        "DicomCheckCalledAet": True,
+        "DicomModalities": {},
+        "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowGet": False,
+        "DicomAlwaysAllowMove": False,
         "HttpTimeout": 120,
     }
     (root / "orthanc.json").write_text(json.dumps(config))
