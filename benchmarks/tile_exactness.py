@@ -14,10 +14,9 @@ import time
 import numpy as np
 import torch
 
-from msgan.cascade import run_hr, run_hr_whole
+from msgan.cascade import run_scale, run_scale_whole
 from msgan.config import Config
-from msgan.nets import count_parameters
-from msgan.train import build_generator
+from msgan.nets import build_generator, count_parameters
 
 
 def main() -> None:
@@ -25,22 +24,28 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs="+", default=[37, 53, 41])
     p.add_argument("--tiles", type=int, nargs="+", default=[8, 16, 24])
     p.add_argument("--context", choices=["upscaled", "wide"], default="upscaled")
+    p.add_argument("--condition", choices=["edges", "image", "image+edges"], default="edges")
     args = p.parse_args()
     torch.manual_seed(0)
-    cfg = Config(dims=len(args.shape)).replace(**{"hr_generator.context": args.context})  # type: ignore[arg-type]
+    over = {"hr_generator.context": args.context, "condition": args.condition}
+    cfg = Config(dims=len(args.shape)).replace(**over)  # type: ignore[arg-type]
     gen = build_generator(cfg, 1).eval()
-    print(f"default HR generator ({args.context}): halo {gen.halo}, {count_parameters(gen):,} parameters")
+    print(f"default HR generator ({args.context}, {args.condition}): halo {gen.halo}, "
+          f"{count_parameters(gen):,} parameters")  # fmt: skip
     rng = np.random.default_rng(0)
     shape = tuple(args.shape)
-    prev = rng.uniform(-1, 1, tuple(-(-s // 2) for s in shape)).astype(np.float32)
-    edges = rng.uniform(-1, 1, shape).astype(np.float32)
+    arrays = {
+        "prev": rng.uniform(-1, 1, tuple(-(-s // 2) for s in shape)).astype(np.float32),
+        "edges": rng.uniform(-1, 1, shape).astype(np.float32),
+        "image": rng.uniform(-1, 1, shape).astype(np.float32),
+    }
     t0 = time.perf_counter()
-    whole = run_hr_whole(gen, prev, edges)
+    whole = run_scale_whole(gen, arrays)
     print(f"whole-volume pass {shape}: {time.perf_counter() - t0:.2f}s")
     for core in args.tiles:
         out = np.zeros(shape, np.float32)
         t0 = time.perf_counter()
-        n = run_hr(gen, prev, edges, out, core)
+        n = run_scale(gen, arrays, out, core)
         diff = float(np.abs(out - whole).max())
         print(f"tile core {core:>3}: {n:>4} tiles, {time.perf_counter() - t0:6.2f}s, max |tiled - whole| = {diff:.3g}")
 

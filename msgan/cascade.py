@@ -1,9 +1,10 @@
 """Cascaded, tile-exact inference over array stores, and the cascade as a saved model.
 
-Scale 0 runs on the whole LR edge image. Each HR scale tiles its grid; a tile's input is
-``core + 2*halo`` voxels of (previous output upsampled x2, edges), read with the shared
-reflect border rule (:mod:`msgan.tiling`), and its output core is written in place. The
-result equals one whole-volume forward pass, whatever the tile size.
+Scale 0 runs on the whole LR grid. Each HR scale tiles its grid; a tile's inputs are built
+by :func:`msgan.engine.feed_box` from named arrays (``prev``: the previous output, ``image``
+and/or ``edges`` at this scale) with the shared reflect border rule, run by
+:func:`msgan.engine.run_tiles`, and its output core is written in place. The result equals
+one whole-volume forward pass, whatever the tile size.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,12 @@ from torch import nn
 
 from msgan import __version__
 from msgan.config import Config, from_dict
+from msgan.engine import array_writer, run_tiles, run_whole, tile_feed
 from msgan.memory import largest_tile
-from msgan.nets import HRGenerator, count_parameters
-from msgan.pyramid import build_pyramid, unwindow
+from msgan.nets import HRGenerator, build_generator, count_parameters
+from msgan.pyramid import build_pyramid, output_units
 from msgan.storage import staged_dir
-from msgan.tiling import Tile, iter_batches, read_region, tile_grid, upsample_region
+from msgan.tiling import tile_grid
 
 MANIFEST = "manifest.json"
 FORMAT = "msgan-cascade/1"
@@ -35,39 +36,16 @@ FORMAT = "msgan-cascade/1"
 Progress = Callable[[int, int, int], None]  # (scale, tiles done, tiles total)
 
 
-def _autocast(device: torch.device, amp: bool) -> Any:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+def run_lr(gen: nn.Module, lr: Any, device: str | torch.device = "cpu", amp: bool = False) -> np.ndarray:
+    """Scale 0: the whole LR grid through the U-Net. ``lr``: the named LR arrays (``image`` / ``edges``),
+    or the LR edge image alone."""
+    arrays = lr if isinstance(lr, Mapping) else {"edges": lr}
+    return run_whole(gen, arrays, device, amp)
 
 
-@torch.no_grad()
-def run_lr(gen: nn.Module, edges_lr: Any, device: str | torch.device = "cpu", amp: bool = False) -> np.ndarray:
-    """Scale 0: the whole LR edge image through the U-Net."""
-    d = torch.device(device)
-    gen.eval()
-    x = torch.from_numpy(np.asarray(edges_lr, dtype=np.float32))[None, None].to(d)  # (1, 1, D, H, W)
-    with _autocast(d, amp):
-        y = gen(x)
-    return y.float().cpu().numpy()[0, 0]
-
-
-def tile_inputs(gen: HRGenerator, prev: Any, edges: Any, tile: Tile) -> tuple[np.ndarray, np.ndarray | None]:
-    """Generator inputs for one tile: ``x`` (C, core + 2*halo, ...) and the wide context crop (or None)."""
-    h, shape = gen.halo, tuple(edges.shape)
-    in0, in1 = [a - h for a in tile.start], [b + h for b in tile.stop]
-    e = read_region(edges, in0, in1)
-    if gen.context == "upscaled":
-        return np.stack([upsample_region(prev, shape, in0, in1), e]), None
-    if gen.context == "wide":
-        c0, c1 = gen.context_box(tile.start, tile.stop)
-        return e[None], read_region(prev, c0, c1)[None]
-    return e[None], None
-
-
-@torch.no_grad()
-def run_hr(
+def run_scale(
     gen: HRGenerator,
-    prev: Any,
-    edges: Any,
+    arrays: Mapping[str, Any],
     out: Any,
     core: int | Sequence[int],
     batch_size: int = 1,
@@ -75,36 +53,31 @@ def run_hr(
     amp: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """One HR scale, tile by tile: reads ``prev`` (scale i-1) and ``edges`` (scale i), writes every
-    core into ``out`` (any array with slice assignment: numpy, zarr). Returns the number of tiles."""
-    if gen.padding != "valid":
-        raise ValueError("tiled inference needs a valid-convolution generator (padding='valid')")
-    if tuple(out.shape) != tuple(edges.shape):
-        raise ValueError(f"output shape {tuple(out.shape)} differs from the edge image's {tuple(edges.shape)}")
-    d = torch.device(device)
-    gen.eval()
-    tiles = tile_grid(tuple(out.shape), core)
-    done = 0
-    for batch in iter_batches(tiles, batch_size):
-        inputs = [tile_inputs(gen, prev, edges, t) for t in batch]
-        x = torch.from_numpy(np.stack([i[0] for i in inputs])).to(d)  # (B, C, core + 2h, ...)
-        c = torch.from_numpy(np.stack([i[1] for i in inputs])).to(d) if inputs[0][1] is not None else None  # type: ignore[misc]
-        with _autocast(d, amp):
-            y = gen(x, c)  # (B, 1, core, ...)
-        y_np = y.float().cpu().numpy()
-        for t, yi in zip(batch, y_np, strict=True):
-            out[t.slices] = yi[0]
-        done += len(batch)
-        if progress is not None:
-            progress(done, len(tiles))
-    return len(tiles)
+    """One HR scale, tile by tile: reads the named ``arrays`` (``prev`` = scale i-1, ``image`` /
+    ``edges`` at scale i), writes every core into ``out`` (numpy, zarr). Returns the number of tiles."""
+    shape = tuple(out.shape)
+    for name, a in arrays.items():
+        if name != "prev" and tuple(a.shape) != shape:
+            raise ValueError(f"output shape {shape} differs from array {name!r}'s {tuple(a.shape)}")
+    tiles = tile_grid(shape, core)
+    return run_tiles(gen, tiles, tile_feed(gen, arrays), array_writer(out), batch_size, device, amp, progress)
+
+
+def run_hr(gen: HRGenerator, prev: Any, edges: Any, out: Any, core: int | Sequence[int], batch_size: int = 1,
+           device: str | torch.device = "cpu", amp: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> int:  # fmt: skip
+    """:func:`run_scale` of an edges-conditioned generator (the paper's inputs)."""
+    return run_scale(gen, {"prev": prev, "edges": edges}, out, core, batch_size, device, amp, progress)
+
+
+def run_scale_whole(gen: HRGenerator, arrays: Mapping[str, Any], device: str | torch.device = "cpu") -> np.ndarray:
+    """Reference: one forward pass over the whole (reflect-padded) grid."""
+    return run_whole(gen, arrays, device)
 
 
 def run_hr_whole(gen: HRGenerator, prev: Any, edges: Any, device: str | torch.device = "cpu") -> np.ndarray:
-    """Reference: one forward pass over the whole (reflect-padded) volume."""
-    out = np.zeros(tuple(edges.shape), dtype=np.float32)
-    run_hr(gen, prev, edges, out, core=max(edges.shape), device=device)
-    return out
+    """:func:`run_scale_whole` of an edges-conditioned generator."""
+    return run_whole(gen, {"prev": prev, "edges": edges}, device)
 
 
 # ----------------------------------------------------------------------------- the cascade as a model
@@ -132,8 +105,6 @@ class Cascade:
 
     @classmethod
     def untrained(cls, config: Config, seed: int = 0) -> Cascade:
-        from msgan.train import build_generator
-
         torch.manual_seed(seed)
         return cls(config, [build_generator(config, s) for s in range(config.num_scales)], {"seed": seed})
 
@@ -177,8 +148,6 @@ class Cascade:
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Cascade:
-        from msgan.train import build_generator
-
         d = Path(directory)
         mpath = d / MANIFEST
         if not mpath.is_file():
@@ -206,6 +175,49 @@ class Cascade:
         inf = self.config.inference
         return largest_tile(gen, self.config.dims, inf.memory_budget_mb * 2**20, inf.batch_size, max(shape))
 
+    def translate_arrays(
+        self,
+        levels: Sequence[Mapping[str, Any]],
+        outputs: Sequence[Any] | None = None,
+        tile: int | None = None,
+        device: str | torch.device = "cpu",
+        progress: Progress | None = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Run the cascade on named arrays per scale (LR first): ``image`` (the windowed source) and/or
+        ``edges``, as the config's ``condition`` needs. ``outputs`` receive each scale's image (window
+        units); numpy arrays are made when not given. Returns (outputs, timings)."""
+        cfg = self.config
+        if len(levels) != cfg.num_scales:
+            raise ValueError(f"{len(levels)} levels given; the cascade has {cfg.num_scales} scales")
+        shapes = []
+        for s, arrays in enumerate(levels):
+            named = [a for k, a in arrays.items() if k != "prev"]
+            if not named:
+                raise ValueError(f"level {s} holds no image or edges array")
+            shape = tuple(named[0].shape)
+            if len(shape) != cfg.dims:
+                raise ValueError(f"level {s} has shape {shape}; the cascade is {cfg.dims}D")
+            shapes.append(shape)
+        outs = list(outputs) if outputs is not None else [np.zeros(sh, np.float32) for sh in shapes]
+        stats: dict[str, Any] = {"scales": []}
+        t0 = time.perf_counter()
+        outs[0][...] = run_lr(self.generators[0], levels[0], device, cfg.train.amp)
+        stats["scales"].append({"scale": 0, "tiles": 1, "seconds": time.perf_counter() - t0})
+        for s in range(1, cfg.num_scales):
+            gen = self.generators[s]
+            assert isinstance(gen, HRGenerator)
+            core = tile if tile is not None else self.tile_size(s, shapes[s])
+            t0 = time.perf_counter()
+
+            def report(done: int, total: int, s: int = s) -> None:
+                if progress is not None:
+                    progress(s, done, total)
+
+            arrays = {**levels[s], "prev": outs[s - 1]}
+            n = run_scale(gen, arrays, outs[s], core, cfg.inference.batch_size, device, cfg.train.amp, report)
+            stats["scales"].append({"scale": s, "tiles": n, "tile": core, "seconds": time.perf_counter() - t0})
+        return outs, stats
+
     def translate_edges(
         self,
         edges: Sequence[Any],
@@ -214,33 +226,8 @@ class Cascade:
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        """Run the cascade on an edge pyramid (LR first). ``outputs`` receive each scale's image
-        (window units); numpy arrays are made when not given. Returns (outputs, timings)."""
-        cfg = self.config
-        if len(edges) != cfg.num_scales:
-            raise ValueError(f"{len(edges)} edge levels given; the cascade has {cfg.num_scales} scales")
-        for s, e in enumerate(edges):
-            if len(e.shape) != cfg.dims:
-                raise ValueError(f"edge level {s} has shape {tuple(e.shape)}; the cascade is {cfg.dims}D")
-        outs = list(outputs) if outputs is not None else [np.zeros(e.shape, np.float32) for e in edges]
-        stats: dict[str, Any] = {"scales": []}
-        t0 = time.perf_counter()
-        outs[0][...] = run_lr(self.generators[0], edges[0], device, cfg.train.amp)
-        stats["scales"].append({"scale": 0, "tiles": 1, "seconds": time.perf_counter() - t0})
-        for s in range(1, cfg.num_scales):
-            gen = self.generators[s]
-            assert isinstance(gen, HRGenerator)
-            core = tile if tile is not None else self.tile_size(s, edges[s].shape)
-            t0 = time.perf_counter()
-
-            def report(done: int, total: int, s: int = s) -> None:
-                if progress is not None:
-                    progress(s, done, total)
-
-            n = run_hr(gen, outs[s - 1], edges[s], outs[s], core, cfg.inference.batch_size, device,
-                       cfg.train.amp, report)  # fmt: skip
-            stats["scales"].append({"scale": s, "tiles": n, "tile": core, "seconds": time.perf_counter() - t0})
-        return outs, stats
+        """:meth:`translate_arrays` from an edge pyramid alone (LR first; ``condition: edges``)."""
+        return self.translate_arrays([{"edges": e} for e in edges], outputs, tile, device, progress)
 
     def translate(
         self,
@@ -249,10 +236,12 @@ class Cascade:
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
     ) -> np.ndarray:
-        """Translate a raw image (HU for CT) held in memory; returns the finest scale in input units."""
+        """Translate a raw image (HU for CT) held in memory; returns the finest scale in input units
+        (outside the intensity window as ``intensity.outside`` says)."""
         cfg = self.config
         if image.ndim != cfg.dims:
             raise ValueError(f"image has {image.ndim} dimensions {image.shape}; the cascade is {cfg.dims}D")
         pyr = build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges)
-        outs, _ = self.translate_edges(pyr.edges, tile=tile, device=device, progress=progress)
-        return unwindow(outs[-1], cfg.intensity)
+        levels = [{"image": im, "edges": e} for im, e in zip(pyr.images, pyr.edges, strict=True)]
+        outs, _ = self.translate_arrays(levels, tile=tile, device=device, progress=progress)
+        return output_units(outs[-1], cfg.intensity, source=image)

@@ -24,10 +24,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class IntensityConfig:
-    """Window (in input units, HU for CT) mapped linearly onto [-1, 1]; values outside are clipped."""
+    """Window (in input units, HU for CT) mapped linearly onto [-1, 1]; the networks see and make
+    values clipped to it.
+
+    ``outside`` says what a translation holds where the source lies outside the window:
+    ``clip``: the window's ends (the paper; bone above ``high`` comes out at ``high``);
+    ``source``: the full range is kept: the output is ``w * translated + (1 - w) * source``,
+    with ``w = 1`` inside the window falling smoothly (a half cosine) to 0 over ``blend``
+    window widths outside it, so dense bone and metal pass through untranslated.
+    """
 
     low: float = -1024.0
     high: float = 1024.0
+    outside: Literal["clip", "source"] = "clip"
+    blend: float = 0.05  # width of the blend outside each end of the window, in window widths
 
 
 @dataclass(frozen=True)
@@ -166,9 +176,18 @@ class JobConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """An experiment. ``condition`` names what every generator sees of the source at its own scale:
+    ``edges`` (the paper: generation from edges), ``image`` (the windowed source image) or
+    ``image+edges``; HR scales also see the previous scale (``hr_generator.context``).
+    ``source_residual``: every generator outputs the source image plus a learned correction
+    (needs the image among the conditions; ``hr_generator.residual``, previous scale plus a
+    correction, must then be off)."""
+
     dims: Literal[2, 3] = 3
     num_scales: int = 4  # LR scale + (num_scales - 1) HR scales, each doubling resolution
     seed: int = 0
+    condition: Literal["edges", "image", "image+edges"] = "edges"
+    source_residual: bool = False
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     edges: EdgeConfig = field(default_factory=EdgeConfig)
     lr_generator: LRGeneratorConfig = field(default_factory=LRGeneratorConfig)
@@ -212,6 +231,15 @@ def _check_rules(cfg: Config) -> None:
         cfg.intensity.high,
         f"must exceed intensity.low={cfg.intensity.low}",
     )
+    _require(cfg.intensity.blend >= 0, "intensity.blend", cfg.intensity.blend, "must be >= 0 (window widths)")
+    from msgan.nets import check_hr_options  # local: nets imports torch
+
+    h = cfg.hr_generator
+    try:
+        check_hr_options(h.context, h.norm, h.residual, cfg.source_residual, cfg.condition)
+    except ValueError as err:
+        raise ConfigError(f"hr_generator (with condition={cfg.condition!r}, source_residual={cfg.source_residual}): "
+                          f"{err}") from None  # fmt: skip
     _require(cfg.edges.sigma >= 0, "edges.sigma", cfg.edges.sigma, "must be >= 0")
     _require(cfg.edges.scale > 0, "edges.scale", cfg.edges.scale, "must be > 0")
     for name, section in (
@@ -263,10 +291,8 @@ def _check_rules(cfg: Config) -> None:
     )
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
-    _require(
-        cfg.inference.memory_budget_mb > 0, "inference.memory_budget_mb", cfg.inference.memory_budget_mb, "must be > 0"
-    )
     inf = cfg.inference
+    _require(inf.memory_budget_mb > 0, "inference.memory_budget_mb", inf.memory_budget_mb, "must be > 0")
     _require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "must be >= 1")
     _require(inf.actors >= 1, "inference.actors", inf.actors, "must be >= 1")
     _require(inf.cpus_per_actor > 0, "inference.cpus_per_actor", inf.cpus_per_actor, "must be > 0")
@@ -277,7 +303,7 @@ def _check_rules(cfg: Config) -> None:
         "must be a fraction of one GPU or a whole number of GPUs",
     )
     if cfg.num_scales > 1:
-        from msgan.nets import patchgan_min_size  # local: nets imports torch
+        from msgan.nets import patchgan_min_size
 
         need = patchgan_min_size(cfg.discriminator.num_layers)
         _require(

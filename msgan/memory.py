@@ -22,7 +22,7 @@ def hr_inference_bytes(gen: HRGenerator, core: int, dims: int, batch: int = 1, b
     side = core + 2 * gen.halo
     voxels = side**dims
     features = 3 * width * voxels  # skip + body intermediate + body output
-    io = (2 + 1) * voxels  # input channels + output
+    io = (len(gen.channels) + 1) * voxels  # input channels + output
     if gen.ctx is not None:  # coarse branch features, upsampled x2 once
         features += width * voxels
     params = count_parameters(gen)

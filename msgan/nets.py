@@ -6,15 +6,30 @@ Shape comments use 3D names ``(B, C, D, H, W)``; in 2D drop ``D``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msgan import tiling
+
+if TYPE_CHECKING:
+    from msgan.config import Config
+
 Dims = Literal[2, 3]
 NormKind = Literal["instance", "batch", "none"]
 ContextKind = Literal["upscaled", "wide", "none"]
+ConditionKind = Literal["edges", "image", "image+edges"]
+CONDITIONS = ("edges", "image", "image+edges")
+
+
+def condition_channels(condition: str) -> tuple[str, ...]:
+    """Names of the source-side inputs a generator reads at its own scale, in channel order:
+    ``image`` (the source image, window units) and/or ``edges`` (its edge image)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition={condition!r}: must be one of {list(CONDITIONS)}")
+    return tuple(n for n in ("image", "edges") if n in condition.split("+"))
 
 
 # ----------------------------------------------------------------------------- factories
@@ -86,7 +101,12 @@ class UNet(nn.Module):
 
     ``noise_channels`` > 0 appends Gaussian noise channels in training mode (the
     paper's ``z``); in eval mode they are zeros so that a translation is reproducible.
+    ``channels`` names the input channels (see :func:`condition_channels`); with
+    ``source_residual`` the output is the ``image`` channel plus a learned correction.
     """
+
+    halo = 0  # a whole-image network: no tiles
+    context = "none"
 
     def __init__(
         self,
@@ -98,9 +118,19 @@ class UNet(nn.Module):
         norm_kind: str = "instance",
         noise_channels: int = 0,
         max_width: int = 256,
+        channels: Sequence[str] | None = None,
+        source_residual: bool = False,
     ) -> None:
         super().__init__()
         _check_dims(dims)
+        self.channels = tuple(channels) if channels is not None else ("edges",) * in_channels
+        if len(self.channels) != in_channels:
+            raise ValueError(
+                f"channels {list(self.channels)}: {len(self.channels)} names for in_channels={in_channels}"
+            )
+        if source_residual and "image" not in self.channels:
+            raise ValueError(f"source_residual=True needs an 'image' input channel, channels are {list(self.channels)}")
+        self.source_residual = source_residual
         self.dims, self.depth, self.noise_channels, self.norm_kind = dims, depth, noise_channels, norm_kind
         widths = [min(width * 2**i, max_width) for i in range(depth + 1)]
         self.down = nn.ModuleList()
@@ -127,6 +157,7 @@ class UNet(nn.Module):
         pads: list[int] = []
         for s, p in zip(reversed(size), reversed(pad_to), strict=True):
             pads += [0, p - s]
+        src = x[:, self.channels.index("image")][:, None] if self.source_residual else None  # (B, 1, D, H, W)
         if any(pads):
             x = F.pad(x, pads, mode="replicate")  # (B, Cin, D', H', W'), multiples of 2**depth
         if self.noise_channels:
@@ -143,7 +174,8 @@ class UNet(nn.Module):
             x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, w, 2x spatial)
             x = block(torch.cat([x, skips.pop()], dim=1))  # (B, w_skip, ...)
         y = torch.tanh(self.head(x))  # (B, Cout, D', H', W')
-        return y[(slice(None), slice(None), *(slice(0, s) for s in size))]  # (B, Cout, D, H, W)
+        y = y[(slice(None), slice(None), *(slice(0, s) for s in size))]  # (B, Cout, D, H, W)
+        return y if src is None else src + y  # (B, Cout, D, H, W)
 
 
 # ----------------------------------------------------------------------------- HR generator
@@ -167,18 +199,52 @@ class ValidResBlock(nn.Module):
         return crop(x, self.trim) + self.body(x)  # (B, W, n - 2*trim, ...)
 
 
+def check_hr_options(
+    context: str, norm_kind: str, residual: bool, source_residual: bool, condition: str, padding: str = "valid"
+) -> None:
+    """The rules an HR generator's options obey (the config checks them at load through this same function)."""
+    if context not in ("upscaled", "wide", "none"):
+        raise ValueError(f"context={context!r}: must be one of ['upscaled', 'wide', 'none']")
+    if padding not in ("valid", "same"):
+        raise ValueError(f"padding={padding!r}: must be 'valid' or 'same'")
+    if padding == "valid" and norm_kind not in ("batch", "none"):
+        raise ValueError(
+            f"norm={norm_kind!r}: a tile-exact HR generator needs a voxel-wise norm ('batch' or 'none'); "
+            f"{norm_kind} norm uses per-tile statistics, so the output would depend on the tiling"
+        )
+    if residual and context == "none":
+        raise ValueError("residual=True needs the previous scale: use context 'upscaled' or 'wide'")
+    if residual and source_residual:
+        raise ValueError(
+            "residual=True and source_residual=True: an output is one base plus a correction, the previous "
+            "scale (residual) or the source (source_residual); set residual=false"
+        )
+    if source_residual and "image" not in condition_channels(condition):
+        raise ValueError(
+            f"source_residual=True needs the source image among the conditions: condition={condition!r} "
+            f"(use 'image' or 'image+edges')"
+        )
+    if context == "wide" and padding == "same":
+        raise ValueError("context='wide' needs padding='valid'")
+
+
 class HRGenerator(nn.Module):
     """ResNet-block generator for one HR scale; no down/upsampling.
 
-    Inputs (``context``):
-      - ``upscaled``: ``x`` = [previous scale upsampled x2, edges] over ``core + 2*halo``.
-      - ``wide``: ``x`` = edges over ``core + 2*halo`` and ``coarse`` = the previous
-        scale at its own resolution over :meth:`context_box` (a wider field of view).
-      - ``none``: ``x`` = edges only (the plain patch-wise baseline).
+    Inputs: ``x`` holds the fine channels named by :attr:`channels` over ``core + 2*halo``
+    (build them with :func:`msgan.engine.feed_box`); ``context`` says how the previous
+    scale comes in:
+      - ``upscaled``: as the first fine channel ``prev`` (upsampled x2);
+      - ``wide``: as ``coarse``, at its own resolution over :meth:`context_box` (a wider
+        field of view), through a coarse branch;
+      - ``none``: not at all (the plain patch-wise baseline).
+    ``condition`` names the source-side channels at this scale (``edges``, ``image`` or
+    ``image+edges``; see :func:`condition_channels`).
     With ``padding="valid"`` (the default) the network is tile-exact: an output voxel
     depends only on inputs within ``halo`` of it. ``padding="same"`` exists only for the
     patch-wise baseline, whose per-patch zero padding is what makes its seams.
-    ``residual`` adds the upsampled previous scale to the output (learn the detail only).
+    ``residual`` adds the upsampled previous scale to the output (learn the detail only);
+    ``source_residual`` adds the source image instead (output = source + correction).
     """
 
     def __init__(
@@ -191,26 +257,18 @@ class HRGenerator(nn.Module):
         context_layers: int = 4,
         residual: bool = True,
         padding: Literal["valid", "same"] = "valid",
+        condition: ConditionKind = "edges",
+        source_residual: bool = False,
     ) -> None:
         super().__init__()
         _check_dims(dims)
-        if context not in ("upscaled", "wide", "none"):
-            raise ValueError(f"context={context!r}: must be one of ['upscaled', 'wide', 'none']")
-        if padding not in ("valid", "same"):
-            raise ValueError(f"padding={padding!r}: must be 'valid' or 'same'")
-        if padding == "valid" and norm_kind not in ("batch", "none"):
-            raise ValueError(
-                f"norm={norm_kind!r}: a tile-exact HR generator needs a voxel-wise norm ('batch' or 'none'); "
-                f"{norm_kind} norm uses per-tile statistics, so the output would depend on the tiling"
-            )
-        if residual and context == "none":
-            raise ValueError("residual=True needs the previous scale: use context 'upscaled' or 'wide'")
-        if context == "wide" and padding == "same":
-            raise ValueError("context='wide' needs padding='valid'")
+        check_hr_options(context, norm_kind, residual, source_residual, condition, padding)
         self.dims, self.context, self.residual, self.padding = dims, context, residual, padding
+        self.condition, self.source_residual = condition, source_residual
+        self.channels: tuple[str, ...] = (("prev",) if context == "upscaled" else ()) + condition_channels(condition)
         self.width = width
         p = 1 if padding == "same" else 0
-        in_channels = 2 if context == "upscaled" else 1
+        in_channels = len(self.channels)
         self.head = nn.Sequential(conv(dims, in_channels, width, 3, padding=p), norm(norm_kind, dims, width), nn.ReLU())
         self.blocks = nn.Sequential(*(ValidResBlock(dims, width, norm_kind, padding=p) for _ in range(num_blocks)))
         self.tail = conv(dims, width, 1, 3, padding=p)
@@ -229,20 +287,20 @@ class HRGenerator(nn.Module):
         return _halo_of(self.head) + _halo_of(self.blocks) + _halo_of(self.tail)
 
     @property
+    def head_halo(self) -> int:
+        """Receptive-field radius of the head alone (where the coarse branch joins the fine path)."""
+        return _halo_of(self.head)
+
+    @property
     def context_halo(self) -> int:
         """Receptive-field radius of the coarse branch, in coarse voxels (``wide`` only)."""
         return 0 if self.ctx is None else _halo_of(self.ctx)
 
     def context_box(self, start: Sequence[int], stop: Sequence[int]) -> tuple[list[int], list[int]]:
-        """Coarse box (start, stop per axis) the ``wide`` branch needs for the fine core [start, stop)."""
+        """Coarse box the ``wide`` branch needs for the fine core [start, stop): :func:`msgan.tiling.context_box`."""
         if self.context != "wide":
             raise ValueError(f"context_box is for context='wide', this generator has context={self.context!r}")
-        if any(a % 2 for a in start):
-            raise ValueError(f"wide-context tiles must start on even voxels, got start={list(start)}")
-        h, hh, hc = self.halo, _halo_of(self.head), self.context_halo
-        f0 = [a - h + hh for a in start]  # first fine voxel of the head's output
-        f1 = [b + h - hh for b in stop]
-        return [f // 2 - hc for f in f0], [(f - 1) // 2 + 1 + hc for f in f1]
+        return tiling.context_box(start, stop, self.halo, self.head_halo, self.context_halo)
 
     def forward(self, x: torch.Tensor, coarse: torch.Tensor | None = None) -> torch.Tensor:
         h = self.halo
@@ -260,6 +318,9 @@ class HRGenerator(nn.Module):
                 )
             f = f + c[(slice(None), slice(None), *(slice(off, off + k) for k in n))]  # (B, W, n...)
         y = self.tail(self.blocks(f))  # (B, 1, core, ...)
+        if self.source_residual:
+            i = self.channels.index("image")
+            return crop(x[:, i : i + 1], h) + y  # (B, 1, core, ...): the source image + correction
         if not self.residual:
             return torch.tanh(y)
         if self.context == "upscaled":
@@ -322,3 +383,30 @@ class PatchDiscriminator(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- construction from a config
+
+
+def build_generator(cfg: Config, scale: int) -> nn.Module:
+    """The generator of ``scale`` as the config describes it (scale 0: U-Net, else HR ResNet)."""
+    if scale == 0:
+        g = cfg.lr_generator
+        names = condition_channels(cfg.condition)
+        return UNet(cfg.dims, len(names), 1, g.width, g.depth, g.norm, g.noise_channels, channels=names,
+                    source_residual=cfg.source_residual)  # fmt: skip
+    h = cfg.hr_generator
+    return HRGenerator(cfg.dims, h.width, h.num_blocks, h.norm, h.context, h.context_layers, h.residual,
+                       condition=cfg.condition, source_residual=cfg.source_residual)  # fmt: skip
+
+
+def discriminator_channels(scale: int, condition: str) -> int:
+    """Input channels of the PatchGAN of ``scale``: its conditions over the core (HR scales: the previous
+    scale upsampled first, whatever the context) then the source-side channels, plus the image."""
+    return len(condition_channels(condition)) + (1 if scale == 0 else 2)
+
+
+def build_discriminator(cfg: Config, scale: int) -> PatchDiscriminator:
+    """PatchGAN on (conditions, image) for the generator of ``scale`` (see :func:`discriminator_channels`)."""
+    d = cfg.discriminator
+    return PatchDiscriminator(cfg.dims, discriminator_channels(scale, cfg.condition), d.width, d.num_layers, d.norm)

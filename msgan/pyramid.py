@@ -35,6 +35,35 @@ def unwindow(x: np.ndarray, intensity: IntensityConfig) -> np.ndarray:
     return ((np.asarray(x, dtype=np.float32) + 1.0) * ((hi - lo) / 2.0) + lo).astype(np.float32)
 
 
+def outside_weight(source: np.ndarray, intensity: IntensityConfig) -> np.ndarray:
+    """Weight of the translation per voxel (``intensity.outside == "source"``): 1 inside the window,
+    a half cosine down to 0 over ``blend`` window widths outside it, 0 beyond."""
+    s = np.asarray(source, dtype=np.float32)
+    lo, hi = intensity.low, intensity.high
+    dist = np.maximum(np.maximum(lo - s, s - hi), 0.0)
+    ramp = intensity.blend * (hi - lo)
+    if ramp <= 0:
+        return (dist == 0).astype(np.float32)
+    t = np.minimum(dist / ramp, 1.0)
+    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)
+
+
+def output_units(x: np.ndarray, intensity: IntensityConfig, source: np.ndarray | None = None) -> np.ndarray:
+    """A translation (window units) in input units, by the rule of ``intensity.outside``: ``clip`` keeps
+    the window's ends; ``source`` blends to the ``source`` (input units, same grid) outside the window.
+    Voxel by voxel, so a tile's core converts alone."""
+    y = unwindow(x, intensity)
+    if intensity.outside == "clip":
+        return y
+    if source is None:
+        raise ValueError("intensity.outside='source' needs the source image (input units) to convert an output")
+    src = np.asarray(source, dtype=np.float32)
+    if src.shape != y.shape:
+        raise ValueError(f"source of shape {src.shape} does not match the output's {y.shape}")
+    w = outside_weight(src, intensity)
+    return (w * y + (1.0 - w) * src).astype(np.float32)
+
+
 def downsample2(x: np.ndarray) -> np.ndarray:
     """Anti-aliased x2 downsampling: mean of each 2x2(x2) block; odd axes repeat their last voxel."""
     x = np.asarray(x, dtype=np.float32)
@@ -125,10 +154,12 @@ def image_pyramid_chunked(windowed: da.Array, num_scales: int) -> list[da.Array]
 
 @dataclass
 class Pyramid:
-    """Windowed image and edges at every scale, LR (scale 0) first."""
+    """Windowed image and edges at every scale, LR (scale 0) first. A training pair also holds the
+    windowed source image per scale (``sources``; the edges are then the source's, as at inference)."""
 
     images: list[np.ndarray]
     edges: list[np.ndarray]
+    sources: list[np.ndarray] | None = None
 
     @property
     def num_scales(self) -> int:
@@ -159,6 +190,16 @@ def build_pyramid(image: np.ndarray, num_scales: int, intensity: IntensityConfig
         )
     images = image_pyramid(window(image, intensity), num_scales)
     return Pyramid(images=images, edges=[np.asarray(edges_chunked(im, edge_cfg).compute()) for im in images])
+
+
+def build_pair_pyramid(
+    source: np.ndarray, target: np.ndarray, num_scales: int, intensity: IntensityConfig, edge_cfg: EdgeConfig
+) -> Pyramid:
+    """The pyramid of a training pair (raw units): the target's images, the source's images and edges."""
+    if np.shape(source) != np.shape(target):
+        raise ValueError(f"source {np.shape(source)} and target {np.shape(target)} of a pair differ in shape")
+    src = build_pyramid(source, num_scales, intensity, edge_cfg)
+    return Pyramid(images=image_pyramid(window(target, intensity), num_scales), edges=src.edges, sources=src.images)
 
 
 def foreground_mask(image_lr: np.ndarray, threshold: float) -> np.ndarray:

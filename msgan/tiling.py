@@ -13,7 +13,7 @@ is what makes them equal.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +22,17 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tile:
-    """One inference tile: the output core ``[start, stop)`` per axis (input adds the halo)."""
+    """One inference tile: the output core ``[start, stop)`` per axis (input adds the halo).
+
+    ``run`` is the core the generator actually runs on, ``[start, start + run)``: every tile
+    of a plan has the same one, so a border tile is read whole through the reflect rule and
+    its output cropped to ``[start, stop)``. Same shapes in every forward pass are what make
+    the output bytes a function of the plan alone.
+    """
 
     start: tuple[int, ...]
     stop: tuple[int, ...]
+    run: tuple[int, ...] | None = None  # None: the tile's own shape
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -35,20 +42,57 @@ class Tile:
     def slices(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))
 
+    @property
+    def run_shape(self) -> tuple[int, ...]:
+        return self.shape if self.run is None else self.run
+
+    @property
+    def run_stop(self) -> tuple[int, ...]:
+        return tuple(a + r for a, r in zip(self.start, self.run_shape, strict=True))
+
+    @property
+    def crop(self) -> tuple[slice, ...]:
+        """Where the tile's own core lies in an output over the run box."""
+        return tuple(slice(0, n) for n in self.shape)
+
 
 def tile_grid(shape: Sequence[int], core: int | Sequence[int]) -> list[Tile]:
     """Cover ``shape`` with cores of ``core`` voxels starting at multiples of ``core``.
 
-    The last tile along an axis is cut at the volume border. With ``core`` equal to the
-    output's chunk size, no two tiles touch the same chunk.
+    The last tile along an axis is cut at the volume border, but runs at the plan's full core
+    (``min(core, size)`` per axis, :attr:`Tile.run`). With ``core`` equal to the output's chunk
+    size, no two tiles touch the same chunk.
     """
     cores = [core] * len(shape) if isinstance(core, int) else list(core)
     if len(cores) != len(shape):
         raise ValueError(f"core {cores} has {len(cores)} axes, volume shape {tuple(shape)} has {len(shape)}")
     if any(c < 1 for c in cores):
         raise ValueError(f"tile core {cores} must be >= 1 voxel per axis")
+    run = tuple(min(c, s) for c, s in zip(cores, shape, strict=True))
     ranges = [[(a, min(a + c, s)) for a in range(0, s, c)] for s, c in zip(shape, cores, strict=True)]
-    return [Tile(tuple(r[0] for r in combo), tuple(r[1] for r in combo)) for combo in itertools.product(*ranges)]
+    return [Tile(tuple(r[0] for r in combo), tuple(r[1] for r in combo), run) for combo in itertools.product(*ranges)]
+
+
+def input_box(start: Sequence[int], stop: Sequence[int], halo: int) -> tuple[list[int], list[int]]:
+    """The fine input box of an output core ``[start, stop)``: the core grown by ``halo`` per side."""
+    return [a - halo for a in start], [b + halo for b in stop]
+
+
+def context_box(
+    start: Sequence[int], stop: Sequence[int], halo: int, head_halo: int, context_halo: int
+) -> tuple[list[int], list[int]]:
+    """Coarse box (start, stop per axis, at the previous scale's resolution) a wide-context generator
+    needs for the fine output core ``[start, stop)``.
+
+    The coarse branch joins the fine path after the head, whose output spans the input box less
+    ``head_halo``; the box covers that span (halved) plus the branch's own ``context_halo``.
+    Cores start on even voxels, so fine and coarse grids stay aligned.
+    """
+    if any(a % 2 for a in start):
+        raise ValueError(f"wide-context tiles must start on even voxels, got start={list(start)}")
+    f0 = [a - halo + head_halo for a in start]  # first fine voxel of the head's output
+    f1 = [b + halo - head_halo for b in stop]
+    return [f // 2 - context_halo for f in f0], [(f - 1) // 2 + 1 + context_halo for f in f1]
 
 
 def reflect_index(index: np.ndarray, size: int) -> np.ndarray:
@@ -116,16 +160,16 @@ def upsample_region(coarse: Any, fine_shape: Sequence[int], start: Sequence[int]
     return out.astype(np.float32, copy=False)
 
 
-def iter_batches(tiles: Sequence[Tile], batch_size: int) -> Iterator[list[Tile]]:
-    """Consecutive groups of same-shape tiles, at most ``batch_size`` each."""
-    batch: list[Tile] = []
-    for t in tiles:
-        if batch and (len(batch) == batch_size or batch[0].shape != t.shape):
-            yield batch
-            batch = []
-        batch.append(t)
-    if batch:
-        yield batch
+def batches_of(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:
+    """The plan's batches: consecutive groups of ``batch_size`` tiles in plan order (the last may be
+    short; :func:`msgan.engine.run_tiles` pads it). A fixed function of the plan, so any worker that
+    runs a batch computes the same bytes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    runs = {t.run_shape for t in tiles}
+    if len(runs) > 1:
+        raise ValueError(f"tiles of one plan run at one shape; got {sorted(runs)}")
+    return [list(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
 
 
 def pyramid_shapes(shape: Sequence[int], num_scales: int) -> list[tuple[int, ...]]:

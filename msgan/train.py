@@ -12,10 +12,10 @@ import io
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msgan.augment import Augmenter, corrupt
+from msgan.augment import Augmenter, Corruption
 from msgan.config import Config, from_dict
+from msgan.engine import Feed, autocast, feed_box
 from msgan.metrics import ssim
-from msgan.nets import HRGenerator, PatchDiscriminator, UNet, crop
+from msgan.nets import HRGenerator, build_discriminator, build_generator, crop
 from msgan.pyramid import Pyramid, foreground_mask
 from msgan.tiling import read_region, sample_patch_starts, upsample_region
 
@@ -66,37 +67,21 @@ class DiscriminatorLoss(NamedTuple):
     fake: torch.Tensor
 
 
-# ----------------------------------------------------------------------------- builders
-
-
-def build_generator(cfg: Config, scale: int) -> nn.Module:
-    """The generator of ``scale`` as the config describes it (scale 0: U-Net, else HR ResNet)."""
-    if scale == 0:
-        g = cfg.lr_generator
-        return UNet(cfg.dims, 1, 1, g.width, g.depth, g.norm, g.noise_channels)
-    h = cfg.hr_generator
-    return HRGenerator(cfg.dims, h.width, h.num_blocks, h.norm, h.context, h.context_layers, h.residual)
-
-
-def build_discriminator(cfg: Config, scale: int) -> PatchDiscriminator:
-    """PatchGAN on (conditions, image): LR sees (edges, image); HR sees (previous upsampled, edges, image)."""
-    d = cfg.discriminator
-    return PatchDiscriminator(cfg.dims, 2 if scale == 0 else 3, d.width, d.num_layers, d.norm)
-
-
 # ----------------------------------------------------------------------------- data
 
 
 @dataclass
 class ScaleData:
-    """What one scale trains on, per volume: image and edges at this scale, the previous scale's
-    image (HR only) and a foreground mask on the LR grid. Arrays may be numpy or zarr."""
+    """What one scale trains on, per volume: the target image at this scale, its conditions (edges; the
+    source image for image-conditioned models), the previous scale's target image (HR only) and a
+    foreground mask on the LR grid. Arrays may be numpy or zarr."""
 
     scale: int
     images: list[Any]
     edges: list[Any]
     prev_images: list[Any]
     masks_lr: list[np.ndarray]
+    sources: list[Any] = field(default_factory=list)
 
     @classmethod
     def from_pyramids(cls, pyramids: Sequence[Pyramid], scale: int, foreground_threshold: float) -> ScaleData:
@@ -105,13 +90,26 @@ class ScaleData:
         for i, p in enumerate(pyramids):
             if scale >= p.num_scales:
                 raise ValueError(f"volume {i} has {p.num_scales} scales; scale {scale} does not exist")
+        paired = [p.sources is not None for p in pyramids]
+        if any(paired) and not all(paired):
+            raise ValueError(f"{paired.count(False)} of {len(pyramids)} pyramids have no source images; pairs only")
         return cls(
             scale=scale,
             images=[p.images[scale] for p in pyramids],
             edges=[p.edges[scale] for p in pyramids],
             prev_images=[p.images[scale - 1] for p in pyramids] if scale > 0 else [],
             masks_lr=[foreground_mask(np.asarray(p.images[0]), foreground_threshold) for p in pyramids],
+            sources=[p.sources[scale] for p in pyramids if p.sources is not None],
         )
+
+    def arrays(self, v: int) -> dict[str, Any]:
+        """The named arrays of volume ``v`` a generator reads (see :mod:`msgan.engine`)."""
+        out: dict[str, Any] = {"edges": self.edges[v]}
+        if self.sources:
+            out["image"] = self.sources[v]
+        if self.prev_images:
+            out["prev"] = self.prev_images[v]
+        return out
 
 
 class Batch(NamedTuple):
@@ -125,55 +123,82 @@ def _stack(items: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(items).astype(np.float32, copy=False))
 
 
-def sample_lr_batch(data: ScaleData, batch_size: int, rng: np.random.Generator, aug: Augmenter) -> Batch:
-    """Whole LR images (same-shape volumes are stacked; otherwise one volume per batch)."""
+def _corruptions(gen: Any, rng: np.random.Generator, aug: Augmenter) -> dict[str, Corruption]:
+    """One draw of the training corruptions: edges always (the stream stays aligned), the previous
+    scale when the generator reads it."""
+    out = {"edges": aug.sample_edges(rng)}
+    if isinstance(gen, HRGenerator) and gen.context != "none":
+        out["prev"] = aug.sample_condition(rng)
+    return out
+
+
+def _check_paired(data: ScaleData, gen: Any) -> None:
+    if "image" in getattr(gen, "channels", ()) and not data.sources:
+        raise ValueError(
+            "the generator reads the source image (condition includes 'image'): train on pairs "
+            "(msgan.pyramid.build_pair_pyramid), not on target images alone"
+        )
+
+
+def sample_lr_batch(
+    data: ScaleData, batch_size: int, rng: np.random.Generator, aug: Augmenter, gen: Any = None
+) -> Batch:
+    """Whole LR images (same-shape volumes are stacked; otherwise one volume per batch), as ``gen`` (the
+    LR U-Net; default: edges alone) reads them."""
+    gen = gen if gen is not None else SimpleNamespace(channels=("edges",), halo=0, context="none")  # the paper's
+    _check_paired(data, gen)
     idx = [int(rng.integers(len(data.images))) for _ in range(batch_size)]
     if len({tuple(data.images[i].shape) for i in idx}) > 1:
         idx = idx[:1]
-    edges = _stack([np.asarray(data.edges[i])[None] for i in idx])  # (B, 1, D, H, W)
-    edges = torch.cat([corrupt(e[None], aug.sample_edges(rng)) for e in edges])
+    xs = _stack([feed_box(gen, data.arrays(i), corruptions=_corruptions(gen, rng, aug)).x for i in idx])
     target = _stack([np.asarray(data.images[i])[None] for i in idx])
-    return Batch(edges, None, edges, target)
+    return Batch(xs, None, xs, target)
 
 
 def sample_hr_batch(
     data: ScaleData, gen: HRGenerator, patch: int, batch_size: int, rng: np.random.Generator, aug: Augmenter
 ) -> Batch:
-    """Patches centred in the foreground, read with the same border rule as inference."""
-    h = gen.halo
+    """Patches centred in the foreground, built by the inference feed (:func:`msgan.engine.feed_box`)
+    with the training corruptions."""
+    _check_paired(data, gen)
     xs, coarse, conds, targets = [], [], [], []
     for _ in range(batch_size):
         v = int(rng.integers(len(data.images)))
         shape = tuple(data.images[v].shape)
         start = sample_patch_starts(data.masks_lr[v], 2**data.scale, shape, patch, 1, rng)[0]
         stop = tuple(a + patch for a in start)
-        in0, in1 = [a - h for a in start], [b + h for b in stop]
-        edge_in = torch.from_numpy(read_region(data.edges[v], in0, in1))[None, None]  # (1, 1, P+2h, ...)
-        edge_in = corrupt(edge_in, aug.sample_edges(rng))
-        edge_core = crop(edge_in, h)  # (1, 1, P, ...)
+        f = feed_box(gen, data.arrays(v), start, stop, _corruptions(gen, rng, aug))
+        x = torch.from_numpy(f.x)[None]  # (1, C, P + 2h, ...)
         targets.append(read_region(data.images[v], start, stop)[None])
-        if gen.context == "upscaled":
-            prev_in = torch.from_numpy(upsample_region(data.prev_images[v], shape, in0, in1))[None, None]
-            prev_in = corrupt(prev_in, aug.sample_condition(rng))
-            xs.append(torch.cat([prev_in, edge_in], 1)[0])
-            prev_core = crop(prev_in, h)
-        elif gen.context == "wide":
-            c0, c1 = gen.context_box(start, stop)
-            context = torch.from_numpy(read_region(data.prev_images[v], c0, c1))[None, None]
-            context = corrupt(context, aug.sample_condition(rng))
-            coarse.append(context[0])
-            xs.append(edge_in[0])
-            prev_core = gen.upsampled_context(context, [patch] * len(start))
-        else:
-            xs.append(edge_in[0])
-            prev_core = torch.from_numpy(upsample_region(data.prev_images[v], shape, start, stop))[None, None]
-        conds.append(torch.cat([prev_core, edge_core], 1)[0])
+        xs.append(x[0])
+        if f.coarse is not None:
+            coarse.append(torch.from_numpy(f.coarse))
+        conds.append(discriminator_condition(gen, x, f, data.prev_images[v], shape, start, stop)[0])
     return Batch(
         torch.stack(xs),
         torch.stack(coarse) if coarse else None,
         torch.stack(conds),
         _stack(targets),
     )
+
+
+def discriminator_condition(
+    gen: HRGenerator, x: torch.Tensor, feed: Feed, prev: Any, shape: Sequence[int], start: Sequence[int],
+    stop: Sequence[int],
+) -> torch.Tensor:  # fmt: skip
+    """The PatchGAN's conditions over the core: the previous scale upsampled, then the source-side channels
+    (:func:`msgan.nets.discriminator_channels`): ``(1, C, *core)``."""
+    h = gen.halo
+    if gen.context == "upscaled":
+        return crop(x, h)  # (1, C, P, ...): prev first already
+    if gen.context == "wide":
+        assert feed.coarse is not None
+        prev_core = gen.upsampled_context(
+            torch.from_numpy(feed.coarse)[None], [b - a for a, b in zip(start, stop, strict=True)]
+        )
+    else:
+        prev_core = torch.from_numpy(upsample_region(prev, shape, start, stop))[None, None]
+    return torch.cat([prev_core, crop(x, h)], 1)  # (1, 1 + C, P, ...)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -257,14 +282,12 @@ class ScaleTrainer:
     # -- one step
 
     def _autocast(self) -> Any:
-        if self.cfg.train.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.device, self.cfg.train.amp)
 
     def sample_batch(self) -> Batch:
         t = self.cfg.train
         if self.scale == 0:
-            return sample_lr_batch(self.data, t.batch_size, self.rng, self.augmenter)
+            return sample_lr_batch(self.data, t.batch_size, self.rng, self.augmenter, self.generator)
         assert isinstance(self.generator, HRGenerator)
         return sample_hr_batch(self.data, self.generator, t.hr_patch, t.batch_size, self.rng, self.augmenter)
 
@@ -329,7 +352,7 @@ class ScaleTrainer:
         l1s, ssims = [], []
         for _ in range(count):
             if self.scale == 0:
-                b = sample_lr_batch(data, 1, rng, clean)
+                b = sample_lr_batch(data, 1, rng, clean, self.generator)
             else:
                 assert isinstance(self.generator, HRGenerator)
                 b = sample_hr_batch(data, self.generator, self.cfg.train.hr_patch, 1, rng, clean)

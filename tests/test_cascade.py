@@ -111,3 +111,56 @@ def test_translate_rejects_nan_and_wrong_dims(tiny_cfg):
         c.translate(bad)
     with pytest.raises(ValueError, match="3D"):
         c.translate(np.zeros((24, 20), np.float32))
+
+
+@pytest.mark.parametrize("condition", ["edges", "image", "image+edges"])
+@pytest.mark.parametrize("source_residual", [False, True])
+def test_translate_in_every_conditioning_mode(condition, source_residual, rng):
+    if source_residual and condition == "edges":
+        return  # refused at load (tests/test_config.py)
+    over = {"condition": condition, "source_residual": source_residual, "hr_generator.residual": not source_residual}
+    c = Cascade.untrained(tiny_config(**over), seed=4)
+    assert [g.channels for g in c.generators][-1][1:] == tuple(n for n in ("image", "edges") if n in condition)
+    image = rng.uniform(-1000, 500, size=(21, 18, 23)).astype(np.float32)
+    a, b = c.translate(image, tile=4), c.translate(image, tile=16)
+    assert a.shape == image.shape and np.isfinite(a).all()
+    assert float(np.abs(a - b).max()) <= 1e-5 * 2048
+    if source_residual:  # an untrained correction is small: the output follows the source
+        assert np.corrcoef(a.ravel(), image.ravel())[0, 1] > 0.5
+
+
+def _bone_and_metal(rng):
+    """Soft tissue (40 HU) holding a dense-bone block (1500..2000 HU, a ramp) and a metal block (3000 HU),
+    plus noise: the noiseless target and the noisy source."""
+    target = np.full((40, 36, 36), 40.0, np.float32)
+    target[6:20, 6:20, 6:20] = np.linspace(1500, 2000, 14, dtype=np.float32)[:, None, None]
+    target[24:36, 18:30, 18:30] = 3000.0
+    return target, target + rng.normal(0, 30, target.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("outside", ["clip", "source"])
+def test_full_hu_range_survives_translation(outside, rng):
+    """Inside dense bone and metal (3 voxels from their borders) the output's mean is within 20 HU of the
+    noiseless target's with intensity.outside=source; the paper's clip flattens both."""
+    target, source = _bone_and_metal(rng)
+    c = Cascade.untrained(tiny_config(**{"condition": "image+edges", "intensity.outside": outside}), seed=5)
+    out = c.translate(source, tile=8)
+    inner = {"bone": (slice(9, 17),) * 3, "metal": (slice(27, 33), slice(21, 27), slice(21, 27))}
+    errors = {k: abs(float(out[sl].mean() - target[sl].mean())) for k, sl in inner.items()}
+    if outside == "source":
+        assert max(errors.values()) < 20.0, errors
+    else:
+        assert float(out.max()) <= 1024.0 + 1e-3 and min(errors.values()) > 400, errors
+
+
+def test_outside_weight_is_one_inside_the_window_and_smooth():
+    from msgan.config import IntensityConfig
+    from msgan.pyramid import output_units, outside_weight
+
+    cfg = IntensityConfig(outside="source", blend=0.05)  # ramp of 102.4 HU beyond each end
+    s = np.array([-1200, -1024, 0, 1024, 1075.2, 1126.4, 3000], np.float32)
+    np.testing.assert_allclose(outside_weight(s, cfg), [0, 1, 1, 1, 0.5, 0, 0], atol=1e-6)
+    y = np.zeros_like(s)  # translation says 0 HU everywhere
+    np.testing.assert_allclose(output_units(y, cfg, source=s), [-1200, 0, 0, 0, 537.6, 1126.4, 3000], atol=1e-3)
+    with pytest.raises(ValueError, match="needs the source"):
+        output_units(y, cfg)

@@ -41,11 +41,24 @@ def test_unknown_key_lists_valid_ones(tmp_path):
         ("data.phantom.shape=[8, 8]", "dims=3"),
         ("data.source=files", "at least one file"),
         ("hr_generator.norm=instance", r"must be one of \['batch', 'none'\]"),
+        ("condition=image+edge", r"must be one of \['edges', 'image', 'image\+edges'\]; did you mean"),
+        ("source_residual=true", r"residual=True and source_residual=True"),
+        ("intensity.outside=keep", r"must be one of \['clip', 'source'\]"),
+        ("intensity.blend=-0.1", "must be >= 0"),
     ],
 )
 def test_rules_checked_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_source_residual_excludes_the_previous_scale_residual():
+    with pytest.raises(ConfigError, match=r"hr_generator .*residual=True and source_residual=True.*set residual=false"):
+        load_config(None, ["condition=image", "source_residual=true"])
+    with pytest.raises(ConfigError, match=r"source_residual=True needs the source image.*condition='edges'"):
+        load_config(None, ["source_residual=true", "hr_generator.residual=false"])
+    cfg = load_config(None, ["condition=image+edges", "source_residual=true", "hr_generator.residual=false"])
+    assert cfg.source_residual and cfg.condition == "image+edges"
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

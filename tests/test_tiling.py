@@ -5,7 +5,9 @@ import torch.nn.functional as F
 import zarr
 
 from msgan.tiling import (
-    iter_batches,
+    batches_of,
+    context_box,
+    input_box,
     pyramid_shapes,
     read_region,
     reflect_index,
@@ -79,11 +81,36 @@ def test_pyramid_shapes():
     assert pyramid_shapes((37, 53, 41), 3) == [(10, 14, 11), (19, 27, 21), (37, 53, 41)]
 
 
-def test_iter_batches_groups_same_shapes():
-    tiles = tile_grid((10, 10), 4)  # shapes 4x4, 4x2, 2x4, 2x2 ...
-    batches = list(iter_batches(tiles, 2))
-    assert sum(len(b) for b in batches) == len(tiles)
-    assert all(len({t.shape for t in b}) == 1 and len(b) <= 2 for b in batches)
+def test_batches_are_a_fixed_function_of_the_plan():
+    tiles = tile_grid((10, 10), 4)  # cores 4x4, 4x2, 2x4, 2x2 ..., all run at 4x4
+    assert {t.run_shape for t in tiles} == {(4, 4)}
+    assert {t.shape for t in tiles} == {(4, 4), (4, 2), (2, 4), (2, 2)}
+    batches = batches_of(tiles, 4)
+    assert [len(b) for b in batches] == [4, 4, 1]
+    assert [t for b in batches for t in b] == tiles  # plan order
+    with pytest.raises(ValueError, match="one shape"):
+        batches_of([*tiles, *tile_grid((10, 10), 3)], 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        batches_of(tiles, 0)
+
+
+def test_border_tiles_run_at_the_full_core_and_crop():
+    tiles = tile_grid((10, 3), 4)
+    last = tiles[-1]
+    assert last.start == (8, 0) and last.stop == (10, 3) and last.run == (4, 3)  # axis of 3 < core: runs at 3
+    assert last.run_stop == (12, 3)
+    assert np.zeros(last.run_shape)[last.crop].shape == last.shape
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_context_box_covers_the_heads_footprint(dims):
+    start, stop = [6] * dims, [14] * dims
+    c0, c1 = context_box(start, stop, halo=4, head_halo=1, context_halo=2)
+    # head output spans fine [start - 3, stop + 3) = [3, 17): coarse voxels 1..8, plus 2 per side
+    assert c0 == [-1] * dims and c1 == [11] * dims
+    assert input_box(start, stop, 4) == ([2] * dims, [18] * dims)
+    with pytest.raises(ValueError, match="even"):
+        context_box([5] * dims, [13] * dims, 4, 1, 2)
 
 
 def test_patches_are_centred_in_the_foreground(rng):
