@@ -86,7 +86,7 @@ def _sample_png(trainer: ScaleTrainer, path: Path, n: int = 4) -> Path:
     if isinstance(gen, HRGenerator):
         b = sample_hr_batch(trainer.data, gen, trainer.cfg.train.hr_patch, n, rng, clean)
     else:
-        b = sample_lr_batch(trainer.data, n, rng, clean)
+        b = sample_lr_batch(trainer.data, n, rng, clean, gen)
     with torch.no_grad():
         x = b.x.to(trainer.device)
         c = b.coarse.to(trainer.device) if b.coarse is not None else None
