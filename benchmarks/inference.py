@@ -1,6 +1,6 @@
 """Inference figures: constant memory, tiling overhead, actor scaling.
 
-    python benchmarks/inference.py memory   [--sizes 128 384]   # peak RSS of the tile actor per volume size
+    python benchmarks/inference.py memory   [--sizes 128 512]   # peak RSS: tile actor and local path vs analytic
     python benchmarks/inference.py overhead [--size 128]        # tiled vs one whole-volume pass, same networks
     python benchmarks/inference.py scaling  [--size 160]        # voxels/s with 1 vs 2 CPU actors
 
@@ -34,29 +34,108 @@ def _volume(tmp: Path, n: int, name: str) -> None:
     write_zarr(tmp / "in" / f"{name}.zarr", [thorax_phantom((n, n, n), seed=3)], Geometry.identity(3), chunks=64)
 
 
+def _needs(cascade: Cascade, n: int) -> tuple[int, int, int]:
+    """Analytic bytes: scale 0 on the whole LR grid (every layer's output, the U-Net's inputs), one HR
+    tile at the finest scale (the memory model), and the tile core the 64 MiB budget picks."""
+    import torch
+
+    from msgan.memory import activation_elements, hr_inference_bytes
+    from msgan.nets import HRGenerator
+    from msgan.tiling import pyramid_shapes
+
+    cfg = cascade.config
+    shapes = pyramid_shapes((n,) * cfg.dims, cfg.num_scales)
+    gen0 = cascade.generators[0]
+    x = torch.empty((1, 1, *shapes[0]), device="meta")
+    lr = (activation_elements(gen0, x) + 3 * int(np.prod(shapes[0]))) * 4
+    s = cfg.num_scales - 1
+    gen = cascade.generators[s]
+    assert isinstance(gen, HRGenerator)
+    tile = cascade.tile_size(s, shapes[s])
+    return lr, hr_inference_bytes(gen, tile, cfg.dims, cfg.inference.batch_size), tile
+
+
+LOCAL = """
+import json, sys, torch
+from msgan import batch
+from msgan.distributed.translate import current_rss, reset_peak_rss
+from msgan.memory import peak_host_bytes
+torch.set_num_threads(1)
+root, model = sys.argv[1], sys.argv[2]
+cascade = batch.with_overrides(batch.Cascade.load(model), {"memory_budget_mb": 64})
+task = batch.volume_task(root + "/in/v.zarr", root + "/local", "bench/local")
+base = current_rss(); reset_peak_rss()
+batch.translate_volume(task, cascade)
+print(json.dumps({"base": base, "peak": peak_host_bytes()}))
+"""
+
+
 def memory(args: argparse.Namespace) -> None:
+    """Peak RSS of the Ray tile actor (its own process, from its start) and of the local path
+    (``translate_volume``, beyond its RSS after loading the model) against the analytic needs."""
+    import json
+    import subprocess
+    import sys
+
     import ray
 
-    from msgan.distributed.translate import translate_batch
+    from msgan.distributed import translate as tr
 
-    results = []
+    if args.shared_workers:  # main's behaviour: actors may start in a worker that ran a staging task
+        tr.ACTOR_ENV = {}
+    rows = []
     for n in args.sizes:
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
             tmp = Path(d)
-            path, _ = _model(tmp, **{"inference.actors": 1, "inference.cpus_per_actor": 1.0})
-            _volume(tmp, n, f"v{n}")
-            ray.init(num_cpus=2, include_dashboard=False)  # fresh actors: their peak RSS is this volume's
-            try:
-                rep = translate_batch([str(tmp / "in")], str(tmp / "out"), path, {"memory_budget_mb": 64},
-                                      log=lambda _: None)  # fmt: skip
-            finally:
-                ray.shutdown()
-            peak = max(s.get("actor_peak_rss", 0) for s in rep.scales)
-            tile = rep.published[0]["tiles"][-1]
-            results.append((n, peak, tile, rep.seconds))
-            print(f"{n}^3: tile {tile}, tile actor peak RSS {peak / 2**20:.0f} MiB, batch {rep.seconds:.0f}s")
-    (n0, p0, _, _), (n1, p1, _, _) = results[0], results[-1]
-    print(f"growth {n0}^3 -> {n1}^3 ({(n1 / n0) ** 3:.0f}x voxels): {(p1 - p0) / 2**20:+.1f} MiB")
+            path, cascade = _model(tmp, **{"inference.memory_budget_mb": 64})
+            lr_need, tile_need, tile = _needs(cascade, n)
+            _volume(tmp, n, "v")
+            actor = {}
+            if not args.local_only:
+                ray.init(
+                    address="local", num_cpus=2, include_dashboard=False
+                )  # fresh actors: their peak RSS is this volume's
+                try:
+                    rep = tr.translate_batch([str(tmp / "in")], str(tmp / "out"), path,
+                                             {"memory_budget_mb": 64, "actors": 1, "cpus_per_actor": 1.0},
+                                             log=lambda _: None)  # fmt: skip
+                finally:
+                    ray.shutdown()
+                hr = [s for s in rep.scales if s["scale"] > 0]
+                actor = {
+                    "peak": max(s["actor_peak_rss"] for s in hr),
+                    "start": max(s["actor_start_rss"] for s in hr),
+                    "inherited": max(s["actor_inherited_hwm"] for s in hr),
+                    "seconds": rep.seconds,
+                }
+            local: dict[str, int] = {}
+            if not args.ray_only:
+                out = subprocess.run([sys.executable, "-c", LOCAL, str(tmp), path], capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(out.stderr[-3000:])
+                local = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append((n, actor, local, lr_need, tile_need))
+            mib = 2**20
+            line = (f"{n}^3 (tile {tile}; analytic: HR tile {tile_need / mib:.0f} MiB, "
+                    f"scale 0 whole LR {lr_need / mib:.1f} MiB):")  # fmt: skip
+            if actor:
+                line += (f" tile actor peak {actor['peak'] / mib:.0f} MiB (RSS at its start {actor['start'] / mib:.0f},"
+                         f" high-water mark it inherited {actor['inherited'] / mib:.0f}),"
+                         f" batch {actor['seconds']:.0f}s;")  # fmt: skip
+            if local:
+                line += (f" local path peak {local['peak'] / mib:.0f} MiB = after load {local['base'] / mib:.0f} "
+                         f"+ {(local['peak'] - local['base']) / mib:.0f}")  # fmt: skip
+            print(line, flush=True)
+    (n0, a0, _, _, _), (n1, a1, l1, lr1, _) = rows[0], rows[-1]
+    print(f"growth {n0}^3 -> {n1}^3 ({(n1 / n0) ** 3:.0f}x voxels):")
+    if a0 and a1:
+        g = (a1["peak"] - a0["peak"]) / 2**20
+        print(f"  tile actor peak RSS {g:+.1f} MiB (target < 64 MiB): {'ok' if g < 64 else 'OVER'}")
+    if l1:
+        g = (l1["peak"] - l1["base"]) / 2**20
+        bound = lr1 / 2**20 + 64
+        print(f"  local path at {n1}^3: +{g:.0f} MiB over its loaded model; bound = scale 0 need {lr1 / 2**20:.1f} "
+              f"+ 64 = {bound:.0f} MiB: {'ok' if g <= bound else 'OVER'}")  # fmt: skip
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -72,7 +151,7 @@ def overhead(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     whole = run_hr_whole(gen, prev, pyr.edges[s])  # type: ignore[arg-type]
     t_whole = time.perf_counter() - t0
-    h = gen.halo  # type: ignore[union-attr]
+    h = int(getattr(gen, "halo", 0))
     print(f"finest scale {n}^3, halo {h}, whole-volume pass {t_whole:.2f}s; memory budget picks tile {budget_tile}")
     for core in sorted({32, 64, budget_tile}):
         out = np.zeros_like(whole)
@@ -96,7 +175,7 @@ def scaling(args: argparse.Namespace) -> None:
             path, _ = _model(tmp)
             for i in range(args.volumes):
                 _volume(tmp, args.size, f"v{i}")
-            ray.init(num_cpus=2, include_dashboard=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False)
             try:
                 rep = translate_batch([str(tmp / "in")], str(tmp / "out"), path,
                                       {"actors": actors, "cpus_per_actor": 0.9, "memory_budget_mb": 64,
@@ -115,7 +194,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("memory")
-    m.add_argument("--sizes", type=int, nargs="+", default=[128, 384])
+    m.add_argument("--sizes", type=int, nargs="+", default=[128, 512])
+    m.add_argument("--ray-only", action="store_true", help="only the Ray tile actor")
+    m.add_argument("--local-only", action="store_true", help="only the local path (translate_volume)")
+    m.add_argument(
+        "--shared-workers",
+        action="store_true",
+        help="let actors start in workers that ran staging tasks (main's behaviour)",
+    )
+    m.add_argument("--tmp", default=None, help="folder for the volumes (default: the system's temp)")
     o = sub.add_parser("overhead")
     o.add_argument("--size", type=int, default=128)
     s = sub.add_parser("scaling")

@@ -5,8 +5,12 @@
     ray job submit --address http://HEAD:8265 -- python jobs/translate_batch.py --model models:/NAME@champion \\
         --inputs s3://bucket/exports/ --output s3://bucket/translated --set inference.actors=8
 
-Volumes already published under --output are skipped; a volume that fails is reported with its
-error and nothing of it is published; the others are. Exit status 1 when any volume failed.
+The model alias is resolved once: every volume of the batch is translated by that one version,
+which the manifests record. Volumes already published under --output by that version are skipped;
+outputs of another version are translated again and replaced ("re-translated: model A -> B"); two
+inputs that would land on one output are refused before any work. A volume that fails is reported
+with its error and nothing of it is published; the others are. Progress: one line per scale and
+interval (tiles done, rate, ETA). Exit status 1 when any volume failed, 2 on a bad request.
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="inference.KEY=VALUE",
                    help="override an inference setting, e.g. --set inference.actors=4 (repeatable)")  # fmt: skip
     p.add_argument("--report", help="also write the batch report as JSON to this path")
+    p.add_argument("--tile", type=int, help="tile core of every HR scale (default: from the memory budget)")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="S", help="seconds between progress lines")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an unexpected error")
     args = p.parse_args(argv)
+    from msgan.redact import install
 
+    install()  # every line printed from here on (errors, tracebacks, workers' output) has secrets masked
     from msgan.batch import VolumeError
     from msgan.config import ConfigError, parse_overrides
 
@@ -34,14 +43,33 @@ def main(argv: list[str] | None = None) -> int:
         bad = [k for k in over if not k.startswith("inference.")]
         if bad:
             raise ConfigError(f"--set {bad[0]}: a batch job may override inference.* settings only")
+        from msgan.console import Progress, is_tty, scale_progress
         from msgan.distributed.translate import translate_batch
 
+        bar = Progress(sys.stdout) if is_tty(sys.stdout) else None  # piped: a line per --progress-every
         report = translate_batch(
-            args.inputs, args.output, args.model, {k[len("inference.") :]: v for k, v in over.items()}
+            args.inputs,
+            args.output,
+            args.model,
+            {k[len("inference.") :]: v for k, v in over.items()},
+            tile=args.tile,
+            progress_every=args.progress_every,
+            progress=scale_progress(bar) if bar is not None else None,
         )
+        if bar is not None:
+            bar.close()
     except (ConfigError, VolumeError, FileNotFoundError, ValueError) as err:
         print(f"translate_batch: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, an unreachable store: one line naming the file
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"translate_batch: {err.strerror or err}{where}; nothing half-published", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if args.verbose:
+            raise
+        print(f"translate_batch: {type(err).__name__}: {err} (--verbose for the traceback)", file=sys.stderr)
+        return 1
     print(report.summary())
     if args.report:
         with open(args.report, "w") as f:

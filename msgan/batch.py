@@ -24,6 +24,7 @@ output (:mod:`msgan.lease`) keeps two runs from publishing the same output at on
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -35,7 +36,6 @@ import posixpath
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +47,13 @@ import torch
 import zarr
 
 from msgan import lease, storage
-from msgan.cascade import Cascade, run_lr, tile_inputs
+from msgan.cascade import Cascade, run_lr
 from msgan.config import Config
-from msgan.io.volume import Geometry, ome_attrs
+from msgan.engine import needed_arrays, run_tiles, tile_feed
+from msgan.io.volume import Geometry, VolumeError, dimension_names, ome_attrs, open_group, read_level
 from msgan.nets import HRGenerator
-from msgan.pyramid import edges_chunked, image_pyramid_chunked, unwindow, window_chunked
-from msgan.tiling import Tile, iter_batches, pyramid_shapes, tile_grid
+from msgan.pyramid import downsample2_chunked, edges_chunked, output_units, window_chunked
+from msgan.tiling import Tile, batches_of, pyramid_shapes, tile_grid
 
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"  # in a staging folder: which run made it, for which output
@@ -61,10 +62,6 @@ CASCADE_MANIFEST_KEYS = ("format", "config", "weights")
 
 Progress = Callable[[int, int, int], None]  # (scale, tiles done, tiles total)
 Log = Callable[[str], None]
-
-
-class VolumeError(ValueError):
-    """A volume that cannot be translated; the message names it and says why."""
 
 
 class ModelError(ValueError):
@@ -92,17 +89,21 @@ class InferencePlan:
 
             cascade = load_cascade(self.model, str(device))
         else:
-            digest, _ = _folder_manifest(self.model)
-            if self.digest is not None and digest != self.digest:
-                raise ModelError(
-                    f"{self.model}: the cascade changed since this batch pinned it "
-                    f"(manifest sha256 {digest[:12]}, pinned {self.digest[:12]}); rerun the batch"
-                )
+            self._check_pinned()
             try:
-                cascade = Cascade.load(self.model, device)
+                cascade = Cascade.load(self.model, device)  # checks every weight file against the manifest
             except (KeyError, TypeError) as err:
                 raise ModelError(f"{Path(self.model) / MANIFEST}: malformed cascade manifest ({err!r})") from err
+            self._check_pinned()  # the same manifest before and after: what loaded is what was pinned
         return with_overrides(cascade, self.overrides)
+
+    def _check_pinned(self) -> None:
+        digest, _ = _folder_manifest(self.model)
+        if self.digest is not None and digest != self.digest:
+            raise ModelError(
+                f"{self.model}: the cascade changed since this batch pinned it "
+                f"(manifest sha256 {digest[:12]}, pinned {self.digest[:12]}); rerun the batch"
+            )
 
 
 def with_overrides(cascade: Cascade, overrides: dict[str, Any]) -> Cascade:
@@ -134,21 +135,15 @@ def _folder_manifest(folder: str) -> tuple[str, dict[str, Any]]:
 
 
 def _pin_registry(model: str) -> str:
-    """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (other references are already fixed)."""
-    ref = model[len("models:/") :]
-    if "@" not in ref:
-        return model
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (:func:`msgan.registry.pin_model`)."""
+    from msgan.registry import pin_model
 
-    from msgan.registry import tracking_uri
-
-    name, alias = ref.split("@", 1)
     try:
-        version = MlflowClient(tracking_uri()).get_model_version_by_alias(name, alias).version
-    except MlflowException as err:
-        raise ModelError(f"{model}: registered model {name!r} has no alias {alias!r} ({err.message})") from err
-    return f"models:/{name}/{version}"
+        return pin_model(model)
+    except ValueError as err:
+        raise ModelError(str(err)) from err
+    except Exception as err:  # MLflow's own errors for an unknown name or alias
+        raise ModelError(f"{model}: cannot be resolved to a registered version ({type(err).__name__}: {err})") from err
 
 
 def resolve_plan(
@@ -276,12 +271,6 @@ def is_published(task: VolumeTask, by_same_model: bool = True) -> bool:
 # ----------------------------------------------------------------------------- zarr access
 
 
-def open_group(uri: str, mode: str) -> zarr.Group:
-    """A zarr group at a ``file://`` or ``s3://`` URI with the storage settings of this process."""
-    store, options = storage.zarr_store(uri)
-    return zarr.open_group(store, mode=mode, storage_options=options)  # type: ignore[arg-type]
-
-
 def _array(group: zarr.Group, key: str) -> zarr.Array:
     arr = group[key]
     assert isinstance(arr, zarr.Array)
@@ -321,25 +310,14 @@ def _find_bad_chunk(arr: zarr.Array) -> tuple[str, BaseException] | None:
 
 def inspect_input(uri: str, dims: int) -> tuple[zarr.Array, Geometry, dict[str, Any]]:
     """The input's level 0, geometry and attributes; a clear :class:`VolumeError` when unusable."""
-    try:
-        group = open_group(uri, "r")
-    except Exception as err:  # zarr raises several types for a missing or broken store
-        raise VolumeError(f"{uri}: not a readable zarr group ({type(err).__name__}: {err})") from err
-    meta = group.attrs.get("msgan")
-    if not isinstance(meta, dict) or "geometry" not in meta:
-        raise VolumeError(f"{uri}: no msgan geometry attribute; ingest the volume with msgan first")
-    if "0" not in group or not isinstance(group["0"], zarr.Array):
-        raise VolumeError(f"{uri}: missing array '0' (the full-resolution level)")
-    arr = _array(group, "0")
-    if arr.ndim != dims:
-        raise VolumeError(f"{uri}: array '0' has shape {arr.shape}; the model translates {dims}D volumes")
-    try:
-        geom = Geometry.from_dict(meta["geometry"])
-    except ValueError as err:
-        raise VolumeError(f"{uri}: {err}") from err
-    if geom.dims != dims:
-        raise VolumeError(f"{uri}: geometry is {geom.dims}D, array '0' is {dims}D")
-    return arr, geom, dict(meta)
+    return read_level(uri, 0, dims)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc ``malloc_trim``) so the RSS follows what is live, not
+    what a previous step (dask's threads, a whole LR image) once held."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------- 1. plan + stage
@@ -377,20 +355,30 @@ def stage(task: VolumeTask, config: Config | Cascade, vplan: dict[str, Any], chu
     )
     level0 = _array(open_group(task.input, "r"), "0")
     inputs = open_group(task.inputs_uri, "w")
-    windowed = window_chunked(da.from_zarr(level0), cfg.intensity, name=task.input)
-    images = image_pyramid_chunked(windowed, n)
-    img_arrays = []
+    img_arrays, edge_arrays = {}, {}
     for s, shape in enumerate(shapes):
         ch = tuple(min(chunk, d) for d in shape)
-        img_arrays.append(inputs.create_array(f"image/{s}", shape=shape, chunks=ch, dtype="float32", fill_value=np.nan))
-        inputs.create_array(f"edges/{s}", shape=shape, chunks=ch, dtype="float32", fill_value=np.nan)
+        img_arrays[s] = inputs.create_array(f"image/{s}", shape=shape, chunks=ch, dtype="float32", fill_value=np.nan)
+        edge_arrays[s] = inputs.create_array(f"edges/{s}", shape=shape, chunks=ch, dtype="float32", fill_value=np.nan)
+    # Level by level, each read back from the level just stored: one graph per level keeps only a
+    # few blocks in memory whatever the volume's size (one graph for the whole pyramid held more).
     with dask.config.set(scheduler="threads"):
         try:
-            sources = [im.rechunk(a.chunks) for im, a in zip(images, img_arrays, strict=True)]
-            da.store(sources, img_arrays, lock=False)  # type: ignore[arg-type]
+            finest = window_chunked(da.from_zarr(level0), cfg.intensity, name=task.input)
+            da.store(finest.rechunk(img_arrays[n - 1].chunks), img_arrays[n - 1], lock=False)  # type: ignore[arg-type]
+            for s in range(n - 2, -1, -1):
+                coarse = downsample2_chunked(da.from_zarr(img_arrays[s + 1]))
+                da.store(coarse.rechunk(img_arrays[s].chunks), img_arrays[s], lock=False)  # type: ignore[arg-type]
             for s in range(n):
                 e = edges_chunked(da.from_zarr(img_arrays[s]), cfg.edges)
-                da.store(e.rechunk(img_arrays[s].chunks), _array(inputs, f"edges/{s}"), lock=False)  # type: ignore[arg-type]
+                da.store(e.rechunk(img_arrays[s].chunks), edge_arrays[s], lock=False)  # type: ignore[arg-type]
+            if cfg.intensity.outside == "source":  # outputs blend to the source (input units) outside the window
+                src = {s: inputs.create_array(f"source/{s}", shape=shapes[s], chunks=img_arrays[s].chunks,
+                                              dtype="float32", fill_value=np.nan) for s in range(n)}  # fmt: skip
+                da.store(da.from_zarr(level0).astype(np.float32).rechunk(src[n - 1].chunks), src[n - 1], lock=False)  # type: ignore[arg-type]
+                for s in range(n - 2, -1, -1):
+                    coarse = downsample2_chunked(da.from_zarr(src[s + 1]))
+                    da.store(coarse.rechunk(src[s].chunks), src[s], lock=False)  # type: ignore[arg-type]
         except (VolumeError, OSError):
             raise
         except ValueError as err:
@@ -404,13 +392,15 @@ def stage(task: VolumeTask, config: Config | Cascade, vplan: dict[str, Any], chu
                 f"{task.input}: chunk {key} of array '0' cannot be read ({type(why).__name__}: {why}); "
                 "the stored volume is corrupt: ingest it again"
             ) from err
+    release_memory()
     for s in range(n - 1):  # the cascade's intermediate outputs (window units), chunked by the scale's tile
         ch = tuple(min(tiles[s] or d, d) for d in shapes[s])
         inputs.create_array(f"work/{s}", shape=shapes[s], chunks=ch, dtype="float32", fill_value=np.nan)
     result = open_group(task.result_uri, "w")
     for s, shape in enumerate(shapes):  # OME level k = scale n-1-k, in input units
         ch = tuple(min(tiles[s] or d, d) for d in shape)
-        result.create_array(str(n - 1 - s), shape=shape, chunks=ch, dtype="float32", fill_value=np.nan)
+        result.create_array(str(n - 1 - s), shape=shape, chunks=ch, dtype="float32", fill_value=np.nan,
+                            dimension_names=dimension_names(len(shape)))  # fmt: skip
     inputs.attrs["plan"] = vplan
 
 
@@ -425,64 +415,84 @@ def tiles_of(plan: dict[str, Any], scale: int) -> list[Tile]:
     return tile_grid(tuple(plan["shapes"][scale]), plan["tiles"][scale])
 
 
-def batches_of(plan: dict[str, Any], scale: int, batch_size: int) -> list[list[Tile]]:
+def plan_batches(plan: dict[str, Any], scale: int, batch_size: int) -> list[list[Tile]]:
     """The fixed batches of ``scale``'s tiles: a function of the plan only, whoever runs them."""
-    return list(iter_batches(tiles_of(plan, scale), batch_size))
+    return batches_of(tiles_of(plan, scale), batch_size)
 
 
 # ----------------------------------------------------------------------------- 2. + 3. the cascade
 
 
+def scale_arrays(inputs: zarr.Group, scale: int) -> dict[str, zarr.Array]:
+    """The staged named arrays a scale's generator may read (:func:`msgan.engine.feed_box`):
+    ``prev`` (scale - 1's output, window units), ``image`` (windowed source) and ``edges`` at ``scale``."""
+    arrays = {"image": _array(inputs, f"image/{scale}"), "edges": _array(inputs, f"edges/{scale}")}
+    if scale > 0:
+        arrays["prev"] = _array(inputs, f"work/{scale - 1}")
+    return arrays
+
+
 def run_scale0(task: VolumeTask, cascade: Cascade, device: str | torch.device = "cpu") -> float:
-    """Scale 0 on the whole LR edge image; returns seconds."""
+    """Scale 0 on the whole LR grid; returns seconds."""
     t0 = time.perf_counter()
     cfg = cascade.config
     n = cfg.num_scales
     inputs, result = open_group(task.inputs_uri, "r+"), open_group(task.result_uri, "r+")
-    y = run_lr(cascade.generators[0], _array(inputs, "edges/0")[...], device, cfg.train.amp)
+    gen = cascade.generators[0]
+    lr = {k: a[...] for k, a in scale_arrays(inputs, 0).items() if k in needed_arrays(gen)}
+    y = run_lr(gen, lr, device, cfg.train.amp)
     if n > 1:
         _array(inputs, "work/0")[...] = y
-    _array(result, str(n - 1))[...] = unwindow(y, cfg.intensity)
+    source = np.asarray(_array(inputs, "source/0")[...]) if cfg.intensity.outside == "source" else None
+    _array(result, str(n - 1))[...] = output_units(y, cfg.intensity, source)
     return time.perf_counter() - t0
 
 
-@torch.no_grad()
+class ScaleRunner:
+    """One HR scale of one staged volume: its named input arrays and the writer of its outputs;
+    :meth:`run` hands a fixed batch of tiles to the one tile runner (:func:`msgan.engine.run_tiles`)."""
+
+    def __init__(self, task: VolumeTask, cascade: Cascade, scale: int) -> None:
+        cfg = cascade.config
+        n = cfg.num_scales
+        gen = cascade.generators[scale]
+        if not isinstance(gen, HRGenerator):
+            raise TypeError(f"scale {scale} is not an HR generator")
+        self.gen, self.cfg = gen, cfg
+        inputs, result = open_group(task.inputs_uri, "r+"), open_group(task.result_uri, "r+")
+        arrays = scale_arrays(inputs, scale)
+        self.feed = tile_feed(gen, {k: arrays[k] for k in needed_arrays(gen)})
+        self.work = _array(inputs, f"work/{scale}") if scale < n - 1 else None
+        self.out = _array(result, str(n - 1 - scale))
+        self.source = _array(inputs, f"source/{scale}") if cfg.intensity.outside == "source" else None
+
+    def write(self, tile: Tile, core: np.ndarray) -> None:
+        if self.work is not None:
+            self.work[tile.slices] = core
+        source = None if self.source is None else np.asarray(self.source[tile.slices])
+        self.out[tile.slices] = output_units(core, self.cfg.intensity, source)
+
+    def run(
+        self,
+        tiles: Sequence[Tile],
+        device: str | torch.device = "cpu",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        bs = max(1, self.cfg.inference.batch_size)
+        return run_tiles(self.gen, tiles, self.feed, self.write, bs, device, self.cfg.train.amp, progress)
+
+
 def translate_tiles(
     task: VolumeTask,
     cascade: Cascade,
     scale: int,
     tiles: Sequence[Tile],
     device: str | torch.device = "cpu",
-    batch_size: int = 1,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Run HR ``scale`` on ``tiles`` of one volume, writing each core into its own output chunk."""
-    cfg = cascade.config
-    n = cfg.num_scales
-    gen = cascade.generators[scale]
-    assert isinstance(gen, HRGenerator)
-    d = torch.device(device)
-    gen.eval()
-    inputs, result = open_group(task.inputs_uri, "r+"), open_group(task.result_uri, "r+")
-    prev, edges = _array(inputs, f"work/{scale - 1}"), _array(inputs, f"edges/{scale}")
-    work = _array(inputs, f"work/{scale}") if scale < n - 1 else None
-    out = _array(result, str(n - 1 - scale))
-    done = 0
-    for batch in iter_batches(tiles, batch_size):
-        feeds = [tile_inputs(gen, prev, edges, t) for t in batch]
-        x = torch.from_numpy(np.stack([f[0] for f in feeds])).to(d)
-        c = torch.from_numpy(np.stack([f[1] for f in feeds])).to(d) if feeds[0][1] is not None else None  # type: ignore[misc]
-        amp = cfg.train.amp and d.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
-            y = gen(x, c).float().cpu().numpy()
-        for t, yi in zip(batch, y, strict=True):
-            if work is not None:
-                work[t.slices] = yi[0]
-            out[t.slices] = unwindow(yi[0], cfg.intensity)
-        done += len(batch)
-        if progress is not None:
-            progress(len(batch))
-    return done
+    """Run HR ``scale`` on ``tiles`` of one volume (in the plan's batches of ``inference.batch_size``),
+    writing each core into its own output chunk."""
+    return ScaleRunner(task, cascade, scale).run(tiles, device, progress)
 
 
 # ----------------------------------------------------------------------------- 4. publish
@@ -664,19 +674,19 @@ def translate_volume(
         if progress is not None:
             progress(0, 0, 1)
         timings = [{"scale": 0, "tiles": 1, "seconds": run_scale0(task, cascade, device)}]
+        release_memory()
         if progress is not None:
             progress(0, 1, 1)
         for s in range(1, cascade.config.num_scales):
             t1 = time.perf_counter()
             tiles = tiles_of(vplan, s)
-            done = [0]
 
-            def tick(k: int, s: int = s, total: int = len(tiles), done: list[int] = done) -> None:
-                done[0] += k
+            def tick(done: int, total: int, s: int = s) -> None:
                 if progress is not None:
-                    progress(s, done[0], total)
+                    progress(s, done, total)
 
-            translate_tiles(task, cascade, s, tiles, device, cascade.config.inference.batch_size, tick)
+            translate_tiles(task, cascade, s, tiles, device, tick)
+            release_memory()
             timings.append({"scale": s, "tiles": len(tiles), "seconds": time.perf_counter() - t1})
             if log is not None:
                 log(f"  scale {s}: {len(tiles)} tiles of {vplan['tiles'][s]} in {timings[-1]['seconds']:.1f}s")
@@ -704,6 +714,7 @@ __all__ = [
     "VolumeTask",
     "check_collisions",
     "expand_inputs",
+    "open_group",
     "publish",
     "resolve_plan",
     "stage",

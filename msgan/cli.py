@@ -57,9 +57,9 @@ def cmd_new_model(args: argparse.Namespace) -> int:
 def cmd_translate(args: argparse.Namespace) -> int:
     from msgan.io.volume import read_volume, write_volume
 
-    cascade = _load_cascade(args.model, args.device)
     if str(args.input).endswith(".zarr") and str(args.output).endswith(".zarr"):
-        return _translate_store(args, cascade)
+        return _translate_store(args)
+    cascade = _load_cascade(args.model, args.device)
     image, geom = read_volume(args.input)
     if image.ndim != cascade.config.dims:
         raise SystemExit(f"msgan: {args.input}: a {image.ndim}D image; the model translates {cascade.config.dims}D")
@@ -79,11 +79,13 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _translate_store(args: argparse.Namespace, cascade: Any) -> int:
+def _translate_store(args: argparse.Namespace) -> int:
     """zarr to zarr: staged, tile by tile, constant memory; the output appears only when complete."""
     from msgan import batch
 
-    task = batch.volume_task(args.input, "", batch.model_id(args.model), output=args.output)
+    plan = batch.resolve_plan(args.model)  # the alias resolved once: what loads is what the manifest names
+    cascade = plan.load(args.device)
+    task = batch.volume_task(args.input, "", plan.model_id, output=args.output, run=plan.run)
     t0 = time.perf_counter()
     progress = None if args.quiet else Progress(sys.stderr)
     try:
@@ -140,10 +142,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from msgan.redact import redact_uri
     from msgan.registry import promote, tracking_uri
 
     promote(args.name, args.version, args.alias)
-    print(f"{args.name}@{args.alias} -> version {args.version} ({tracking_uri()})")
+    print(f"{args.name}@{args.alias} -> version {args.version} ({redact_uri(tracking_uri())})")
     return 0
 
 
@@ -165,7 +168,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from msgan.io.convert import export
 
-    out = export(args.volume, args.out_dir, args.format, args.description)
+    out = export(args.volume, args.out_dir, args.format, args.description, classic=args.classic)
     where = out.files[0].parent if args.format == "dicom" else out.files[0]
     uid = f" (series {out.series_uid})" if out.series_uid else ""
     print(f"exported {args.volume} -> {where}: {len(out.files)} file(s){uid}")
@@ -287,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out_dir", help="folder for the DICOM files, or a .nii.gz path / folder for NIfTI")
     ex.add_argument("--format", choices=["dicom", "nifti"], default="dicom")
     ex.add_argument("--description", default=None, help="SeriesDescription (default: says what made it)")
+    ex.add_argument("--classic", action="store_true", help="an Enhanced CT/MR source: write classic single-frame files")
     ex.set_defaults(func=cmd_export)
 
     ps = sub.add_parser("pacs-sync", help="one pass of the scheduled translation of new PACS series (DICOMweb)")

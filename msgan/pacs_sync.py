@@ -118,7 +118,7 @@ def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, r
 
 def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = print) -> SyncReport:
     """One pass: find, ingest, translate, export and push; returns what happened to each series."""
-    from msgan.batch import model_id
+    from msgan.batch import resolve_plan
     from msgan.distributed.translate import translate_batch
     from msgan.io.convert import export, ingest
     from msgan.io.dicom import DicomError
@@ -127,7 +127,8 @@ def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = p
     client = client or DicomWebClient.from_env()
     root = storage.normalize_uri(cfg.storage)
     state = State(root)
-    model = model_id(cfg.model)
+    plan = resolve_plan(cfg.model, cfg.inference)  # the alias resolved once: state, manifests, every task
+    model = plan.model_id
     report = SyncReport(model=model)
     todo = _select(cfg, client, state, model, report)
     log(f"[pacs-sync] {len(todo)} new series to translate with {model} ({report.already} done before)")
@@ -157,7 +158,7 @@ def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = p
         return report
 
     out_prefix = storage.join(root, "pacs-sync", "translated", re.sub(r"[^A-Za-z0-9._-]", "_", model))
-    batch = translate_batch([u for _, u in ingested.values()], out_prefix, cfg.model, cfg.inference, log=log)
+    batch = translate_batch([u for _, u in ingested.values()], out_prefix, plan, log=log)
     for name, why in batch.failed.items():
         report.skipped[name] = f"translation failed: {why}"
         state.record(name, status="failed", model=model, reason=why)

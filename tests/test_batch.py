@@ -28,12 +28,12 @@ def _volume(tmp_path, name, shape=(37, 29, 41), seed=0):
     return img
 
 
-def test_staged_translation_equals_in_memory_cascade(tmp_path, cascade):
+def test_staged_translation_equals_in_memory_cascade_byte_for_byte(tmp_path, cascade):
     img = _volume(tmp_path, "v1")
     task = batch.volume_task(str(tmp_path / "in" / "v1.zarr"), str(tmp_path / "out"), "m/1")
-    manifest = batch.translate_volume(task, cascade)
+    manifest = batch.translate_volume(task, cascade, tile=12)
     out = zarr.open_group(str(tmp_path / "out" / "v1.zarr"), mode="r")
-    np.testing.assert_allclose(out["0"][...], cascade.translate(img), atol=1e-5 * 1024)
+    assert out["0"][...].tobytes() == cascade.translate(img, tile=12).tobytes()
     assert [out[str(k)].shape for k in range(3)] == [(37, 29, 41), (19, 15, 21), (10, 8, 11)]
     assert out["0"].chunks == (manifest["tiles"][2],) * 3, "each tile is one output chunk"
     attrs = out.attrs["msgan"]
@@ -335,3 +335,23 @@ def test_plan_pins_the_registry_version_the_alias_named(tmp_path, monkeypatch, c
     manifest = batch.translate_volume(task, plan.load())
     assert manifest["model"] == "pinned/1"
     np.testing.assert_allclose(_out(tmp_path, "v12"), cascade.translate(img), atol=1e-5 * 1024)
+
+
+def test_a_chunk_equal_to_the_fill_value_is_stored_and_not_mistaken_for_a_missing_one(tmp_path, cascade):
+    img = np.random.default_rng(4).uniform(-1000, 500, (20, 18, 22)).astype(np.float32)
+    img[:8, :8, :8] = 0.0  # an MR-like empty background chunk equals zarr's default fill value
+    write_zarr(tmp_path / "in" / "mr.zarr", [img], GEOM, chunks=8)
+    task = batch.volume_task(str(tmp_path / "in" / "mr.zarr"), str(tmp_path / "out"), "m/1")
+    assert batch.translate_volume(task, cascade)["status"] == "translated"
+
+
+def test_outside_the_window_outputs_blend_to_the_source_as_in_memory(tmp_path):
+    c = Cascade.untrained(tiny_config(**{"intensity.outside": "source", "inference.memory_budget_mb": 1.0}), seed=3)
+    img = np.random.default_rng(5).uniform(-1000, 500, (20, 18, 22)).astype(np.float32)
+    img[4:12, 4:12, 4:12] = 3000.0  # metal: far above the window
+    write_zarr(tmp_path / "in" / "metal.zarr", [img], GEOM)
+    task = batch.volume_task(str(tmp_path / "in" / "metal.zarr"), str(tmp_path / "out"), "m/1")
+    batch.translate_volume(task, c)
+    out = _out(tmp_path, "metal")
+    np.testing.assert_allclose(out, c.translate(img), atol=1e-5 * 4000)
+    assert float(np.abs(out[6:10, 6:10, 6:10] - 3000.0).max()) < 1.0, "the metal passes through"

@@ -68,16 +68,6 @@ def current_rss() -> int:
         return 0
 
 
-def _trim() -> None:
-    """Give freed heap back to the OS (glibc), so RSS follows what is live."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
@@ -125,6 +115,7 @@ class TileWorker:
     ) -> None:
         import torch
 
+        self.hwm_inherited = peak_host_bytes()  # what this process had peaked at before it became this actor
         reset_peak_rss()
         self.rss_start = current_rss()
         if threads > 0:
@@ -134,7 +125,8 @@ class TileWorker:
         self.tasks = [_task(t) for t in tasks]
         self.scale = scale
         bs = max(1, self.cascade.config.inference.batch_size)
-        self.batches = {v: vb.batches_of(p, scale, bs) for v, p in plans.items()}
+        self.batches = {v: vb.plan_batches(p, scale, bs) for v, p in plans.items()}
+        self.runners: dict[int, vb.ScaleRunner] = {}  # per volume: its arrays opened once
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vols, counts, errors, seconds = [], [], [], []
@@ -143,7 +135,9 @@ class TileWorker:
             tiles = self.batches[v][b]
             t0 = time.perf_counter()
             try:
-                vb.translate_tiles(self.tasks[v], self.cascade, self.scale, tiles, self.device, len(tiles))
+                if v not in self.runners:
+                    self.runners[v] = vb.ScaleRunner(self.tasks[v], self.cascade, self.scale)
+                self.runners[v].run(tiles, self.device)
                 err = ""
             except Exception as e:  # an error stays with its volume instead of aborting the dataset
                 err = _error(e)
@@ -151,7 +145,7 @@ class TileWorker:
             counts.append(0 if err else len(tiles))
             errors.append(err)
             seconds.append(time.perf_counter() - t0)
-        _trim()
+        vb.release_memory()
         return {
             "volume": np.array(vols, dtype=np.int64),
             "tiles": np.array(counts, dtype=np.int64),
@@ -159,6 +153,7 @@ class TileWorker:
             "seconds": np.array(seconds, dtype=np.float64),
             "peak_rss": np.full(len(vols), peak_host_bytes(), dtype=np.int64),  # this actor's, from its start
             "start_rss": np.full(len(vols), self.rss_start, dtype=np.int64),
+            "inherited_hwm": np.full(len(vols), self.hwm_inherited, dtype=np.int64),
             "pid": np.full(len(vols), os.getpid(), dtype=np.int64),
         }
 
@@ -264,17 +259,22 @@ def _claim(
 def translate_batch(
     inputs: Sequence[str],
     out_prefix: str,
-    model: str,
+    model: str | vb.InferencePlan,
     overrides: dict[str, Any] | None = None,
     log: Log = print,
     tile: int | None = None,
     progress_every: float = PROGRESS_EVERY_S,
+    progress: vb.Progress | None = None,
 ) -> BatchReport:
-    """Translate every input volume not yet published under ``out_prefix`` by this model version."""
+    """Translate every input volume not yet published under ``out_prefix`` by this model version.
+    ``model``: a reference (its alias is resolved here, once) or a plan a caller already resolved.
+    Progress: ``progress(scale, tiles done, total)`` when given (e.g. a bar on a terminal), else a line
+    through ``log`` every ``progress_every`` seconds and at the end of each scale."""
     from msgan.distributed.pipeline import ensure_ray
 
     t_start = time.perf_counter()
-    plan = vb.resolve_plan(model, overrides, tile)  # the one resolution of the alias in this batch
+    # the one resolution of the alias in this batch (unless the caller resolved it)
+    plan = model if isinstance(model, vb.InferencePlan) else vb.resolve_plan(model, overrides, tile)
     cascade = plan.load()
     all_tasks = [vb.volume_task(uri, out_prefix, plan.model_id, run=plan.run) for uri in vb.expand_inputs(inputs)]
     vb.check_collisions(all_tasks)  # before any work
@@ -288,14 +288,14 @@ def translate_batch(
         f"[1/4] {len(plans)} volumes to translate with {plan.model_id} (run {plan.run}), "
         f"{len(report.skipped)} already published, {len(report.failed)} refused"
     )
-    if not plans:
-        report.seconds = time.perf_counter() - t_start
-        return report
     try:
-        _run(tasks, plans, cascade, plan, report, log, progress_every)
+        if plans:
+            _run(tasks, plans, cascade, plan, report, log, progress_every, progress)
     finally:
         for t in tasks:
             lease.release(t.lease)
+    for name in [n for n in report.retranslated if n in report.failed]:
+        report.retranslated.pop(name)  # the old output stays, untouched
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -308,6 +308,7 @@ def _run(
     report: BatchReport,
     log: Log,
     progress_every: float,
+    progress: vb.Progress | None,
 ) -> None:
     import ray
 
@@ -345,12 +346,12 @@ def _run(
     log(f"[3/4] HR scales 1..{n - 1}: tiles of all volumes on {inf.actors} actors ({gpus or 'no'} GPU each)")
     threads = max(1, int(inf.cpus_per_actor)) if gpus == 0 else 0
     bs = max(1, inf.batch_size)
-    actor_env = {"env_vars": {**env, **ACTOR_ENV}}
+    actor_env = {"env_vars": {**env, **ACTOR_ENV}} if ACTOR_ENV else remote_args.get("runtime_env")
     for s in range(1, n):
         for t in tasks:
             lease.refresh(t.lease)
         grids = {i: {"shapes": p["shapes"], "tiles": p["tiles"]} for i, p in plans.items()}
-        items = [{"volume": i, "batch": b} for i, p in plans.items() for b in range(len(vb.batches_of(p, s, bs)))]
+        items = [{"volume": i, "batch": b} for i, p in plans.items() for b in range(len(vb.plan_batches(p, s, bs)))]
         if not items:
             break
         total = sum(len(vb.tiles_of(p, s)) for p in plans.values())
@@ -372,20 +373,24 @@ def _run(
             num_gpus=gpus,
             runtime_env=actor_env,  # Ray Data restarts dead actors and retries their tiles
         )
-        progress = ProgressLines(log, s, total, len(plans), progress_every)
-        tiles, rss, rss0, pids = 0, 0, 0, set()
+        lines = ProgressLines(log, s, total, len(plans), progress_every)
+        tiles, rss, rss0, hwm0, pids = 0, 0, 0, 0, set()
         for row in ds.iter_rows():  # the barrier: scale s+1 starts when every tile of scale s is written
             v = int(row["volume"])
             rss, rss0 = max(rss, int(row["peak_rss"])), max(rss0, int(row["start_rss"]))
+            hwm0 = max(hwm0, int(row["inherited_hwm"]))
             pids.add(int(row["pid"]))
             if row["error"] and v in plans:
                 fail(v, f"scale {s}: {row['error']}")
             tiles += int(row["tiles"])
-            progress.add(int(row["tiles"]))
+            if progress is not None:
+                progress(s, tiles, total)
+            else:
+                lines.add(int(row["tiles"]))
         report.tiles_computed += tiles
         report.scales.append(
             {"scale": s, "tiles": tiles, "seconds": time.perf_counter() - t0, "actor_peak_rss": rss,
-             "actor_start_rss": rss0, "actors_seen": len(pids),
+             "actor_start_rss": rss0, "actor_inherited_hwm": hwm0, "actors_seen": len(pids),
              "voxels": sum(int(np.prod(p["shapes"][s])) for p in plans.values())}
         )  # fmt: skip
 
@@ -398,6 +403,4 @@ def _run(
             fail(i, r["error"])
         else:
             report.published.append(r["manifest"])
-    for name in list(report.retranslated):
-        if name in report.failed:
-            report.retranslated.pop(name)
+    log(f"  volumes: {len(report.published)} published, {len(report.failed)} failed")

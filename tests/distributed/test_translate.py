@@ -1,5 +1,6 @@
 """Batch translation on a real local Ray cluster (Ray Data actor pool), file:// and a loopback S3 server."""
 
+import json
 import os
 import signal
 import threading
@@ -60,22 +61,55 @@ def _read(uri: str, level: str = "0") -> np.ndarray:
     return zarr.open_group(store, mode="r", storage_options=opts)[level][...]
 
 
-def test_distributed_equals_local_cascade_and_rerun_skips(tmp_path, ray_local, model):
+def test_distributed_equals_local_bytes_for_any_actor_count_rerun_skips_new_model_retranslates(
+    tmp_path, ray_local, model
+):
+    from msgan import batch
     from msgan.distributed.translate import translate_batch
 
     path, cascade = model
     images = _inputs(tmp_path / "in")
     report = translate_batch([str(tmp_path / "in")], str(tmp_path / "out"), path, log=lambda _: None)
     assert sorted(m["volume"] for m in report.published) == ["a", "b"] and not report.failed
+    one = translate_batch([str(tmp_path / "in")], str(tmp_path / "out1"), path, {"actors": 1}, log=lambda _: None)
+    assert len(one.published) == 2 and report.model == one.model and report.run != one.run
     for name, img in images.items():
         out = _read(storage.normalize_uri(tmp_path / "out" / f"{name}.zarr"))
         assert float(np.abs(out - cascade.translate(img)).max()) < 1e-5 * 1024  # window units -> HU
+        task = batch.volume_task(str(tmp_path / "in" / f"{name}.zarr"), str(tmp_path / "local"), report.model)
+        batch.translate_volume(task, cascade)
+        local = _read(task.output)
+        assert out.tobytes() == local.tobytes(), f"{name}: 2 actors differ from the local path"
+        assert _read(storage.normalize_uri(tmp_path / "out1" / f"{name}.zarr")).tobytes() == local.tobytes()
     tiles = report.tiles_computed
     assert tiles == sum(s["tiles"] for s in report.scales[1:]) > 20
     assert "Mvox/s" in report.summary()
+    manifest = json.loads((tmp_path / "out" / "a.zarr" / "manifest.json").read_text())
+    assert manifest["model"] == report.model and manifest["model_uri"] == str(Path(path).resolve())
 
     again = translate_batch([str(tmp_path / "in")], str(tmp_path / "out"), path, log=lambda _: None)
     assert again.skipped == ["a", "b"] and again.tiles_computed == 0 and not again.published
+
+    other = Cascade.untrained(cascade.config, seed=5).save(tmp_path / "other")
+    lines: list[str] = []
+    new = translate_batch([str(tmp_path / "in" / "b.zarr")], str(tmp_path / "out"), str(other), log=lines.append)
+    assert [m["volume"] for m in new.published] == ["b"] and not new.skipped
+    assert new.retranslated == {"b": f"{report.model} -> {new.model}"}
+    assert f"re-translated b: model {report.model} -> {new.model}" in new.summary()
+    assert any("scale 2:" in line and "tiles/s" in line and "ETA" in line for line in lines), lines
+    assert json.loads((tmp_path / "out" / "b.zarr" / "manifest.json").read_text())["model"] == new.model
+
+
+def test_two_inputs_for_one_output_are_refused_before_any_work(tmp_path, model):
+    from msgan.batch import VolumeError
+    from msgan.distributed.translate import translate_batch
+
+    path, _ = model
+    for d in ("x", "y"):
+        write_zarr(tmp_path / d / "same.zarr", [np.zeros((12, 12, 12), np.float32)], GEOM)
+    with pytest.raises(VolumeError, match="2 inputs map to one output"):
+        translate_batch([str(tmp_path / "x"), str(tmp_path / "y")], str(tmp_path / "out"), path, log=lambda _: None)
+    assert not (tmp_path / "out").exists(), "nothing staged, leased or written"
 
 
 def test_bad_volumes_are_reported_and_the_rest_published(tmp_path, ray_local, model):
