@@ -138,3 +138,25 @@ def peak_device_bytes(device: torch.device | str) -> int | None:
     if d.type != "cuda":
         return None
     return int(torch.cuda.max_memory_allocated(d))
+
+
+def conv_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Floating-point operations (2 per multiply-add) of every convolution in one forward pass on
+    ``inputs``' shapes; runs on the ``meta`` device, so any size is free to ask about."""
+    meta = _to_meta(module)
+    total = 0
+
+    def hook(m: torch.nn.Module, _inp: object, out: object) -> None:
+        nonlocal total
+        if isinstance(out, torch.Tensor) and isinstance(m, torch.nn.modules.conv._ConvNd):
+            per_output = (m.in_channels // m.groups) * math.prod(m.kernel_size)
+            total += 2 * out.numel() * per_output
+
+    handles = [m.register_forward_hook(hook) for m in meta.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    try:
+        with torch.no_grad():
+            meta(*[None if x is None else torch.empty(x.shape, device="meta") for x in inputs])
+    finally:
+        for h in handles:
+            h.remove()
+    return total

@@ -39,3 +39,16 @@ def test_peak_host_bytes_is_this_process_not_its_parent():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < peak_host_bytes() - 200 * 2**20
     del ballast
+
+
+def test_conv_flops_counts_multiply_adds_of_valid_convolutions():
+    import torch
+
+    from msgan.memory import conv_flops
+    from msgan.nets import HRGenerator
+
+    g = HRGenerator(3, width=4, num_blocks=0, norm_kind="none", residual=False)  # head conv 2->4, tail 4->1
+    x = torch.zeros(2, 2, 10, 10, 10)
+    head = 2 * (2 * 8**3) * 4 * 2 * 27  # batch 2, 8^3 outputs, 4 channels, 2 inputs x 27 taps
+    tail = 2 * (2 * 6**3) * 1 * 4 * 27
+    assert conv_flops(g, x) == head + tail
