@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,18 +55,66 @@ def _first(item: dict[str, Any], tag: str) -> Any:
     return v.get("Alphabetic") if isinstance(v, dict) else v
 
 
-def _parse_multipart(body: bytes, content_type: str) -> list[bytes]:
+CHUNK_BYTES = 1 << 20  # a streamed response is read 1 MiB at a time
+
+
+def _boundary(content_type: str) -> bytes:
     m = re.search(r'boundary="?([^";]+)"?', content_type)
     if not m:
         raise PacsError(f"multipart response without a boundary ({content_type})")
-    boundary = b"--" + m.group(1).encode()
-    parts = []
-    for chunk in body.split(boundary)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        _, _, payload = chunk.partition(b"\r\n\r\n")  # part headers, blank line, the DICOM file
-        parts.append(payload[:-2] if payload.endswith(b"\r\n") else payload)
-    return parts
+    return m.group(1).encode()
+
+
+def write_multipart(chunks: Iterable[bytes], content_type: str, dest: Path) -> list[Path]:
+    """Write each part of a ``multipart/related`` body to ``dest/NNNNN.dcm`` as it arrives: memory holds one chunk
+    and a delimiter's worth of bytes, never an instance or the series (work is linear in the body, whatever the
+    chunk size). A part is written under a temporary name and renamed when its closing delimiter has arrived; a
+    body that ends early (a dropped connection) raises."""
+    delimiter = b"\r\n--" + _boundary(content_type)
+    buf, state = b"\r\n", "preamble"  # the CRLF lets the first delimiter match like the others
+    files: list[Path] = []
+    part: Any = None
+    try:
+        for chunk in chunks:
+            buf += chunk
+            at = 0  # parsed up to here; buf is trimmed once per chunk, never per part
+            while state != "done":
+                if state in ("preamble", "body"):
+                    i = buf.find(delimiter, at)
+                    if i < 0:  # keep what may be the start of a delimiter; write the rest
+                        keep = max(at, len(buf) - len(delimiter))
+                        if state == "body" and keep > at:
+                            part.write(memoryview(buf)[at:keep])
+                        at = keep
+                        break
+                    if state == "body":
+                        part.write(memoryview(buf)[at:i])
+                        part.close()
+                        final = dest / f"{len(files):05d}.dcm"
+                        os.replace(part.name, final)
+                        files.append(final)
+                        part = None
+                    at, state = i + len(delimiter), "delimiter"
+                if state == "delimiter":
+                    if len(buf) - at < 2:
+                        break
+                    state = "done" if buf.startswith(b"--", at) else "headers"
+                if state == "headers":
+                    j = buf.find(b"\r\n\r\n", at)
+                    if j < 0:
+                        break
+                    at, state = j + 4, "body"
+                    part = open(dest / f".{len(files):05d}.part", "wb")  # noqa: SIM115 - closed at its delimiter
+            buf = buf[at:]
+            if state == "done":
+                break
+    finally:
+        if part is not None:
+            part.close()
+            Path(part.name).unlink(missing_ok=True)
+    if state != "done":
+        raise PacsError(f"the multipart response ended before its closing delimiter ({len(files)} complete parts)")
+    return files
 
 
 class DicomWebClient:
@@ -154,17 +202,17 @@ class DicomWebClient:
     # -- WADO-RS
 
     def fetch_series(self, study_uid: str, series_uid: str, dest: str | os.PathLike[str]) -> list[Path]:
-        """Every instance of a series as ``.dcm`` files in ``dest``."""
-        r = self._request("GET", self._series_path(study_uid, series_uid),
-                          headers={"Accept": 'multipart/related; type="application/dicom"'})  # fmt: skip
-        parts = _parse_multipart(r.content, r.headers.get("Content-Type", ""))
+        """Every instance of a series as ``.dcm`` files in ``dest``, streamed to disk one instance at a time
+        (WADO-RS multipart read as it arrives: memory does not grow with the series)."""
         out = Path(dest)
         out.mkdir(parents=True, exist_ok=True)
-        files = []
-        for i, part in enumerate(parts):
-            f = out / f"{i:05d}.dcm"
-            f.write_bytes(part)
-            files.append(f)
+        r = self._request("GET", self._series_path(study_uid, series_uid), stream=True,
+                          headers={"Accept": 'multipart/related; type="application/dicom"'})  # fmt: skip
+        with r:
+            try:
+                files = write_multipart(r.iter_content(CHUNK_BYTES), r.headers.get("Content-Type", ""), out)
+            except requests.RequestException as err:
+                raise PacsError(f"PACS {self.url}: series {series_uid} broke off ({type(err).__name__})") from None
         if not files:
             raise PacsError(f"PACS {self.url}: series {series_uid} returned no instances")
         return files

@@ -37,3 +37,36 @@ def test_errors_hold_no_credentials(orthanc):
         DicomWebClient("orthanc:8042")
     # Orthanc refuses non-local HTTP and anonymous requests
     assert requests.get(f"{orthanc['rest']}/system", timeout=5).status_code == 401
+
+
+def _multipart(parts, boundary=b"b0und4ry"):
+    body = b"preamble to ignore"
+    for p in parts:
+        body += b"\r\n--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + p
+    return (
+        body + b"\r\n--" + boundary + b"--\r\n",
+        f'multipart/related; type="application/dicom"; boundary={boundary.decode()}',
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 17, 4096])
+def test_multipart_parts_are_written_as_they_arrive(tmp_path, chunk):
+    from msgan.io.pacs import write_multipart
+
+    parts = [b"\r\n--b0und4r" * 3 + bytes(range(256)), b"", b"x" * 10000 + b"\r\n--b0und"]  # delimiter look-alikes
+    body, ctype = _multipart(parts)
+    out = tmp_path / str(chunk)
+    out.mkdir()
+    files = write_multipart((body[i : i + chunk] for i in range(0, len(body), chunk)), ctype, out)
+    assert [f.read_bytes() for f in files] == parts and sorted(p.name for p in out.iterdir()) == [f.name for f in files]
+
+
+def test_a_truncated_multipart_body_raises_and_leaves_no_half_instance(tmp_path):
+    from msgan.io.pacs import write_multipart
+
+    body, ctype = _multipart([b"a" * 100, b"b" * 100])
+    with pytest.raises(PacsError, match=r"ended before its closing delimiter \(1 complete parts\)"):
+        write_multipart([body[:-60]], ctype, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["00000.dcm"]  # the complete part; no .part file left
+    with pytest.raises(PacsError, match="without a boundary"):
+        write_multipart([body], "multipart/related", tmp_path)
