@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 import resource
 import sys
+from collections.abc import Callable, Sequence
 
 import torch
 
 from msgan.nets import HRGenerator, count_parameters
+
+CountFn = Callable[[torch.nn.Module, torch.Tensor], int]
 
 
 def hr_inference_bytes(gen: HRGenerator, core: int, dims: int, batch: int = 1, bytes_per_value: int = 4) -> int:
@@ -59,27 +62,42 @@ def largest_tile(gen: HRGenerator, dims: int, budget_bytes: float, batch: int = 
 # ----------------------------------------------------------------------------- one training step, analytically
 
 
-def activation_elements(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
-    """Elements of every leaf module's output in one forward pass: the tensors autograd keeps.
-
-    Runs on the ``meta`` device (shapes only, no memory), so any image size is free to ask about.
-    """
+def _sum_over_forward(module: torch.nn.Module, inputs: Sequence[torch.Tensor | None], count: CountFn) -> int:
+    """Sum of ``count(leaf, output)`` over the leaf modules of one forward pass on the ``meta`` device
+    (shapes only, no memory), so any image size is free to ask about."""
     meta = _to_meta(module)
     total = 0
 
-    def hook(_m: torch.nn.Module, _inp: object, out: object) -> None:
+    def hook(m: torch.nn.Module, _inp: object, out: object) -> None:
         nonlocal total
         if isinstance(out, torch.Tensor):
-            total += out.numel()
+            total += count(m, out)
 
     handles = [m.register_forward_hook(hook) for m in meta.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            meta(*[torch.empty(x.shape, device="meta") for x in inputs])
+            meta(*[None if x is None else torch.empty(x.shape, device="meta") for x in inputs])
     finally:
         for h in handles:
             h.remove()
     return total
+
+
+def activation_elements(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Elements of every leaf module's output in one forward pass: the tensors autograd keeps."""
+    return _sum_over_forward(module, inputs, lambda _m, out: out.numel())
+
+
+def _conv_count(m: torch.nn.Module, out: torch.Tensor) -> int:
+    if not isinstance(m, torch.nn.modules.conv._ConvNd):
+        return 0
+    return 2 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+
+def conv_flops(module: torch.nn.Module, *inputs: torch.Tensor | None) -> int:
+    """Floating-point operations (2 per multiply-add) of every convolution in one forward pass on
+    ``inputs``' shapes (``None`` passes through, e.g. no wide context)."""
+    return _sum_over_forward(module, inputs, _conv_count)
 
 
 def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
@@ -138,25 +156,3 @@ def peak_device_bytes(device: torch.device | str) -> int | None:
     if d.type != "cuda":
         return None
     return int(torch.cuda.max_memory_allocated(d))
-
-
-def conv_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
-    """Floating-point operations (2 per multiply-add) of every convolution in one forward pass on
-    ``inputs``' shapes; runs on the ``meta`` device, so any size is free to ask about."""
-    meta = _to_meta(module)
-    total = 0
-
-    def hook(m: torch.nn.Module, _inp: object, out: object) -> None:
-        nonlocal total
-        if isinstance(out, torch.Tensor) and isinstance(m, torch.nn.modules.conv._ConvNd):
-            per_output = (m.in_channels // m.groups) * math.prod(m.kernel_size)
-            total += 2 * out.numel() * per_output
-
-    handles = [m.register_forward_hook(hook) for m in meta.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
-    try:
-        with torch.no_grad():
-            meta(*[None if x is None else torch.empty(x.shape, device="meta") for x in inputs])
-    finally:
-        for h in handles:
-            h.remove()
-    return total

@@ -4,27 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from msgan.config import load_config
 from msgan.pyramid import build_pyramid
 from msgan.train import GANLoss, ScaleData, ScaleTrainer
+from tests.conftest import tiny_config
 
 
 def _cfg(**over):
     base = {
-        "num_scales": 3,
-        "lr_generator.width": 4,
-        "lr_generator.depth": 1,
         "lr_generator.noise_channels": 1,
-        "hr_generator.width": 4,
-        "hr_generator.num_blocks": 1,
-        "discriminator.width": 4,
-        "discriminator.num_layers": 1,
-        "train.hr_patch": 8,
         "train.batch_size": 2,
         "train.checkpoint_every": 1000,
         "data.phantom.shape": [24, 24, 24],
     }
-    return load_config(None, base | over)
+    return tiny_config(**(base | over))
 
 
 @pytest.fixture(scope="module")
