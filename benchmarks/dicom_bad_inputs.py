@@ -7,8 +7,10 @@ Each case starts from a clean synthetic CT series (tests/dicom_data.py) and brea
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pydicom
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msgan.io.dicom import DicomError, derived_uid, read_series
-from tests.dicom_data import write_ct_series
+from tests.dicom_data import pydicom_data_file, write_ct_series
 
 Mutation = Callable[[Path, list[Path]], None]
 
@@ -95,6 +97,29 @@ def empty(d: Path, files: list[Path]) -> None:
         f.unlink()
 
 
+def hostile_uid(d: Path, files: list[Path]) -> None:
+    def escape(k: int, ds: pydicom.Dataset) -> None:
+        ds.SeriesInstanceUID = "../../escaped"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns that the value is no UID: that is the case
+        _edit_all(files, escape)
+
+
+def segmentation(d: Path, files: list[Path]) -> None:
+    shutil.copy(pydicom_data_file("liver.dcm"), d / "seg.dcm")
+
+
+def enhanced_without_groups(d: Path, files: list[Path]) -> None:
+    empty(d, files)
+    shutil.copy(pydicom_data_file("emri_small.dcm"), d / "emri.dcm")
+
+
+def radiograph_without_spacing(d: Path, files: list[Path]) -> None:
+    empty(d, files)
+    shutil.copy(pydicom_data_file("RG1_UNCR.dcm"), d / "cr.dcm")
+
+
 CASES: list[tuple[str, Mutation]] = [
     ("truncated file", truncated),
     ("structured report beside a series", structured_report),
@@ -106,6 +131,10 @@ CASES: list[tuple[str, Mutation]] = [
     ("RGB image", rgb),
     ("compressed (HTJ2K), no decoder", htj2k),
     ("empty folder", empty),
+    ("a hostile SeriesInstanceUID ../../escaped", hostile_uid),
+    ("a SEG beside a series (pydicom-data liver.dcm)", segmentation),
+    ("Enhanced MR without functional groups (pydicom-data emri_small.dcm)", enhanced_without_groups),
+    ("CR with PixelSpacing 0\\0, MONOCHROME1 (pydicom-data RG1_UNCR.dcm)", radiograph_without_spacing),
 ]
 
 
@@ -118,6 +147,7 @@ def main() -> None:
             try:
                 r = read_series([folder])
                 what = f"{len(r.volumes)} volume(s)"
+                what += "".join(f"; note: {n}" for v in r.volumes for n in v.notes)
                 what += "".join(f"; refused: {e}" for e in r.errors.values())
                 what += "".join(f"; skipped: {s}" for s in r.skipped.values())
             except DicomError as err:
