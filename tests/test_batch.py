@@ -371,3 +371,36 @@ def test_image_conditioned_cascade_translates_staged_byte_for_byte(tmp_path, opt
     task = batch.volume_task(str(tmp_path / "in" / "cond.zarr"), str(tmp_path / "out"), "m/1")
     batch.translate_volume(task, c, tile=8)
     assert _out(tmp_path, "cond").tobytes() == c.translate(img, tile=8).tobytes()
+
+
+def test_s3_lease_is_a_conditional_write(s3_bucket):
+    from msgan import lease
+
+    uri = f"s3://{s3_bucket}/out/.leases/v.zarr.json"
+    lease.acquire(lease.Lease(uri, "run1"), "v.zarr")
+    lease.acquire(lease.Lease(uri, "run1"), "v.zarr")  # a retry of the same run
+    with pytest.raises(lease.LeaseError, match="run run1"):
+        lease.acquire(lease.Lease(uri, "run2"), "v.zarr")
+    lease.release(lease.Lease(uri, "run2"))  # not its lease: kept
+    assert lease.holder(uri)["run"] == "run1"
+    lease.release(lease.Lease(uri, "run1"))
+    lease.acquire(lease.Lease(uri, "run2"), "v.zarr")
+    assert lease.holder(uri)["run"] == "run2"
+
+
+def test_s3_retranslation_replaces_the_output_and_the_manifest_names_what_is_there(s3_bucket, cascade, other_cascade):
+    img = np.random.default_rng(6).uniform(-1000, 500, (16, 14, 18)).astype(np.float32)
+    src = f"s3://{s3_bucket}/in/v.zarr"
+    store, opts = storage.zarr_store(src)
+    g = zarr.open_group(store, mode="w", storage_options=opts)
+    g.create_array("0", shape=img.shape, chunks=(8, 8, 8), dtype="float32")[...] = img
+    g.attrs["msgan"] = {"geometry": GEOM.as_dict()}
+    batch.translate_volume(batch.volume_task(src, f"s3://{s3_bucket}/out", "m/1"), cascade, tile=8)
+    many = len(s3_keys(s3_bucket, "out/v.zarr/"))
+    task = batch.volume_task(src, f"s3://{s3_bucket}/out", "m/2")
+    manifest = batch.translate_volume(task, other_cascade, tile=16)  # fewer, larger chunks than before
+    keys = s3_keys(s3_bucket, "out/v.zarr/")
+    assert manifest["status"] == "re-translated" and manifest["objects"] == len(keys) < many
+    store, opts = storage.zarr_store(task.output)
+    out = zarr.open_group(store, mode="r", storage_options=opts)["0"][...]
+    assert out.tobytes() == other_cascade.translate(img, tile=16).tobytes()
