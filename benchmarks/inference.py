@@ -126,7 +126,7 @@ def memory(args: argparse.Namespace) -> None:
                 line += (f" local path peak {local['peak'] / mib:.0f} MiB = after load {local['base'] / mib:.0f} "
                          f"+ {(local['peak'] - local['base']) / mib:.0f}")  # fmt: skip
             print(line, flush=True)
-    (n0, a0, _, _, _), (n1, a1, l1, lr1, _) = rows[0], rows[-1]
+    (n0, a0, l0, lr0, _), (n1, a1, l1, lr1, _) = rows[0], rows[-1]
     print(f"growth {n0}^3 -> {n1}^3 ({(n1 / n0) ** 3:.0f}x voxels):")
     if a0 and a1:
         g = (a1["peak"] - a0["peak"]) / 2**20
@@ -136,6 +136,10 @@ def memory(args: argparse.Namespace) -> None:
         bound = lr1 / 2**20 + 64
         print(f"  local path at {n1}^3: +{g:.0f} MiB over its loaded model; bound = scale 0 need {lr1 / 2**20:.1f} "
               f"+ 64 = {bound:.0f} MiB: {'ok' if g <= bound else 'OVER'}")  # fmt: skip
+    if l0 and l1:
+        g = (l1["peak"] - l0["peak"]) / 2**20
+        print(f"  local path peak {g:+.0f} MiB from {n0}^3 to {n1}^3 (the analytic scale 0 need grows by "
+              f"{(lr1 - lr0) / 2**20:.0f} MiB; the rest of the path should not grow)")  # fmt: skip
 
 
 def overhead(args: argparse.Namespace) -> None:
