@@ -242,7 +242,8 @@ def _model_version(model_uri: str) -> ModelVersion:
         return client.get_model_version(name, str(version))
     except mlflow.exceptions.MlflowException as err:
         raise ModelLoadError(
-            f"{model_uri}: not found in the registry at {redact_uri(tracking_uri())} ({redact_text(err.message)})"
+            f"{model_uri}: cannot be resolved in the registry at {redact_uri(tracking_uri())} "
+            f"({redact_text(err.message)})"
         ) from err
 
 

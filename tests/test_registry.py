@@ -171,3 +171,76 @@ def test_tampered_artifacts_fail_their_checksums(tracking, tmp_path):
     manifest.write_text(manifest.read_text().replace('"scale_1.pt"', '"../../../etc/passwd"'))
     with pytest.raises(registry.ModelLoadError, match="does not match the sha256 recorded at registration"):
         registry.load_cascade(f"models:/safe/{mv.version}")
+
+
+@pytest.mark.slow
+def test_round_trip_through_an_mlflow_server_with_basic_auth(tmp_path, monkeypatch, rng):
+    """MLflow as infra/compose.yaml runs it (basic auth, its auth config): 401 without credentials; the
+    cascade registers, pins and loads over HTTP (artifacts proxied) with MLFLOW_TRACKING_USERNAME/PASSWORD."""
+    import configparser
+    import secrets
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "compose.yaml").read_text())
+    ini = configparser.ConfigParser()
+    ini.read_string(compose["configs"]["mlflow-auth"]["content"])
+    ini["mlflow"]["database_uri"] = f"sqlite:///{tmp_path}/auth.db"
+    with (tmp_path / "auth.ini").open("w") as f:
+        ini.write(f)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    password = secrets.token_hex(12)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "auth.ini")
+    env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"] = "jobs", password
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(16)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+         "--artifacts-destination", f"file://{tmp_path}/artifacts", "--serve-artifacts"],
+        env=env, stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and server.poll() is None:
+            try:
+                if requests.get(f"{base}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"MLflow did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
+        search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(search, timeout=30).status_code == 401
+        assert requests.get(search, auth=("jobs", "wrong"), timeout=30).status_code == 401
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", base)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "jobs")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        cfg = load_config(None, TINY)
+        runs = registry.job_runs("exp", "job-http", 2, cfg.to_dict())
+        version = registry.register_cascade(Cascade.untrained(cfg, seed=7), runs.parent, "http-cascade")
+        pinned = registry.pin_model("models:/http-cascade@candidate")
+        assert pinned == f"models:/http-cascade/{version}"
+        image = rng.uniform(-1000, 500, (16, 18, 20)).astype(np.float32)
+        want = Cascade.untrained(cfg, seed=7).translate(image)
+        np.testing.assert_array_equal(registry.load_cascade(pinned).translate(image), want)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password-123")
+        with pytest.raises(registry.ModelLoadError, match="401") as err:
+            registry.load_cascade(pinned)
+        assert "wrong-password-123" not in str(err.value)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
