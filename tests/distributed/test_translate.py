@@ -27,7 +27,7 @@ SHAPES = {"a": (37, 29, 41), "b": (24, 24, 24)}  # a: not a multiple of the tile
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own cluster, never another's
     yield
     ray.shutdown()
 
@@ -151,8 +151,9 @@ def test_killed_actor_mid_batch_gives_the_clean_result(tmp_path, ray_local, mode
         written = list((tmp_path / "out" / ".staging").glob("*/output.zarr/0/c/*/*/*"))
         if not written:
             continue
+        ours = psutil.Process().children(recursive=True)  # this test's Ray only, never another's actors
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            if "TileWorker" in " ".join(proc.info["cmdline"] or []):
+            if proc in ours and "TileWorker" in " ".join(proc.info["cmdline"] or []):
                 os.kill(proc.info["pid"], signal.SIGKILL)
                 killed = (proc.info["pid"], len(written))
                 break
