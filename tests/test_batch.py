@@ -404,3 +404,20 @@ def test_s3_retranslation_replaces_the_output_and_the_manifest_names_what_is_the
     store, opts = storage.zarr_store(task.output)
     out = zarr.open_group(store, mode="r", storage_options=opts)["0"][...]
     assert out.tobytes() == other_cascade.translate(img, tile=16).tobytes()
+
+
+def test_job_with_a_malformed_model_manifest_exits_with_one_line_naming_the_file(tmp_path, cascade):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = cascade.save(tmp_path / "model")
+    (folder / "manifest.json").write_text(json.dumps({"format": "msgan-cascade/1", "weights": []}))
+    _volume(tmp_path, "v", shape=(12, 12, 12))
+    job = Path(__file__).resolve().parents[1] / "jobs" / "translate_batch.py"
+    args = ["--model", str(folder), "--inputs", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    out = subprocess.run([sys.executable, str(job), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model/manifest.json: malformed cascade manifest: missing keys config" in lines[0]
+    assert not (tmp_path / "o").exists()
