@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import subprocess
 import tempfile
 import time
@@ -169,7 +168,6 @@ def job_runs(
 ARTIFACT_DIR = "cascade"
 FORMAT_TAG = "msgan.format"
 MANIFEST_TAG = "msgan.manifest_sha256"
-_WEIGHT_NAME = re.compile(r"scale_(\d+)\.pt")
 
 
 class ModelLoadError(ValueError):
