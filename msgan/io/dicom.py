@@ -596,7 +596,21 @@ def _header(ds: Dataset) -> dict[str, Any]:
         if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") and elem.value is not None and len(elem.value) > 1024:
             continue
         head.add(elem)
-    return dict(head.to_json_dict())
+    try:
+        return dict(head.to_json_dict())
+    except Exception:  # an element pydicom cannot put in JSON (a malformed value): left out, one by one
+        for elem in list(head):
+            try:
+                _one(elem).to_json_dict()
+            except Exception:
+                del head[elem.tag]
+        return dict(head.to_json_dict())
+
+
+def _one(elem: Any) -> Dataset:
+    ds = Dataset()
+    ds.add(elem)
+    return ds
 
 
 def _projection(uid: str, p: Path, ds: Dataset, notes: list[str]) -> SeriesVolume:

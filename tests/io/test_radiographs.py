@@ -113,3 +113,18 @@ def test_a_real_monochrome1_cr_and_its_jpeg2000_twin(tmp_path):
     stored = pydicom.dcmread(_pydicom_data("RG1_UNCR.dcm")).pixel_array
     np.testing.assert_array_equal(images["RG1_UNCR.dcm"], 2**15 - 1 - stored.astype(np.float32))  # GDCM's inversion
     assert pydicom.dcmread(next((tmp_path / "RG1_UNCR.dcm" / "out").iterdir())).pixel_array.tolist() == stored.tolist()
+
+
+def test_a_malformed_header_element_is_left_out_of_the_kept_header(tmp_path):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    f, _, _ = write_radiograph(tmp_path / "s")
+    ds = pydicom.dcmread(f)
+    ds._dict[Tag(0x00181152)] = RawDataElement(Tag(0x00181152), "IS", 4, b"abc ", 0, False, True)  # Exposure
+    ds.save_as(f)
+    with pytest.warns(UserWarning):
+        v = read_series([f]).volumes[0]
+    assert "00181152" not in v.identifiers["Header"] and "00280010" in v.identifiers["Header"]  # Rows kept
+    out = write_projection(v.image, v.geometry, tmp_path / "o", v.identifiers, "1.2.3", "x")
+    assert_valid_dicom(out)
