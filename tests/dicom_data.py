@@ -114,6 +114,8 @@ def _radiograph(size: tuple[int, int], seed: int) -> np.ndarray:
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+XA_IMAGE = "1.2.840.10008.5.1.4.1.1.12.1"
+RF_IMAGE = "1.2.840.10008.5.1.4.1.1.12.2"
 
 
 def _code(value: str, scheme: str, meaning: str):  # type: ignore[no-untyped-def]
@@ -142,7 +144,7 @@ def write_radiograph(
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
-    sop_class = {"DX": DX_PRESENTATION, "MG": MG_PRESENTATION, "CR": CR_IMAGE}[modality]
+    sop_class = {"DX": DX_PRESENTATION, "MG": MG_PRESENTATION, "CR": CR_IMAGE, "XA": XA_IMAGE, "RF": RF_IMAGE}[modality]
     shown = np.clip(np.round(_radiograph(size, seed) * 3000.0 + 500.0), 0, 4095).astype(np.uint16)
     stored = (4095 - shown).astype(np.uint16) if monochrome1 else shown
     series = derived_uid("series", series_name, modality, str(seed))
@@ -170,6 +172,14 @@ def write_radiograph(
     ds.KVP = "120" if modality != "MG" else "28"
     if modality == "CR":
         ds.ViewPosition = "PA"
+    elif modality in ("XA", "RF"):  # a single-frame angiography / fluoroscopy image
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+        ds.PixelIntensityRelationship, ds.RadiationSetting = "LIN", "GR"
+        ds.PositionerPrimaryAngle, ds.PositionerSecondaryAngle = "0", "0"
+        ds.XRayTubeCurrent, ds.ExposureTime, ds.Exposure = "250", "100", "25"
+        ds.DistanceSourceToDetector, ds.DistanceSourceToPatient = "1100", f"{1100 / (magnification or 1.0):.2f}"
+        if monochrome1:
+            raise ValueError("XA and RF images are MONOCHROME2")
     else:
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.AcquisitionContextSequence = []

@@ -22,7 +22,9 @@ def _roundtrip(tmp_path, src_file):
     return image, geom, report, out
 
 
-@pytest.mark.parametrize(("modality", "mono1"), [("DX", False), ("MG", False), ("CR", True), ("DX", True)])
+@pytest.mark.parametrize(
+    ("modality", "mono1"), [("DX", False), ("MG", False), ("CR", True), ("DX", True), ("XA", False), ("RF", False)]
+)
 def test_a_radiograph_round_trips_as_its_own_sop_class(tmp_path, modality, mono1):
     src_file, uid, shown = write_radiograph(tmp_path / "src", modality, monochrome1=mono1)
     assert_valid_dicom([src_file])  # the synthetic source is a valid object of its IOD
