@@ -28,7 +28,7 @@ from msgan.memory import largest_tile
 from msgan.nets import HRGenerator, build_generator, count_parameters
 from msgan.pyramid import build_pyramid, output_units
 from msgan.storage import staged_dir
-from msgan.tiling import tile_grid
+from msgan.tiling import plan_core, tile_grid
 
 MANIFEST = "manifest.json"
 FORMAT = "msgan-cascade/1"
@@ -169,11 +169,13 @@ class Cascade:
     # -- inference
 
     def tile_size(self, scale: int, shape: Sequence[int]) -> int:
-        """Tile core for ``scale`` from the config's memory budget (at most the volume's side)."""
+        """Tile core for ``scale``: within the config's memory budget (and at most the volume's side), the
+        core whose plan runs the least work (:func:`msgan.tiling.plan_core`)."""
         gen = self.generators[scale]
         assert isinstance(gen, HRGenerator)
         inf = self.config.inference
-        return largest_tile(gen, self.config.dims, inf.memory_budget_mb * 2**20, inf.batch_size, max(shape))
+        budget = largest_tile(gen, self.config.dims, inf.memory_budget_mb * 2**20, inf.batch_size, max(shape))
+        return plan_core(shape, budget, gen.halo)
 
     def translate_arrays(
         self,

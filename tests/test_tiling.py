@@ -8,9 +8,11 @@ from msgan.tiling import (
     batches_of,
     context_box,
     input_box,
+    plan_core,
     pyramid_shapes,
     read_region,
     reflect_index,
+    run_voxels,
     sample_patch_starts,
     tile_grid,
     upsample_region,
@@ -100,6 +102,17 @@ def test_border_tiles_run_at_the_full_core_and_crop():
     assert last.start == (8, 0) and last.stop == (10, 3) and last.run == (4, 3)  # axis of 3 < core: runs at 3
     assert last.run_stop == (12, 3)
     assert np.zeros(last.run_shape)[last.crop].shape == last.shape
+
+
+def test_plan_core_picks_the_least_work_under_the_budget():
+    assert plan_core((128, 128, 128), 96, 6) == 64  # not 96: a 32-voxel border tile would run at 96
+    assert run_voxels((128,) * 3, 64, 6) < run_voxels((128,) * 3, 96, 6)
+    assert plan_core((128, 128, 128), 200, 6) == 128  # one tile when it fits
+    assert plan_core((20, 21, 22), 22, 4) == 22
+    assert plan_core((50,), 8, 0) == 2  # no halo: the smallest waste
+    assert plan_core((50,), 8, 3) == 8  # a halo: fewer, larger tiles
+    with pytest.raises(ValueError, match="max_core"):
+        plan_core((8,), 0, 1)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
