@@ -562,7 +562,11 @@ def publish(task: VolumeTask, info: dict[str, Any]) -> dict[str, Any]:
     result.attrs["ome"] = ome_attrs(shapes, geom, task.name)
     source = {k: v for k, v in plan["source"].items() if k != "geometry"}
     result.attrs["msgan"] = {"geometry": geom.as_dict(), "source": source, "translated_by": task.model}
+    from msgan.preview import PREVIEW, preview_volume  # source beside result, published with the volume
+
+    preview_volume(task.result_uri, storage.join(task.result_uri, PREVIEW), source=task.input)
     manifest = {
+        "preview": PREVIEW,
         "volume": task.name,
         "input": task.input,
         "model": task.model,

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -47,10 +49,13 @@ def test_msgan_preview_of_a_translated_zarr_shows_source_and_result(tmp_path):
                Geometry((0.8, 0.8, 2.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))  # fmt: skip
     assert main(["translate", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--model",
                  str(tmp_path / "model"), "--quiet"]) == 0  # fmt: skip
+    published = imread(tmp_path / "out.zarr" / "preview.png")  # every translated volume has one, by its manifest
+    assert json.loads((tmp_path / "out.zarr" / "manifest.json").read_text())["preview"] == "preview.png"
     assert main(["preview", str(tmp_path / "out.zarr")]) == 0
     img = imread(tmp_path / "out.png")
     h, w = img.shape[:2]
     assert w == 2 * 256 and h > 3 * 256 and img.std() > 0.01  # two columns, tall views (2.5 mm slices), not blank
+    assert published.shape == img.shape
     single = tmp_path / "single.png"
     write_volume(tmp_path / "v.nii.gz", rng.normal(size=(10, 12, 14)).astype(np.float32), Geometry.identity(3))
     assert main(["preview", str(tmp_path / "v.nii.gz"), str(single)]) == 0
