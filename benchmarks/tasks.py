@@ -214,8 +214,7 @@ def train_task(
     workers: int, results: Results, log: Callable[[str], None], seeds: tuple[int, ...] = SEEDS["train"],
 ) -> None:  # fmt: skip
     """Train whatever of ``methods`` has no weights in ``work`` yet: cascade scales and the CNN, in parallel."""
-    from msgan.nets import count_parameters
-    from msgan.train import build_generator
+    from msgan.nets import build_generator, count_parameters
 
     jobs: list[dict[str, Any]] = []
     for m in cfgs:
@@ -266,7 +265,7 @@ def load_methods(task: str, cfgs: dict[str, Config], methods: list[str], work: P
                  ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:  # fmt: skip
     from msgan.baselines import ResidualUNet, cnn_translate, fit_radial_filter, nlm_filter
     from msgan.cascade import Cascade
-    from msgan.train import build_generator
+    from msgan.nets import build_generator
 
     out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     if "input" in methods:
