@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 
@@ -5,6 +7,11 @@ from msgan.data.phantom import KERNELS, Label
 from msgan.data.tasks import SEEDS, TASKS, make_task, split_of
 
 SHAPE = (24, 32, 32)
+
+
+@functools.cache
+def task(name, seed):
+    return make_task(name, seed, SHAPE)
 
 
 def test_seed_splits_are_disjoint_and_fixed():
@@ -17,37 +24,37 @@ def test_seed_splits_are_disjoint_and_fixed():
         split_of(999)
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_tasks_reproducible_from_seed(task):
-    a, b = make_task(task, 101, SHAPE), make_task(task, 101, SHAPE)
-    for name in ("input", "target", "noiseless", "labels"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    c = make_task(task, 102, SHAPE)
+@pytest.mark.parametrize("name", TASKS)
+def test_tasks_reproducible_from_seed(name):
+    a, b = make_task(name, 101, SHAPE), task(name, 101)
+    for array in ("input", "target", "noiseless", "labels"):
+        np.testing.assert_array_equal(getattr(a, array), getattr(b, array))
+    c = make_task(name, 102, SHAPE)
     assert np.mean(np.abs(c.input - a.input)) > 1.0
     assert a.input.dtype == a.target.dtype == a.noiseless.dtype == np.float32 and a.labels.dtype == np.uint8
     assert a.input.shape == a.target.shape == a.noiseless.shape == a.labels.shape == SHAPE
 
 
 def test_task_definitions():
-    k = make_task("sharp-to-soft", 101, SHAPE)
-    s = make_task("soft-to-sharp", 101, SHAPE)
+    k = task("sharp-to-soft", 101)
+    s = task("soft-to-sharp", 101)
     np.testing.assert_array_equal(k.input, s.target)  # the same acquisition, both directions
     np.testing.assert_array_equal(k.target, s.input)
     outside = k.labels == Label.OUTSIDE
     assert (~outside).any()
     assert float((k.target - k.noiseless)[outside].std()) == pytest.approx(KERNELS["soft"].noise_hu, rel=0.3)
 
-    d = make_task("low-dose", 101, SHAPE)
+    d = task("low-dose", 101)
     extra = d.input - d.target
     factor = d.params["dose_factor"]
     assert 4.0 <= factor <= 10.0
     want = KERNELS["soft"].noise_hu * np.sqrt(factor - 1.0)
     assert float(extra.std()) == pytest.approx(want, rel=1e-3)  # input = target + extra quantum noise
 
-    c = make_task("contrast", 101, SHAPE)
+    c = task("contrast", 101)
     blood = np.isin(c.labels, (Label.AORTA, Label.HEART_BLOOD))
     assert blood.any()
-    rise = c.noiseless - make_task("low-dose", 101, SHAPE).noiseless  # same phantom, soft MTF, no noise
+    rise = c.noiseless - d.noiseless  # same phantom, soft MTF, no noise
     assert float(np.median(rise[blood])) > 150  # raised towards 250-350 HU (partial volume at 32^3)
     far = np.isin(c.labels, (Label.FAT,))
     assert float(np.median(np.abs(rise[far]))) < 5  # everything else unchanged
