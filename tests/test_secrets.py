@@ -5,6 +5,7 @@ real commands run against a real Orthanc and a loopback S3 server, through succe
 every byte they print or leave behind (the S3 bucket, MSGAN_HOME, Ray's session logs) is searched."""
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,47 @@ def test_cli_routes_all_output_through_redaction(tmp_path):
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "MSGAN_HOME": str(tmp_path / "home")}
     code, text = _msgan(env, "--verbose", "info", str(secret_dir))
     assert code != 0 and "***" in text and not _leaks(text), text[-2000:]
+
+
+def test_a_job_on_a_cluster_shows_no_credentials_in_tasks_actors_or_logs(tmp_path):
+    """A batch submitted to a running cluster (RAY_ADDRESS) by a driver holding credentials: neither
+    `ray list tasks/actors --detail` nor the cluster's session logs show them."""
+    from msgan.cascade import Cascade
+    from msgan.io.volume import Geometry, write_zarr
+    from tests.conftest import tiny_config
+    from tests.ray_procs import free_port, ray_head
+
+    model = str(Cascade.untrained(tiny_config(num_scales=2), seed=1).save(tmp_path / "model"))
+    image = np.random.default_rng(0).uniform(-1000, 500, (12, 12, 12)).astype(np.float32)
+    write_zarr(tmp_path / "vols" / "v1.zarr", [image], Geometry.identity(3))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+    base |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # as Ray 2.60 clusters have it
+    gcs = free_port()
+    head_args = ["--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+                 f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]  # fmt: skip
+    with ray_head(base, *head_args) as ray_tmp:
+        driver = base | {
+            "RAY_ADDRESS": f"127.0.0.1:{gcs}",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9/visible-endpoint",  # not a secret: it reaches the tasks
+            "AWS_ACCESS_KEY_ID": "jobs",
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_SESSION_TOKEN": SESSION_TOKEN,
+            "MLFLOW_TRACKING_URI": f"http://u:{MLFLOW_PW}@127.0.0.1:{free_port()}",
+            "MSGAN_HOME": str(tmp_path / "home"),
+        }
+        code, out = _job(driver, "translate_batch.py", "--model", model, "--inputs", str(tmp_path / "vols"),
+                         "--output", str(tmp_path / "out"), "--set", "inference.actors=1")  # fmt: skip
+        assert code == 0, out[-3000:]
+        assert not _leaks(out), out[-3000:]
+        cli = base | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+        for kind in ("tasks", "actors", "jobs"):
+            command = [str(Path(sys.executable).with_name("ray")), "list", kind, "--detail", "--limit", "1000"]
+            listed = subprocess.run(command, env=cli, capture_output=True, text=True, timeout=120)
+            assert listed.returncode == 0, listed.stderr[-2000:]
+            if kind == "tasks":  # the runtime_env's variables are shown here: a secret among them would be too
+                assert "visible-endpoint" in listed.stdout, listed.stdout[-2000:]
+            assert not _leaks(listed.stdout), f"ray list {kind} --detail shows {_leaks(listed.stdout)}"
+        for path in (p for p in ray_tmp.rglob("*") if p.is_file() and not p.is_socket()):
+            text = path.read_bytes().decode(errors="replace")
+            assert not _leaks(text), f"{path} holds {_leaks(text)}"
