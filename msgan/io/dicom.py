@@ -21,8 +21,9 @@ the source series. Written with pydicom (sequences included).
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,20 +259,25 @@ def _stack_geometry(name: str, planes: list[_Plane]) -> tuple[list[int], Geometr
     return order, geom
 
 
-def _read_pixels(name: str, files: list[Path]) -> np.ndarray:
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files])
+def _decode(name: str, read: Callable[[], sitk.Image], slices: int, what: str) -> np.ndarray:
+    """(slices, rows, cols) float32 from a SimpleITK read (GDCM decodes and rescales), or a DicomError."""
     try:
-        img = reader.Execute()
+        img = read()
     except RuntimeError as err:
         msg = str(err).strip().splitlines()[-1]
         raise DicomError(f"series {name}: pixel data cannot be decoded here ({msg})") from err
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DicomError(f"series {name}: {img.GetNumberOfComponentsPerPixel()} samples per pixel; need grayscale")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    if arr.shape[0] != len(files):
-        raise DicomError(f"series {name}: {len(files)} files gave {arr.shape[0]} slices")
+    if arr.shape[0] != slices:
+        raise DicomError(f"series {name}: {slices} {what} gave {arr.shape[0]} slices")
     return arr
+
+
+def _read_pixels(name: str, files: list[Path]) -> np.ndarray:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    return _decode(name, reader.Execute, len(files), "files")
 
 
 def read_series(paths: Iterable[str | os.PathLike[str]]) -> IngestResult:
@@ -409,16 +415,7 @@ def _enhanced(uid: str, p: Path, ds: Dataset, notes: list[str]) -> SeriesVolume:
         raise DicomError(f"series {uid}: {p.name} has {len(rescales)} different rescales across its frames; "
                          f"one per image is read")  # fmt: skip
     order, geom = _stack_geometry(uid, planes)
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as err:
-        msg = str(err).strip().splitlines()[-1]
-        raise DicomError(f"series {uid}: pixel data cannot be decoded here ({msg})") from err
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise DicomError(f"series {uid}: {img.GetNumberOfComponentsPerPixel()} samples per pixel; need grayscale")
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (frames, rows, cols) in file order, rescaled by GDCM
-    if arr.shape[0] != n:
-        raise DicomError(f"series {uid}: {n} frames gave {arr.shape[0]} slices")
+    arr = _decode(uid, lambda: sitk.ReadImage(str(p)), n, "frames")  # (frames, rows, cols) in file order
     ids = _identifiers(ds) | {
         "NumberOfSlices": n,
         "SourceInstances": [str(ds.get("SOPInstanceUID", ""))],
@@ -449,8 +446,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 def _derivation(description: str, sop_class: str, sop_uid: str, frame: int) -> Dataset:
     """A Derivation Image macro item: frame ``frame`` of the source, processed by the model. CID 7203 has no code
     for a learned image translation, so the derivation code is our own (a private ``99`` coding scheme)."""
-    source = Dataset()
-    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = sop_class, sop_uid
+    source = _sop_ref(sop_class, sop_uid)
     source.ReferencedFrameNumber = frame
     source.PurposeOfReferenceCodeSequence = [_code("121322", "DCM", "Source image for image processing operation")]
     item = Dataset()
@@ -482,6 +478,7 @@ def write_enhanced(
     if not isinstance(header, dict) or not isinstance(order, list):
         raise ValueError("an Enhanced export needs the source's header and frame order (ingest it from DICOM)")
     ds = Dataset.from_json(header)
+    sop_class, source_sop = str(ds.SOPClassUID), str(ds.get("SOPInstanceUID", ""))
     n, rows, cols = int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns)
     if tuple(image.shape) != (n, rows, cols) or geometry.dims != 3 or sorted(order) != list(range(n)):
         raise ValueError(f"volume of shape {image.shape} but its Enhanced source is {n}x{rows}x{cols}; a derived "
@@ -490,29 +487,8 @@ def write_enhanced(
     frames[order] = image  # slice k is source frame order[k]
     slope = float(_functional(ds, 0, "PixelValueTransformationSequence", "RescaleSlope") or 1)
     intercept = float(_functional(ds, 0, "PixelValueTransformationSequence", "RescaleIntercept") or 0)
-    bits, alloc = int(ds.BitsStored), int(ds.BitsAllocated)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    dtype = {(8, False): np.uint8, (8, True): np.int8, (16, False): np.uint16, (16, True): np.int16}.get(
-        (alloc, signed)
-    )
-    if dtype is None:
-        raise ValueError(f"source pixels of {alloc} bits allocated cannot be written back (8 or 16 are)")
-    stored = np.clip(np.round((frames - intercept) / slope), lo, hi).astype(dtype)
-    for key in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelData"):
-        if key in ds:
-            delattr(ds, key)
-    sop_class, source_sop = str(ds.SOPClassUID), str(ds.get("SOPInstanceUID", ""))
-    sop_uid = derived_uid(series_uid, "0")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    ds.SOPInstanceUID = sop_uid
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, 1
-    ds.SeriesDescription = description[:64]
+    _set_pixels(ds, np.round((frames - intercept) / slope))
+    _new_instance(ds, series_uid, series_number, description)
     ds.ImageType = ["DERIVED", *[str(v) for v in (ds.get("ImageType") or ["", "PRIMARY"])[1:]]]
     if sop_class == ENHANCED_MR:
         for key in MR_ACQUISITION_ONLY:
@@ -527,25 +503,15 @@ def write_enhanced(
             if ds.get("Modality") == "CT":
                 item.RescaleType = "HU"  # the only value Enhanced CT allows; our values are HU
     if derived_from and source_sop:
-        instance, ref = Dataset(), Dataset()
-        instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = sop_class, source_sop
-        ref.SeriesInstanceUID, ref.ReferencedInstanceSequence = derived_from, [instance]
-        ds.ReferencedSeriesSequence = [ref]
+        ds.ReferencedSeriesSequence = _referenced_series(derived_from, sop_class, source_sop)
         for k, group in enumerate(ds.PerFrameFunctionalGroupsSequence):  # Derivation Image macro, frame by frame
             group.DerivationImageSequence = [_derivation(description, sop_class, source_sop, k + 1)]
         if sop_class in (ENHANCED_CT, ENHANCED_MR):  # evidence of what the Source Image Sequences reference (1C)
-            sop, series, study = Dataset(), Dataset(), Dataset()
-            sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID = sop_class, source_sop
-            series.SeriesInstanceUID, series.ReferencedSOPSequence = derived_from, [sop]
+            series, study = Dataset(), Dataset()
+            series.SeriesInstanceUID, series.ReferencedSOPSequence = derived_from, [_sop_ref(sop_class, source_sop)]
             study.StudyInstanceUID, study.ReferencedSeriesSequence = ds.StudyInstanceUID, [series]
             ds.SourceImageEvidenceSequence = [study]
-    ds.PixelData = np.ascontiguousarray(stored).tobytes()
-    ds["PixelData"].VR = "OW" if alloc > 8 else "OB"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "00001.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return [path]
+    return _write_files(out_dir, [ds])
 
 
 # ----------------------------------------------------------------------------- 2D projection images
@@ -664,57 +630,90 @@ def write_projection(
     if tuple(image.shape) != (rows, cols):
         raise ValueError(f"image of shape {image.shape} but its source is {rows}x{cols}; a derived radiograph "
                          f"keeps the source grid")  # fmt: skip
-    bits, alloc = int(ds.BitsStored), int(ds.BitsAllocated)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     stored = np.round((np.asarray(image, dtype=np.float64) - intercept) / slope)
     if str(ds.get("PhotometricInterpretation")) == "MONOCHROME1":
-        stored = (2**bits - 1) - stored  # undo GDCM's inversion: the derived image displays like the source
+        stored = (2 ** int(ds.BitsStored) - 1) - stored  # undo GDCM's inversion: it displays like the source
+    sop_class, source_sop = str(ds.SOPClassUID), str(ds.get("SOPInstanceUID", ""))
+    _set_pixels(ds, stored)
+    if "PixelSpacing" in ds and not projection_spacing(ds)[1].startswith("PixelSpacing"):
+        del ds.PixelSpacing  # a zero PixelSpacing is no spacing (Type 3 in CR, 1C in DX): left out
+    _new_instance(ds, series_uid, series_number, description)
+    source_type = ds.get("ImageType") or []
+    ds.ImageType = ["DERIVED", "SECONDARY", *(str(v) for v in (source_type if len(source_type) > 1 else [])[2:])]
+    if derived_from and source_sop:
+        ds.DerivationDescription = description[:1024]
+        ds.SourceImageSequence = [_sop_ref(sop_class, source_sop)]
+        ds.ReferencedSeriesSequence = _referenced_series(derived_from, sop_class, source_sop)
+    return _write_files(out_dir, [ds])
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    return meta
+
+
+def _new_instance(ds: Dataset, series_uid: str, series_number: int, description: str) -> None:
+    """Make a source header (one instance) the derived series' only instance: new UIDs, number, description."""
+    sop_uid = derived_uid(series_uid, "0")
+    ds.file_meta = _file_meta(str(ds.SOPClassUID), sop_uid)
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, 1
+    ds.SeriesDescription = description[:64]
+
+
+def _set_pixels(ds: Dataset, stored: np.ndarray) -> None:
+    """Stored values (already unrescaled) into ``ds``'s own pixel encoding (bits, sign), clipped to its range."""
+    bits, alloc = int(ds.BitsStored), int(ds.BitsAllocated)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     dtype = {(8, False): np.uint8, (8, True): np.int8, (16, False): np.uint16, (16, True): np.int16}.get(
         (alloc, signed)
     )
     if dtype is None:
         raise ValueError(f"source pixels of {alloc} bits allocated cannot be written back (8 or 16 are)")
-    for key in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelData"):
+    for key in ("SmallestImagePixelValue", "LargestImagePixelValue"):
         if key in ds:
             delattr(ds, key)
-    if "PixelSpacing" in ds and not projection_spacing(ds)[1].startswith("PixelSpacing"):
-        del ds.PixelSpacing  # a zero PixelSpacing is no spacing (Type 3 in CR, 1C in DX): left out
-    sop_class = str(ds.SOPClassUID)
-    source_sop = str(ds.get("SOPInstanceUID", ""))
-    sop_uid = derived_uid(series_uid, "0")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    ds.SOPInstanceUID = sop_uid
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, 1
-    ds.SeriesDescription = description[:64]
-    source_type = ds.get("ImageType") or []
-    ds.ImageType = ["DERIVED", "SECONDARY", *(str(v) for v in (source_type if len(source_type) > 1 else [])[2:])]
-    if derived_from and source_sop:
-        ds.DerivationDescription = description[:1024]
-        source = Dataset()
-        source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = sop_class, source_sop
-        ds.SourceImageSequence = [source]
-        instance, ref = Dataset(), Dataset()
-        instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = sop_class, source_sop
-        ref.SeriesInstanceUID, ref.ReferencedInstanceSequence = derived_from, [instance]
-        ds.ReferencedSeriesSequence = [ref]
     ds.PixelData = np.ascontiguousarray(np.clip(stored, lo, hi).astype(dtype)).tobytes()
     ds["PixelData"].VR = "OW" if alloc > 8 else "OB"
+
+
+def _sop_ref(sop_class: str, sop_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_uid
+    return item
+
+
+def _referenced_series(series_uid: str, sop_class: str, sop_uid: str) -> list[Dataset]:
+    """A Referenced Series Sequence (Common Instance Reference) naming one instance of ``series_uid``."""
+    ref = Dataset()
+    ref.SeriesInstanceUID, ref.ReferencedInstanceSequence = series_uid, [_sop_ref(sop_class, sop_uid)]
+    return [ref]
+
+
+def _write_files(out_dir: str | os.PathLike[str], datasets: Iterable[Dataset]) -> list[Path]:
+    """``datasets`` as ``out_dir/00001.dcm``, ``00002.dcm``, ...: written into a staging folder beside ``out_dir``
+    and moved in only when every file is complete, so an error leaves nothing of this export in ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "00001.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return [path]
-
-
-# ----------------------------------------------------------------------------- export
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as stage:
+        for k, ds in enumerate(datasets):
+            names.append(f"{k + 1:05d}.dcm")
+            ds.save_as(Path(stage, names[-1]), enforce_file_format=True)
+        out.mkdir(exist_ok=True)  # only now, when every file is complete
+        for name in names:
+            os.replace(Path(stage, name), out / name)
+    return [out / name for name in names]
 
 
 def derived_uid(*parts: str) -> str:
@@ -751,8 +750,6 @@ def write_series(
     """Write a 3D volume (z, y, x) in modality units as a series of single-frame images."""
     if image.ndim != 3 or geometry.dims != 3:
         raise ValueError(f"write_series needs a 3D volume and geometry, got {image.shape}, {geometry.dims}D")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     d = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
     row, col, normal = d[:, 0], d[:, 1], d[:, 2]
     sx, sy, sz = geometry.spacing
@@ -766,16 +763,11 @@ def write_series(
     source_class = source_class or sop_class
     source_type = None if source_class in ENHANCED else identifiers.get("ImageType")  # Enhanced values differ
     image_type = derived_image_type(source_type, "AXIAL" if sop_class == CT_IMAGE else "OTHER")
-    paths = []
-    for k in range(image.shape[0]):
+
+    def instance(k: int) -> Dataset:
         sop_uid = derived_uid(series_uid, str(k))
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = pydicom.uid.UID(sop_class)
-        meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_uid)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()
-        ds.file_meta = meta
+        ds.file_meta = _file_meta(sop_class, sop_uid)
         for key in (*TYPE2, *TYPE2_BY_CLASS[sop_class]):
             setattr(ds, key, "")
         for key in (*COPIED, *TYPE2_BY_CLASS[sop_class], *(MR_TYPE1 if sop_class == MR_IMAGE else ())):
@@ -804,15 +796,10 @@ def write_series(
         if derived_from:
             ds.DerivationDescription = description[:1024]
             if len(sources) == image.shape[0] and all(sources):  # the source slice this one is made from
-                source = Dataset()
-                source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = source_class, sources[k]
-                ds.SourceImageSequence = [source]
-                instance, ref = Dataset(), Dataset()  # Common Instance Reference: the same instance, by series
-                instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = source_class, sources[k]
-                ref.SeriesInstanceUID, ref.ReferencedInstanceSequence = derived_from, [instance]
-                ds.ReferencedSeriesSequence = [ref]
+                ds.SourceImageSequence = [_sop_ref(source_class, sources[k])]
+                # Common Instance Reference: the same instance, by series
+                ds.ReferencedSeriesSequence = _referenced_series(derived_from, source_class, sources[k])
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
-        path = out / f"{k + 1:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+        return ds
+
+    return _write_files(out_dir, (instance(k) for k in range(image.shape[0])))

@@ -204,3 +204,26 @@ def test_the_validator_helper_reports_errors(tmp_path):
     errors = dciodvfy_errors(out)
     assert list(errors) == [out[0].name]
     assert any("ReferringPhysicianName" in e for e in errors[out[0].name])
+
+
+def test_an_export_that_fails_midway_leaves_nothing_in_its_folder(tmp_path, monkeypatch):
+    """A derived series appears whole or not at all (here the disk fills up at the third file)."""
+    real, calls = pydicom.dataset.Dataset.save_as, []
+
+    def disk_full_at_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "save_as", disk_full_at_third)
+    with pytest.raises(OSError, match="No space"):
+        write_series(phantom_ct(shape=(5, 8, 8)), OBLIQUE, tmp_path / "out", {}, derived_uid("full"), "x")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a staging folder is left
+    monkeypatch.setattr(pydicom.dataset.Dataset, "save_as", real)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("kept")
+    out = write_series(phantom_ct(shape=(5, 8, 8)), OBLIQUE, tmp_path / "out", {}, derived_uid("full"), "x")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001.dcm", "00002.dcm", "00003.dcm",
+                                                                   "00004.dcm", "00005.dcm", "notes.txt"]  # fmt: skip
+    assert out == [tmp_path / "out" / f"{k:05d}.dcm" for k in range(1, 6)] and len(list(tmp_path.iterdir())) == 1
