@@ -18,7 +18,7 @@ from typing import Any, TextIO
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@")
 # query parameters that carry credentials (presigned URLs, some DSNs)
 _QUERY = re.compile(
-    r"(?P<key>[?&](?:password|passwd|pwd|token|secret|X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=)"
+    r"(?P<key>[?&](?:password|passwd|pwd|[A-Za-z_]*token|secret|X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=)"
     r"(?P<value>[^&\s#]+)",
     re.IGNORECASE,
 )

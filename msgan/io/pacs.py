@@ -18,6 +18,7 @@ from typing import Any
 import requests
 
 from msgan.io.uids import check_uid
+from msgan.redact import redact_text, redact_uri
 
 TAGS = {
     "StudyInstanceUID": "0020000D",
@@ -121,8 +122,6 @@ class DicomWebClient:
     def __init__(self, url: str, user: str | None = None, password: str | None = None, timeout: float = 120.0):
         from urllib.parse import unquote, urlsplit
 
-        from msgan.redact import redact_uri
-
         if not url.startswith(("http://", "https://")):
             raise ValueError(
                 f"PACS URL {redact_uri(url)!r}: expected the DICOMweb root, e.g. http://orthanc:8042/dicom-web"
@@ -133,6 +132,7 @@ class DicomWebClient:
             password = password if password is not None else unquote(parts.password or "")
             url = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
         self.url = url.rstrip("/")
+        self.shown_url = redact_uri(self.url)  # what messages and repr show (a ?token=... query is masked)
         self._auth = (user, password or "") if user else None
         self.timeout = timeout
 
@@ -144,17 +144,18 @@ class DicomWebClient:
         return cls(url, os.environ.get("MSGAN_PACS_USER"), os.environ.get("MSGAN_PACS_PASSWORD"))
 
     def __repr__(self) -> str:
-        return f"DicomWebClient({self.url!r}, user={'set' if self._auth else 'none'})"
+        return f"DicomWebClient({self.shown_url!r}, user={'set' if self._auth else 'none'})"
 
     def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
         try:
             r = requests.request(method, f"{self.url}{path}", auth=self._auth, timeout=self.timeout, **kw)
         except requests.RequestException as err:
-            raise PacsError(f"PACS {self.url} unreachable ({type(err).__name__})") from None
+            raise PacsError(f"PACS {self.shown_url} unreachable ({type(err).__name__})") from None
         if r.status_code == 401:
-            raise PacsError(f"PACS {self.url}: {method} {path} refused the credentials (HTTP 401)")
+            raise PacsError(f"PACS {self.shown_url}: {method} {path} refused the credentials (HTTP 401)")
         if r.status_code >= 400:
-            raise PacsError(f"PACS {self.url}: {method} {path} failed: HTTP {r.status_code} {r.text[:300]}")
+            body = redact_text(r.text[:300])  # a PACS may echo the request
+            raise PacsError(f"PACS {self.shown_url}: {method} {path} failed: HTTP {r.status_code} {body}")
         return r
 
     @staticmethod
@@ -212,9 +213,11 @@ class DicomWebClient:
             try:
                 files = write_multipart(r.iter_content(CHUNK_BYTES), r.headers.get("Content-Type", ""), out)
             except requests.RequestException as err:
-                raise PacsError(f"PACS {self.url}: series {series_uid} broke off ({type(err).__name__})") from None
+                raise PacsError(
+                    f"PACS {self.shown_url}: series {series_uid} broke off ({type(err).__name__})"
+                ) from None
         if not files:
-            raise PacsError(f"PACS {self.url}: series {series_uid} returned no instances")
+            raise PacsError(f"PACS {self.shown_url}: series {series_uid} returned no instances")
         return files
 
     # -- STOW-RS
@@ -236,6 +239,8 @@ class DicomWebClient:
             result = r.json() if r.content else {}
             failed = result.get("00081198", {}).get("Value", [])
             if failed:
-                raise PacsError(f"PACS {self.url}: refused {len(failed)} of {len(files[i : i + batch])} instances")
+                raise PacsError(
+                    f"PACS {self.shown_url}: refused {len(failed)} of {len(files[i : i + batch])} instances"
+                )
             accepted += len(result.get("00081199", {}).get("Value", []))
         return accepted

@@ -70,3 +70,10 @@ def test_a_truncated_multipart_body_raises_and_leaves_no_half_instance(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["00000.dcm"]  # the complete part; no .part file left
     with pytest.raises(PacsError, match="without a boundary"):
         write_multipart([body], "multipart/related", tmp_path)
+
+
+def test_a_token_in_the_pacs_url_reaches_no_message_or_repr():
+    client = DicomWebClient("http://127.0.0.1:9/dicom-web?access_token=SECRET-TOKEN-1", timeout=2)
+    with pytest.raises(PacsError, match="unreachable") as info:
+        client.find_series()
+    assert "SECRET-TOKEN-1" not in str(info.value) and "SECRET-TOKEN-1" not in repr(client)
