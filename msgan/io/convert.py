@@ -140,13 +140,16 @@ def export(
     ids: dict[str, Any] = dict(source.get("dicom", {})) if isinstance(source, dict) else {}
     model = meta.get("translated_by")
     src_uid = ids.get("SeriesInstanceUID")
+    enhanced_source = str(ids.get("SOPClassUID", "")) in ENHANCED and "Header" in ids
+    # Deterministic from the source series and the model version (a retried push is the same objects); the classic
+    # form of an Enhanced source is another series: the same UIDs would name an Enhanced and a classic instance.
+    form = ("classic",) if enhanced_source and classic and image.ndim == 3 else ()
+    series_uid = derived_uid(str(src_uid or volume), str(model or "export"), *form)
     if model:
-        series_uid = derived_uid(str(src_uid or volume), str(model))
         what = description or f"msgan {model} from {ids.get('SeriesDescription', 'series')}"
     else:
-        series_uid = derived_uid(str(src_uid or volume), "export")
         what = description or str(ids.get("SeriesDescription", "msgan export"))
-    enhanced = str(ids.get("SOPClassUID", "")) in ENHANCED and "Header" in ids and not classic
+    enhanced = enhanced_source and not classic
     write = write_projection if image.ndim == 2 else write_enhanced if enhanced else write_series
     files = write(image, geom, out, ids, series_uid, what, derived_from=src_uid if model else None)
     return Exported(files, series_uid)

@@ -89,6 +89,12 @@ def test_enhanced_mr_round_trip_through_a_cascade(tmp_path):
     classic = export(translated, tmp_path / "classic", classic=True).files
     assert len(classic) == frames.shape[0] and pydicom.dcmread(classic[0]).SOPClassUID == "1.2.840.10008.5.1.4.1.1.4"
     assert_valid_dicom(classic)
+    # each form is its own derived series, the same on a retry: no UID names both an Enhanced and a classic object
+    uids = {f: (pydicom.dcmread(f).SeriesInstanceUID, pydicom.dcmread(f).SOPInstanceUID) for f in [*out, *classic]}
+    assert uids[out[0]][0] != uids[classic[0]][0] and uids[out[0]][1] not in {uids[f][1] for f in classic}
+    assert [pydicom.dcmread(f).SOPInstanceUID for f in export(translated, tmp_path / "again").files] == [
+        uids[out[0]][1]
+    ]
 
 
 def test_frames_stored_out_of_order_are_sorted_and_written_back_in_the_source_order(tmp_path):
