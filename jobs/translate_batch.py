@@ -78,4 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # msgan from this checkout
+    from msgan.console import run_entry, set_verbose  # stdlib only: a missing dependency becomes one line
+
+    set_verbose("--verbose" in sys.argv)
+    sys.exit(run_entry("translate_batch", main, verbose="--verbose" in sys.argv))

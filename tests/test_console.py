@@ -70,7 +70,15 @@ def test_missing_module_names_the_package_and_the_python():
     assert "'msgan_no_such_package'" in line and sys.executable in line
 
 
-def test_job_under_a_python_without_the_dependencies_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "job,args",
+    [
+        ("train_all_scales.py", ["--config", str(REPO / "configs" / "demo.yaml")]),
+        ("translate_batch.py", ["--model", "m", "--inputs", "in.zarr", "--output", "out"]),
+        ("translate_pacs_exports.py", ["--model", "m"]),
+    ],
+)
+def test_job_under_a_python_without_the_dependencies_says_so_in_one_line(tmp_path, job, args):
     """The issue's case: `ray job submit` ran the job with a `python` that lacks torch. Before, the
     job died with UnboundLocalError (JobFailed imported inside the try its except names)."""
     python = Path("/usr/bin/python3")
@@ -78,7 +86,7 @@ def test_job_under_a_python_without_the_dependencies_says_so_in_one_line(tmp_pat
     if probe is None or probe.returncode == 0:
         pytest.skip("needs a system python3 without torch")
     r = subprocess.run(
-        [str(python), str(REPO / "jobs" / "train_all_scales.py"), "--config", str(REPO / "configs" / "demo.yaml")],
+        [str(python), str(REPO / "jobs" / job), *args],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert r.returncode == 1, r.stderr
