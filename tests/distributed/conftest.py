@@ -35,6 +35,7 @@ def job_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
     env["PYTHONUNBUFFERED"] = "1"
+    env["MSGAN_HOME"] = str(tmp_path / "msgan-home")  # relative paths and job outputs: never the user's ~/.msgan
     return env
 
 
