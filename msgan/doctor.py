@@ -195,9 +195,33 @@ def check_gpu(need: str = "auto") -> Check:
         return Check("gpu", need != "gpu", f"cannot query CUDA ({_one_line(err)})", warn=True)
     if n:
         return Check("gpu", True, f"{n} visible ({names}), torch {torch.__version__}")
+    smi = _nvidia_smi_gpus()
+    if smi and torch.version.cuda is None:
+        return Check(
+            "gpu",
+            need != "gpu",
+            f"nvidia-smi lists {smi[0]} but torch {torch.__version__} is a CPU build: reinstall with "
+            f'make TORCH="torch==<version> --index-url <CUDA wheel index>" install',
+            warn=True,
+        )
     if need == "gpu":
         return Check("gpu", False, f"none visible to torch {torch.__version__}, but GPUs are required")
     return Check("gpu", True, f"none visible (torch {torch.__version__}): training and translation run on CPU")
+
+
+def _nvidia_smi_gpus() -> list[str]:
+    """GPU names nvidia-smi lists (empty when it is missing or fails)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=TIMEOUT_S).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.split(":", 1)[1].split("(")[0].strip() for line in out.splitlines() if line.startswith("GPU ")]
 
 
 def run_checks(storage_uri: str, need_gpu: str = "auto") -> list[Check]:

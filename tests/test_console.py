@@ -124,3 +124,12 @@ def test_raylet_process_hints_are_dropped_and_its_other_messages_kept(capsys):
     ray_worker.print_to_stdstream({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     out = capsys.readouterr().out
     assert "PYTHON worker processes" not in out and died in out
+
+
+def test_verbose_forwards_ray_workers_and_logs():
+    import logging
+
+    from msgan.console import ray_init_kwargs
+
+    assert ray_init_kwargs(False) == {"log_to_driver": False, "logging_level": logging.WARNING}
+    assert ray_init_kwargs(True) == {"log_to_driver": True, "logging_level": logging.INFO}

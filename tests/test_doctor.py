@@ -1,3 +1,4 @@
+import os
 import socket
 
 import pytest
@@ -55,3 +56,18 @@ def test_doctor_reaches_a_real_pacs_and_names_refused_credentials(env, orthanc, 
     assert main(["doctor", "--storage", str(env / "store")]) == 1
     out = capsys.readouterr().out
     assert "FAIL  pacs" in out and "refused the credentials (HTTP 401)" in out and "wrong-" not in out
+
+
+def test_doctor_names_a_cpu_torch_on_a_gpu_machine(env, tmp_path, monkeypatch, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is not None:
+        pytest.skip("this torch is a CUDA build")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"  # what the driver's tool prints on a GPU node
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0000)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert main(["doctor", "--storage", str(env / "store"), "--gpu", "gpu"]) == 1
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if " gpu " in ln]
+    assert line.startswith("FAIL") and "nvidia-smi lists NVIDIA H200 but torch" in line and "CPU build" in line
