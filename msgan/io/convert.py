@@ -47,10 +47,35 @@ class IngestReport:
     notes: dict[str, list[str]] = field(default_factory=dict)
 
 
-def ingest(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> IngestReport:
-    """DICOM folder or S3 prefix (one or more series), or a NIfTI/MHA/NRRD file -> OME-Zarr.
+def _destination(out: str | os.PathLike[str], name: str, single: bool = True) -> str:
+    """Where an ingested volume goes: ``out`` itself when it names a zarr (``*.zarr``) and one volume goes there,
+    else ``out/<name>.zarr``. Writing replaces the destination whole, so a path there that is not a zarr store
+    (a folder of other files, a file) is refused, never deleted."""
+    dest = storage.normalize_uri(out)
+    uri = dest if single and dest.rstrip("/").lower().endswith(ZARR_SUFFIXES) else storage.join(dest, f"{name}.zarr")
+    fs, path = storage.filesystem(uri)
+    if fs.exists(path) and (
+        fs.isfile(path) or not any(fs.exists(f"{path.rstrip('/')}/{m}") for m in ("zarr.json", ".zgroup", ".zarray"))
+    ):
+        raise ValueError(
+            f"{uri}: exists and is not a zarr store; ingest replaces its destination whole, so it will not delete "
+            f"it: give a new *.zarr path or a folder to put <name>.zarr in"
+        )
+    return uri
 
-    One series (or a file) goes to ``out`` (``*.zarr``); several go to ``out/<SeriesInstanceUID>.zarr``.
+
+def _stem(source: str | os.PathLike[str]) -> str:
+    """The name of a volume file without its volume suffix (``ct.nii.gz`` -> ``ct``)."""
+    name = str(source).rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(suffix_of(name))] or "volume"
+
+
+def ingest(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> IngestReport:
+    """DICOM folder or S3 prefix (one or more series), or a NIfTI/MHA/NRRD file or a foreign zarr -> OME-Zarr.
+
+    One series (or a file) goes to ``out`` when it names a zarr (``*.zarr``), else to ``out/<name>.zarr`` (the
+    file's name); several series go to ``out/<SeriesInstanceUID>.zarr``. An existing destination that is not a zarr
+    store is refused (never replaced).
     """
     report = IngestReport()
     if str(source).startswith("s3://"):  # an S3 prefix of DICOM files: fetched once, read like a folder
@@ -67,23 +92,25 @@ def ingest(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> Inges
         image, geom, notes = read_foreign_zarr(storage.normalize_uri(source))
         for note in notes:
             warnings.warn(note, stacklevel=2)
-        dest = storage.normalize_uri(out)
+        dest = _destination(out, _stem(source))
         write_zarr(dest, [image], geom, attrs={"source": str(source), "notes": notes})
         report.written[str(source)] = dest
         report.notes[str(source)] = notes
         return report
     if src.is_file() and str(src).lower().endswith(ITK_SUFFIXES):
         image, geom = read_volume(src)
-        dest = storage.normalize_uri(out)
+        dest = _destination(out, _stem(src))
         write_zarr(dest, [image.astype(np.float32)], geom, attrs={"source": str(src)})
         report.written[str(src)] = dest
         return report
     result = read_series([src])
     report.errors, report.skipped = dict(result.errors), dict(result.skipped)
-    dest = storage.normalize_uri(out)
-    single = len(result.volumes) == 1 and dest.endswith(".zarr")
     for v in result.volumes:
-        uri = dest if single else storage.join(dest, f"{check_uid(v.series_uid, 'SeriesInstanceUID')}.zarr")
+        try:
+            uri = _destination(out, check_uid(v.series_uid, "SeriesInstanceUID"), single=len(result.volumes) == 1)
+        except ValueError as err:
+            report.errors[v.series_uid] = str(err)
+            continue
         write_zarr(uri, [v.image], v.geometry, attrs={"source": "dicom", "dicom": v.identifiers, "notes": v.notes})
         report.written[v.series_uid] = uri
         if v.notes:

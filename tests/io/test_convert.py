@@ -83,3 +83,26 @@ def test_a_single_series_with_an_invalid_uid_writes_nothing(tmp_path, capsys):
         assert main(["ingest", str(tmp_path / "in"), str(tmp_path / "v.zarr")]) == 1
     assert "REFUSED (invalid UID '1..2')" in capsys.readouterr().err
     assert not (tmp_path / "v.zarr").exists() and not list(tmp_path.glob(".v.zarr*"))
+
+
+def test_ingest_never_deletes_a_folder_or_file_that_is_not_a_zarr(tmp_path, capsys):
+    """`msgan ingest ct.nii.gz ~/data` once replaced ~/data (and all it held) by the volume."""
+    write_volume(tmp_path / "ct.nii.gz", np.zeros((3, 8, 8), np.float32), OBLIQUE)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "thesis.txt").write_text("precious")
+    assert main(["ingest", str(tmp_path / "ct.nii.gz"), str(data)]) == 0
+    assert (data / "thesis.txt").read_text() == "precious"  # the volume goes beside it, named after the file
+    np.testing.assert_array_equal(read_volume(data / "ct.zarr")[0], np.zeros((3, 8, 8), np.float32))
+    (tmp_path / "notes.zarr").mkdir()
+    (tmp_path / "notes.zarr" / "mine.txt").write_text("kept")
+    with pytest.raises(ValueError, match=r"notes.zarr: exists and is not a zarr store"):
+        ingest(tmp_path / "ct.nii.gz", tmp_path / "notes.zarr")
+    assert (tmp_path / "notes.zarr" / "mine.txt").read_text() == "kept"
+    _, uid, _ = write_ct_series(tmp_path / "dicom", seed=12)
+    (tmp_path / "out" / f"{uid}.zarr").mkdir(parents=True)
+    (tmp_path / "out" / f"{uid}.zarr" / "mine.txt").write_text("kept")
+    assert main(["ingest", str(tmp_path / "dicom"), str(tmp_path / "out")]) == 1  # refused by name, nothing deleted
+    assert "is not a zarr store" in capsys.readouterr().err
+    assert (tmp_path / "out" / f"{uid}.zarr" / "mine.txt").read_text() == "kept"
+    assert main(["ingest", str(tmp_path / "ct.nii.gz"), str(data / "ct.zarr")]) == 0  # a zarr is replaced, as before
