@@ -317,10 +317,16 @@ class ProgressBoard:
         """Poll in a thread, handing each item to ``handler``; returns ``stop()`` (which drains what is left)."""
         stop = threading.Event()
 
+        def handle(item: dict[str, Any]) -> None:
+            try:
+                handler(item)
+            except Exception as err:  # a malformed item must not end the progress thread
+                print(f"(progress: {describe_error(err)})", file=sys.stderr)
+
         def loop() -> None:
             while not stop.wait(interval):
                 for item in self.take():
-                    handler(item)
+                    handle(item)
 
         thread = threading.Thread(target=loop, name="msgan-progress", daemon=True)
         thread.start()
@@ -329,7 +335,7 @@ class ProgressBoard:
             stop.set()
             thread.join(timeout=15)
             for item in self.take():
-                handler(item)
+                handle(item)
 
         return finish
 
