@@ -7,6 +7,7 @@ their command line, the client server that names that cluster's GCS address, and
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,10 +55,10 @@ def ray_processes(temp_dir: Path) -> list[psutil.Process]:
     return list(found.values())
 
 
-def stop_ray(temp_dir: Path, timeout: float = 30.0) -> int:
+def stop_ray(temp_dir: Path, timeout: float = 30.0, remove: bool = True) -> int:
     """SIGKILL the processes of the cluster(s) under ``temp_dir`` (what `ray stop --force` does, to those
-    only); returns how many there were. Searches again until none are left: a dying raylet may still be
-    starting workers."""
+    only), then remove ``temp_dir`` (unless ``remove`` is false); returns how many processes there were.
+    Searches again until none are left: a dying raylet may still be starting workers."""
     total: set[int] = set()
     deadline = time.time() + timeout
     while procs := ray_processes(temp_dir):
@@ -70,6 +71,8 @@ def stop_ray(temp_dir: Path, timeout: float = 30.0) -> int:
             except psutil.NoSuchProcess:
                 continue
         psutil.wait_procs(procs, timeout=3)
+    if remove:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return len(total)
 
 
