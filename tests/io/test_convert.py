@@ -106,3 +106,13 @@ def test_ingest_never_deletes_a_folder_or_file_that_is_not_a_zarr(tmp_path, caps
     assert "is not a zarr store" in capsys.readouterr().err
     assert (tmp_path / "out" / f"{uid}.zarr" / "mine.txt").read_text() == "kept"
     assert main(["ingest", str(tmp_path / "ct.nii.gz"), str(data / "ct.zarr")]) == 0  # a zarr is replaced, as before
+
+
+def test_ingest_to_an_s3_prefix_keeps_what_it_holds(s3_bucket, tmp_path):
+    """On s3:// a zarr written in mode w clears its prefix: a volume goes to PREFIX/<file name>.zarr instead."""
+    write_volume(tmp_path / "ct.nii.gz", np.zeros((3, 8, 8), np.float32), OBLIQUE)
+    fs, _ = storage.filesystem(f"s3://{s3_bucket}")
+    fs.pipe_file(f"{s3_bucket}/data/thesis.txt", b"precious")
+    report = ingest(tmp_path / "ct.nii.gz", f"s3://{s3_bucket}/data")
+    assert report.written == {str(tmp_path / "ct.nii.gz"): f"s3://{s3_bucket}/data/ct.zarr"}
+    assert fs.cat_file(f"{s3_bucket}/data/thesis.txt") == b"precious"
