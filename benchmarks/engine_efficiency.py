@@ -9,7 +9,8 @@ For each HR scale of an untrained cascade translating a ``size``^dims phantom in
   (halos, border padding and the padded last batch included; :func:`msgan.memory.conv_flops`)
   divided by the scale's wall time including the reads and writes of every tile;
 - the practical limit: GFLOP/s of the generator alone on the same batch shape and threads,
-  fed from memory (no reads, no writes, no input building);
+  fed from memory (no reads, no writes, no input building; median of ``--repeats`` passes,
+  timed first, so the translate runs on a warm shape as a long-lived actor does);
 - ratio = achieved / limit;
 - halo cost: (FLOPs run - FLOPs of one pass over exactly the volume's voxels) / the latter.
 """
@@ -59,13 +60,15 @@ def batch_inputs(gen: HRGenerator, run: tuple[int, ...], batch: int) -> tuple[to
 
 @torch.no_grad()
 def generator_alone(gen: HRGenerator, x: torch.Tensor, c: torch.Tensor | None, repeats: int) -> float:
-    """Seconds per forward pass of ``gen`` on ``x`` (one warm-up pass first)."""
+    """Median seconds per forward pass of ``gen`` on ``x`` (after one warm-up pass)."""
     gen.eval()
     gen(x, c)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         gen(x, c)
-    return (time.perf_counter() - t0) / repeats
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def main() -> None:
@@ -75,7 +78,7 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=None, help="tile core; default: from the memory budget")
     p.add_argument("--batch", type=int, default=None, help="tiles per forward pass; default: inference.batch_size")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeats", type=int, default=3, help="forward passes timed for the generator alone")
+    p.add_argument("--repeats", type=int, default=5, help="forward passes timed for the generator alone (median)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,11 +105,11 @@ def main() -> None:
         x, c = batch_inputs(gen, tiles[0].run_shape, bs)
         per_batch = conv_flops(gen, x, c)
         flops = per_batch * len(batches)
+        alone = per_batch / generator_alone(gen, x, c, args.repeats)  # also warms this shape up, as an actor has
         out = np.zeros(grid, np.float32)
         t0 = time.perf_counter()
         run_scale(gen, {**levels[s], "prev": prev}, out, core, bs)
         wall = time.perf_counter() - t0
-        alone = per_batch / generator_alone(gen, x, c, args.repeats)
         achieved = flops / wall
         useful = per_voxel_flops(gen, cfg.dims) * math.prod(grid)
         print(f"{s:>5} {'x'.join(map(str, grid)):>15} {core:>4} {gen.halo:>4} {len(tiles):>6} {flops / 1e9:8.1f} "
