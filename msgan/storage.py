@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import fsspec
 
+from msgan.redact import redact_uri
+
 DEFAULT_STORAGE = "runs/storage"
 
 
@@ -30,7 +32,7 @@ def normalize_uri(uri: str | os.PathLike[str]) -> str:
     if s.startswith("file://"):
         s = s[len("file://") :]
     elif "://" in s:
-        raise ValueError(f"storage URI {uri!r}: only file:// and s3:// are supported")
+        raise ValueError(f"storage URI {redact_uri(s)!r}: only file:// and s3:// are supported")
     return "file://" + str(Path(s).expanduser().resolve())
 
 
@@ -40,7 +42,7 @@ def is_s3(uri: str) -> bool:
 
 def local_path(uri: str) -> Path:
     if not uri.startswith("file://"):
-        raise ValueError(f"{uri!r} is not a file:// URI")
+        raise ValueError(f"{redact_uri(uri)!r} is not a file:// URI")
     return Path(uri[len("file://") :])
 
 

@@ -32,3 +32,9 @@ def test_s3_text_roundtrip(s3_bucket):
     path, fs = storage.pyarrow_storage(f"s3://{s3_bucket}/ray")
     assert path == f"{s3_bucket}/ray" and fs is not None
     assert Path(storage.pyarrow_storage("file:///tmp/r")[0]) == Path("/tmp/r")
+
+
+def test_a_refused_uri_is_shown_without_its_password():
+    with pytest.raises(ValueError, match=r"http://u:\*\*\*@host/x'?: only file:// and s3://") as err:
+        storage.normalize_uri("http://u:pa55word@host/x")
+    assert "pa55word" not in str(err.value)
