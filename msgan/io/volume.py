@@ -130,9 +130,13 @@ def _write_group(group: zarr.Group, levels: Sequence[np.ndarray], chunks: int | 
         arr[...] = lv
 
 
+MM_PER_UNIT = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "centimeter": 10.0, "meter": 1000.0}
+
+
 def read_foreign_zarr(uri: str) -> tuple[np.ndarray, Geometry, list[str]]:
     """A zarr that msgan did not write: a bare 2D/3D array (identity geometry, with a warning note) or an
-    OME-Zarr image (level 0; spacing and origin from its first dataset's scale/translation, no rotation)."""
+    OME-Zarr image (level 0; spacing and origin in mm from its first dataset's scale/translation, then the
+    multiscale's, and the axes' units; no rotation)."""
     from msgan import storage
 
     store, options = storage.zarr_store(uri)
@@ -158,6 +162,18 @@ def read_foreign_zarr(uri: str) -> tuple[np.ndarray, Geometry, list[str]]:
         shift = transforms.get("translation", {}).get("translation", [0.0] * arr.ndim)
         if len(scale) != arr.ndim or len(shift) != arr.ndim:
             raise ValueError(f"scale {scale} / translation {shift} do not match {arr.ndim} axes")
+        outer = {t["type"]: t for t in ms[0].get("coordinateTransformations", [])}  # applied after the dataset's
+        s2 = outer.get("scale", {}).get("scale", [1.0] * arr.ndim)
+        t2 = outer.get("translation", {}).get("translation", [0.0] * arr.ndim)
+        axes = [a if isinstance(a, dict) else {"name": a} for a in ms[0].get("axes") or [{}] * arr.ndim]
+        if len(axes) != arr.ndim or any(a.get("type", "space") != "space" for a in axes):
+            raise ValueError(f"axes {axes}: a volume has space axes only (zyx or yx)")
+        units = [a.get("unit") or "millimeter" for a in axes]
+        if not set(units) <= set(MM_PER_UNIT):
+            raise ValueError(f"axis units {units}: one of {', '.join(MM_PER_UNIT)} is needed to get millimetres")
+        mm = [MM_PER_UNIT[u] for u in units]
+        scale = [a * b * f for a, b, f in zip(scale, s2, mm, strict=True)]
+        shift = [(a * b + c) * f for a, b, c, f in zip(shift, s2, t2, mm, strict=True)]
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"{uri}: unusable OME multiscales metadata ({type(err).__name__}: {err})") from err
     geom = Geometry(tuple(map(float, reversed(scale))), tuple(map(float, reversed(shift))),

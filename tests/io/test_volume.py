@@ -88,3 +88,27 @@ def test_a_foreign_ome_zarr_is_ingested_with_its_spacing(tmp_path):
         ingest(tmp_path / "f.zarr", tmp_path / "v.zarr")
     _, geom = read_volume(tmp_path / "v.zarr")
     assert geom.allclose(Geometry((0.5, 0.6, 2.0), (1.0, 2.0, 3.0), tuple(np.eye(3).ravel())))
+
+
+def test_a_foreign_ome_zarr_in_micrometres_with_a_multiscale_transform_gets_its_size_in_mm(tmp_path):
+    """NGFF: axis units and the multiscale-level transform (after the dataset's) count; a channel axis is refused."""
+    from msgan.io.convert import ingest
+
+    a = np.ones((3, 4, 5), np.float32)
+    write_zarr(tmp_path / "f.zarr", [a], Geometry((500.0, 600.0, 1000.0), (10.0, 20.0, 30.0), tuple(np.eye(3).ravel())))
+    g = zarr.open_group(str(tmp_path / "f.zarr"), mode="r+")
+    ome = dict(g.attrs["ome"])
+    ms = ome["multiscales"][0]
+    ms["axes"] = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    ms["coordinateTransformations"] = [{"type": "scale", "scale": [2.0, 2.0, 2.0]},
+                                       {"type": "translation", "translation": [1.0, 1.0, 1.0]}]  # fmt: skip
+    g.attrs["ome"] = ome
+    del g.attrs["msgan"]
+    with pytest.warns(UserWarning, match="direction"):
+        ingest(tmp_path / "f.zarr", tmp_path / "v.zarr")
+    _, geom = read_volume(tmp_path / "v.zarr")  # x: 500 um * 2 = 1 mm; origin (10 um * 2 + 1 um) = 0.021 mm
+    assert geom.allclose(Geometry((1.0, 1.2, 2.0), (0.021, 0.041, 0.061), tuple(np.eye(3).ravel())), atol=1e-9)
+    ms["axes"][0] = {"name": "c", "type": "channel"}
+    g.attrs["ome"] = ome
+    with pytest.raises(ValueError, match="space axes only"):
+        ingest(tmp_path / "f.zarr", tmp_path / "w.zarr")
