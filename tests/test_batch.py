@@ -56,7 +56,8 @@ def test_published_output_does_not_depend_on_tile(tmp_path, cascade):
         task = batch.volume_task(str(tmp_path / "in" / "v2.zarr"), str(tmp_path / f"out{tile}"), "m/1")
         batch.translate_volume(task, cascade, tile=tile)
         outs.append(zarr.open_group(str(tmp_path / f"out{tile}" / "v2.zarr"), mode="r")["0"][...])
-    assert float(np.abs(outs[0] - outs[1]).max()) < 1e-2
+    spread = float(outs[0].max() - outs[0].min())
+    assert float(np.abs(outs[0] - outs[1]).max()) <= 1e-5 * spread, "tile sizes differ by float rounding only"
 
 
 @pytest.mark.parametrize(
