@@ -129,6 +129,24 @@ class Results:
         entry["seeds"].append(seed)
         self.save()
 
+    def merge(self, other: Results) -> int:
+        """Add the volumes ``other`` measured that this file lacks (runs of other methods in parallel
+        write their own files); returns how many were added."""
+        added = 0
+        for task, rows in other.data.items():
+            for method, entry in rows.items():
+                for i, seed in enumerate(entry["seeds"]):
+                    if not self.done(task, method, seed):
+                        self.add(task, method, seed, {k: v[i] for k, v in entry.items() if k != "seeds"})
+                        added += 1
+        for task, methods in other.meta.get("methods", {}).items():
+            for method, info in methods.items():
+                self.meta["methods"].setdefault(task, {}).setdefault(method, {}).update(info)
+        for task, ref in other.meta.get("reference", {}).items():
+            self.meta.setdefault("reference", {}).setdefault(task, {}).update(ref)
+        self.save()
+        return added
+
     def note(self, task: str, method: str, **info: Any) -> None:
         self.meta["methods"].setdefault(task, {}).setdefault(method, {}).update(info)
         self.save()
@@ -440,6 +458,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="training processes")
     p.add_argument("--set", action="append", default=[], help="config override for every task, KEY=VALUE")
     p.add_argument("--tables", action="store_true", help="only print and write the tables")
+    p.add_argument("--merge", nargs="+", default=[], help="results files of parallel runs to merge into --out")
     args = p.parse_args()
     if args.smoke:
         args.shape = 32
@@ -457,7 +476,10 @@ def main() -> None:
     def log(msg: str) -> None:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
-    if not args.tables:
+    for other in args.merge:
+        n = results.merge(Results(Path(other), results.meta))
+        log(f"merged {n} volumes from {other}")
+    if not args.tables and not args.merge:
         log(f"tasks {args.tasks}, methods {args.methods}, {args.shape}^3, held-out {heldout} -> {out}")
         for task in args.tasks:
             try:
