@@ -124,9 +124,8 @@ def test_code_stored_with_a_registered_model_is_never_run(tracking, tmp_path):
         "class M(PythonModel):\n    def predict(self, context, model_input, params=None):\n        return model_input\n"
         "set_model(M())\n"
     )
-    mlflow.set_tracking_uri(tracking)
     exp = MlflowClient(tracking).create_experiment("pyfunc", artifact_location=f"file://{tmp_path}/pyfunc")
-    with mlflow.start_run(experiment_id=exp):
+    with mlflow.start_run(experiment_id=exp):  # MLflow's fluent API follows MLFLOW_TRACKING_URI (the fixture's)
         info = mlflow.pyfunc.log_model(name="cascade", python_model=str(code))
     marker.unlink(missing_ok=True)  # logging itself ran the code once, on the attacker's side
     mlflow.register_model(info.model_uri, "pyfunc-model")
