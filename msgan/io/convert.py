@@ -30,8 +30,8 @@ from msgan.io.volume import (
     ITK_SUFFIXES,
     ZARR_SUFFIXES,
     Geometry,
-    not_a_volume_message,
     read_foreign_zarr,
+    read_level,
     read_volume,
     suffix_of,
     write_volume,
@@ -125,19 +125,8 @@ class Exported:
 
 
 def _open_volume(uri: str) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
-    import zarr
-
-    store, opts = storage.zarr_store(storage.normalize_uri(uri))
-    try:
-        g = zarr.open_group(store, mode="r", storage_options=opts)
-    except Exception as err:  # a bare array, a missing or broken store
-        raise ValueError(not_a_volume_message(uri, err)) from err
-    meta: dict[str, Any] = dict(g.attrs.get("msgan", {}))  # type: ignore[arg-type]
-    if "geometry" not in meta or "0" not in g:
-        raise ValueError(f"{uri}: not an msgan volume (no geometry or level 0)")
-    arr = g["0"]
-    assert isinstance(arr, zarr.Array)
-    return np.asarray(arr[...]), Geometry.from_dict(meta["geometry"]), meta
+    arr, geom, meta = read_level(uri, 0)  # the one reader: a VolumeError (a ValueError) naming the volume
+    return np.asarray(arr[...]), geom, meta
 
 
 def export(
