@@ -207,16 +207,43 @@ def _floats(v: Any) -> tuple[float, ...]:
     return tuple(float(x) for x in v)
 
 
+def _plane(name: str, label: str, values: dict[str, Any], thickness: Any, tilt: Any) -> _Plane:
+    """A slice's plane from its ImagePositionPatient, ImageOrientationPatient and PixelSpacing, or a DicomError
+    naming the slice when one is missing, has the wrong number of values, or cannot be geometry."""
+    counts = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+    got = {}
+    for tag, n in counts.items():
+        value = values.get(tag)
+        if value in (None, ""):
+            raise DicomError(f"series {name}: {label} has no {tag}; its geometry would be guessed")
+        try:
+            got[tag] = _floats(value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])
+        except (TypeError, ValueError):
+            got[tag] = ()
+        if len(got[tag]) != n or not np.isfinite(got[tag]).all():
+            raise DicomError(f"series {name}: {label} has {tag} {value!s:.80}; it needs {n} finite numbers")
+    iop, spacing = np.asarray(got["ImageOrientationPatient"]), got["PixelSpacing"]
+    if min(np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])) < 0.5 or min(spacing) <= 0:
+        raise DicomError(f"series {name}: {label} has ImageOrientationPatient {list(iop)} and PixelSpacing "
+                         f"{list(spacing)}; direction cosines must be unit vectors and spacing positive")  # fmt: skip
+    return _Plane(label, got["ImagePositionPatient"], got["ImageOrientationPatient"], spacing,
+                  _number(thickness, 1.0), _number(tilt, 0.0))  # fmt: skip
+
+
+def _number(value: Any, default: float) -> float:
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
 def _series_geometry(name: str, slices: list[tuple[Path, Dataset]]) -> tuple[list[Path], Geometry, list[str]]:
     """Sort slices along their normal and derive the geometry; refuse what SimpleITK would get wrong."""
-    planes = []
-    for p, ds in slices:
-        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if tag not in ds or ds.get(tag) in (None, ""):
-                raise DicomError(f"series {name}: {p.name} has no {tag}; its geometry would be guessed")
-        planes.append(_Plane(p.name, _floats(ds.ImagePositionPatient), _floats(ds.ImageOrientationPatient),
-                             _floats(ds.PixelSpacing), float(ds.get("SliceThickness", 1.0) or 1.0),
-                             float(ds.get("GantryDetectorTilt", 0) or 0)))  # fmt: skip
+    tags = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+    planes = [
+        _plane(name, p.name, {t: ds.get(t) for t in tags}, ds.get("SliceThickness"), ds.get("GantryDetectorTilt"))
+        for p, ds in slices
+    ]
     order, geom = _stack_geometry(name, planes)
     return [slices[i][0] for i in order], geom, []
 
@@ -400,14 +427,9 @@ def _enhanced(uid: str, p: Path, ds: Dataset, notes: list[str]) -> SeriesVolume:
             "ImageOrientationPatient": _functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient"),
             "PixelSpacing": _functional(ds, k, "PixelMeasuresSequence", "PixelSpacing"),
         }
-        for tag, value in got.items():
-            if value in (None, "") or len(value) not in (2, 3, 6):
-                raise DicomError(f"series {uid}: {p.name} frame {k + 1} has no {tag} in its functional groups; "
-                                 f"its geometry would be guessed")  # fmt: skip
-        thickness = _functional(ds, k, "PixelMeasuresSequence", "SliceThickness") or 1.0
-        planes.append(_Plane(f"{p.name} frame {k + 1}", _floats(got["ImagePositionPatient"]),
-                             _floats(got["ImageOrientationPatient"]), _floats(got["PixelSpacing"]), float(thickness),
-                             float(ds.get("GantryDetectorTilt", 0) or 0)))  # fmt: skip
+        thickness = _functional(ds, k, "PixelMeasuresSequence", "SliceThickness")
+        planes.append(_plane(uid, f"{p.name} frame {k + 1}", got, thickness,
+                             ds.get("GantryDetectorTilt")))  # fmt: skip
         slope = _functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _functional(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
         rescales.add((float(slope if slope not in (None, "") else 1), float(intercept or 0)))

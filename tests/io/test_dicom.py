@@ -227,3 +227,20 @@ def test_an_export_that_fails_midway_leaves_nothing_in_its_folder(tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001.dcm", "00002.dcm", "00003.dcm",
                                                                    "00004.dcm", "00005.dcm", "notes.txt"]  # fmt: skip
     assert out == [tmp_path / "out" / f"{k:05d}.dcm" for k in range(1, 6)] and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("tag", "value", "says"),
+    [("ImageOrientationPatient", [1, 0, 0], "needs 6 finite numbers"), ("ImagePositionPatient", [0, 0], "needs 3"),
+     ("PixelSpacing", [0, 0], "spacing positive"), ("ImageOrientationPatient", [0, 0, 0, 0, 1, 0], "unit vectors")],
+)  # fmt: skip
+def test_a_malformed_geometry_tag_refuses_its_series_by_name_and_the_others_are_read(tmp_path, tag, value, says):
+    """Before, an orientation of 3 values raised a numpy error out of read_series (no series was read), and a zero
+    spacing or a zero direction cosine on every slice became a geometry."""
+    files, bad_uid, _ = write_ct_series(tmp_path / "bad", image=phantom_ct(shape=(3, 8, 8)), series_name="bad")
+    _, good_uid, _ = write_ct_series(tmp_path / "good", image=phantom_ct(shape=(3, 8, 8)), series_name="good")
+    for f in files:
+        _edit(f, **{tag: value})
+    res = read_series([tmp_path])
+    assert [v.series_uid for v in res.volumes] == [good_uid]
+    assert files[0].name in res.errors[bad_uid] and tag in res.errors[bad_uid] and says in res.errors[bad_uid]
