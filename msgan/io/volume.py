@@ -199,10 +199,7 @@ def write_zarr(
     ome = ome_attrs([lv.shape for lv in levels], geometry, name)
     meta = {"geometry": geometry.as_dict(), **(attrs or {})}
     if str(path).startswith("s3://"):
-        from msgan import storage
-
-        store, options = storage.zarr_store(str(path))
-        group = zarr.open_group(store, mode="w", storage_options=options)
+        group = open_group(str(path), "w")
         _write_group(group, levels, chunks)
         group.attrs["ome"] = ome
         group.attrs["msgan"] = meta
@@ -210,7 +207,7 @@ def write_zarr(
     from msgan.storage import staged_dir
 
     with staged_dir(str(path)[len("file://") :] if str(path).startswith("file://") else path) as stage:
-        group = zarr.open_group(str(stage), mode="w")
+        group = open_group(stage, "w")
         _write_group(group, levels, chunks)
         group.attrs["ome"] = ome
         group.attrs["msgan"] = meta
