@@ -422,3 +422,11 @@ def test_job_with_a_malformed_model_manifest_exits_with_one_line_naming_the_file
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "model/manifest.json: malformed cascade manifest: missing keys config" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_tile_actor_loads_the_pinned_plan_with_its_overrides(tmp_path, cascade):
+    from msgan.distributed.translate import TileWorker
+
+    plan = batch.resolve_plan(str(cascade.save(tmp_path / "model")), {"batch_size": 3})
+    worker = TileWorker(plan, [], {}, scale=1, gpus=0.0, threads=1)  # what Ray Data constructs, once per actor
+    assert worker.cascade.config.inference.batch_size == 3, "the batch's override reaches the actor"
