@@ -172,6 +172,12 @@ def _read_header(path: Path) -> Dataset:
 
 
 def _check_pixels(path: Path, ds: Dataset) -> None:
+    for tag in ("Rows", "Columns", "BitsAllocated", "BitsStored"):  # the Image Pixel module's Type 1 attributes
+        try:
+            if int(ds.get(tag)) <= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise DicomError(f"{path.name}: {tag} is {ds.get(tag)!s:.40}; an image needs a positive one") from None
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None and str(ts) not in DECODABLE:
         name = getattr(ts, "name", "") or "unknown"
@@ -334,6 +340,8 @@ def read_series(paths: Iterable[str | os.PathLike[str]]) -> IngestResult:
             volumes.append(_ingest_one(uid, members))
         except DicomError as err:
             errors[shown(uid)] = str(err)
+        except Exception as err:  # malformed input this reader has no check for: this series only, never the folder
+            errors[shown(uid)] = f"series {shown(uid)}: cannot be read ({type(err).__name__}: {str(err)[:300]})"
     return IngestResult(volumes, errors, skipped)
 
 

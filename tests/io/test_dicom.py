@@ -244,3 +244,13 @@ def test_a_malformed_geometry_tag_refuses_its_series_by_name_and_the_others_are_
     res = read_series([tmp_path])
     assert [v.series_uid for v in res.volumes] == [good_uid]
     assert files[0].name in res.errors[bad_uid] and tag in res.errors[bad_uid] and says in res.errors[bad_uid]
+
+
+def test_a_file_without_rows_refuses_its_series_by_name_and_the_folder_is_still_read(tmp_path):
+    """Before, a missing Rows raised AttributeError out of read_series: no series of the folder was read."""
+    files, bad_uid, _ = write_ct_series(tmp_path / "bad", image=phantom_ct(shape=(3, 8, 8)), series_name="bad")
+    _, good_uid, _ = write_ct_series(tmp_path / "good", image=phantom_ct(shape=(3, 8, 8)), series_name="good")
+    _edit(files[1], Rows=None)
+    res = read_series([tmp_path])
+    assert [v.series_uid for v in res.volumes] == [good_uid]
+    assert f"{files[1].name}: Rows is None; an image needs a positive one" in res.errors[bad_uid]
