@@ -131,3 +131,22 @@ def test_restore_refuses_a_checkpoint_that_carries_code(pyramids, tmp_path):
     torch.save(state, tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         t.restore(tmp_path / "evil.pt")
+
+
+def test_image_conditioned_training_reads_pairs_from_prepared_stores(tmp_path):
+    """condition=image+edges: the phantom sources become (sharp, soft) pairs, the stores keep the source
+    levels, and a scale trains on them."""
+    from msgan.distributed.prepare import sources, training_pyramids
+    from msgan.io.pyramids import open_pyramid, write_pyramid
+    from msgan.io.volume import Geometry
+
+    cfg = _cfg(**{"condition": "image+edges", "data.phantom.seeds": [1]})
+    (pyr,) = training_pyramids(cfg)
+    assert pyr.sources is not None and [s.shape for s in pyr.sources] == [im.shape for im in pyr.images]
+    assert not np.array_equal(pyr.sources[-1], pyr.images[-1])  # sharp source, soft target
+    write_pyramid(str(tmp_path / "p.zarr"), pyr, Geometry.identity(3), {"shape": [24, 24, 24]})
+    back = open_pyramid(str(tmp_path / "p.zarr"), {1, 2})
+    np.testing.assert_array_equal(back.sources[2], pyr.sources[2])
+    trainer = ScaleTrainer(cfg, 2, ScaleData.from_pyramids([back], 2, cfg.train.foreground_threshold))
+    assert np.isfinite(trainer.train_step().loss_g)
+    assert len(sources(cfg)) == 1

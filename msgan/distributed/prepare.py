@@ -60,9 +60,27 @@ def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
 def training_pyramids(cfg: Config, holdout: bool = False) -> list[Pyramid]:
     """In-memory pyramids of the config's training (or held-out) volumes: the local path of ``msgan train``
     and ``msgan demo`` reads the very sources the Ray job prepares (phantoms, files, DICOM folders)."""
-    return [
-        build_pyramid(load_source(s, cfg)[0], cfg.num_scales, cfg.intensity, cfg.edges) for s in sources(cfg, holdout)
-    ]
+    return [source_pyramid(s, cfg)[0] for s in sources(cfg, holdout)]
+
+
+def source_pyramid(source: VolumeSource, cfg: Config) -> tuple[Pyramid, Geometry, tuple[int, ...]]:
+    """The training pyramid of one source, its geometry and shape: the target alone, or a (source, target)
+    pair when the generators read the source image (``condition`` with ``image``; 3D phantoms: the other
+    kernel's reconstruction of the same acquisition is the source)."""
+    from msgan.data.phantom import phantom_image
+    from msgan.pyramid import build_pair_pyramid
+
+    image, geom = load_source(source, cfg)
+    if "image" not in cfg.condition:
+        return build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges), geom, tuple(image.shape)
+    if source.kind != "phantom" or cfg.dims != 3:
+        raise ConfigError(
+            f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs, which only 3D "
+            f"phantoms have so far; use condition=edges for {source.kind} data"
+        )
+    other = phantom_image(cfg.data.phantom.shape, int(source.ref), "sharp" if source.kernel == "soft" else "soft")
+    pyr = build_pair_pyramid(other, image, cfg.num_scales, cfg.intensity, cfg.edges)
+    return pyr, geom, tuple(image.shape)
 
 
 @dataclass(frozen=True)
@@ -97,7 +115,10 @@ def held_out(cfg: Config) -> Iterator[HeldOut]:
 
 def _preprocessing(cfg: Config) -> dict[str, Any]:
     c = cfg.to_dict()
-    return {"dims": c["dims"], "num_scales": c["num_scales"], "intensity": c["intensity"], "edges": c["edges"]}
+    out = {"dims": c["dims"], "num_scales": c["num_scales"], "intensity": c["intensity"], "edges": c["edges"]}
+    if "image" in cfg.condition:
+        out["pairs"] = True  # (source, target) stores differ from target-only ones
+    return out
 
 
 def fingerprint(source: VolumeSource, cfg: Config) -> str:
@@ -148,10 +169,9 @@ def prepare_one(source: VolumeSource, config: dict[str, Any], root: str) -> dict
     meta = pyramid_meta(uri)
     if meta is not None:
         return {"uri": uri, "prepared": False, "shape": meta["shape"], "source": asdict(source)}
-    image, geom = load_source(source, cfg)
-    pyr = build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges)
-    write_pyramid(uri, pyr, geom, {"fingerprint": fp, "source": asdict(source), "shape": list(image.shape)})
-    return {"uri": uri, "prepared": True, "shape": list(image.shape), "source": asdict(source)}
+    pyr, geom, shape = source_pyramid(source, cfg)
+    write_pyramid(uri, pyr, geom, {"fingerprint": fp, "source": asdict(source), "shape": list(shape)})
+    return {"uri": uri, "prepared": True, "shape": list(shape), "source": asdict(source)}
 
 
 def prepare(cfg: Config, volumes: Sequence[VolumeSource], root: str, use_ray: bool = True) -> list[dict[str, Any]]:

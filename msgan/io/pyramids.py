@@ -32,7 +32,10 @@ def write_pyramid(uri: str, pyramid: Pyramid, geometry: Geometry, meta: dict[str
     """Write every level of ``pyramid`` to ``uri``, then mark the store complete."""
     root = _group(uri, "w")
     n = pyramid.num_scales
-    for name, levels in (("image", pyramid.images), ("edges", pyramid.edges)):
+    groups = [("image", pyramid.images), ("edges", pyramid.edges)]
+    if pyramid.sources is not None:  # a training pair: the source image per scale too
+        groups.append(("source", pyramid.sources))
+    for name, levels in groups:
         g = root.create_group(name)
         finest_first = list(reversed(levels))
         for k, lv in enumerate(finest_first):
@@ -79,4 +82,5 @@ def open_pyramid(uri: str, scales: Iterable[int] | None = None, cache_bytes: int
 
     images = [level("image", s) if s in wanted else None for s in range(n)]
     edges = [level("edges", s) if s in wanted else None for s in range(n)]
-    return Pyramid(images=images, edges=edges)  # type: ignore[arg-type]
+    sources = [level("source", s) if s in wanted else None for s in range(n)] if "source" in root else None
+    return Pyramid(images=images, edges=edges, sources=sources)  # type: ignore[arg-type]
