@@ -80,3 +80,30 @@ def test_default_hr_generator_size():
     g = HRGenerator(3)
     assert g.halo == 14
     assert 150_000 < count_parameters(g) < 400_000
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@torch.no_grad()
+def test_source_residual_is_the_source_plus_a_correction(dims):
+    """With the last layer zeroed the correction vanishes: the output is exactly the source image."""
+    from msgan.nets import build_discriminator, build_generator, discriminator_channels
+    from tests.conftest import tiny_config
+
+    hr = HRGenerator(dims, width=4, num_blocks=1, norm_kind="none", residual=False, condition="image+edges",
+                     source_residual=True)  # fmt: skip
+    assert hr.channels == ("prev", "image", "edges")
+    hr.tail.weight.zero_()
+    hr.tail.bias.zero_()
+    x = torch.randn(1, 3, *([8 + 2 * hr.halo] * dims))
+    torch.testing.assert_close(hr(x), x[:, 1:2, *([slice(hr.halo, -hr.halo)] * dims)], rtol=0, atol=0)
+    u = UNet(dims, 1, 1, width=4, depth=1, channels=("image",), source_residual=True)
+    u.head.weight.zero_()
+    u.head.bias.zero_()
+    img = torch.randn(1, 1, *([12] * dims))
+    torch.testing.assert_close(u(img), img, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs the source image"):
+        HRGenerator(dims, residual=False, condition="edges", source_residual=True)
+    cfg = tiny_config(**{"condition": "image", "dims": 3})
+    assert [discriminator_channels(s, "image") for s in (0, 1)] == [2, 3]
+    assert build_discriminator(cfg, 1).net[0].in_channels == 3
+    assert build_generator(cfg, 0).channels == ("image",)
