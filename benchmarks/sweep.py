@@ -31,11 +31,11 @@ from msgan.data.tasks import SEEDS, TASKS, check_task
 NO_AUGMENT = {"augment.noise_p": 0.0, "augment.blur_p": 0.0, "augment.resolution_p": 0.0, "augment.edge_noise_p": 0.0}
 STRONG_AUGMENT = {"augment.noise_p": 0.6, "augment.blur_p": 0.6, "augment.resolution_p": 0.6,
                   "augment.edge_noise_p": 0.6, "augment.noise_std": [0.04, 0.16]}  # fmt: skip
-BASE = {"condition": "image+edges"}
+BASE = {"condition": "image+edges", "source_residual": False, "hr_generator.residual": True}
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": BASE,
-    "condition edges": {"condition": "edges"},
-    "condition image": {"condition": "image"},
+    "condition edges": {**BASE, "condition": "edges"},
+    "condition image": {**BASE, "condition": "image"},
     "source residual": {**BASE, "source_residual": True, "hr_generator.residual": False},
     "context wide": {**BASE, "hr_generator.context": "wide"},
     "augmentation off": {**BASE, **NO_AUGMENT},
