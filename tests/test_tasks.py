@@ -89,3 +89,15 @@ def test_benchmark_results_resume_per_volume_and_refuse_mixed_sizes(tmp_path):
     assert merged.data["low-dose"]["edges"]["ssim"] == [0.5] and merged.data["low-dose"]["input"]["ssim"] == [0.9, 0.8]
     with pytest.raises(SystemExit, match="never mix sizes"):
         Results(path, {"shape": [64, 64, 64], "heldout": list(SEEDS["heldout"])})
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_task_configs_load_for_ours_and_edges(name):
+    from benchmarks.tasks import edges_config, ours_pending, task_config
+
+    ours = task_config(name, 128, False, [])
+    assert ours_pending(ours) is None and "image" in ours.condition and ours.intensity.outside == "source"
+    assert ours.data.phantom.seeds == SEEDS["train"] and ours.data.phantom.holdout_seeds == SEEDS["validation"]
+    paper = edges_config(ours)
+    assert (paper.condition, paper.source_residual, paper.intensity.outside) == ("edges", False, "clip")
+    assert task_config(name, 32, True, []).num_scales == 2  # the smoke size
