@@ -34,7 +34,7 @@ def _volume(tmp: Path, n: int, name: str) -> None:
     write_zarr(tmp / "in" / f"{name}.zarr", [thorax_phantom((n, n, n), seed=3)], Geometry.identity(3), chunks=64)
 
 
-def _needs(cascade: Cascade, n: int) -> tuple[int, int, int]:
+def _needs(cascade: Cascade, n: int, tile: int | None = None) -> tuple[int, int, int]:
     """Analytic bytes: scale 0 on the whole LR grid (every layer's output, the U-Net's inputs), one HR
     tile at the finest scale (the memory model), and the tile core the 64 MiB budget picks."""
     import torch
@@ -51,7 +51,7 @@ def _needs(cascade: Cascade, n: int) -> tuple[int, int, int]:
     s = cfg.num_scales - 1
     gen = cascade.generators[s]
     assert isinstance(gen, HRGenerator)
-    tile = cascade.tile_size(s, shapes[s])
+    tile = tile or cascade.tile_size(s, shapes[s])
     return lr, hr_inference_bytes(gen, tile, cfg.dims, cfg.inference.batch_size), tile
 
 
@@ -61,11 +61,11 @@ from msgan import batch
 from msgan.distributed.translate import current_rss, reset_peak_rss
 from msgan.memory import peak_host_bytes
 torch.set_num_threads(1)
-root, model = sys.argv[1], sys.argv[2]
+root, model, tile = sys.argv[1], sys.argv[2], int(sys.argv[3]) or None
 cascade = batch.with_overrides(batch.Cascade.load(model), {"memory_budget_mb": 64})
 task = batch.volume_task(root + "/in/v.zarr", root + "/local", "bench/local")
 base = current_rss(); reset_peak_rss()
-batch.translate_volume(task, cascade)
+batch.translate_volume(task, cascade, tile=tile)
 print(json.dumps({"base": base, "peak": peak_host_bytes()}))
 """
 
@@ -116,7 +116,7 @@ def memory(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(dir=args.tmp) as d:
             tmp = Path(d)
             path, cascade = _model(tmp, **{"inference.memory_budget_mb": 64})
-            lr_need, tile_need, tile = _needs(cascade, n)
+            lr_need, tile_need, tile = _needs(cascade, n, args.tile)
             lr_measured = _scale0_measured(path, n)
             if args.scale0_only:
                 print(f"{n}^3: scale 0 forward on the whole LR grid: {lr_measured / 2**20:.0f} MiB measured, "
@@ -131,7 +131,7 @@ def memory(args: argparse.Namespace) -> None:
                 try:
                     rep = tr.translate_batch([str(tmp / "in")], str(tmp / "out"), path,
                                              {"memory_budget_mb": 64, "actors": 1, "cpus_per_actor": 1.0},
-                                             log=lambda _: None)  # fmt: skip
+                                             log=lambda _: None, tile=args.tile)  # fmt: skip
                 finally:
                     ray.shutdown()
                 hr = [s for s in rep.scales if s["scale"] > 0]
@@ -143,7 +143,8 @@ def memory(args: argparse.Namespace) -> None:
                 }
             local: dict[str, int] = {}
             if not args.ray_only:
-                out = subprocess.run([sys.executable, "-c", LOCAL, str(tmp), path], capture_output=True, text=True)
+                out = subprocess.run([sys.executable, "-c", LOCAL, str(tmp), path, str(args.tile or 0)],
+                                     capture_output=True, text=True)  # fmt: skip
                 if out.returncode:
                     raise SystemExit(out.stderr[-3000:])
                 local = json.loads(out.stdout.strip().splitlines()[-1])
@@ -242,6 +243,12 @@ def main() -> None:
         "--shared-workers",
         action="store_true",
         help="let actors start in workers that ran staging tasks (main's behaviour)",
+    )
+    m.add_argument(
+        "--tile",
+        type=int,
+        default=48,
+        help="HR tile core at every size (0: each size's from the 64 MiB budget, which may differ)",
     )
     m.add_argument("--scale0-only", action="store_true", help="only scale 0's forward pass, measured and analytic")
     m.add_argument("--tmp", default=None, help="folder for the volumes (default: the system's temp)")
