@@ -57,6 +57,7 @@ def _first(item: dict[str, Any], tag: str) -> Any:
 
 
 CHUNK_BYTES = 1 << 20  # a streamed response is read 1 MiB at a time
+MAX_PART_HEADER_BYTES = 64 << 10  # a part's MIME headers are a few lines; more is not a DICOM multipart body
 
 
 def _boundary(content_type: str) -> bytes:
@@ -103,6 +104,11 @@ def write_multipart(chunks: Iterable[bytes], content_type: str, dest: Path) -> l
                 if state == "headers":
                     j = buf.find(b"\r\n\r\n", at)
                     if j < 0:
+                        if len(buf) - at > MAX_PART_HEADER_BYTES:  # else memory would hold whatever follows
+                            raise PacsError(
+                                f"part {len(files) + 1} of the multipart response has headers longer than "
+                                f"{MAX_PART_HEADER_BYTES} bytes; not a DICOM multipart body"
+                            )
                         break
                     at, state = j + 4, "body"
                     part = open(dest / f".{len(files):05d}.part", "wb")  # noqa: SIM115 - closed at its delimiter

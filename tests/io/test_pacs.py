@@ -77,3 +77,21 @@ def test_a_token_in_the_pacs_url_reaches_no_message_or_repr():
     with pytest.raises(PacsError, match="unreachable") as info:
         client.find_series()
     assert "SECRET-TOKEN-1" not in str(info.value) and "SECRET-TOKEN-1" not in repr(client)
+
+
+def test_a_part_whose_headers_never_end_is_refused_without_reading_the_rest(tmp_path):
+    """Memory holds a chunk and a delimiter, also when a broken PACS or proxy sends headers that never end."""
+    from msgan.io.pacs import write_multipart
+
+    read = []
+
+    def endless():
+        yield b"\r\n--b0und4ry\r\nX-Junk: "
+        for _ in range(200):  # 800 kB of one header line (before: all read, searched again per chunk)
+            read.append(1)
+            yield b"a" * 4096
+
+    ctype = 'multipart/related; type="application/dicom"; boundary=b0und4ry'
+    with pytest.raises(PacsError, match="headers longer than"):
+        write_multipart(endless(), ctype, tmp_path)
+    assert len(read) < 20 and list(tmp_path.iterdir()) == []
