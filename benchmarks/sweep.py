@@ -7,7 +7,8 @@ Trained on the training seeds, scored on the VALIDATION seeds (201-204) only: th
 never choose anything. One factor at a time around ``base`` (image + edges, upscaled context, the
 default augmentation): conditioning (edges, image, image + edges with a source residual), the wide
 context, augmentation off and strong. ``--steps`` scales every scale's training steps (a small sweep;
-the benchmark trains the full steps). Results per validation volume go to ``docs/results/sweep.json``
+the benchmark trains the full steps); the input itself is scored beside them. Results per validation
+volume go to ``docs/results/sweep.json``
 (same shape as tasks.json) and resume like the task benchmark; the tables rank the variants.
 """
 
@@ -92,7 +93,7 @@ def main() -> None:
         work = workdir / f"{args.shape}" / task
         train_task(task, cfgs, list(cfgs), shape, work, args.workers, results, log)
         torch.set_num_threads(os.cpu_count() or 1)
-        fns = load_methods(task, cfgs, list(cfgs), work, lambda: iter(()))
+        fns = load_methods(task, cfgs, ["input", *cfgs], work, lambda: iter(()))  # the input: the reference
         evaluate(task, fns, seeds, shape, (base.intensity.low, base.intensity.high), results, log)
     text = ranking(results.data)
     out.with_suffix(".md").write_text(text)
