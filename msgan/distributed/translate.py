@@ -32,7 +32,11 @@ PROGRESS_EVERY_S = 10.0  # one progress line per interval (and one at the end of
 
 # Tile actors run in worker processes of their own (a distinct runtime env: Ray never hands them
 # a worker that ran a staging task) with few malloc arenas, so their memory is theirs and stays flat.
-ACTOR_ENV = {"MALLOC_ARENA_MAX": "2", "MSGAN_WORKER": "tile-actor"}
+ACTOR_ENV = {
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_MMAP_THRESHOLD_": str(vb.HEAP_MMAP_THRESHOLD),  # see batch.bound_heap: set before the process starts
+    "MSGAN_WORKER": "tile-actor",
+}
 
 
 def load_model(model: str, device: str = "cpu") -> Cascade:
@@ -116,6 +120,7 @@ class TileWorker:
         import torch
 
         self.hwm_inherited = peak_host_bytes()  # what this process had peaked at before it became this actor
+        vb.bound_heap()
         reset_peak_rss()
         self.rss_start = current_rss()
         if threads > 0:
