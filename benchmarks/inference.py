@@ -1,6 +1,7 @@
 """Inference figures: constant memory, tiling overhead, actor scaling.
 
     python benchmarks/inference.py memory   [--sizes 128 512]   # peak RSS: tile actor and local path vs analytic
+    python benchmarks/inference.py trend    [--size 256]        # RSS over the finest scale's tiles, tile by tile
     python benchmarks/inference.py overhead [--size 128]        # tiled vs one whole-volume pass, same networks
     python benchmarks/inference.py scaling  [--size 160]        # voxels/s with 1 vs 2 CPU actors
 
@@ -180,6 +181,41 @@ def memory(args: argparse.Namespace) -> None:
               f"{(m1 - m0) / 2**20:.0f} MiB, analytic by {(lr1 - lr0) / 2**20:.0f})")  # fmt: skip
 
 
+def trend(args: argparse.Namespace) -> None:
+    """RSS of this process over the finest scale's tiles, one tile per forward (is anything kept per tile?)."""
+    import torch
+
+    from msgan import batch
+    from msgan.distributed.translate import current_rss, reset_peak_rss
+    from msgan.memory import peak_host_bytes
+
+    torch.set_num_threads(1)
+    if not args.glibc_default:
+        batch.bound_heap()
+    n, mib = args.size, 2**20
+    with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+        tmp = Path(d)
+        _, cascade = _model(tmp, **{"inference.memory_budget_mb": 64})
+        _volume(tmp, n, "v")
+        task = batch.volume_task(str(tmp / "in" / "v.zarr"), str(tmp / "out"), "bench/trend")
+        vplan = batch.plan_volume(task, cascade, args.tile)
+        batch.stage(task, cascade.config, vplan)
+        batch.run_scale0(task, cascade)
+        for s in range(1, cascade.config.num_scales - 1):
+            batch.translate_tiles(task, cascade, s, batch.tiles_of(vplan, s))
+        s = cascade.config.num_scales - 1
+        tiles = batch.tiles_of(vplan, s)
+        runner = batch.ScaleRunner(task, cascade, s)
+        batch.release_memory()
+        reset_peak_rss()
+        print(f"{n}^3, finest scale, {len(tiles)} tiles of {args.tile}: RSS at start {current_rss() / mib:.0f} MiB")
+        for i, t in enumerate(tiles):
+            runner.run([t])
+            if i % 25 == 0 or i == len(tiles) - 1:
+                batch.release_memory()
+                print(f"  tile {i + 1}: RSS {current_rss() / mib:.0f} MiB, peak {peak_host_bytes() / mib:.0f} MiB")
+
+
 def overhead(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as d:
         _, cascade = _model(Path(d))
@@ -252,6 +288,11 @@ def main() -> None:
     )
     m.add_argument("--scale0-only", action="store_true", help="only scale 0's forward pass, measured and analytic")
     m.add_argument("--tmp", default=None, help="folder for the volumes (default: the system's temp)")
+    t = sub.add_parser("trend")
+    t.add_argument("--size", type=int, default=256)
+    t.add_argument("--tile", type=int, default=48)
+    t.add_argument("--glibc-default", action="store_true", help="without batch.bound_heap (glibc's defaults)")
+    t.add_argument("--tmp", default=None)
     o = sub.add_parser("overhead")
     o.add_argument("--size", type=int, default=128)
     s = sub.add_parser("scaling")
@@ -259,7 +300,7 @@ def main() -> None:
     s.add_argument("--volumes", type=int, default=3)
     s.add_argument("--batch", type=int, default=4, help="tiles per actor call")
     args = p.parse_args()
-    {"memory": memory, "overhead": overhead, "scaling": scaling}[args.what](args)
+    {"memory": memory, "trend": trend, "overhead": overhead, "scaling": scaling}[args.what](args)
 
 
 if __name__ == "__main__":
