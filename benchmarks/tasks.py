@@ -181,7 +181,7 @@ def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
     from msgan.train import ScaleData, ScaleTrainer
 
     torch.set_num_threads(1)
-    cfg = from_dict(job["config"])
+    cfg = from_dict(job["config"], {"train.checkpoint_every": 100})  # a stopped run resumes within the scale
     scale = job["scale"]
     pyramids = []
     for seed in job["seeds"]:
@@ -190,8 +190,11 @@ def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
         del tv
     data = ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
     trainer = ScaleTrainer(cfg, scale, data)
+    checkpoint = Path(job["checkpoint"])
+    if checkpoint.exists():
+        trainer.restore(checkpoint)
     t0 = time.perf_counter()
-    trainer.fit(cfg.steps_for(scale))
+    trainer.fit(cfg.steps_for(scale), checkpoint=checkpoint)
     buf = io.BytesIO()
     torch.save(trainer.generator.state_dict(), buf)
     return {"weights": buf.getvalue(), "seconds": time.perf_counter() - t0, "peak_bytes": peak_host_bytes()}
@@ -240,7 +243,8 @@ def train_task(
             for s in range(cfgs[m].num_scales):
                 if not (work / m / f"scale_{s}.pt").exists():
                     jobs.append({"variant": m, "scale": s, "config": cfgs[m].to_dict(), "task": task,
-                                 "seeds": list(seeds), "shape": shape})  # fmt: skip
+                                 "seeds": list(seeds), "shape": shape,
+                                 "checkpoint": str(work / m / f"scale_{s}.ckpt")})  # fmt: skip
     ref = cfgs.get("ours") or cfgs.get("edges") or next(iter(cfgs.values()))
     if "cnn" in methods and not (work / "cnn.pt").exists():
         finest = count_parameters(build_generator(ref, ref.num_scales - 1))
