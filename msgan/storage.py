@@ -94,11 +94,8 @@ def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         fs.pipe_file(path, data)
         return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text(uri: str, text: str) -> None:
@@ -108,6 +105,21 @@ def write_text(uri: str, text: str) -> None:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return bytes(fs.cat_file(path))
+
+
+@contextmanager
+def staged_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """A local file that appears at ``dest`` whole or not at all: write the yielded temporary (beside
+    ``dest``, ending in its name so that writers that go by the suffix pick the same format); on success it
+    replaces ``dest`` by a rename; it is removed whatever happens."""
+    out = Path(dest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -305,11 +305,7 @@ def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geom
     if suffix in ZARR_SUFFIXES:
         write_zarr(path, [array], geometry)
         return
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
-    try:
+    from msgan.storage import staged_file
+
+    with staged_file(path) as tmp:
         sitk.WriteImage(to_sitk(array, geometry), str(tmp), useCompression=True)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
