@@ -202,7 +202,7 @@ def trend(args: argparse.Namespace) -> None:
         batch.stage(task, cascade.config, vplan)
         batch.run_scale0(task, cascade)
         for s in range(1, cascade.config.num_scales - 1):
-            batch.translate_tiles(task, cascade, s, batch.tiles_of(vplan, s))
+            batch.ScaleRunner(task, cascade, s).run(batch.tiles_of(vplan, s))
         s = cascade.config.num_scales - 1
         tiles = batch.tiles_of(vplan, s)
         runner = batch.ScaleRunner(task, cascade, s)

@@ -11,7 +11,7 @@ Data (:mod:`msgan.distributed.translate`) and the local ``msgan translate`` run 
    its tile plan made; the windowed input and its edge pyramid are written block by block (dask)
    into the run's own staging folder; the output levels are created, chunked by each scale's tile;
 2. :func:`run_scale0`: the LR generator on the whole LR edge image;
-3. :func:`translate_tiles`: each HR scale, tile by tile; a tile's core is exactly one output
+3. :class:`ScaleRunner`: each HR scale, tile by tile; a tile's core is exactly one output
    chunk, so no two tiles ever write the same chunk;
 4. :func:`publish`: every level is checked complete (staged arrays read NaN where never written)
    and checksummed, the manifest is written, and the output appears at once: an atomic exchange
@@ -498,19 +498,6 @@ class ScaleRunner:
         return run_tiles(self.gen, tiles, self.feed, self.write, bs, device, self.cfg.train.amp, progress)
 
 
-def translate_tiles(
-    task: VolumeTask,
-    cascade: Cascade,
-    scale: int,
-    tiles: Sequence[Tile],
-    device: str | torch.device = "cpu",
-    progress: Callable[[int, int], None] | None = None,
-) -> int:
-    """Run HR ``scale`` on ``tiles`` of one volume (in the plan's batches of ``inference.batch_size``),
-    writing each core into its own output chunk."""
-    return ScaleRunner(task, cascade, scale).run(tiles, device, progress)
-
-
 # ----------------------------------------------------------------------------- 4. publish
 
 
@@ -706,7 +693,7 @@ def translate_volume(
                 if progress is not None:
                     progress(s, done, total)
 
-            translate_tiles(task, cascade, s, tiles, device, tick)
+            ScaleRunner(task, cascade, s).run(tiles, device, tick)
             release_memory()
             timings.append({"scale": s, "tiles": len(tiles), "seconds": time.perf_counter() - t1})
             if log is not None:

@@ -220,17 +220,6 @@ class Cascade:
             stats["scales"].append({"scale": s, "tiles": n, "tile": core, "seconds": time.perf_counter() - t0})
         return outs, stats
 
-    def translate_edges(
-        self,
-        edges: Sequence[Any],
-        outputs: Sequence[Any] | None = None,
-        tile: int | None = None,
-        device: str | torch.device = "cpu",
-        progress: Progress | None = None,
-    ) -> tuple[list[Any], dict[str, Any]]:
-        """:meth:`translate_arrays` from an edge pyramid alone (LR first; ``condition: edges``)."""
-        return self.translate_arrays([{"edges": e} for e in edges], outputs, tile, device, progress)
-
     def translate(
         self,
         image: np.ndarray,

@@ -100,7 +100,7 @@ def test_unwritten_tile_blocks_publishing(tmp_path, cascade):
     batch.run_scale0(task, cascade)
     for s in (1, 2):
         tiles = batch.tiles_of(plan, s)
-        batch.translate_tiles(task, cascade, s, tiles[:-1] if s == 2 else tiles)  # one tile of the last scale lost
+        batch.ScaleRunner(task, cascade, s).run(tiles[:-1] if s == 2 else tiles)  # one tile of the last scale lost
     with pytest.raises(batch.VolumeError, match="unwritten voxels"):
         batch.publish(task, {})
     assert not batch.is_published(task)
