@@ -1,7 +1,6 @@
 """2D radiographs in and out: CR, DX, MG (synthetic, with a modality's attributes) and real CR files from
 pydicom-data; MONOCHROME1 kept, spacing by the standard's rules, exported as the source's SOP class."""
 
-import os
 import shutil
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from msgan.io.convert import export, ingest
 from msgan.io.dicom import read_series, write_projection
 from msgan.io.volume import Geometry, read_volume, write_volume
-from tests.dicom_data import assert_valid_dicom, write_radiograph
+from tests.dicom_data import assert_valid_dicom, pydicom_data_file, write_radiograph
 
 
 def _roundtrip(tmp_path, src_file):
@@ -84,27 +83,12 @@ def test_several_projection_images_in_one_series_are_refused_by_name(tmp_path):
     assert not res.volumes and "2 DX images in one series" in res.errors[uid]
 
 
-def _pydicom_data(name):
-    try:
-        from pydicom.data import get_testdata_file
-
-        path = get_testdata_file(name, download=False)
-    except Exception:  # pydicom-data missing or the file unknown
-        path = None
-    if path is None:
-        message = f"{name} comes with pydicom-data (a dev dependency), which is not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 def test_a_real_monochrome1_cr_and_its_jpeg2000_twin(tmp_path):
     """Philips CR chest 1955x1841, MONOCHROME1, PixelSpacing 0\\0 (pydicom-data RG1_UNCR / RG1_J2KR)."""
     images = {}
     for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm"):
         (tmp_path / name).mkdir()
-        shutil.copy(_pydicom_data(name), tmp_path / name / "a.dcm")
+        shutil.copy(pydicom_data_file(name), tmp_path / name / "a.dcm")
         images[name], geom, report, out = _roundtrip(tmp_path / name, tmp_path / name / "a.dcm")
         assert geom.spacing == (1.0, 1.0) and any("NOT measurements" in n for n in next(iter(report.notes.values())))
         src, got = pydicom.dcmread(tmp_path / name / "a.dcm"), pydicom.dcmread(out[0])
@@ -112,7 +96,7 @@ def test_a_real_monochrome1_cr_and_its_jpeg2000_twin(tmp_path):
         assert got.PhotometricInterpretation == "MONOCHROME1" and "PixelSpacing" not in got
         assert_valid_dicom(out)
     np.testing.assert_array_equal(images["RG1_UNCR.dcm"], images["RG1_J2KR.dcm"])  # JPEG 2000: pixel for pixel
-    stored = pydicom.dcmread(_pydicom_data("RG1_UNCR.dcm")).pixel_array
+    stored = pydicom.dcmread(pydicom_data_file("RG1_UNCR.dcm")).pixel_array
     np.testing.assert_array_equal(images["RG1_UNCR.dcm"], 2**15 - 1 - stored.astype(np.float32))  # GDCM's inversion
     assert pydicom.dcmread(next((tmp_path / "RG1_UNCR.dcm" / "out").iterdir())).pixel_array.tolist() == stored.tolist()
 
