@@ -109,19 +109,14 @@ def test_unwritten_tile_blocks_publishing(tmp_path, cascade):
 def test_s3_volume_published_with_manifest_last(s3_bucket, tmp_path, cascade):
     img = np.random.default_rng(3).uniform(-1000, 500, (24, 20, 22)).astype(np.float32)
     src = f"s3://{s3_bucket}/in/v4.zarr"
-    import zarr as z
-
-    store, opts = storage.zarr_store(src)
-    g = z.open_group(store, mode="w", storage_options=opts)
-    g.create_array("0", shape=img.shape, chunks=(8, 8, 8), dtype="float32")[...] = img
-    g.attrs["msgan"] = {"geometry": GEOM.as_dict()}
+    write_zarr(src, [img], GEOM, chunks=8)
     task = batch.volume_task(src, f"s3://{s3_bucket}/out", "m/1")
     batch.translate_volume(task, cascade)
     keys = s3_keys(s3_bucket, "out/")
     assert "out/v4.zarr/manifest.json" in keys and "out/v4.zarr/0/zarr.json" in keys
     assert not [k for k in keys if "/.staging/" in k], "staging removed from the bucket"
     store, opts = storage.zarr_store(task.output)
-    out = z.open_group(store, mode="r", storage_options=opts)["0"][...]
+    out = zarr.open_group(store, mode="r", storage_options=opts)["0"][...]
     np.testing.assert_allclose(out, cascade.translate(img), atol=1e-5 * 1024)
 
 
@@ -392,10 +387,7 @@ def test_s3_lease_is_a_conditional_write(s3_bucket):
 def test_s3_retranslation_replaces_the_output_and_the_manifest_names_what_is_there(s3_bucket, cascade, other_cascade):
     img = np.random.default_rng(6).uniform(-1000, 500, (16, 14, 18)).astype(np.float32)
     src = f"s3://{s3_bucket}/in/v.zarr"
-    store, opts = storage.zarr_store(src)
-    g = zarr.open_group(store, mode="w", storage_options=opts)
-    g.create_array("0", shape=img.shape, chunks=(8, 8, 8), dtype="float32")[...] = img
-    g.attrs["msgan"] = {"geometry": GEOM.as_dict()}
+    write_zarr(src, [img], GEOM, chunks=8)
     batch.translate_volume(batch.volume_task(src, f"s3://{s3_bucket}/out", "m/1"), cascade, tile=8)
     many = len(s3_keys(s3_bucket, "out/v.zarr/"))
     task = batch.volume_task(src, f"s3://{s3_bucket}/out", "m/2")

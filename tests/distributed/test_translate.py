@@ -176,10 +176,7 @@ def test_s3_inputs_staging_outputs_and_manifests(s3_bucket, ray_local, model, tm
     path, cascade = model
     img = np.random.default_rng(9).uniform(-1000, 500, (30, 26, 22)).astype(np.float32)
     src = f"s3://{s3_bucket}/exports/v.zarr"
-    store, opts = storage.zarr_store(src)
-    g = zarr.open_group(store, mode="w", storage_options=opts)
-    g.create_array("0", shape=img.shape, chunks=(16, 16, 16), dtype="float32")[...] = img
-    g.attrs["msgan"] = {"geometry": GEOM.as_dict()}
+    write_zarr(src, [img], GEOM, chunks=16)
     seen: list[str] = []
     report = translate_batch([f"s3://{s3_bucket}/exports/"], f"s3://{s3_bucket}/translated", path,
                              log=seen.append)  # fmt: skip
