@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -230,11 +230,11 @@ def _atomic_bytes(path: Path, blob: bytes) -> None:
     os.replace(tmp, path)
 
 
-def train_task(
+def training_jobs(
     task: str, cfgs: dict[str, Config], methods: list[str], shape: tuple[int, ...], work: Path,
-    workers: int, results: Results, log: Callable[[str], None], seeds: tuple[int, ...] = SEEDS["train"],
-) -> None:  # fmt: skip
-    """Train whatever of ``methods`` has no weights in ``work`` yet: cascade scales and the CNN, in parallel."""
+    seeds: tuple[int, ...] = SEEDS["train"],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """What of ``methods`` has no weights in ``work`` yet: one job per cascade scale, one for the CNN."""
     from msgan.nets import build_generator, count_parameters
 
     jobs: list[dict[str, Any]] = []
@@ -243,7 +243,8 @@ def train_task(
             for s in range(cfgs[m].num_scales):
                 if not (work / m / f"scale_{s}.pt").exists():
                     jobs.append({"variant": m, "scale": s, "config": cfgs[m].to_dict(), "task": task,
-                                 "seeds": list(seeds), "shape": shape,
+                                 "seeds": list(seeds), "shape": shape, "work": str(work),
+                                 "steps_per_scale": [cfgs[m].steps_for(i) for i in range(cfgs[m].num_scales)],
                                  "checkpoint": str(work / m / f"scale_{s}.ckpt")})  # fmt: skip
     ref = cfgs.get("ours") or cfgs.get("edges") or next(iter(cfgs.values()))
     if "cnn" in methods and not (work / "cnn.pt").exists():
@@ -251,18 +252,32 @@ def train_task(
         steps = sum(ref.steps_for(s) for s in range(ref.num_scales))
         patch = max(CNN_PATCH if ref.data.phantom.shape[0] >= 64 else 8, ref.train.hr_patch)
         patch = -(-patch // 2**CNN_DEPTH) * 2**CNN_DEPTH
-        jobs.append({"variant": "cnn", "task": task, "seeds": list(seeds), "shape": shape,
+        jobs.append({"variant": "cnn", "task": task, "seeds": list(seeds), "shape": shape, "work": str(work),
                      "min_parameters": finest, "depth": CNN_DEPTH, "steps": steps, "patch": patch,
                      "batch_size": ref.train.batch_size})  # fmt: skip
+    return jobs
+
+
+def _cost(job: dict[str, Any]) -> int:
+    """Scheduling order: the whole-LR-image scale 0 first (the longest by far), then the CNN, then
+    the patch scales, so the pool's processes finish together."""
+    return 0 if job.get("scale") == 0 else 1 if job["variant"] == "cnn" else 2
+
+
+def run_training(jobs: list[dict[str, Any]], workers: int, results: Results, log: Callable[[str], None]) -> None:
+    """Run training ``jobs`` (of any tasks) in one pool, longest first; each result is saved the moment
+    its job ends, so a stopped run keeps every finished scale."""
     if not jobs:
         return
-    log(f"  {task}: training {len(jobs)} jobs on {workers} processes: "
-        + ", ".join(f"{j['variant']}/{j.get('scale', '-')}" for j in jobs))  # fmt: skip
+    jobs = sorted(jobs, key=_cost)
+    log(f"training {len(jobs)} jobs on {workers} processes: "
+        + ", ".join(f"{j['task']}:{j['variant']}/{j.get('scale', '-')}" for j in jobs))  # fmt: skip
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_train_cnn if j["variant"] == "cnn" else _train_scale, j) for j in jobs]
-        for job, fut in zip(jobs, futures, strict=True):
-            r = fut.result()
+        futures = {pool.submit(_train_cnn if j["variant"] == "cnn" else _train_scale, j): j for j in jobs}
+        for fut in as_completed(futures):
+            job, r = futures[fut], fut.result()
+            task, work = job["task"], Path(job["work"])
             if job["variant"] == "cnn":
                 _atomic_bytes(work / "cnn.pt", r["weights"])
                 results.note(task, "cnn", steps=r["steps"], train_seconds=r["seconds"], width=r["width"],
@@ -271,13 +286,17 @@ def train_task(
             else:
                 _atomic_bytes(work / job["variant"] / f"scale_{job['scale']}.pt", r["weights"])
                 seconds = results.meta["methods"].get(task, {}).get(job["variant"], {}).get("train_seconds", {})
-                results.note(
-                    task,
-                    job["variant"],
-                    train_seconds={**seconds, str(job["scale"]): r["seconds"]},
-                    steps_per_scale=[cfgs[job["variant"]].steps_for(i) for i in range(cfgs[job["variant"]].num_scales)],
-                )
+                results.note(task, job["variant"], train_seconds={**seconds, str(job["scale"]): r["seconds"]},
+                             steps_per_scale=job["steps_per_scale"])  # fmt: skip
             log(f"  {task}: trained {job['variant']}/{job.get('scale', '-')} ({time.perf_counter() - t0:.0f}s)")
+
+
+def train_task(
+    task: str, cfgs: dict[str, Config], methods: list[str], shape: tuple[int, ...], work: Path,
+    workers: int, results: Results, log: Callable[[str], None], seeds: tuple[int, ...] = SEEDS["train"],
+) -> None:  # fmt: skip
+    """Train whatever of ``methods`` has no weights in ``work`` yet: cascade scales and the CNN, in parallel."""
+    run_training(training_jobs(task, cfgs, methods, shape, work, seeds), workers, results, log)
 
 
 # ----------------------------------------------------------------------------- translation
@@ -328,8 +347,9 @@ def load_methods(task: str, cfgs: dict[str, Config], methods: list[str], work: P
     return out
 
 
-def run_task(task: str, args: argparse.Namespace, results: Results, log: Callable[[str], None]) -> None:
-    shape = (args.shape,) * 3
+def task_setup(task: str, args: argparse.Namespace, results: Results, log: Callable[[str], None]
+               ) -> tuple[dict[str, Config], list[str], Path]:  # fmt: skip
+    """The configs of ``task``'s cascades, the methods to run and the task's work folder."""
     work = Path(args.workdir) / f"{args.shape}" / task
     cfg = task_config(task, args.shape, args.smoke, args.set)
     cfgs = {"edges": edges_config(cfg)}
@@ -345,9 +365,21 @@ def run_task(task: str, args: argparse.Namespace, results: Results, log: Callabl
             results.note(task, "ours", pending=why)
             log(f"  {task}: ours pending: {why}")
             methods.remove("ours")
-    results.note(task, "edges", config=f"configs/{task}.yaml with condition=edges")
+    if "edges" in methods:
+        results.note(task, "edges", config=f"configs/{task}.yaml with condition=edges")
+    return cfgs, methods, work
+
+
+def task_done(task: str, methods: list[str], args: argparse.Namespace, results: Results) -> bool:
+    return all(results.done(task, m, s) for m in methods for s in SEEDS["heldout"][: args.volumes])
+
+
+def run_task(task: str, args: argparse.Namespace, results: Results, log: Callable[[str], None]) -> None:
+    """Train what ``task`` lacks, then translate and score every held-out volume not measured yet."""
+    shape = (args.shape,) * 3
+    cfgs, methods, work = task_setup(task, args, results, log)
     heldout = list(SEEDS["heldout"][: args.volumes])
-    if all(results.done(task, m, s) for m in methods for s in heldout):
+    if task_done(task, methods, args, results):
         log(f"  {task}: all {len(methods)} methods x {len(heldout)} volumes already measured")
         return
     train_task(task, cfgs, methods, shape, work, args.workers, results, log)
@@ -359,7 +391,12 @@ def run_task(task: str, args: argparse.Namespace, results: Results, log: Callabl
 
     torch.set_num_threads(os.cpu_count() or 1)
     fns = load_methods(task, cfgs, methods, work, train_pairs)
-    evaluate(task, fns, heldout, shape, (cfg.intensity.low, cfg.intensity.high), results, log)
+    evaluate(task, fns, heldout, shape, (cfg_window(cfgs)), results, log)
+
+
+def cfg_window(cfgs: dict[str, Config]) -> tuple[float, float]:
+    cfg = next(iter(cfgs.values()))
+    return (cfg.intensity.low, cfg.intensity.high)
 
 
 def evaluate(
@@ -485,6 +522,15 @@ def main() -> None:
         log(f"merged {n} volumes from {other}")
     if not args.tables and not args.merge:
         log(f"tasks {args.tasks}, methods {args.methods}, {args.shape}^3, held-out {heldout} -> {out}")
+        try:  # first every task's training in one pool (longest first), then the translations
+            jobs = []
+            for task in args.tasks:
+                cfgs, methods, work = task_setup(task, args, results, log)
+                if not task_done(task, methods, args, results):
+                    jobs += training_jobs(task, cfgs, methods, (args.shape,) * 3, work)
+            run_training(jobs, args.workers, results, log)
+        except ConfigError as err:
+            raise SystemExit(str(err)) from err
         for task in args.tasks:
             try:
                 run_task(task, args, results, log)
