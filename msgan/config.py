@@ -30,14 +30,15 @@ class IntensityConfig:
     ``outside`` says what a translation holds where the source lies outside the window:
     ``clip``: the window's ends (the paper; bone above ``high`` comes out at ``high``);
     ``source``: the full range is kept: the output is ``w * translated + (1 - w) * source``,
-    with ``w = 1`` inside the window falling smoothly (a half cosine) to 0 over ``blend``
-    window widths outside it, so dense bone and metal pass through untranslated.
+    with ``w = 1`` inside and below the window falling smoothly (a half cosine) to 0 over ``blend``
+    window widths above it, so dense bone and metal pass through untranslated; below the window
+    (air and noise) the translation holds, clipped to ``low``.
     """
 
     low: float = -1024.0
     high: float = 1024.0
     outside: Literal["clip", "source"] = "clip"
-    blend: float = 0.05  # width of the blend outside each end of the window, in window widths
+    blend: float = 0.05  # width of the blend above the window, in window widths
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ def unwindow(x: np.ndarray, intensity: IntensityConfig) -> np.ndarray:
 
 
 def outside_weight(source: np.ndarray, intensity: IntensityConfig) -> np.ndarray:
-    """Weight of the translation per voxel (``intensity.outside == "source"``): 1 inside the window,
-    a half cosine down to 0 over ``blend`` window widths outside it, 0 beyond."""
+    """Weight of the translation per voxel (``intensity.outside == "source"``): 1 inside the window and
+    below it, a half cosine down to 0 over ``blend`` window widths above it, 0 beyond. Only the high
+    side passes the source through: below the window lies nothing but air and noise (CT: air is
+    -1000 HU), and a noisy source passed through there shows as dark speckle in the lungs."""
     s = np.asarray(source, dtype=np.float32)
     lo, hi = intensity.low, intensity.high
-    dist = np.maximum(np.maximum(lo - s, s - hi), 0.0)
+    dist = np.maximum(s - hi, 0.0)
     ramp = intensity.blend * (hi - lo)
     if ramp <= 0:
         return (dist == 0).astype(np.float32)
@@ -50,7 +52,7 @@ def outside_weight(source: np.ndarray, intensity: IntensityConfig) -> np.ndarray
 
 def output_units(x: np.ndarray, intensity: IntensityConfig, source: np.ndarray | None = None) -> np.ndarray:
     """A translation (window units) in input units, by the rule of ``intensity.outside``: ``clip`` keeps
-    the window's ends; ``source`` blends to the ``source`` (input units, same grid) outside the window.
+    the window's ends; ``source`` blends to the ``source`` (input units, same grid) above the window.
     Voxel by voxel, so a tile's core converts alone."""
     y = unwindow(x, intensity)
     if intensity.outside == "clip":

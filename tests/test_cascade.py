@@ -157,10 +157,24 @@ def test_outside_weight_is_one_inside_the_window_and_smooth():
     from msgan.config import IntensityConfig
     from msgan.pyramid import output_units, outside_weight
 
-    cfg = IntensityConfig(outside="source", blend=0.05)  # ramp of 102.4 HU beyond each end
+    cfg = IntensityConfig(outside="source", blend=0.05)  # ramp of 102.4 HU above the window
     s = np.array([-1200, -1024, 0, 1024, 1075.2, 1126.4, 3000], np.float32)
-    np.testing.assert_allclose(outside_weight(s, cfg), [0, 1, 1, 1, 0.5, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(outside_weight(s, cfg), [1, 1, 1, 1, 0.5, 0, 0], atol=1e-6)
     y = np.zeros_like(s)  # translation says 0 HU everywhere
-    np.testing.assert_allclose(output_units(y, cfg, source=s), [-1200, 0, 0, 0, 537.6, 1126.4, 3000], atol=1e-3)
+    np.testing.assert_allclose(output_units(y, cfg, source=s), [0, 0, 0, 0, 537.6, 1126.4, 3000], atol=1e-3)
     with pytest.raises(ValueError, match="needs the source"):
         output_units(y, cfg)
+
+
+def test_noise_below_the_window_does_not_pass_through():
+    """A noisy source dipping below the window (lung, emphysema, air) keeps the translation there:
+    the output holds no value below the window's low end."""
+    from msgan.config import IntensityConfig
+    from msgan.pyramid import output_units, window
+
+    cfg = IntensityConfig(outside="source")
+    rng = np.random.default_rng(0)
+    src = (-985.0 + 60.0 * rng.standard_normal(10_000)).astype(np.float32)  # emphysema at low dose
+    assert (src < cfg.low).mean() > 0.2
+    out = output_units(window(src, cfg), cfg, source=src)
+    assert out.min() >= cfg.low - 1e-3
