@@ -122,26 +122,12 @@ def _folder_manifest(folder: str) -> tuple[str, dict[str, Any]]:
     except OSError as err:
         raise ModelError(f"{path}: cannot be read ({err.strerror or err})") from err
     try:
-        content = _keyed_json(raw, CASCADE_MANIFEST_KEYS)
+        content = storage.json_object(raw, CASCADE_MANIFEST_KEYS)
     except ValueError as err:
         raise ModelError(
             f"{path}: malformed cascade manifest: {err} (a cascade manifest has {', '.join(CASCADE_MANIFEST_KEYS)})"
         ) from err
     return hashlib.sha256(raw).hexdigest(), content
-
-
-def _keyed_json(raw: str | bytes, keys: Sequence[str]) -> dict[str, Any]:
-    """A JSON object holding every one of ``keys`` (the manifests of cascades and of outputs); else a
-    ValueError saying what is wrong (``not valid JSON (...)`` or ``missing keys ...``) for the caller to
-    prefix with the file."""
-    try:
-        content = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"not valid JSON ({err})") from err
-    missing = [k for k in keys if not isinstance(content, dict) or k not in content]
-    if missing:
-        raise ValueError(f"missing keys {', '.join(missing)}")
-    return dict(content)
 
 
 def _pin_registry(model: str) -> str:
@@ -259,7 +245,7 @@ def read_manifest(task: VolumeTask) -> dict[str, Any] | None:
     if not storage.exists(uri):
         return None
     try:
-        return _keyed_json(storage.read_bytes(uri), MANIFEST_KEYS)
+        return storage.json_object(storage.read_bytes(uri), MANIFEST_KEYS)
     except ValueError as err:
         raise VolumeError(f"{uri}: malformed manifest: {err}; remove {task.output} to translate it again") from err
 

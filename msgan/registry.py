@@ -11,7 +11,6 @@ alias ``candidate``; loading it builds the networks with this installed msgan, w
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import subprocess
@@ -289,12 +288,11 @@ def _checked_manifest(path: Path, digest: str | None, model_uri: str) -> dict[st
             f"{model_uri}: {MANIFEST} does not match the sha256 recorded at registration (replaced artifact)"
         )
     try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"{model_uri}: {MANIFEST} is not valid JSON ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ModelLoadError(f"{model_uri}: {MANIFEST} has format {found!r}, expected {FORMAT!r}")
+        manifest = storage.json_object(raw)
+    except ValueError as err:
+        raise ModelLoadError(f"{model_uri}: {MANIFEST} is {err}") from err
+    if manifest.get("format") != FORMAT:
+        raise ModelLoadError(f"{model_uri}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     missing = [k for k in ("config", "weights", "num_scales") if k not in manifest]
     if missing:
         raise ModelLoadError(f"{model_uri}: {MANIFEST} lacks {', '.join(missing)}")

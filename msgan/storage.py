@@ -7,11 +7,12 @@ zarr, pyarrow for Ray Train's ``storage_filesystem``, boto3 for conditional writ
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,22 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode())
+
+
+def json_object(raw: str | bytes, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """A JSON object holding every one of ``keys`` (manifests, state files: all untrusted); else a
+    ValueError saying what is wrong (``not valid JSON (...)``, ``not a JSON object`` or ``missing keys
+    ...``) for the caller to prefix with the file."""
+    try:
+        content = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"not valid JSON ({err})") from err
+    if not isinstance(content, dict):
+        raise ValueError(f"not a JSON object (a {type(content).__name__})")
+    missing = [k for k in keys if k not in content]
+    if missing:
+        raise ValueError(f"missing keys {', '.join(missing)}")
+    return content
 
 
 def read_bytes(uri: str) -> bytes:
