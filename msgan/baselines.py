@@ -71,15 +71,23 @@ def patchwise_translate(
 
 
 def nlm_filter(
-    image: np.ndarray, patch_size: int = 5, patch_distance: int = 6, h_factor: float = 0.8, workers: int = 1
+    image: np.ndarray,
+    patch_size: int = 5,
+    patch_distance: int = 6,
+    h_factor: float = 0.8,
+    workers: int = 1,
+    sigma: float | None = None,
 ) -> np.ndarray:
-    """Non-local means filtering (scikit-image, fast mode) with the noise level estimated from the image.
+    """Non-local means filtering (scikit-image, fast mode), ``h = h_factor * sigma``, with the noise
+    level ``sigma`` given (image units) or else estimated from the image (wavelet MAD: it sees little
+    of a soft kernel's low-frequency noise).
 
     ``workers`` > 1 (0: all cores) filters slabs along the first axis in threads (scikit-image releases
     the GIL), each read with a margin of ``patch_distance + patch_size`` so that a voxel sees the same
     neighbourhood as in one whole pass; the noise level is estimated once on the whole image."""
     x = np.asarray(image, dtype=np.float32)
-    sigma = float(np.mean(estimate_sigma(x, channel_axis=None)))
+    if sigma is None:
+        sigma = float(np.mean(estimate_sigma(x, channel_axis=None)))
 
     def run(block: np.ndarray) -> np.ndarray:
         return denoise_nl_means(
