@@ -9,7 +9,6 @@ Ray Train wraps :class:`ScaleTrainer` in :mod:`msgan.distributed`.
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msgan import storage
 from msgan.augment import Augmenter, Corruption
 from msgan.config import Config, from_dict
 from msgan.engine import Feed, autocast, feed_box
@@ -405,12 +405,9 @@ class ScaleTrainer:
             self.rng = np.random.default_rng([self.cfg.seed, self.scale, self.rank, self.step])
 
     def save(self, path: str | Path) -> None:
-        """Write a checkpoint atomically (a crash never leaves a torn file)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, p)
+        """Write a checkpoint atomically (a crash never leaves a torn file nor a temporary)."""
+        with storage.staged_file(path) as tmp:
+            tmp.write_bytes(self.to_bytes())
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
