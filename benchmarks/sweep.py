@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tasks import Results, evaluate, load_methods, task_config, train_task
 from msgan.config import Config, ConfigError
-from msgan.data.tasks import SEEDS, TASKS, check_task
+from msgan.data.tasks import METRIC_WINDOW, SEEDS, TASKS, check_task
 
 NO_AUGMENT = {"augment.noise_p": 0.0, "augment.blur_p": 0.0, "augment.resolution_p": 0.0, "augment.edge_noise_p": 0.0}
 STRONG_AUGMENT = {"augment.noise_p": 0.6, "augment.blur_p": 0.6, "augment.resolution_p": 0.6,
@@ -41,16 +41,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "context wide": {**BASE, "hr_generator.context": "wide"},
     "augmentation off": {**BASE, **NO_AUGMENT},
     "augmentation strong": {**BASE, **STRONG_AUGMENT},
+    # around the task's own config (``ours``: source residual); "_steps" = the per-scale steps, as
+    # fractions of the config's, before --steps scales them all (1500/600/600 -> 300/1200/1200: the same
+    # total, so the CNN's budget is unchanged)
+    "ours": {},
+    "ours hr-heavy": {"_steps": [0.2, 2.0, 2.0]},
+    "ours hr-heavy l1 1000": {"_steps": [0.2, 2.0, 2.0], "train.l1_weight": 1000.0},
+    "ours wide window": {"intensity.high": 3072.0},
+    "ours wide window hr-heavy": {"intensity.high": 3072.0, "_steps": [0.2, 2.0, 2.0]},
+    "ours wide window hr-heavy l1 1000": {
+        "intensity.high": 3072.0,
+        "_steps": [0.2, 2.0, 2.0],
+        "train.l1_weight": 1000.0,
+    },
 }
 
 
 def variant_configs(base: Config, names: list[str], steps: float) -> dict[str, Config]:
     """Every variant's config; those this code cannot express (e.g. before image conditioning) are left out."""
-    scaled = [max(1, round(base.steps_for(s) * steps)) for s in range(base.num_scales)]
     out = {}
     for name in names:
+        over = dict(VARIANTS[name])
+        factors = list(over.pop("_steps", [1.0]))
+        factors = (factors + [factors[-1]] * base.num_scales)[: base.num_scales]
+        scaled = [max(1, round(base.steps_for(s) * f * steps)) for s, f in enumerate(factors)]
         try:
-            out[name] = base.replace(**{**VARIANTS[name], "train.steps_per_scale": scaled})
+            out[name] = base.replace(**{**over, "train.steps_per_scale": scaled})
         except ConfigError as err:
             print(f"variant {name!r} skipped: {err}", flush=True)
     return out
@@ -94,7 +110,7 @@ def main() -> None:
         train_task(task, cfgs, list(cfgs), shape, work, args.workers, results, log)
         torch.set_num_threads(os.cpu_count() or 1)
         fns = load_methods(task, cfgs, ["input", *cfgs], work, lambda: iter(()))  # the input: the reference
-        evaluate(task, fns, seeds, shape, (base.intensity.low, base.intensity.high), results, log)
+        evaluate(task, fns, seeds, shape, METRIC_WINDOW, results, log)
     text = ranking(results.data)
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from msgan.config import Config, ConfigError, load_config
-from msgan.data.tasks import SEEDS, TASKS, TaskVolume, check_task, make_task
+from msgan.data.tasks import METRIC_WINDOW, SEEDS, TASKS, TaskVolume, check_task, make_task
 from msgan.metrics import ct_metrics, hallucination_ml, holm, paired_test
 
 METHODS = ("input", "linear", "nlm", "nlm_tuned", "cnn", "edges", "ours")
@@ -440,14 +440,9 @@ def run_task(task: str, args: argparse.Namespace, results: Results, log: Callabl
 
     torch.set_num_threads(os.cpu_count() or 1)
     if "nlm_tuned" in methods:
-        tune_nlm(task, shape, cfg_window(cfgs), work, results, log)
+        tune_nlm(task, shape, METRIC_WINDOW, work, results, log)
     fns = load_methods(task, cfgs, methods, work, train_pairs)
-    evaluate(task, fns, heldout, shape, (cfg_window(cfgs)), results, log)
-
-
-def cfg_window(cfgs: dict[str, Config]) -> tuple[float, float]:
-    cfg = next(iter(cfgs.values()))
-    return (cfg.intensity.low, cfg.intensity.high)
+    evaluate(task, fns, heldout, shape, METRIC_WINDOW, results, log)
 
 
 def evaluate(

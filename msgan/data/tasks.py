@@ -46,6 +46,7 @@ SEEDS: dict[str, tuple[int, ...]] = {
     "validation": (201, 202, 203, 204),
     "heldout": (301, 302, 303, 304, 305, 306, 307, 308),
 }  # fixed before any run; never reuse a held-out seed for fitting or tuning
+METRIC_WINDOW = (-1024.0, 1024.0)  # HU onto [-1, 1] for SSIM / PSNR: part of the tasks, not of any model's window
 TASK_PHANTOM = PhantomOptions(dense_bone=True, metal=False, emphysema=True, aorta=True)
 DOSE_FACTOR = (4.0, 10.0)  # low-dose: noise variance of the input = k x the target's
 ARTERIAL_HU = (250.0, 350.0)
