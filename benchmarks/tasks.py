@@ -518,7 +518,7 @@ def tables(data: dict[str, Any], meta: dict[str, Any]) -> str:
                   "| method | n | SSIM | PSNR | MAE HU | RMSE HU | halluc. mL | noise HU (target) | "
                   "EI error % | s / volume | p (SSIM / MAE / halluc.) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        for m in METHODS:
+        for m in [*METHODS, *sorted(set(rows) - set(METHODS))]:  # earlier runs of ours (kept, never dropped) last
             if m not in rows:
                 if m in info and info[m].get("pending"):
                     lines.append(f"| {m} | pending: {info[m]['pending']} |" + " |" * 9)
