@@ -197,6 +197,8 @@ def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
     data = ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
     trainer = ScaleTrainer(cfg, scale, data)
     checkpoint = Path(job["checkpoint"])
+    if checkpoint.exists() and torch.load(checkpoint, weights_only=True).get("config") != cfg.to_dict():
+        checkpoint.unlink()  # an earlier run's checkpoint of another config never seeds this one
     if checkpoint.exists():
         trainer.restore(checkpoint)
     t0 = time.perf_counter()
