@@ -54,6 +54,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "_steps": [0.2, 2.0, 2.0],
         "train.l1_weight": 1000.0,
     },
+    # the remaining factors of the issue (conditioning, context, augmentation) around the chosen config
+    "ours image only": {"condition": "image"},
+    "ours context wide": {"hr_generator.context": "wide"},
+    "ours augmentation off": NO_AUGMENT,
+    "ours augmentation strong": STRONG_AUGMENT,
 }
 
 
