@@ -47,7 +47,8 @@ def _needs(cascade: Cascade, n: int, tile: int | None = None) -> tuple[int, int,
     cfg = cascade.config
     shapes = pyramid_shapes((n,) * cfg.dims, cfg.num_scales)
     gen0 = cascade.generators[0]
-    x = torch.empty((1, 1, *shapes[0]), device="meta")
+    channels: tuple[str, ...] = tuple(getattr(gen0, "channels", ("edges",)))  # edges, image or both
+    x = torch.empty((1, len(channels), *shapes[0]), device="meta")
     lr = (activation_elements(gen0, x) + 3 * int(np.prod(shapes[0]))) * 4
     s = cfg.num_scales - 1
     gen = cascade.generators[s]
