@@ -123,6 +123,16 @@ def tile_feed(gen: nn.Module, arrays: Arrays) -> FeedFn:
     return feed
 
 
+def cpu_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the layout the CPU runs a generator fastest in: channels-last for 2D and 3D batches.
+    oneDNN then convolves in place of reordering every layer's input and output to its blocked
+    layout and back (measured, demo HR generator, 2 threads: 1.6x faster per tile and one feature map
+    less memory at the widest layer; ``benchmarks/memory_model.py``). Other devices: unchanged."""
+    if t.device.type != "cpu" or t.ndim not in (4, 5):
+        return t
+    return t.contiguous(memory_format=torch.channels_last if t.ndim == 4 else torch.channels_last_3d)
+
+
 @torch.no_grad()
 def run_tiles(
     gen: nn.Module,
@@ -144,10 +154,11 @@ def run_tiles(
     for group in batches_of(tiles, batch_size):
         feeds = [feed(t) for t in group]
         feeds += [feeds[-1]] * (batch_size - len(feeds))  # every forward pass has the same shape
-        x = torch.from_numpy(np.stack([f.x for f in feeds])).to(d)  # (B, C, run + 2h, ...)
+        x = cpu_layout(torch.from_numpy(np.stack([f.x for f in feeds])).to(d))  # (B, C, run + 2h, ...)
         c = None
         if feeds[0].coarse is not None:
-            c = torch.from_numpy(np.stack([f.coarse for f in feeds])).to(d)  # type: ignore[misc]
+            c = cpu_layout(torch.from_numpy(np.stack([f.coarse for f in feeds])).to(d))  # type: ignore[misc]
+        del feeds  # the batch holds the inputs now: no second copy alive through the forward pass
         with autocast(d, amp):
             y = gen(x, c) if c is not None else gen(x)  # (B, 1, run, ...)
         y_np = y.float().cpu().numpy()

@@ -6,7 +6,7 @@ Shape comments use 3D names ``(B, C, D, H, W)``; in 2D drop ``D``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,54 @@ def _check_dims(dims: int) -> None:
         raise ValueError(f"dims={dims!r}: must be 2 or 3")
 
 
+def onednn_applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`conv`'s layers run ``x`` through oneDNN directly: CPU float32 inference (no
+    autograd, no autocast), zero padding given as numbers, and oneDNN present and enabled.
+
+    PyTorch's own choice sends a small single-sample input (batch x channels x the first spatial
+    sides <= 20480: every 3-channel head, the 1-channel tail of a small tile) to ``slow_conv3d``,
+    which unfolds the input into a buffer of ``C_in x 27`` values per output voxel (125 MiB for
+    one 64^3 tile's head) and runs 3-20x slower (``benchmarks/memory_model.py``)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.layout == torch.strided
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and getattr(conv, "padding_mode", "zeros") == "zeros"
+        and not isinstance(getattr(conv, "padding", 0), str)
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.backends.mkldnn.enabled)
+    )
+
+
+def _conv_forward(m: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    if onednn_applies(m, x):
+        padding = cast(tuple[int, ...], m.padding)  # numbers: onednn_applies checked
+        return torch.ops.aten.mkldnn_convolution(
+            x, m.weight, m.bias, list(padding), list(m.stride), list(m.dilation), m.groups
+        )
+    return m._conv_forward(x, m.weight, m.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose CPU inference always takes oneDNN (:func:`onednn_applies`); training and
+    every other device take PyTorch's usual path. Same parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv_forward(self, x)
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose CPU inference always takes oneDNN (:func:`onednn_applies`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv_forward(self, x)
+
+
 def conv(dims: int, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Module:
     _check_dims(dims)
-    cls = nn.Conv2d if dims == 2 else nn.Conv3d
+    cls = Conv2d if dims == 2 else Conv3d
     return cls(cin, cout, kernel, stride=stride, padding=padding)
 
 

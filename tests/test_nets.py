@@ -107,3 +107,27 @@ def test_source_residual_is_the_source_plus_a_correction(dims):
     assert [discriminator_channels(s, "image") for s in (0, 1)] == [2, 3]
     assert build_discriminator(cfg, 1).net[0].in_channels == 3
     assert build_generator(cfg, 0).channels == ("image",)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cpu_inference_convolution_takes_onednn_and_training_does_not(dims, monkeypatch):
+    from msgan.nets import conv, onednn_applies
+
+    torch.manual_seed(0)
+    c = conv(dims, 3, 4, 3)
+    x = torch.randn(1, 3, *([9] * dims))  # small, single-sample, 3 channels: PyTorch would unfold it
+    assert x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= 20480
+    with torch.no_grad():
+        assert onednn_applies(c, x)
+        calls = []
+        real = torch.ops.aten.mkldnn_convolution
+        monkeypatch.setattr(torch.ops.aten, "mkldnn_convolution", lambda *a: calls.append(1) or real(*a))
+        y = c(x)
+    assert calls, "inference did not go through oneDNN"
+    ref = (torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d)(x, c.weight, c.bias)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert not onednn_applies(c, x)  # grad mode: PyTorch's own path, autograd as usual
+    c(x).sum().backward()
+    assert c.weight.grad is not None and c.weight.grad.abs().sum() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_applies(c, x)
