@@ -27,6 +27,7 @@ import torch
 from msgan.cascade import Cascade, run_lr, run_scale
 from msgan.config import load_config
 from msgan.data.phantom import phantom_image
+from msgan.engine import cpu_layout
 from msgan.memory import conv_flops
 from msgan.nets import HRGenerator
 from msgan.pyramid import build_pyramid
@@ -48,13 +49,13 @@ def per_voxel_flops(gen: HRGenerator, dims: int) -> float:
 
 
 def batch_inputs(gen: HRGenerator, run: tuple[int, ...], batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random inputs of the shape every forward pass of the plan has."""
+    """Random inputs of the shape and layout every forward pass of the plan has (:func:`cpu_layout`)."""
     h = gen.halo
-    x = torch.randn(batch, len(gen.channels), *(r + 2 * h for r in run))
+    x = cpu_layout(torch.randn(batch, len(gen.channels), *(r + 2 * h for r in run)))
     c = None
     if gen.context == "wide":
         c0, c1 = gen.context_box([0] * len(run), list(run))
-        c = torch.randn(batch, 1, *(b - a for a, b in zip(c0, c1, strict=True)))
+        c = cpu_layout(torch.randn(batch, 1, *(b - a for a, b in zip(c0, c1, strict=True))))
     return x, c
 
 

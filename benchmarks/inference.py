@@ -36,11 +36,9 @@ def _volume(tmp: Path, n: int, name: str) -> None:
 
 
 def _needs(cascade: Cascade, n: int, tile: int | None = None) -> tuple[int, int, int]:
-    """Analytic bytes: scale 0 on the whole LR grid (every layer's output, the U-Net's inputs), one HR
-    tile at the finest scale (the memory model), and the tile core the 64 MiB budget picks."""
-    import torch
-
-    from msgan.memory import activation_elements, hr_inference_bytes
+    """Analytic bytes (:mod:`msgan.memory`): scale 0 on the whole LR grid, one HR tile at the finest
+    scale, and the tile core the 64 MiB budget picks."""
+    from msgan.memory import forward_peak_bytes, hr_inference_bytes
     from msgan.nets import HRGenerator
     from msgan.tiling import pyramid_shapes
 
@@ -48,8 +46,7 @@ def _needs(cascade: Cascade, n: int, tile: int | None = None) -> tuple[int, int,
     shapes = pyramid_shapes((n,) * cfg.dims, cfg.num_scales)
     gen0 = cascade.generators[0]
     channels: tuple[str, ...] = tuple(getattr(gen0, "channels", ("edges",)))  # edges, image or both
-    x = torch.empty((1, len(channels), *shapes[0]), device="meta")
-    lr = (activation_elements(gen0, x) + 3 * int(np.prod(shapes[0]))) * 4
+    lr = forward_peak_bytes(gen0, (1, len(channels), *shapes[0]))
     s = cfg.num_scales - 1
     gen = cascade.generators[s]
     assert isinstance(gen, HRGenerator)
@@ -122,7 +119,7 @@ def memory(args: argparse.Namespace) -> None:
             lr_measured = _scale0_measured(path, n)
             if args.scale0_only:
                 print(f"{n}^3: scale 0 forward on the whole LR grid: {lr_measured / 2**20:.0f} MiB measured, "
-                      f"{lr_need / 2**20:.0f} MiB analytic (memory model: every layer's output at once)")  # fmt: skip
+                      f"{lr_need / 2**20:.0f} MiB analytic (memory model: the tensors alive at once)")  # fmt: skip
                 continue
             _volume(tmp, n, "v")
             actor = {}

@@ -1,8 +1,10 @@
 """Analytic memory model of the generators, and measured peaks.
 
-The HR inference model counts what a forward pass under ``no_grad`` keeps alive at its
-widest point: the block input, the block's intermediate and output feature maps (the
-residual skip holds the input while the body runs), plus the tile's input and output.
+Inference is modelled by :func:`forward_peak_bytes`: one ``no_grad`` forward pass on the ``meta``
+device (shapes only), following every tensor PyTorch allocates until it is freed, so the figure is
+the peak of what is alive at once, inputs included. It holds for the CPU path because every
+convolution there runs through oneDNN (:func:`msgan.nets.onednn_applies`), which needs no unfold
+buffer; measured against peak RSS in ``benchmarks/memory_model.py`` (docs/results.md).
 """
 
 from __future__ import annotations
@@ -10,26 +12,109 @@ from __future__ import annotations
 import math
 import resource
 import sys
+import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from msgan.nets import HRGenerator, count_parameters
 
 CountFn = Callable[[torch.nn.Module, torch.Tensor], int]
 
 
-def hr_inference_bytes(gen: HRGenerator, core: int, dims: int, batch: int = 1, bytes_per_value: int = 4) -> int:
-    """Estimated peak bytes of one HR forward pass on tiles of ``core`` voxels per side."""
-    width = gen.width
+ONEDNN_BLOCK = 16  # channels per block of oneDNN's layout for float32 on AVX-512 (8 on AVX2: less padding)
+
+
+def _padded_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t`` with its channels padded to a whole number of oneDNN blocks."""
+    c = t.shape[1]
+    return t.numel() // max(c, 1) * (-(-c // ONEDNN_BLOCK) * ONEDNN_BLOCK) * t.element_size()
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages alive during the ops run under it, and their peak.
+
+    ``reorders``: the convolutions take plain (channels-first) tensors, so oneDNN copies the input
+    (when it has 8 channels or more) and the output into its blocked layout while it runs, and
+    copies the output back (measured one layer at a time, ``benchmarks/memory_model.py``). In
+    channels-last layout (:func:`msgan.engine.cpu_layout`) it convolves in place: no copies."""
+
+    def __init__(self, reorders: bool) -> None:
+        super().__init__()
+        self.reorders = reorders
+        self.live = 0
+        self.peak = 0
+        self._storages: set[int] = set()
+
+    def add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self._storages:  # a view of a storage already counted
+            return
+        size = st.nbytes()
+        self._storages.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._free, key, size)  # PyTorch keeps a storage's Python object as long as it lives
+
+    def _free(self, key: int, size: int) -> None:
+        self._storages.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        before = self.live
+        out = func(*args, **(kwargs or {}))
+        if self.reorders and func is torch.ops.aten.convolution.default:
+            x = args[0]
+            src = _padded_bytes(x) if x.shape[1] >= 8 else 0
+            dst = _padded_bytes(out)
+            self.peak = max(self.peak, before + dst + max(src, out.numel() * out.element_size()))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+def forward_peak_bytes(module: torch.nn.Module, *shapes: Sequence[int] | None, channels_last: bool = False) -> int:
+    """Peak bytes of tensors alive at once during one ``no_grad`` float32 forward pass of ``module``
+    on inputs of ``shapes`` (``None`` passes ``None``), the inputs and the output included, the
+    parameters not; ``channels_last``: the inputs come in that layout (no oneDNN reorders, see
+    :class:`_LiveBytes`). Runs on the ``meta`` device: no memory, any size."""
+    meta = _to_meta(module)
+    mode = _LiveBytes(reorders=not channels_last)
+    inputs = [None if s is None else torch.empty(tuple(s), device="meta") for s in shapes]
+    for x in inputs:
+        if x is not None:
+            mode.add(x)
+    with torch.no_grad(), mode:
+        out = meta(*inputs)
+    del out, inputs
+    return mode.peak
+
+
+def hr_tile_shapes(
+    gen: HRGenerator, core: int, dims: int, batch: int = 1
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Shapes of one HR forward's inputs for ``batch`` tiles of ``core`` voxels per side: the fine
+    channels over ``core + 2 * halo``, and the coarse crop of a ``wide`` context (else ``None``)."""
     side = core + 2 * gen.halo
-    voxels = side**dims
-    features = 3 * width * voxels  # skip + body intermediate + body output
-    io = (len(gen.channels) + 1) * voxels  # input channels + output
-    if gen.ctx is not None:  # coarse branch features, upsampled x2 once
-        features += width * voxels
-    params = count_parameters(gen)
-    return int((batch * (features + io) + params) * bytes_per_value)
+    x = (batch, len(gen.channels), *(side,) * dims)
+    if gen.ctx is None:
+        return x, None
+    lo, hi = gen.context_box([0] * dims, [core] * dims)
+    return x, (batch, 1, *(b - a for a, b in zip(lo, hi, strict=True)))
+
+
+def hr_inference_bytes(gen: HRGenerator, core: int, dims: int, batch: int = 1, bytes_per_value: int = 4) -> int:
+    """Estimated peak bytes of one HR forward pass on ``batch`` tiles of ``core`` voxels per side, as
+    :func:`msgan.engine.run_tiles` runs it: the tensors alive at once (:func:`forward_peak_bytes`,
+    channels-last on the CPU) plus the parameters. GPU convolution workspaces are not counted."""
+    x, coarse = hr_tile_shapes(gen, core, dims, batch)
+    live = forward_peak_bytes(gen, x, coarse, channels_last=True)  # as msgan.engine.run_tiles feeds it
+    return int(live * bytes_per_value / 4 + count_parameters(gen) * bytes_per_value)
 
 
 def largest_tile(gen: HRGenerator, dims: int, budget_bytes: float, batch: int = 1, limit: int | None = None) -> int:
@@ -100,11 +185,18 @@ def conv_flops(module: torch.nn.Module, *inputs: torch.Tensor | None) -> int:
     return _sum_over_forward(module, inputs, _conv_count)
 
 
+_META: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
 def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` on the ``meta`` device (made once per module; the caller's stays put)."""
     import copy
 
-    clone = copy.deepcopy(module) if any(p.device.type != "meta" for p in module.parameters()) else module
-    return clone.to("meta")
+    if all(p.device.type == "meta" for p in module.parameters()):
+        return module
+    if module not in _META:
+        _META[module] = copy.deepcopy(module).to("meta")
+    return _META[module]
 
 
 def training_step_bytes(

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from msgan.memory import activation_elements, hr_inference_bytes, largest_tile, peak_host_bytes, training_step_bytes
+from msgan.memory import (
+    activation_elements,
+    forward_peak_bytes,
+    hr_inference_bytes,
+    largest_tile,
+    peak_host_bytes,
+    training_step_bytes,
+)
 from msgan.nets import HRGenerator, PatchDiscriminator
 
 
@@ -13,6 +20,52 @@ def test_activation_count_of_a_small_chain():
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 3))
     # outputs: 4 x 6^3, 4 x 6^3, 2 x 4^3 for an 8^3 input
     assert activation_elements(net, torch.zeros(1, 1, 8, 8, 8)) == 4 * 216 + 4 * 216 + 2 * 64
+
+
+def test_forward_peak_follows_what_is_alive():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 3))
+    # 8^3 input (512 values) stays alive; at the ReLU its input 4 x 6^3 and output 4 x 6^3 coexist;
+    # the first output is freed before the last convolution (2 x 4^3)
+    assert forward_peak_bytes(net, (1, 1, 8, 8, 8), channels_last=True) == 4 * (512 + 864 + 864)
+    # plain layout: oneDNN computes the first output in 16-channel blocks and copies it back, beside
+    # the input (1 channel: no copy of it)
+    assert forward_peak_bytes(net, (1, 1, 8, 8, 8)) == 4 * (512 + 16 * 216 + 864)
+    assert next(net.parameters()).device.type == "cpu"
+
+
+HR_PASS = """
+import json, sys
+import numpy as np, torch
+from msgan import batch
+from msgan.distributed.translate import current_rss, reset_peak_rss
+from msgan.engine import array_writer, run_tiles, tile_feed
+from msgan.memory import hr_inference_bytes, peak_host_bytes
+from msgan.nets import HRGenerator, count_parameters
+from msgan.tiling import tile_grid
+torch.set_num_threads(1)
+batch.bound_heap()
+gen = HRGenerator(3, width=16, num_blocks=2, norm_kind="none", residual=False, condition="image+edges")
+core, bs = 40, 2
+rng = np.random.default_rng(0)
+grid = (2 * core,) * 3
+arrays = {k: rng.uniform(-1, 1, grid).astype(np.float32) for k in ("image", "edges")}
+arrays["prev"] = rng.uniform(-1, 1, (core,) * 3).astype(np.float32)
+tiles, out = tile_grid(grid, core), np.zeros(grid, np.float32)
+feed, write = tile_feed(gen, arrays), array_writer(out)
+run_tiles(gen, tiles[:bs], feed, write, bs)
+batch.release_memory(); base = current_rss(); reset_peak_rss()
+run_tiles(gen, tiles, feed, write, bs)
+print(json.dumps([peak_host_bytes() - base, hr_inference_bytes(gen, core, 3, bs) - 4 * count_parameters(gen)]))
+"""
+
+
+def test_hr_memory_model_matches_the_measured_peak_of_the_tile_runner():
+    """The model the tile budget is chosen with, against the runner's real peak (own process)."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", HR_PASS], capture_output=True, text=True, check=True)
+    measured, model = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.95 <= measured / model <= 1.15, (measured / 2**20, model / 2**20)
 
 
 def test_training_step_model_parts():
