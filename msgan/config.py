@@ -135,7 +135,7 @@ class InferenceConfig:
     """Inference: the tile comes from a memory budget; the batch job's actor pool from the rest.
     A registered model carries these; a batch job may override them (``--set inference.actors=8``)."""
 
-    memory_budget_mb: float = 2048.0  # activations of one tile; picks the tile size
+    memory_budget_mb: float = 2048.0  # peak of one forward pass (batch_size tiles); picks the tile size
     batch_size: int = 1  # tiles per forward pass
     actors: int = 2  # Ray Data actors that hold the cascade
     cpus_per_actor: float = 0.5  # fractional on small machines: the read tasks need CPU too
