@@ -59,6 +59,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ours context wide": {"hr_generator.context": "wide"},
     "ours augmentation off": NO_AUGMENT,
     "ours augmentation strong": STRONG_AUGMENT,
+    # what still separates ours from the plain supervised CNN (24^3 patches, no adversarial term):
+    # HR patches as large as the CNN's, and 10x less adversarial weight ("_l1": factor on train.l1_weight)
+    "ours patch 24": {"train.hr_patch": 24},
+    "ours l1 x10": {"_l1": 10.0},
+    "ours patch 24 l1 x10": {"train.hr_patch": 24, "_l1": 10.0},
 }
 
 
@@ -70,6 +75,8 @@ def variant_configs(base: Config, names: list[str], steps: float) -> dict[str, C
         factors = list(over.pop("_steps", [1.0]))
         factors = (factors + [factors[-1]] * base.num_scales)[: base.num_scales]
         scaled = [max(1, round(base.steps_for(s) * f * steps)) for s, f in enumerate(factors)]
+        if "_l1" in over:
+            over["train.l1_weight"] = base.train.l1_weight * over.pop("_l1")
         try:
             out[name] = base.replace(**{**over, "train.steps_per_scale": scaled})
         except ConfigError as err:
