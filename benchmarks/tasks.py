@@ -249,11 +249,16 @@ def training_jobs(
     for m in cfgs:
         if m in methods:
             for s in range(cfgs[m].num_scales):
-                if not (work / m / f"scale_{s}.pt").exists():
-                    jobs.append({"variant": m, "scale": s, "config": cfgs[m].to_dict(), "task": task,
-                                 "seeds": list(seeds), "shape": shape, "work": str(work),
-                                 "steps_per_scale": [cfgs[m].steps_for(i) for i in range(cfgs[m].num_scales)],
-                                 "checkpoint": str(work / m / f"scale_{s}.ckpt")})  # fmt: skip
+                job = {"variant": m, "scale": s, "config": cfgs[m].to_dict(), "task": task,
+                       "seeds": list(seeds), "shape": shape, "work": str(work),
+                       "steps_per_scale": [cfgs[m].steps_for(i) for i in range(cfgs[m].num_scales)],
+                       "checkpoint": str(work / m / f"scale_{s}.ckpt")}  # fmt: skip
+                weights = work / m / f"scale_{s}.pt"
+                if weights.exists() and _trained_as(weights) == _training_record(job):
+                    continue
+                if weights.exists():  # another config's (or an unrecorded) model never stands in for this one
+                    weights.unlink()
+                jobs.append(job)
     ref = cfgs.get("ours") or cfgs.get("edges") or next(iter(cfgs.values()))
     if "cnn" in methods and not (work / "cnn.pt").exists():
         finest = count_parameters(build_generator(ref, ref.num_scales - 1))
@@ -264,6 +269,16 @@ def training_jobs(
                      "min_parameters": finest, "depth": CNN_DEPTH, "steps": steps, "patch": patch,
                      "batch_size": ref.train.batch_size})  # fmt: skip
     return jobs
+
+
+def _training_record(job: dict[str, Any]) -> dict[str, Any]:
+    """What a scale's weights were trained as: config, seeds and volume shape (JSON's own types)."""
+    return dict(json.loads(json.dumps({"config": job["config"], "seeds": job["seeds"], "shape": list(job["shape"])})))
+
+
+def _trained_as(weights: Path) -> dict[str, Any] | None:
+    record = weights.with_suffix(".json")
+    return dict(json.loads(record.read_text())) if record.exists() else None
 
 
 def _cost(job: dict[str, Any]) -> int:
@@ -292,7 +307,9 @@ def run_training(jobs: list[dict[str, Any]], workers: int, results: Results, log
                              depth=CNN_DEPTH, patch=job["patch"], parameters=r["parameters"],
                              min_parameters=job["min_parameters"], batch_size=job["batch_size"])  # fmt: skip
             else:
-                _atomic_bytes(work / job["variant"] / f"scale_{job['scale']}.pt", r["weights"])
+                weights = work / job["variant"] / f"scale_{job['scale']}.pt"
+                _atomic_bytes(weights.with_suffix(".json"), json.dumps(_training_record(job)).encode())
+                _atomic_bytes(weights, r["weights"])
                 seconds = results.meta["methods"].get(task, {}).get(job["variant"], {}).get("train_seconds", {})
                 results.note(task, job["variant"], train_seconds={**seconds, str(job["scale"]): r["seconds"]},
                              steps_per_scale=job["steps_per_scale"])  # fmt: skip

@@ -101,3 +101,24 @@ def test_task_configs_load_for_ours_and_edges(name):
     paper = edges_config(ours)
     assert (paper.condition, paper.source_residual, paper.intensity.outside) == ("edges", False, "clip")
     assert task_config(name, 32, True, []).num_scales == 2  # the smoke size
+
+
+def test_training_jobs_never_reuse_weights_of_another_config(tmp_path):
+    import json
+
+    from benchmarks.tasks import _training_record, task_config, training_jobs
+
+    cfg, shape = task_config("low-dose", 32, True, []), (32, 32, 32)
+    jobs = training_jobs("low-dose", {"ours": cfg}, ["ours"], shape, tmp_path)
+    assert [j["scale"] for j in jobs] == list(range(cfg.num_scales))
+    for j in jobs:  # what run_training leaves behind: the weights and what they were trained as
+        (tmp_path / "ours").mkdir(exist_ok=True)
+        (tmp_path / "ours" / f"scale_{j['scale']}.pt").write_bytes(b"weights")
+        (tmp_path / "ours" / f"scale_{j['scale']}.json").write_text(json.dumps(_training_record(j)))
+    assert training_jobs("low-dose", {"ours": cfg}, ["ours"], shape, tmp_path) == []
+    other = cfg.replace(**{"train.l1_weight": cfg.train.l1_weight * 10})  # same shapes, another model
+    assert len(training_jobs("low-dose", {"ours": other}, ["ours"], shape, tmp_path)) == cfg.num_scales
+    assert not list((tmp_path / "ours").glob("*.pt")), "stale weights must go before anything loads them"
+    (tmp_path / "ours" / "scale_0.pt").write_bytes(b"unrecorded")
+    (tmp_path / "ours" / "scale_0.json").unlink()
+    assert [j["scale"] for j in training_jobs("low-dose", {"ours": cfg}, ["ours"], shape, tmp_path)][:1] == [0]
