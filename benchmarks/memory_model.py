@@ -9,7 +9,8 @@ before it (``clear_refs`` resets the high-water mark). HR: :func:`msgan.engine.r
 ``batch`` tiles per forward, against :func:`msgan.memory.hr_inference_bytes` less the parameters
 (loaded before the pass). Scale 0: :func:`msgan.engine.run_whole` on an ``n``^3 LR grid against
 :func:`msgan.memory.forward_peak_bytes` (plain layout). ``--layers`` prints, per convolution, the
-measured peak above its output in plain and channels-last layout, and what the model adds.
+measured peak above its output in plain and channels-last layout, what the model adds, and the
+median time of our convolution (oneDNN always) against PyTorch's own choice of kernel.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ print(json.dumps({"measured": peak_host_bytes() - base, "model": model}))
 """
 
 LAYER = """
-import json, sys, torch
+import json, sys, time, torch
+import torch.nn.functional as F
 from msgan import batch
 from msgan.distributed.translate import current_rss, reset_peak_rss
 from msgan.memory import peak_host_bytes, forward_peak_bytes
@@ -73,14 +75,24 @@ c = conv(3, cin, cout, 3)
 x = torch.rand(1, cin, side, side, side)
 if layout == "channels_last":
     x = x.contiguous(memory_format=torch.channels_last_3d)
+
+def seconds(f):
+    f(); t = []
+    for _ in range(5):
+        t0 = time.perf_counter(); f(); t.append(time.perf_counter() - t0)
+    return sorted(t)[2]
+
 with torch.no_grad():
     c(x)
     batch.release_memory(); base = current_rss(); reset_peak_rss()
     y = c(x)
     extra = peak_host_bytes() - base - y.numel() * 4
+    ours = seconds(lambda: c(x))
+    torch_own = seconds(lambda: F.conv3d(x, c.weight, c.bias))  # PyTorch's own choice of kernel
 shape = (1, cin, side, side, side)
 model = forward_peak_bytes(c, shape, channels_last=layout == "channels_last") - x.numel() * 4 - y.numel() * 4
-print(json.dumps({"extra": extra, "model": model, "input": x.numel() * 4, "output": y.numel() * 4}))
+print(json.dumps({"extra": extra, "model": model, "input": x.numel() * 4, "output": y.numel() * 4,
+                  "ms": ours * 1e3, "ms_torch": torch_own * 1e3}))
 """
 
 
@@ -106,12 +118,14 @@ def main() -> None:
     mib = 2**20
     if args.layers:
         head = f"{'conv':>12} {'side':>5} {'layout':>13} {'input':>7} {'output':>7} {'measured':>9} {'model':>7}"
-        print(head + "  (MiB above the output)")
+        print(head + f" {'ms':>7} {'ms torch':>9}  (MiB above the output; ms: ours, PyTorch's own kernel, 1 thread)")
         for cin, cout, side in LAYERS:
             for layout in ("plain", "channels_last"):
                 r = _run(LAYER, cin, cout, side, layout)
-                print(f"{f'{cin}->{cout}':>12} {side:>5} {layout:>13} {r['input'] / mib:7.1f} {r['output'] / mib:7.1f} "
-                      f"{r['extra'] / mib:9.1f} {r['model'] / mib:7.1f}", flush=True)  # fmt: skip
+                cols = (("input", 7), ("output", 7), ("extra", 9), ("model", 7))
+                mem = " ".join(f"{r[k] / mib:{w}.1f}" for k, w in cols)
+                name = f"{cin}->{cout}"
+                print(f"{name:>12} {side:>5} {layout:>13} {mem} {r['ms']:7.1f} {r['ms_torch']:9.1f}", flush=True)
         return
     print(f"{args.config}, {args.threads} threads; MiB above the RSS before the pass")
     print(f"{'case':>22} {'model':>8} {'measured':>9} {'measured/model':>15}")

@@ -126,8 +126,8 @@ def tile_feed(gen: nn.Module, arrays: Arrays) -> FeedFn:
 def cpu_layout(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the layout the CPU runs a generator fastest in: channels-last for 2D and 3D batches.
     oneDNN then convolves in place of reordering every layer's input and output to its blocked
-    layout and back (measured, demo HR generator, 2 threads: 1.6x faster per tile and one feature map
-    less memory at the widest layer; ``benchmarks/memory_model.py``). Other devices: unchanged."""
+    layout and back: 1.7-1.9x faster per layer and no copy of a feature map (``python
+    benchmarks/memory_model.py --layers``). Other devices: unchanged."""
     if t.device.type != "cpu" or t.ndim not in (4, 5):
         return t
     return t.contiguous(memory_format=torch.channels_last if t.ndim == 4 else torch.channels_last_3d)
