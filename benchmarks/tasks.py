@@ -254,10 +254,10 @@ def training_jobs(
                        "steps_per_scale": [cfgs[m].steps_for(i) for i in range(cfgs[m].num_scales)],
                        "checkpoint": str(work / m / f"scale_{s}.ckpt")}  # fmt: skip
                 weights = work / m / f"scale_{s}.pt"
-                if weights.exists() and _trained_as(weights) == _training_record(job):
-                    continue
-                if weights.exists():  # another config's (or an unrecorded) model never stands in for this one
-                    weights.unlink()
+                if weights.exists():
+                    if _trained_as(weights) == _training_record(job):
+                        continue
+                    weights.unlink()  # another config's (or an unrecorded) model never stands in for this one
                 jobs.append(job)
     ref = cfgs.get("ours") or cfgs.get("edges") or next(iter(cfgs.values()))
     if "cnn" in methods and not (work / "cnn.pt").exists():
