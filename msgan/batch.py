@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import zarr
 
-from msgan import lease, storage
+from msgan import lease, outputs, storage
 from msgan.cascade import Cascade, run_lr
 from msgan.config import Config
 from msgan.engine import needed_arrays, run_tiles, tile_feed
@@ -56,6 +56,7 @@ from msgan.pyramid import downsample2_chunked, edges_chunked, output_units, wind
 from msgan.tiling import Tile, batches_of, pyramid_shapes, tile_grid
 
 MANIFEST = "manifest.json"
+PUBLISHING = ".publishing.json"  # on s3://, beside an output whose manifest is being replaced (ours, mid-publish)
 RUN_FILE = "run.json"  # in a staging folder: which run made it, for which output
 MANIFEST_KEYS = ("volume", "model", "shape", "tiles", "checksum_sha256")
 CASCADE_MANIFEST_KEYS = ("format", "config", "weights")
@@ -201,7 +202,8 @@ def volume_task(
     src = storage.normalize_uri(input_uri)
     base = posixpath.basename(src.rstrip("/"))
     name = base[: -len(".zarr")] if base.endswith(".zarr") else base
-    dest = storage.normalize_uri(output) if output else storage.join(storage.normalize_uri(out_prefix), f"{name}.zarr")
+    dest = output if output else storage.join(storage.normalize_uri(out_prefix), f"{name}.zarr")
+    dest = outputs.resolve_output(dest, [src])  # a symlink leaving its folder, or the input itself: refused
     run = run or lease.new_run_id()
     return VolumeTask(name, src, dest, staging=f"{_parent(dest)}/.staging/{name}-{run}", model=model, run=run)
 
@@ -250,6 +252,37 @@ def read_manifest(task: VolumeTask) -> dict[str, Any] | None:
         raise VolumeError(f"{uri}: malformed manifest: {err}; remove {task.output} to translate it again") from err
 
 
+def is_ours(output: str) -> bool:
+    """Whether ``output`` is msgan's own translation: published (its manifest) or caught mid-publish on
+    ``s3://`` (the marker written before an old manifest is removed). Only such an output is ever replaced."""
+    for name in (MANIFEST, PUBLISHING):
+        uri = storage.join(output, name)
+        if storage.exists(uri):
+            try:
+                storage.json_object(storage.read_bytes(uri), MANIFEST_KEYS if name == MANIFEST else ("run",))
+            except ValueError as err:
+                raise VolumeError(
+                    f"{uri}: malformed manifest: {err}; {output} is not replaced: check it and remove it yourself "
+                    "to translate it again"
+                ) from err
+            return True
+    return False
+
+
+def check_output(task: VolumeTask, replace: bool = True) -> dict[str, Any] | None:
+    """Before any work: the output is absent, or msgan's own (its manifest, returned). Another model
+    version's output is replaced only with ``replace`` (the batch job's rule; ``msgan translate`` asks for
+    ``--replace``); anything else there is refused, never emptied (:class:`msgan.outputs.OutputError`)."""
+    outputs.refuse_foreign(task.output, is_ours, hint="; a translation goes to a new path or to msgan's own output")
+    previous = read_manifest(task)
+    if previous is not None and previous["model"] != task.model and not replace:
+        raise outputs.OutputError(
+            f"{task.output}: holds msgan's translation by {previous['model']}; pass --replace to replace it with "
+            f"{task.model}'s"
+        )
+    return previous
+
+
 def is_published(task: VolumeTask, by_same_model: bool = True) -> bool:
     """Published (by ``task.model`` unless ``by_same_model`` is false)."""
     manifest = read_manifest(task)
@@ -269,19 +302,6 @@ def _chunk_grid(arr: zarr.Array) -> tuple[int, ...]:
     """Stored objects per axis (shards when sharded, else chunks)."""
     unit = arr.shards or arr.chunks
     return tuple(math.ceil(s / c) for s, c in zip(arr.shape, unit, strict=True))
-
-
-def missing_chunks(uri: str, key: str, arr: zarr.Array) -> list[str]:
-    """Keys of chunks of ``uri``/``key`` never written (they would read as the fill value, silently)."""
-    fs, path = storage.filesystem(storage.join(uri, key))
-    base = path.rstrip("/") + "/"
-    present = {p[len(base) :] for p in fs.find(base)} if fs.exists(path) else set()
-    grid = _chunk_grid(arr)
-    return [
-        k
-        for k in (arr.metadata.encode_chunk_key(c) for c in itertools.product(*(range(g) for g in grid)))
-        if k not in present
-    ]
 
 
 def _find_bad_chunk(arr: zarr.Array) -> tuple[str, BaseException] | None:
@@ -327,19 +347,14 @@ def release_memory() -> None:
 
 def plan_volume(task: VolumeTask, cascade: Cascade, tile: int | None = None) -> dict[str, Any]:
     """The volume's tile plan (shapes and tile core per scale, geometry, source attributes), after
-    checking the input: readable, the model's dimensions, large enough, every chunk of level 0 written."""
+    checking the input: readable, the model's dimensions, large enough, declared sizes within the caps and
+    every chunk of level 0 stored (:func:`msgan.io.volume.read_level`)."""
     cfg = cascade.config
     n = cfg.num_scales
     level0, geom, attrs = inspect_input(task.input, cfg.dims)
     shapes = pyramid_shapes(level0.shape, n)
     if min(shapes[0]) < 1 or any(min(s) < 2 for s in shapes[1:]):
         raise VolumeError(f"{task.input}: shape {level0.shape} is too small for {n} scales")
-    missing = missing_chunks(task.input, "0", level0)
-    if missing:
-        raise VolumeError(
-            f"{task.input}: {len(missing)} chunk(s) of array '0' were never written (first: {missing[0]}); "
-            f"they would read as the fill value {level0.fill_value}. The volume is incomplete: ingest it again"
-        )
     tiles = [0] + [tile or cascade.tile_size(s, shapes[s]) for s in range(1, n)]
     return {"shapes": [list(s) for s in shapes], "tiles": tiles, "geometry": geom.as_dict(), "source": attrs}
 
@@ -570,6 +585,7 @@ def publish(task: VolumeTask, info: dict[str, Any]) -> dict[str, Any]:
         raise VolumeError(
             f"{task.name}: this run ({task.run}) no longer holds the lease on {task.output}; not published"
         )
+    outputs.refuse_foreign(task.output, is_ours)  # again at the last moment: only msgan's own output is replaced
     if storage.is_s3(task.output):
         fs, src = storage.filesystem(task.result_uri)
         _, dst = storage.filesystem(task.output)
@@ -578,13 +594,16 @@ def publish(task: VolumeTask, info: dict[str, Any]) -> dict[str, Any]:
         manifest["objects"] = len(new_keys) + 1
         text = json.dumps(manifest, indent=2)
         if fs.exists(f"{dst}/{MANIFEST}"):
+            storage.write_text(storage.join(task.output, PUBLISHING), json.dumps({"run": task.run}))
             fs.rm(f"{dst}/{MANIFEST}")  # unpublished from here until the new manifest lands
         for rel in sorted(new_keys):
             fs.copy(src + rel, dst + rel)
-        stale = {key[len(dst) :] for key in fs.find(dst)} - new_keys
+        stale = {key[len(dst) :] for key in fs.find(dst)} - new_keys - {f"/{PUBLISHING}"}
         for rel in sorted(stale):
             fs.rm(dst + rel)
         storage.write_text(storage.join(task.output, MANIFEST), text)  # last: it names exactly what is there
+        if fs.exists(f"{dst}/{PUBLISHING}"):
+            fs.rm(f"{dst}/{PUBLISHING}")
         fs.rm(storage.filesystem(task.staging)[1], recursive=True)
     else:
         src_path, dst_path = storage.local_path(task.result_uri), storage.local_path(task.output)
@@ -592,6 +611,7 @@ def publish(task: VolumeTask, info: dict[str, Any]) -> dict[str, Any]:
         (src_path / MANIFEST).write_text(text)
         _replace_dir(src_path, dst_path)  # the output appears whole, manifest included
         shutil.rmtree(storage.local_path(task.staging), ignore_errors=True)
+        outputs.remove_empty_dirs(_parent(task.staging))
     return manifest
 
 
@@ -600,6 +620,7 @@ def discard(task: VolumeTask) -> None:
     fs, path = storage.filesystem(task.staging)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+    outputs.remove_empty_dirs(_parent(task.staging))
 
 
 def sweep_staging(out_parent: str, ttl_s: float = lease.DEFAULT_TTL_S) -> list[str]:
@@ -622,7 +643,7 @@ def sweep_staging(out_parent: str, ttl_s: float = lease.DEFAULT_TTL_S) -> list[s
             out = str(record["output"])
             parent, base = posixpath.split(out.rstrip("/"))
             info = lease.holder(f"{parent}/.leases/{base}.json")
-            alive = info is not None and info["run"] == record["run"] and time.time() - info["time"] <= ttl_s
+            alive = info is not None and info["run"] == record["run"] and lease.alive(info, ttl_s)
         else:
             try:
                 alive = time.time() - float(fs.modified(entry).timestamp()) <= ttl_s
@@ -634,6 +655,7 @@ def sweep_staging(out_parent: str, ttl_s: float = lease.DEFAULT_TTL_S) -> list[s
                 removed.append(uri)
             except FileNotFoundError:
                 pass
+    outputs.remove_empty_dirs(storage.join(out_parent, ".staging"))
     return removed
 
 
@@ -647,11 +669,13 @@ def translate_volume(
     log: Log | None = None,
     tile: int | None = None,
     progress: Progress | None = None,
+    replace: bool = True,
 ) -> dict[str, Any]:
     """All four steps in this process (``msgan translate`` for zarr): constant memory, same result
     as the distributed job. Returns the manifest with ``status``: ``skipped`` (published by the same
-    model), ``translated``, or ``re-translated`` (``previous_model`` replaced)."""
-    previous = read_manifest(task)
+    model), ``translated``, or ``re-translated`` (``previous_model`` replaced; only with ``replace``).
+    An output that msgan did not publish is refused (:func:`check_output`), whatever ``replace`` says."""
+    previous = check_output(task, replace)
     if previous is not None and previous["model"] == task.model:
         return {**previous, "status": "skipped"}
     bound_heap()
@@ -661,8 +685,13 @@ def translate_volume(
         lease.acquire(held, task.output)
     except lease.LeaseError as err:
         raise VolumeError(str(err)) from err
+    beat = lease.Heartbeat([held])
     try:
+        beat.__enter__()
         sweep_staging(_parent(task.output))
+        previous = check_output(task, replace)  # again under the lease: another run may have published meanwhile
+        if previous is not None and previous["model"] == task.model:
+            return {**previous, "status": "skipped"}
         vplan = plan_volume(task, cascade, tile)
         stage(task, cascade.config, vplan)
         if progress is not None:
@@ -693,6 +722,7 @@ def translate_volume(
         discard(task)
         raise
     finally:
+        beat.__exit__()
         lease.release(held)
     if previous is not None:
         if log is not None:

@@ -55,10 +55,16 @@ def cmd_new_model(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    from msgan import outputs
+    from msgan.batch import is_ours
     from msgan.io.volume import read_volume, write_volume
 
     if str(args.input).endswith(".zarr") and str(args.output).endswith(".zarr"):
         return _translate_store(args)
+    output = outputs.resolve_output(args.output, [args.input])  # before any work: never the input, never elsewhere
+    exists = outputs.refuse_foreign(output, is_ours, replace=args.replace)
+    if exists and not args.replace:
+        raise outputs.OutputError(f"{args.output}: exists (msgan's translation); pass --replace to replace it")
     cascade = _load_cascade(args.model, args.device)
     image, geom = read_volume(args.input)
     if image.ndim != cascade.config.dims:
@@ -70,11 +76,11 @@ def cmd_translate(args: argparse.Namespace) -> int:
             image, tile=args.tile, device=args.device, progress=scale_progress(progress) if progress else None
         )
     except ValueError as err:
-        raise SystemExit(f"msgan: {args.input}: {err}") from err
+        raise ValueError(f"{args.input}: {err}") from err  # bad input: exit status 2, one line naming it
     finally:
         if progress is not None:
             progress.close()
-    write_volume(args.output, out, geom)
+    write_volume(args.output, out, geom, replace=args.replace)
     print(f"translated {args.input} {image.shape} -> {args.output} in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -84,16 +90,16 @@ def _translate_store(args: argparse.Namespace) -> int:
     from msgan import batch
 
     plan = batch.resolve_plan(args.model)  # the alias resolved once: what loads is what the manifest names
-    cascade = plan.load(args.device)
     task = batch.volume_task(args.input, "", plan.model_id, output=args.output, run=plan.run)
+    batch.check_output(task, args.replace)  # before loading anything: the output is absent or msgan's own
+    cascade = plan.load(args.device)
     t0 = time.perf_counter()
     progress = None if args.quiet else Progress(sys.stderr)
     try:
         manifest = batch.translate_volume(
-            task, cascade, args.device, tile=args.tile, progress=scale_progress(progress) if progress else None
-        )
-    except batch.VolumeError as err:
-        raise SystemExit(f"msgan: {err}") from err
+            task, cascade, args.device, tile=args.tile, progress=scale_progress(progress) if progress else None,
+            replace=args.replace,
+        )  # fmt: skip
     finally:
         if progress is not None:
             progress.close()
@@ -123,7 +129,11 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     truth = thorax_phantom(shape, spacing, args.seed)
     vol = truth if args.kernel == "truth" else reconstruct(truth, (args.kernel,), seed=args.seed + 7919)[args.kernel]
     geom = phantom_geometry(shape, spacing)
-    write_volume(args.output, np.asarray(vol, dtype=np.float32), geom)
+    from msgan import outputs
+
+    output = outputs.resolve_output(args.output)
+    outputs.refuse_foreign(output, lambda _: False, replace=args.replace)
+    write_volume(args.output, np.asarray(vol, dtype=np.float32), geom, replace=args.replace)
     print(f"wrote {args.kernel} phantom seed {args.seed} {shape} spacing {spacing} mm to {args.output}")
     return 0
 
@@ -153,7 +163,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from msgan.io.convert import ingest
 
-    report = ingest(args.source, args.output)
+    report = ingest(args.source, args.output, replace=args.replace)
     for key, uri in report.written.items():
         print(f"ingested {key} -> {uri}")
         for note in report.notes.get(key, []):
@@ -168,7 +178,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from msgan.io.convert import export
 
-    out = export(args.volume, args.out_dir, args.format, args.description, classic=args.classic)
+    out = export(args.volume, args.out_dir, args.format, args.description, classic=args.classic, replace=args.replace)
     where = out.files[0].parent if args.format == "dicom" else out.files[0]
     uid = f" (series {out.series_uid})" if out.series_uid else ""
     print(f"exported {args.volume} -> {where}: {len(out.files)} file(s){uid}")
@@ -259,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tile", type=int, default=None, help="inference tile core in voxels (default: memory budget)")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     t.add_argument("--quiet", action="store_true", help="no per-scale progress")
+    _replace_arg(t, "msgan's translation of another model version, or an existing single output file")
     t.set_defaults(func=cmd_translate)
 
     ph = sub.add_parser("phantom", help="write a synthetic thorax CT (soft or sharp kernel, or noiseless truth)")
@@ -267,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SZ", "SY", "SX"), help="mm")
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--kernel", choices=["soft", "sharp", "truth"], default="soft")
+    _replace_arg(ph, "an existing output file")
     ph.set_defaults(func=cmd_phantom)
 
     tr = sub.add_parser("train", help="train every scale locally, one after another, into a cascade folder")
@@ -283,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     ig = sub.add_parser("ingest", help="DICOM folder (one or more series) or NIfTI/MHA -> OME-Zarr volume(s)")
     ig.add_argument("source", help="folder of DICOM files (searched recursively), or a NIfTI/MHA/NRRD file")
     ig.add_argument("output", help="OUT.zarr for one series; a folder (OUT/<SeriesInstanceUID>.zarr) for several")
+    _replace_arg(ig, "a volume msgan ingested before")
     ig.set_defaults(func=cmd_ingest)
 
     ex = sub.add_parser("export", help="OME-Zarr volume -> DICOM series (derived, new UIDs) or NIfTI")
@@ -291,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["dicom", "nifti"], default="dicom")
     ex.add_argument("--description", default=None, help="SeriesDescription (default: says what made it)")
     ex.add_argument("--classic", action="store_true", help="an Enhanced CT/MR source: write classic single-frame files")
+    _replace_arg(ex, "the same series exported before, or an existing NIfTI file")
     ex.set_defaults(func=cmd_export)
 
     ps = sub.add_parser("pacs-sync", help="one pass of the scheduled translation of new PACS series (DICOMweb)")
@@ -325,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="cascade folder")
     i.set_defaults(func=cmd_info)
     return p
+
+
+def _replace_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--replace", action="store_true",
+        help=f"replace {what} (default: refuse). Anything msgan did not write is never replaced",
+    )  # fmt: skip
 
 
 def _sub_parser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:

@@ -2,25 +2,34 @@
 
 A lease is a small JSON object beside the outputs (``<prefix>/.leases/<output name>.json``)
 created exclusively: an ``O_EXCL`` file on ``file://``, a conditional put
-(``IfNoneMatch="*"``, HTTP 412 when it exists) on ``s3://``. It names the run that holds it;
-the same run (a Ray retry of one of its tasks) holds it again, another run is refused until
-the lease is released or older than its time to live (a killed run), when it may be taken over.
+(``IfNoneMatch="*"``, HTTP 412 when it exists) on ``s3://``. It names the run that holds it and the
+process: host, pid and that process's start time. The same run (a Ray retry of one of its tasks) holds
+it again; another run is refused while the holder lives. Whether it lives:
+
+- on this host: its process exists and started when the lease says (a recycled pid is another process);
+  a killed run's lease is taken over at once;
+- on another host: its heartbeat (:class:`Heartbeat`, every :data:`HEARTBEAT_S`) is younger than the
+  lease's time to live (:data:`DEFAULT_TTL_S`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from msgan import storage
 
-DEFAULT_TTL_S = 6 * 3600.0  # a run refreshes its leases between scales; older ones are dead
+HEARTBEAT_S = 30.0  # a holder renews its leases this often
+DEFAULT_TTL_S = 10 * HEARTBEAT_S  # a lease on another host whose heartbeat is older than this is dead
 
 
 class LeaseError(RuntimeError):
@@ -39,8 +48,50 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + uuid.uuid4().hex[:8]
 
 
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), None when there is no such process."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error:  # exists, but cannot be inspected (another user's): alive as far as we can tell
+        return -1.0
+
+
 def _body(run: str) -> bytes:
-    return json.dumps({"run": run, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}).encode()
+    pid = os.getpid()
+    return json.dumps(
+        {"run": run, "time": time.time(), "host": socket.gethostname(), "pid": pid, "started": _process_start(pid)}
+    ).encode()
+
+
+def alive(info: dict[str, Any], ttl_s: float = DEFAULT_TTL_S) -> bool:
+    """Whether the holder named by a lease's content still runs (see the module's rules)."""
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        started = _process_start(int(info["pid"]))
+        if started is None:
+            return False  # its process is gone
+        recorded = info.get("started")
+        # the pid may now belong to another process: alive only if it started when the lease says
+        return not (isinstance(recorded, (int, float)) and started >= 0 and abs(started - float(recorded)) > 1.0)
+    try:
+        return time.time() - float(info.get("time", 0.0)) <= ttl_s
+    except (TypeError, ValueError):
+        return False
+
+
+def describe(info: dict[str, Any], uri: str) -> str:
+    """Who holds a lease and how to clear it, for messages."""
+    try:
+        age = f"{time.time() - float(info.get('time', 0.0)):.0f} s ago"
+    except (TypeError, ValueError):
+        age = "at an unknown time"
+    return (
+        f"run {info.get('run')} (host {info.get('host', '?')}, pid {info.get('pid', '?')}, last heartbeat {age}) "
+        f"holds it. If that run is dead and its host cannot tell (another host), remove {uri} to clear it"
+    )
 
 
 def _s3_client() -> Any:
@@ -97,10 +148,6 @@ def holder(uri: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("run"), str) else None
 
 
-def _expired(info: dict[str, Any], ttl_s: float) -> bool:
-    return time.time() - float(info.get("time", 0.0)) > ttl_s
-
-
 def _remove_stale(uri: str, seen: dict[str, Any]) -> None:
     """Remove a stale lease. On ``file://`` by renaming it aside first: only one taker wins the rename."""
     if storage.is_s3(uri):
@@ -133,14 +180,13 @@ def acquire(lease: Lease, what: str) -> None:
         if info["run"] == lease.run:
             refresh(lease)
             return
-        if _expired(info, lease.ttl_s):
+        if not alive(info, lease.ttl_s):
             _remove_stale(lease.uri, info)
             continue
-        since = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(float(info.get("time", 0.0))))
         raise LeaseError(
-            f"{what}: run {info['run']} (host {info.get('host', '?')}) has been publishing it since {since}; "
-            f"this run ({lease.run}) does not touch it. Retry when that run ends (a killed run's lease "
-            f"expires after {lease.ttl_s / 3600:.1f} h)"
+            f"{what}: another run is publishing it; this run ({lease.run}) does not touch it. "
+            f"{describe(info, lease.uri)} (a killed run on this host is taken over at once, one on another host "
+            f"when its heartbeat is {lease.ttl_s:.0f} s old)"
         )
     raise LeaseError(f"{what}: could not take the lease {lease.uri} (contended by several runs); retry")
 
@@ -157,11 +203,40 @@ def refresh(lease: Lease) -> None:
 
 
 def release(lease: Lease) -> None:
-    """Drop the lease if this run holds it."""
+    """Drop the lease if this run holds it (and the ``.leases`` folder when it is left empty)."""
     if not holds(lease):
         return
     if storage.is_s3(lease.uri):
         bucket, key = _split_s3(lease.uri)
         _s3_client().delete_object(Bucket=bucket, Key=key)
     else:
-        Path(storage.local_path(lease.uri)).unlink(missing_ok=True)
+        path = Path(storage.local_path(lease.uri))
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # other leases (or something else) are there
+            path.parent.rmdir()
+
+
+class Heartbeat:
+    """Renews ``leases`` every ``every`` seconds on a daemon thread while the ``with`` block runs, so another
+    host sees the run alive however long a scale takes; stopped (and joined) before the block's leases are
+    released, so a renewal never recreates a released lease."""
+
+    def __init__(self, leases: Iterable[Lease], every: float = HEARTBEAT_S) -> None:
+        self.leases, self.every = list(leases), every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="msgan-lease-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            for held in self.leases:
+                with contextlib.suppress(OSError):  # storage unreachable for a moment: the next beat tries again
+                    refresh(held)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -125,30 +125,44 @@ def read_bytes(uri: str) -> bytes:
 
 
 @contextmanager
-def staged_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
+def staged_file(dest: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
     """A local file that appears at ``dest`` whole or not at all: write the yielded temporary (beside
     ``dest``, ending in its name so that writers that go by the suffix pick the same format); on success it
-    replaces ``dest`` by a rename; it is removed whatever happens."""
+    replaces ``dest`` by a rename (without ``replace``: refused when ``dest`` exists by then, never
+    overwritten); the temporary is removed whatever happens."""
     out = Path(dest)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     try:
         yield tmp
-        os.replace(tmp, out)
+        if replace:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # atomic, and fails when out exists
+            except FileExistsError as err:
+                raise FileExistsError(f"{out}: exists; not replaced (pass --replace)") from err
     finally:
         tmp.unlink(missing_ok=True)
 
 
 @contextmanager
-def staged_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+def staged_dir(dest: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
     """A local folder that appears at ``dest`` whole or not at all: fill the yielded staging folder
-    (beside ``dest``); on success it replaces ``dest`` by a rename, on failure it is removed."""
+    (beside ``dest``); on success it replaces ``dest`` by a rename (without ``replace`` an existing
+    ``dest`` is refused, never removed), on failure it is removed."""
     out = Path(dest)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not replace:
+        raise FileExistsError(f"{out}: exists; not replaced")
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield stage
+        if out.is_symlink() or out.is_file():
+            raise FileExistsError(f"{out}: a {'symlink' if out.is_symlink() else 'file'} is there; not replaced")
         if out.exists():
+            if not replace:
+                raise FileExistsError(f"{out}: exists; not replaced")
             shutil.rmtree(out)
         os.replace(stage, out)
     except BaseException:

@@ -1,5 +1,4 @@
 import json
-import time
 
 import numpy as np
 import pytest
@@ -43,7 +42,7 @@ def test_staged_translation_equals_in_memory_cascade_byte_for_byte(tmp_path, cas
         json.loads((tmp_path / "out" / "v1.zarr" / "manifest.json").read_text())["checksum_sha256"]
         == (manifest["checksum_sha256"])
     )
-    assert not list((tmp_path / "out" / ".staging").iterdir()), "staging cleaned up"
+    assert not (tmp_path / "out" / ".staging").exists(), "staging cleaned up, its empty folder too"
     assert batch.is_published(task) and manifest["status"] == "translated"
     again = batch.translate_volume(batch.volume_task(task.input, str(tmp_path / "out"), "m/1"), cascade)
     assert again["status"] == "skipped" and again["checksum_sha256"] == manifest["checksum_sha256"]
@@ -250,23 +249,11 @@ def test_another_run_holding_the_lease_is_refused_its_retry_is_not(tmp_path, cas
     src, out = str(tmp_path / "in" / "v10.zarr"), str(tmp_path / "out")
     first = batch.volume_task(src, out, "m/1", run="runA")
     lease.acquire(first.lease, first.output)  # run A is busy with it
-    with pytest.raises(batch.VolumeError, match=r"run runA .* has been publishing it"):
+    with pytest.raises(batch.VolumeError, match=r"another run is publishing it.*run runA \(host"):
         batch.translate_volume(batch.volume_task(src, out, "m/1", run="runB"), cascade)
     assert not (tmp_path / "out" / "v10.zarr").exists()
     manifest = batch.translate_volume(batch.volume_task(src, out, "m/1", run="runA"), cascade)  # a retry of run A
     assert manifest["run"] == "runA" and not lease.holds(first.lease)
-
-
-def test_expired_lease_of_a_killed_run_is_taken_over(tmp_path):
-    from msgan import lease, storage
-
-    uri = storage.normalize_uri(tmp_path / ".leases" / "x.zarr.json")
-    lease.acquire(lease.Lease(uri, "dead", ttl_s=0.0), "x")
-    time.sleep(0.01)
-    lease.acquire(lease.Lease(uri, "alive", ttl_s=0.0), "x")
-    assert lease.holder(uri)["run"] == "alive"
-    with pytest.raises(lease.LeaseError, match="run alive"):
-        lease.acquire(lease.Lease(uri, "third", ttl_s=3600), "x")
 
 
 def test_staging_is_per_run_and_dead_runs_staging_is_swept(tmp_path, cascade):

@@ -234,17 +234,17 @@ def _claim(
     todo: list[vb.VolumeTask] = []
     for t in tasks:
         try:
-            previous = vb.read_manifest(t)
+            previous = vb.check_output(t)  # absent, or msgan's own output: anything else is refused
             if previous is not None and previous["model"] == t.model:
                 report.skipped.append(t.name)
                 continue
             lease.acquire(t.lease, t.output)
-            previous = vb.read_manifest(t)  # another run may have published it meanwhile
+            previous = vb.check_output(t)  # another run may have published it meanwhile
             if previous is not None and previous["model"] == t.model:
                 lease.release(t.lease)
                 report.skipped.append(t.name)
                 continue
-        except (vb.VolumeError, lease.LeaseError, OSError) as err:
+        except (ValueError, lease.LeaseError, OSError) as err:
             report.failed[t.name] = str(err)
             continue
         if previous is not None:
@@ -259,6 +259,19 @@ def _claim(
             report.failed[t.name] = str(err)
             lease.release(t.lease)
     return todo, plans
+
+
+def check_shared(inputs: Sequence[str], out_prefix: str) -> None:
+    """On a Ray cluster of several nodes a node-local ``file://`` input or output is a silent split brain
+    (tiles written on whichever node runs them): refused before any work unless ``MSGAN_SHARED_PATHS``
+    lists it, the training job's rule (:func:`msgan.settings.check_reachable_from_all_nodes`)."""
+    import ray
+
+    from msgan.settings import check_reachable_from_all_nodes
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    for what, uri in [*(("input", i) for i in inputs), ("output", out_prefix)]:
+        check_reachable_from_all_nodes(what, storage.normalize_uri(uri), nodes)
 
 
 def translate_batch(
@@ -284,6 +297,7 @@ def translate_batch(
     all_tasks = [vb.volume_task(uri, out_prefix, plan.model_id, run=plan.run) for uri in vb.expand_inputs(inputs)]
     vb.check_collisions(all_tasks)  # before any work
     ensure_ray(cascade.config)
+    check_shared(inputs, out_prefix)  # before any work: every node must reach the inputs and outputs
     report = BatchReport(model=plan.model_id, run=plan.run)
     for parent in sorted({vb._parent(t.output) for t in all_tasks}):
         for gone in vb.sweep_staging(parent):
@@ -295,7 +309,8 @@ def translate_batch(
     )
     try:
         if plans:
-            _run(tasks, plans, cascade, plan, report, log, progress_every, progress)
+            with lease.Heartbeat([t.lease for t in tasks]):  # another host sees this run alive
+                _run(tasks, plans, cascade, plan, report, log, progress_every, progress)
     finally:
         for t in tasks:
             lease.release(t.lease)

@@ -8,7 +8,9 @@ Writes are atomic: a reader never sees a half-written output.
 
 from __future__ import annotations
 
+import itertools
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import zarr
+
+from msgan.io import limits
 
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 ZARR_SUFFIXES = (".zarr",)
@@ -191,14 +195,21 @@ def write_zarr(
     geometry: Geometry,
     attrs: dict[str, Any] | None = None,
     chunks: int | Sequence[int] = 64,
+    replace: bool = True,
 ) -> None:
     """An OME-Zarr multiscale group (level 0 finest) with our geometry beside ``ome`` (NGFF has no
     direction cosines). Local paths are written to a staging folder and renamed when complete;
-    on ``s3://`` the msgan attributes, which readers require, are written last."""
+    on ``s3://`` the msgan attributes, which readers require, are written last. Without ``replace`` an
+    existing destination is refused (:class:`FileExistsError`), never removed; callers decide whether
+    what is there is theirs to replace (:mod:`msgan.outputs`)."""
     name = str(path).rstrip("/").rsplit("/", 1)[-1]
     ome = ome_attrs([lv.shape for lv in levels], geometry, name)
     meta = {"geometry": geometry.as_dict(), **(attrs or {})}
     if str(path).startswith("s3://"):
+        from msgan import storage
+
+        if not replace and storage.exists(str(path)):
+            raise FileExistsError(f"{path}: exists; not replaced")
         group = open_group(str(path), "w")
         _write_group(group, levels, chunks)
         group.attrs["ome"] = ome
@@ -206,7 +217,8 @@ def write_zarr(
         return
     from msgan.storage import staged_dir
 
-    with staged_dir(str(path)[len("file://") :] if str(path).startswith("file://") else path) as stage:
+    local = str(path)[len("file://") :] if str(path).startswith("file://") else path
+    with staged_dir(local, replace=replace) as stage:
         group = open_group(stage, "w")
         _write_group(group, levels, chunks)
         group.attrs["ome"] = ome
@@ -233,6 +245,93 @@ class VolumeNotFoundError(VolumeError, FileNotFoundError):
     """No readable zarr group at the URI (also a ``FileNotFoundError``)."""
 
 
+MAX_LISTED_MISSING = 1_000_000  # declared chunks up to which the first missing key is named (else counts only)
+
+
+def check_declared(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> int:
+    """The array's declared shape and chunk (or shard) shape against :mod:`msgan.io.limits`, before any
+    read; returns the declared number of stored objects (computed, never enumerated)."""
+    try:
+        limits.check_shape(arr.shape, f"{uri}: array '{key}'")
+        return limits.check_chunks(arr.shape, arr.shards or arr.chunks, f"{uri}: array '{key}'")
+    except limits.LimitError as err:
+        raise VolumeError(str(err)) from err
+
+
+def _chunk_index(stored: str, arr: zarr.Array, grid: Sequence[int]) -> tuple[int, ...] | None:
+    """The chunk index a stored key names (None when it names no chunk of ``arr``): parsed by the array's
+    own key encoding (``c/0/1/2``, ``0.1.2``, ...) without listing the declared keys."""
+    n = len(grid)
+    zero = arr.metadata.encode_chunk_key((0,) * n)
+    body = "0" + (zero[-2] + "0") * (n - 1) if n > 1 else "0"
+    prefix, sep = zero[: len(zero) - len(body)], (zero[-2] if n > 1 else "/")
+    if not stored.startswith(prefix):
+        return None
+    parts = stored[len(prefix) :].split(sep)
+    if len(parts) != n or not all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts):
+        return None
+    index = tuple(int(p) for p in parts)
+    return index if all(i < g for i, g in zip(index, grid, strict=True)) else None
+
+
+def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None:
+    """Every chunk (shard) the array declares is stored, as a regular file on ``file://``: a chunk never
+    written reads back as the fill value without error, and a chunk that is a symlink, FIFO or device could
+    read another file or hang. The stored keys are listed (one listing), never enumerated from the shape."""
+    from msgan import storage
+
+    declared = check_declared(uri, key, arr)
+    unit = arr.shards or arr.chunks
+    grid = tuple(-(-s // c) for s, c in zip(arr.shape, unit, strict=True))
+    base_uri = storage.join(storage.normalize_uri(uri), key)
+    present: set[tuple[int, ...]] = set()
+    if storage.is_s3(base_uri):
+        fs, path = storage.filesystem(base_uri)
+        base = path.rstrip("/") + "/"
+        names = [p[len(base) :] for p in fs.find(base)] if fs.exists(path) else []
+        for rel in names:
+            index = _chunk_index(rel, arr, grid)
+            if index is not None:
+                present.add(index)
+    else:
+        root = storage.local_path(base_uri)
+        for dirpath, dirnames, filenames in os.walk(root):  # os.walk never follows symlinked folders
+            for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                index = _chunk_index(rel, arr, grid)
+                if index is None:
+                    continue
+                mode = os.lstat(full).st_mode
+                if not stat.S_ISREG(mode):
+                    kind = (
+                        "a symlink" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+                    )
+                    raise VolumeError(
+                        f"{uri}: chunk {rel} of array '{key}' is {kind}; a volume's chunks are regular files "
+                        "(refused: it could read another file or block forever)"
+                    )
+                present.add(index)
+    if len(present) >= declared:
+        return
+    missing = declared - len(present)
+    first = ""
+    if declared <= MAX_LISTED_MISSING:
+        gap = next(c for c in itertools.product(*(range(g) for g in grid)) if c not in present)
+        first = f" (first: {arr.metadata.encode_chunk_key(gap)})"
+    raise VolumeError(
+        f"{uri}: {missing} of the {declared} chunk(s) array '{key}' declares were never written{first}; they "
+        f"would read as the fill value {arr.fill_value}. The volume is incomplete: ingest it again"
+    )
+
+
+def check_finite(image: np.ndarray, what: str | os.PathLike[str]) -> None:
+    """NaN or inf voxels are refused: they would be windowed to a number and translated silently."""
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        raise VolumeError(f"{what}: {bad} voxel(s) are NaN or infinite; a volume must hold finite values")
+
+
 def open_group(uri: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
     """The one way to open a zarr group: ``file://``, ``s3://`` or a local path, with this process's
     storage settings (:func:`msgan.storage.zarr_store`). Reading a missing or broken store, or a bare
@@ -251,10 +350,13 @@ def open_group(uri: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
 
 
 def read_level(
-    uri: str | os.PathLike[str], level: int = 0, dims: int | None = None
+    uri: str | os.PathLike[str], level: int = 0, dims: int | None = None, complete: bool = True
 ) -> tuple[zarr.Array, Geometry, dict[str, Any]]:
     """The one "geometry + level" reader of an msgan OME-Zarr volume: level ``level`` (lazy), its
-    :class:`Geometry` and the msgan attributes; every problem is a :class:`VolumeError` naming ``uri``."""
+    :class:`Geometry` and the msgan attributes; every problem is a :class:`VolumeError` naming ``uri``.
+    Before anything is read the declared shape and chunks are checked against the caps of
+    :mod:`msgan.io.limits` and, with ``complete``, every declared chunk against what is stored
+    (:func:`check_stored`)."""
     group = open_group(uri, "r")
     meta = group.attrs.get("msgan")
     if not isinstance(meta, dict) or "geometry" not in meta:
@@ -273,6 +375,9 @@ def read_level(
         raise VolumeError(f"{uri}: {err}") from err
     if geom.dims != arr.ndim:
         raise VolumeError(f"{uri}: geometry is {geom.dims}D, array '{key}' is {arr.ndim}D")
+    check_declared(uri, key, arr)
+    if complete:
+        check_stored(uri, key, arr)
     return arr, geom, dict(meta)
 
 
@@ -289,23 +394,149 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
     suffix = suffix_of(path)
     if suffix in ZARR_SUFFIXES:
         arr, geom, _ = open_zarr(path)
-        return np.asarray(arr[...]), geom
+        image = np.asarray(arr[...])
+        check_finite(image, path)
+        return image, geom
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    check_itk_file(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:
         raise ValueError(f"{path}: cannot be read as {suffix} ({str(err).strip().splitlines()[-1]})") from err
-    return from_sitk(img)
+    image, geom = from_sitk(img)
+    check_finite(image, path)
+    if suffix in (".nii", ".nii.gz"):
+        bad = nifti_nonfinite(path)  # ITK's NIfTI reader turns NaN into 0: look at the stored values
+        if bad:
+            raise VolumeError(f"{path}: {bad} voxel(s) are NaN or infinite; a volume must hold finite values")
+    return image, geom
 
 
-def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geometry) -> None:
-    """Write a volume atomically in the format its suffix names."""
+NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of real floating-point voxels
+
+
+def nifti_nonfinite(path: str | os.PathLike[str], block: int = 16 * 2**20) -> int:
+    """How many stored voxels of a NIfTI-1/-2 file (``.nii`` or ``.nii.gz``) are NaN or infinite, read in
+    blocks (flat memory). SimpleITK reads NaN as 0, so the check looks at the stored bytes."""
+    import gzip
+
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+        if len(head) < 348:
+            return 0
+        for endian in ("<", ">"):
+            size = int(np.frombuffer(head[:4], endian + "i4")[0])
+            if size in (348, 540):
+                break
+        else:
+            return 0
+        if size == 348:
+            code = int(np.frombuffer(head[70:72], endian + "i2")[0])
+            offset = int(np.frombuffer(head[108:112], endian + "f4")[0])
+        else:
+            code = int(np.frombuffer(head[12:14], endian + "i2")[0])
+            offset = int(np.frombuffer(head[168:176], endian + "i8")[0])
+        if code not in NIFTI_FLOATS:
+            return 0
+        dtype = np.dtype(endian + NIFTI_FLOATS[code])
+        f.seek(max(offset, size))
+        bad, rest = 0, b""
+        while chunk := f.read(block):
+            data = rest + chunk
+            usable = len(data) - len(data) % dtype.itemsize
+            bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:usable], dtype))))
+            rest = data[usable:]
+    return bad
+
+
+HEADER_BYTES = 65536  # MetaImage / NRRD text headers are read this far for the data file they name
+
+
+def _data_file(path: Path, suffix: str) -> tuple[Path | None, bool]:
+    """(separate data file, compressed) that a MetaImage or NRRD header names; (None, ...) when the voxels
+    are inline. A data file must be a plain name in the header's own folder and a regular file: a header
+    from elsewhere never names /dev/zero, another patient's file or a path outside its folder."""
+    if suffix not in (".mha", ".nrrd"):
+        return None, suffix == ".nii.gz"
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES).decode("latin-1")
+    if suffix == ".mha":
+        fields = dict(
+            (k.strip().lower(), v.strip()) for k, _, v in (line.partition("=") for line in head.splitlines()) if _
+        )
+        name, compressed = (
+            fields.get("elementdatafile", "LOCAL"),
+            fields.get("compresseddata", "false").lower() == "true",
+        )
+        local = name.upper() == "LOCAL"
+    else:
+        fields = {}
+        for line in head.split("\n\n", 1)[0].splitlines()[1:]:
+            if line.startswith("#") or ":" not in line:
+                continue
+            k, _, v = line.partition(":")
+            fields[k.strip().lower()] = v.lstrip("=").strip()
+        name = fields.get("data file", fields.get("datafile", ""))
+        compressed = fields.get("encoding", "raw").lower() in ("gzip", "gz", "bzip2", "bz2")
+        local = not name
+    if local:
+        return None, compressed
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "%" in name or " " in name.strip():
+        raise VolumeError(
+            f"{path}: its header names the data file {name!r}; only a plain file name in the same folder is read "
+            "(no paths, lists or patterns)"
+        )
+    data = path.parent / name
+    try:
+        mode = os.lstat(data).st_mode
+    except FileNotFoundError as err:
+        raise VolumeError(f"{path}: the data file {name!r} its header names does not exist") from err
+    if not stat.S_ISREG(mode):
+        raise VolumeError(f"{path}: the data file {name!r} its header names is not a regular file (refused)")
+    return data, compressed
+
+
+def check_itk_file(path: str | os.PathLike[str]) -> None:
+    """A NIfTI/MHA/NRRD header's declared size against the caps and against the bytes actually stored,
+    before any voxel is read (:mod:`msgan.io.limits`)."""
+    p = Path(path)
+    suffix = suffix_of(p)
+    data, compressed = _data_file(p, suffix)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise VolumeError(f"{path}: cannot be read as {suffix} ({str(err).strip().splitlines()[-1]})") from err
+    size = tuple(int(v) for v in reader.GetSize())
+    try:
+        voxels = limits.check_shape(size[::-1], str(path))
+    except limits.LimitError as err:
+        raise VolumeError(str(err)) from err
+    item = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), reader.GetPixelID())).dtype).itemsize
+    declared = voxels * item * max(1, reader.GetNumberOfComponents())
+    stored = (data or p).stat().st_size
+    if compressed:
+        try:
+            limits.check_ratio(declared, stored, str(path))
+        except limits.LimitError as err:
+            raise VolumeError(str(err)) from err
+    elif stored < declared:
+        raise VolumeError(
+            f"{path}: its header declares {size} voxels ({declared} bytes) but "
+            f"{'its data file holds' if data else 'the file holds'} {stored} bytes; truncated or forged"
+        )
+
+
+def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geometry, replace: bool = True) -> None:
+    """Write a volume atomically in the format its suffix names (an existing one only with ``replace``)."""
     suffix = suffix_of(path)
     if suffix in ZARR_SUFFIXES:
-        write_zarr(path, [array], geometry)
+        write_zarr(path, [array], geometry, replace=replace)
         return
     from msgan.storage import staged_file
 
-    with staged_file(path) as tmp:
+    with staged_file(path, replace=replace) as tmp:
         sitk.WriteImage(to_sitk(array, geometry), str(tmp), useCompression=True)
