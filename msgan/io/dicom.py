@@ -20,20 +20,24 @@ the source series. Written with pydicom (sequences included).
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import tempfile
+import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
+from msgan.io import limits
 from msgan.io.uids import UidError, check_uid, shown
 from msgan.io.volume import Geometry
 
@@ -101,6 +105,20 @@ DECODABLE = {
     "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
     "1.2.840.10008.1.2.5",
 }  # fmt: skip
+# Identifiers copied into a derived object, with their VR and its most characters (PS3.5 6.2; PN: per component
+# group). A longer value is refused, never truncated: two patients cut to the same 64 characters would merge. Control
+# characters (NUL, CR, LF, ...; ESC starts a character set switch and is allowed) are refused too.
+IDENTIFIER_VR = {
+    "PatientID": ("LO", 64),
+    "PatientName": ("PN", 64),
+    "ReferringPhysicianName": ("PN", 64),
+    "AccessionNumber": ("SH", 16),
+    "StudyID": ("SH", 16),
+}
+# Descriptions (LO) are not identifiers: longer ones are truncated to what the VR allows, with a note.
+DESCRIPTIONS = {"SeriesDescription": ("0008103E", 64), "StudyDescription": ("00081030", 64)}
+DEFLATED_HEADER_MAX = 64 * 2**20  # the inflated bytes before the pixel data of a deflated file that are parsed
+_ITEM, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 
 
 class DicomError(ValueError):
@@ -154,10 +172,125 @@ def _expected_pixel_bytes(ds: Dataset) -> int:
     return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8 * frames
 
 
+def _count(ds: Dataset, tag: str, default: int, path: Path) -> int:
+    value = ds.get(tag, default)
+    try:
+        n = int(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        raise DicomError(f"{path}: {tag} is {value!s:.40}; it must be a positive integer") from None
+    if n < 1:
+        raise DicomError(f"{path}: {tag} is {n}; it must be a positive integer")
+    return n
+
+
+def _declared(path: Path, ds: Dataset) -> int:
+    """The pixel bytes ``ds`` declares (rows x columns x frames x samples x bits / 8), after the frame and volume
+    rules of :mod:`msgan.io.limits`: nothing of that size is allocated before these checks."""
+    rows, cols = _count(ds, "Rows", 0, path), _count(ds, "Columns", 0, path)
+    frames = _count(ds, "NumberOfFrames", 1, path)
+    samples, bits = _count(ds, "SamplesPerPixel", 1, path), _count(ds, "BitsAllocated", 0, path)
+    _limit(limits.check_frame, rows, cols, str(path))
+    _limit(limits.check_shape, (frames, rows, cols), f"{path} ({frames} frame{'s' * (frames > 1)})")
+    return rows * cols * frames * samples * -(-bits // 8)
+
+
+def _stored_bytes(path: Path, ds: Dataset) -> int:
+    """The bytes of pixel data the file actually holds (encapsulated: the sum of its fragments), read from the
+    element and item lengths without loading the value; what lies past the end of the file does not count."""
+    elem = ds.get_item("PixelData", keep_deferred=True)
+    if elem is None:
+        return 0
+    size = path.stat().st_size
+    if not isinstance(elem, pydicom.dataelem.RawDataElement) or elem.value is not None:
+        value = elem.value
+        return len(value) if isinstance(value, (bytes, bytearray)) else 0
+    start = int(elem.value_tell)
+    if elem.length != 0xFFFFFFFF:
+        return max(0, min(int(elem.length), size - start))
+    total = 0
+    with open(path, "rb") as fp:  # undefined length: items (basic offset table, fragments) up to the delimiter
+        fp.seek(start)
+        while fp.tell() < size:
+            head = fp.read(8)
+            if len(head) < 8:
+                break
+            group, element, length = struct.unpack("<HHL", head)
+            if (group, element) == _SEQUENCE_END:
+                break
+            if (group, element) != _ITEM:
+                raise DicomError(f"{path}: encapsulated pixel data holds ({group:04X},{element:04X}) where an "
+                                 f"item was expected; malformed")  # fmt: skip
+            length = min(length, size - fp.tell())
+            total += length
+            fp.seek(length, io.SEEK_CUR)
+    return total
+
+
+class SizeError(DicomError):
+    """A file or series declares more than :mod:`msgan.io.limits` allows (or more than it stores): refused before
+    any pixel is decoded; the message names the input and the rule."""
+
+
+def _limit(check: Callable[..., Any], *args: Any) -> Any:
+    """A :mod:`msgan.io.limits` rule; its LimitError becomes a :class:`SizeError` (a DicomError) with its message."""
+    try:
+        return check(*args)
+    except limits.LimitError as err:
+        raise SizeError(str(err)) from err
+
+
+def _check_deflated(path: Path) -> None:
+    """A deflated file (Deflated Explicit VR Little Endian) inflates its whole dataset in memory when pydicom (or
+    GDCM) reads it. Before that, the stream is inflated here in bounded pieces: the header in front of the pixel
+    data is parsed and its declared size checked, the inflated total is held to the deflate ratio rule and to what
+    the header declares, so a small file cannot inflate to gigabytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as fp:
+        try:
+            pydicom.filereader.read_preamble(fp, False)
+            meta = pydicom.filereader._read_file_meta_info(fp)
+        except Exception:  # not a DICOM file with a file meta: the ordinary read says why
+            return
+        if str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+            return
+        inflate, head, total = zlib.decompressobj(-zlib.MAX_WBITS), bytearray(), 0
+        while chunk := fp.read(2**20):
+            while chunk:
+                out = inflate.decompress(chunk, 2**22)
+                chunk = inflate.unconsumed_tail
+                total += len(out)
+                if len(head) < DEFLATED_HEADER_MAX:
+                    head += out[: DEFLATED_HEADER_MAX - len(head)]
+                _limit(limits.check_ratio, total, size, f"{path} (deflated dataset, inflated so far)")
+                if not out:
+                    break
+    buf = pydicom.filebase.DicomBytesIO(bytes(head))
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    try:
+        ds = pydicom.filereader.read_dataset(
+            cast(BinaryIO, buf), False, True, stop_when=lambda tag, vr, n: tag == 0x7FE00010
+        )
+    except Exception as err:
+        raise DicomError(f"{path}: deflated dataset cannot be read ({type(err).__name__}: {err})") from err
+    header_bytes = buf.tell()
+    if "Rows" not in ds or "Columns" not in ds:
+        return  # no image header (or one past the parsed part): the ordinary checks refuse it by name
+    declared = _declared(path, ds)
+    _limit(limits.check_ratio, declared, size, f"{path} (deflated)")
+    if total > header_bytes + declared + 2**16:
+        raise SizeError(
+            f"{path}: deflated dataset inflates to {total} bytes, more than its header ({header_bytes} bytes) and "
+            f"the {declared} bytes of pixels it declares; refused before reading it"
+        )
+
+
 def _read_header(path: Path) -> Dataset:
     """The dataset (pixels deferred), or a DicomError saying why this file is not a usable image."""
     try:
+        _check_deflated(path)
         ds = pydicom.dcmread(path, defer_size="1 KB")
+    except DicomError:
+        raise
     except pydicom.errors.InvalidDicomError as err:
         raise DicomError(f"{path.name}: not a DICOM file ({err})") from err
     except Exception as err:  # truncated headers raise EOFError, struct.error, ...
@@ -171,25 +304,89 @@ def _read_header(path: Path) -> Dataset:
     return ds
 
 
-def _check_pixels(path: Path, ds: Dataset) -> None:
+def _check_pixels(path: Path, ds: Dataset) -> tuple[int, int, bool]:
+    """Refuse the file before any decoding when its pixel data is unusable or declares too much; returns
+    (declared bytes, stored bytes, compressed). Every compressed transfer syntax is held to the ratio rule."""
     for tag in ("Rows", "Columns", "BitsAllocated", "BitsStored"):  # the Image Pixel module's Type 1 attributes
         try:
             if int(ds.get(tag)) <= 0:
                 raise ValueError
         except (TypeError, ValueError):
             raise DicomError(f"{path.name}: {tag} is {ds.get(tag)!s:.40}; an image needs a positive one") from None
+    declared = _declared(path, ds)
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None and str(ts) not in DECODABLE:
         name = getattr(ts, "name", "") or "unknown"
         raise DicomError(f"{path.name}: transfer syntax {ts} ({name}) has no decoder here")
-    if ts is not None and not ts.is_compressed:
-        try:
-            n = len(ds.PixelData)
-        except Exception as err:
-            raise DicomError(f"{path.name}: pixel data cannot be read ({type(err).__name__}: {err})") from err
-        need = _expected_pixel_bytes(ds)
-        if n < need:
-            raise DicomError(f"{path.name}: truncated: pixel data has {n} of {need} bytes")
+    try:
+        stored = _stored_bytes(path, ds)
+    except DicomError:
+        raise
+    except Exception as err:
+        raise DicomError(f"{path.name}: pixel data cannot be read ({type(err).__name__}: {err})") from err
+    if ts is not None and ts.is_encapsulated:
+        frames = _count(ds, "NumberOfFrames", 1, path)
+        label = f"{path} ({ts.name} pixel data" + (f", {frames} frames)" if frames > 1 else ")")
+        _limit(limits.check_ratio, declared, stored, label)
+        return declared, stored, True
+    if ts is not None and ts.is_deflated:  # the pixel data is inside the deflated stream: the file is what is stored
+        _limit(limits.check_ratio, declared, path.stat().st_size, f"{path} ({ts.name})")
+        return declared, path.stat().st_size, True
+    need = _expected_pixel_bytes(ds)
+    if stored < need:
+        raise DicomError(f"{path.name}: truncated: pixel data has {stored} of {need} bytes")
+    return declared, stored, False
+
+
+def identifier_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the identifier ``key`` of a DICOM object (:data:`IDENTIFIER_VR`), or None."""
+    vr, most = IDENTIFIER_VR[key]
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        if len(value) > 1:
+            return f"holds {len(value)} values; it has one"
+        value = value[0] if len(value) else ""
+    text = str(value)
+    bad = sorted({c for c in text if (ord(c) < 0x20 and c != "\x1b") or ord(c) == 0x7F})
+    if bad:
+        return f"contains control characters ({', '.join(map(ascii, bad[:5]))}), which {vr} does not allow"
+    groups = text.split("=") if vr == "PN" else [text]
+    if len(groups) > 3:
+        return f"has {len(groups)} component groups; PN has at most 3"
+    longest = max(len(g) for g in groups)
+    if longest > most:
+        where = " in a component group" if vr == "PN" else ""
+        return f"is {longest} characters{where}, above the {most} that {vr} allows"
+    return None
+
+
+def check_identifiers(values: Mapping[str, Any] | Dataset, what: str) -> None:
+    """Refuse (DicomError naming ``what`` and the attribute, never the value) an identifier that is longer than its
+    VR allows or holds control characters: it is never truncated or cleaned, so two patients cannot merge."""
+    for key in IDENTIFIER_VR:
+        problem = identifier_problem(key, values.get(key))
+        if problem is not None:
+            raise DicomError(f"{what}: {key} {problem}; refused (identifiers are never truncated or cleaned: two "
+                             f"patients must not merge)")  # fmt: skip
+
+
+def trim_descriptions(identifiers: dict[str, Any]) -> list[str]:
+    """Truncate SeriesDescription and StudyDescription (LO, 64 characters) in ``identifiers`` and in its kept
+    source ``Header`` to what the standard allows; returns a note per truncation."""
+    notes = []
+    header = identifiers.get("Header")
+    for key, (tag, most) in DESCRIPTIONS.items():
+        value = identifiers.get(key)
+        if isinstance(value, str) and len(value) > most:
+            identifiers[key] = value[:most]
+            notes.append(f"{key} of {len(value)} characters truncated to the {most} that LO allows")
+        entry = header.get(tag) if isinstance(header, dict) else None
+        values = entry.get("Value") if isinstance(entry, dict) else None
+        if isinstance(values, list) and values and isinstance(values[0], str) and len(values[0]) > most:
+            notes.append(f"{key} of the source header ({len(values[0])} characters) truncated to {most}")
+            entry["Value"] = [values[0][:most], *values[1:]]  # type: ignore[index]
+    return notes
 
 
 def _unit(v: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -320,9 +517,13 @@ def read_series(paths: Iterable[str | os.PathLike[str]]) -> IngestResult:
         raise DicomError(f"{', '.join(map(str, paths))}: no files (empty folder)")
     skipped: dict[str, str] = {}
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+    errors: dict[str, str] = {}
     for f in files:
         try:
             ds = _read_header(f)
+        except SizeError as err:  # a refusal, not a file of another kind: reported as an error by its path
+            errors[str(f)] = str(err)
+            continue
         except DicomError as err:
             skipped[str(f)] = str(err)
             continue
@@ -331,13 +532,15 @@ def read_series(paths: Iterable[str | os.PathLike[str]]) -> IngestResult:
             continue
         groups[str(ds.SeriesInstanceUID)].append((f, ds))
     if not groups:
-        reasons = "; ".join(list(skipped.values())[:3])
+        reasons = "; ".join([*errors.values(), *skipped.values()][:3])
         raise DicomError(f"{', '.join(map(str, paths))}: no DICOM images ({reasons})")
-    volumes, errors = [], {}
+    volumes = []
     for uid, members in groups.items():
         try:
             _check_uids(uid, members)
             volumes.append(_ingest_one(uid, members))
+        except SizeError as err:
+            errors[shown(uid)] = f"series {shown(uid)}: refused before decoding: {err}"
         except DicomError as err:
             errors[shown(uid)] = str(err)
         except Exception as err:  # malformed input this reader has no check for: this series only, never the folder
@@ -374,7 +577,12 @@ def _ingest_one(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesVolume:
     if not unique:
         raise DicomError(f"series {uid}: no images left after removing duplicates and localizers")
     first = unique[0][1]
+    declared = stored = 0
     for p, ds in unique:
+        check_identifiers(ds, f"series {uid}: {p}")
+        d, n, compressed = _check_pixels(p, ds)  # every declared size, before anything else is looked at
+        if compressed:
+            declared, stored = declared + d, stored + n
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
         if spp != 1 or str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith(("RGB", "YBR", "PALETTE")):
             raise DicomError(f"series {uid}: {p.name} is a color image ({ds.get('PhotometricInterpretation')}); "
@@ -384,26 +592,36 @@ def _ingest_one(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesVolume:
             kind = pydicom.uid.UID(str(ds.get("SOPClassUID", ""))).name or "image"
             known = ", ".join(pydicom.uid.UID(c).name for c in ENHANCED)
             raise DicomError(f"series {uid}: {p.name} is a multi-frame {kind}; multi-frame images are read for {known}")
-        _check_pixels(p, ds)
     if str(first.get("SOPClassUID", "")) in ENHANCED:
         if len(unique) != 1:
             raise DicomError(f"series {uid}: {len(unique)} multi-frame files in one series; one Enhanced image per "
                              f"series is read (a stack split over files is not joined)")  # fmt: skip
-        return _enhanced(uid, *unique[0], notes)
+        return _trimmed(_enhanced(uid, *unique[0], notes))
     modality = str(first.get("Modality", ""))
     if modality in PROJECTION_MODALITIES:
         if len(unique) != 1:
             raise DicomError(f"series {uid}: {len(unique)} {modality} images in one series; a projection series "
                              f"is read when it holds one image (split the views into series of their own)")  # fmt: skip
-        return _projection(uid, *unique[0], notes)
+        return _trimmed(_projection(uid, *unique[0], notes))
     if len(unique) == 1:
         raise DicomError(f"series {uid}: a single {modality or 'image'} slice is not a volume")
+    grids = {(int(ds.Rows), int(ds.Columns)) for _, ds in unique}
+    if len(grids) != 1:
+        raise DicomError(f"series {uid}: slices of different sizes ({', '.join(f'{r}x{c}' for r, c in sorted(grids))})")
+    (rows, cols), where = grids.pop(), f"series {uid} ({len(unique)} files in {unique[0][0].parent})"
+    _limit(limits.check_shape, (len(unique), rows, cols), where)  # the whole series, before SimpleITK reads it
+    _limit(limits.check_ratio, declared, stored, f"{where}, compressed")
     files, geom, more = _series_geometry(uid, unique)
     arr = _read_pixels(uid, files)
     by_path = dict(unique)
     sources = [str(by_path[f].get("SOPInstanceUID", "")) for f in files]  # UIDs checked in _check_uids
     ids = _identifiers(first) | {"NumberOfSlices": len(files), "SourceInstances": sources}
-    return SeriesVolume(uid, arr, geom, ids, notes + more)
+    return _trimmed(SeriesVolume(uid, arr, geom, ids, notes + more))
+
+
+def _trimmed(volume: SeriesVolume) -> SeriesVolume:
+    volume.notes += trim_descriptions(volume.identifiers)
+    return volume
 
 
 # ----------------------------------------------------------------------------- Enhanced multi-frame

@@ -105,7 +105,9 @@ def test_ingest_never_deletes_a_folder_or_file_that_is_not_a_zarr(tmp_path, caps
     assert main(["ingest", str(tmp_path / "dicom"), str(tmp_path / "out")]) == 1  # refused by name, nothing deleted
     assert "is not a zarr store" in capsys.readouterr().err
     assert (tmp_path / "out" / f"{uid}.zarr" / "mine.txt").read_text() == "kept"
-    assert main(["ingest", str(tmp_path / "ct.nii.gz"), str(data / "ct.zarr")]) == 0  # a zarr is replaced, as before
+    with pytest.raises(ValueError, match=r"ct.zarr: an msgan volume is already there; pass --replace"):
+        ingest(tmp_path / "ct.nii.gz", data / "ct.zarr")  # an msgan volume is replaced only when asked
+    assert ingest(tmp_path / "ct.nii.gz", data / "ct.zarr", replace=True).written  # then it is, as before
 
 
 def test_ingest_to_an_s3_prefix_keeps_what_it_holds(s3_bucket, tmp_path):
