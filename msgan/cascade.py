@@ -9,8 +9,14 @@ one whole-volume forward pass, whatever the tile size.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import os
+import pickle
+import re
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from msgan import __version__
+from msgan import __version__, storage
 from msgan.config import Config, from_dict
 from msgan.engine import array_writer, run_tiles, run_whole, tile_feed
 from msgan.memory import largest_tile
@@ -81,6 +87,32 @@ def run_hr_whole(gen: HRGenerator, prev: Any, edges: Any, device: str | torch.de
 
 
 # ----------------------------------------------------------------------------- the cascade as a model
+#
+# A cascade folder is untrusted input (DESIGN invariant 7): ``manifest.json`` names the weight files, and
+# every name must be a plain file name inside the folder; each file must be a regular file (never a
+# symbolic link, FIFO, device or directory) under a size cap; its bytes are read once, checked against the
+# manifest's sha256 and only those bytes reach ``torch.load(weights_only=True)``.
+
+MANIFEST_MAX_BYTES = 1 << 20  # manifest.json: a few KB in practice
+WEIGHTS_MAX_BYTES = 2 << 30  # one scale_<i>.pt: read whole into memory, so capped (tiny nets are ~100 KB)
+MAX_FILE_NAME = 255  # characters of a file name the manifest gives
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)  # a symbolic link swapped in after the check is refused by the kernel
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO can never block the open
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+class CascadeError(ValueError):
+    """A cascade (model) folder or artifact that is not a sound msgan cascade; the message names the model's
+    file and the rule it breaks."""
+
+
+class CascadeNotFoundError(CascadeError, FileNotFoundError):
+    """The folder holds no ``manifest.json``."""
 
 
 def _sha256(path: Path) -> str:
@@ -89,6 +121,203 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB"
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_file_name(name: Any, where: str) -> str:
+    """``name`` if it is a plain file name (what a manifest may name inside its own folder), else
+    :class:`CascadeError`: no path separators, no ``..``, no drive or NUL/control characters, not empty,
+    at most :data:`MAX_FILE_NAME` characters."""
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_FILE_NAME
+        and name not in (".", MANIFEST)
+        and ".." not in name
+        and not any(c in name for c in "/\\:")
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+    if not ok:
+        shown = repr(name)[:120] if isinstance(name, str) else f"a {type(name).__name__}"
+        raise CascadeError(
+            f"{where} names {shown}; a model file must be a plain file name inside the model folder "
+            f"(1-{MAX_FILE_NAME} characters, no '/', '\\', ':', '..', NUL or control characters, not {MANIFEST})"
+        )
+    return name
+
+
+def read_model_file(path: str | Path, cap: int, where: str, what: str = "weights file") -> bytes:
+    """The whole content of ``path``, a regular file of at most ``cap`` bytes, read once; else
+    :class:`CascadeError` naming ``where``. Symbolic links (even to a file beside it), FIFOs, devices and
+    directories are refused before anything is read; a FIFO is never opened blocking."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise CascadeError(f"{where}: missing (the manifest names it)") from None
+    except OSError as err:
+        raise CascadeError(f"{where}: cannot be read ({err.strerror or err})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CascadeError(f"{where}: {_kind(st.st_mode)}; a model file must be a regular file inside the folder")
+    limit = f"the cap of {cap} bytes ({_size(cap)}) per {what}"
+    if st.st_size > cap:
+        raise CascadeError(f"{where}: {st.st_size} bytes, above {limit}; refused before reading it")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CascadeError(f"{where}: a symbolic link; a model file must be a regular file") from None
+        raise CascadeError(f"{where}: cannot be opened ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())  # what was opened, whatever the name points at now
+        if not stat.S_ISREG(st.st_mode):
+            raise CascadeError(f"{where}: {_kind(st.st_mode)}; a model file must be a regular file inside the folder")
+        if st.st_size > cap:
+            raise CascadeError(f"{where}: {st.st_size} bytes, above {limit}; refused before reading it")
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise CascadeError(f"{where}: grew beyond {limit} while being read")
+    return data
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """A cascade manifest's content, checked: a JSON object of this format whose ``weights`` list scales
+    0..n-1 in order, each with a plain ``file`` name (:func:`check_file_name`, no two alike) and a sha256."""
+    try:
+        manifest = storage.json_object(raw, ("format", "config", "weights"))
+    except ValueError as err:
+        raise CascadeError(f"{where}: malformed cascade manifest: {err}") from None
+    if manifest["format"] != FORMAT:
+        raise CascadeError(f"{where}: format {str(manifest['format'])[:80]!r}, expected {FORMAT!r}")
+    if not isinstance(manifest["config"], dict):
+        raise CascadeError(f"{where}: 'config' is a {type(manifest['config']).__name__}, expected an object")
+    if not isinstance(manifest.get("meta", {}), dict):
+        raise CascadeError(f"{where}: 'meta' is a {type(manifest['meta']).__name__}, expected an object")
+    weights = manifest["weights"]
+    if not isinstance(weights, list) or not weights:
+        raise CascadeError(f"{where}: 'weights' must be a non-empty list of {{scale, file, sha256}} entries")
+    seen: set[str] = set()
+    for i, entry in enumerate(weights):
+        at = f"{where}: weights[{i}]"
+        if not isinstance(entry, dict):
+            raise CascadeError(f"{at} is a {type(entry).__name__}, expected {{scale, file, sha256}}")
+        scale = entry.get("scale")
+        if type(scale) is not int or scale != i:
+            raise CascadeError(f"{at} has scale {str(scale)[:40]!r}; entries must list scales 0, 1, ... in order")
+        name = check_file_name(entry.get("file"), at)
+        if name in seen:
+            raise CascadeError(f"{at} names {name!r} a second time")
+        seen.add(name)
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise CascadeError(f"{at} ({name}) has no sha256 (64 lowercase hex digits) to check the file by")
+    return manifest
+
+
+def _at(directory: Path, label: str | None, name: str) -> str:
+    """How messages name a model's file: ``folder/name``, or ``LABEL: name`` for a downloaded artifact."""
+    return f"{label}: {name}" if label is not None else str(directory / name)
+
+
+def read_manifest_raw(folder: str | Path, label: str | None = None) -> tuple[bytes, dict[str, Any]]:
+    """(bytes, checked content) of a cascade folder's ``manifest.json`` (:func:`read_model_file` with
+    :data:`MANIFEST_MAX_BYTES`, then :func:`parse_manifest`); :class:`CascadeNotFoundError` when absent."""
+    d = Path(folder)
+    where = _at(d, label, MANIFEST)
+    try:
+        os.lstat(d / MANIFEST)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CascadeNotFoundError(f"{label or d}: not a cascade folder (no {MANIFEST})") from None
+    except OSError as err:
+        raise CascadeError(f"{where}: cannot be read ({err.strerror or err})") from None
+    raw = read_model_file(d / MANIFEST, MANIFEST_MAX_BYTES, where, "manifest")
+    return raw, parse_manifest(raw, where)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """A cascade folder's manifest under the same rules :meth:`Cascade.load` applies (for ``msgan info``)."""
+    return read_manifest_raw(folder)[1]
+
+
+_TORCH_ADVICE = ("weights_only", "weights only load failed", "documentation", "file an issue", "add_safe_globals")
+
+
+def _load_reason(err: BaseException) -> str:
+    """What torch said about a file it refused, without its advice (never to load with weights_only=False)."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    kept = [ln for ln in lines if ln and not any(a in ln.lower() for a in _TORCH_ADVICE)]
+    text = "; ".join(kept)
+    if isinstance(err, RuntimeError):
+        text = text.split(". ", 1)[0]  # miniz's first sentence; the rest is boilerplate
+    text = text.replace("WeightsUnpickler error:", "").strip(" ;")
+    text = text[:300] if text else "the file ends early" if isinstance(err, EOFError) else "no detail"
+    return f"{type(err).__name__}: {text}"
+
+
+def _load_weights(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        MemoryError,
+        OverflowError,
+    ) as err:
+        raise CascadeError(
+            f"{where}: not a weights file torch can load weights-only ({_load_reason(err)}); "
+            "a model file holds tensors, never code"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CascadeError(f"{where}: holds a {type(state).__name__}, not a dict of named tensors (a state dict)")
+    return state
+
+
+def _build(config: Config, scale: int, state: Mapping[str, torch.Tensor], where: str) -> nn.Module:
+    """Scale ``scale``'s generator holding ``state``. Its shape is checked on the meta device first, so a
+    config that declares a huge network allocates nothing beyond what the (capped) file holds."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_generator(config, scale).state_dict().items()}
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError, IndexError, ZeroDivisionError) as err:
+        raise CascadeError(f"{where}: the manifest's config cannot build scale {scale} ({err})") from None
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != shapes:
+        missing = sorted(set(shapes) - set(got))[:3]
+        extra = sorted(set(got) - set(shapes))[:3]
+        wrong = [f"{k} {got[k]} != {shapes[k]}" for k in shapes if k in got and got[k] != shapes[k]][:3]
+        raise CascadeError(
+            f"{where}: the weights do not fit scale {scale} of the manifest's config "
+            f"(missing {missing}, unexpected {extra}, shapes {wrong})"
+        )
+    gen = build_generator(config, scale)
+    gen.load_state_dict(state)
+    return gen
 
 
 @dataclass
@@ -147,22 +376,29 @@ class Cascade:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Cascade:
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu", label: str | None = None) -> Cascade:
+        """The cascade saved in ``directory``, checked as untrusted input (:func:`read_manifest_raw`,
+        :func:`read_model_file`, sha256 before torch sees a byte, weights only). Every refusal is a
+        :class:`CascadeError` naming the file (``label: file`` when ``label`` is given, e.g. a registry URI
+        whose artifact was downloaded into a temporary folder)."""
         d = Path(directory)
-        mpath = d / MANIFEST
-        if not mpath.is_file():
-            raise FileNotFoundError(f"{d}: not a cascade directory (no {MANIFEST})")
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-        cfg = from_dict(manifest["config"])
+        _, manifest = read_manifest_raw(d, label)
+        mwhere = _at(d, label, MANIFEST)
+        try:
+            cfg = from_dict(manifest["config"])
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CascadeError(f"{mwhere}: invalid config ({err})") from None
+        weights = manifest["weights"]
+        if len(weights) != cfg.num_scales:
+            raise CascadeError(f"{mwhere}: lists {len(weights)} weight files; its config has {cfg.num_scales} scales")
         gens = []
-        for entry in manifest["weights"]:
-            wpath = d / entry["file"]
-            if _sha256(wpath) != entry["sha256"]:
-                raise ValueError(f"{wpath}: checksum does not match the manifest (corrupt or replaced file)")
-            g = build_generator(cfg, entry["scale"])
-            g.load_state_dict(torch.load(wpath, map_location="cpu", weights_only=True))
+        for entry in weights:
+            where = _at(d, label, entry["file"])
+            data = read_model_file(d / entry["file"], WEIGHTS_MAX_BYTES, where)
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise CascadeError(f"{where}: checksum does not match the manifest (corrupt or replaced file)")
+            g = _build(cfg, entry["scale"], _load_weights(data, where), where)
+            del data
             gens.append(g.to(device).eval())
         return cls(cfg, gens, manifest.get("meta", {}))
 

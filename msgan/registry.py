@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
+import posixpath
 import subprocess
 import tempfile
 import time
@@ -28,7 +28,16 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 
 from msgan import __version__, storage
-from msgan.cascade import FORMAT, MANIFEST, Cascade
+from msgan.cascade import (
+    FORMAT,
+    MANIFEST,
+    MANIFEST_MAX_BYTES,
+    WEIGHTS_MAX_BYTES,
+    Cascade,
+    CascadeError,
+    parse_manifest,
+    read_model_file,
+)
 from msgan.redact import redact_text, redact_uri
 
 DEFAULT_DB = "runs/mlflow.db"
@@ -169,8 +178,9 @@ FORMAT_TAG = "msgan.format"
 MANIFEST_TAG = "msgan.manifest_sha256"
 
 
-class ModelLoadError(ValueError):
-    """A model reference that cannot be resolved, or an artifact that is not a sound msgan cascade."""
+class ModelLoadError(CascadeError):
+    """A model reference that cannot be resolved, or an artifact that is not a sound msgan cascade (a
+    :class:`msgan.cascade.CascadeError`, so one ``except`` catches folder and registry models alike)."""
 
 
 def register_cascade(cascade: Cascade, run_id: str, name: str, alias: str = "candidate") -> str:
@@ -270,7 +280,28 @@ def _artifact_source(model_uri: str) -> tuple[str, str | None]:
     return str(mv.source).rstrip("/"), tags[MANIFEST_TAG]
 
 
-def _download(source: str, name: str, dest: Path, model_uri: str) -> Path:
+def _listing(source: str, model_uri: str) -> dict[str, Any]:
+    """The artifact directory's entries by file name (one listing, before anything is downloaded)."""
+    try:
+        infos = mlflow.artifacts.list_artifacts(artifact_uri=source, tracking_uri=tracking_uri())
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise ModelLoadError(f"{model_uri}: cannot list its artifacts ({redact_text(str(err))})") from err
+    return {posixpath.basename(i.path.rstrip("/")): i for i in infos or []}
+
+
+def _download(
+    source: str, name: str, dest: Path, model_uri: str, listing: Mapping[str, Any], cap: int, what: str
+) -> Path:
+    """``name`` from the artifact directory into ``dest``: only a file the listing shows, within ``cap``."""
+    info = listing.get(name)
+    if info is None or info.is_dir:
+        found = "a directory" if info is not None else "missing"
+        raise ModelLoadError(f"{model_uri}: {name}: {found} in the artifact directory; expected a file")
+    if info.file_size is not None and int(info.file_size) > cap:
+        raise ModelLoadError(
+            f"{model_uri}: {name}: {info.file_size} bytes, above the cap of {cap} bytes per "
+            f"{what}; refused before downloading it"
+        )
     try:
         uri = f"{source}/{name}"
         return Path(
@@ -282,26 +313,22 @@ def _download(source: str, name: str, dest: Path, model_uri: str) -> Path:
 
 def _checked_manifest(path: Path, digest: str | None, model_uri: str) -> dict[str, Any]:
     """The manifest, refused unless it is the one registered and lists exactly scale_0.pt .. scale_{n-1}.pt."""
-    raw = path.read_bytes()
-    if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
-        raise ModelLoadError(
-            f"{model_uri}: {MANIFEST} does not match the sha256 recorded at registration (replaced artifact)"
-        )
+    where = f"{model_uri}: {MANIFEST}"
     try:
-        manifest = storage.json_object(raw)
-    except ValueError as err:
-        raise ModelLoadError(f"{model_uri}: {MANIFEST} is {err}") from err
-    if manifest.get("format") != FORMAT:
-        raise ModelLoadError(f"{model_uri}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    missing = [k for k in ("config", "weights", "num_scales") if k not in manifest]
-    if missing:
-        raise ModelLoadError(f"{model_uri}: {MANIFEST} lacks {', '.join(missing)}")
-    weights = manifest["weights"]
-    want = [f"scale_{i}.pt" for i in range(int(manifest["num_scales"]))]
-    names = [w.get("file") if isinstance(w, dict) else None for w in weights] if isinstance(weights, list) else None
-    if names != want or any(w.get("scale") != i or not w.get("sha256") for i, w in enumerate(weights)):
+        raw = read_model_file(path, MANIFEST_MAX_BYTES, where, "manifest")
+        if digest is not None and hashlib.sha256(raw).hexdigest() != digest:
+            raise ModelLoadError(f"{where} does not match the sha256 recorded at registration (replaced artifact)")
+        manifest = parse_manifest(raw, where)
+    except ModelLoadError:
+        raise
+    except CascadeError as err:
+        raise ModelLoadError(str(err)) from None
+    names = [w["file"] for w in manifest["weights"]]
+    want = [f"scale_{i}.pt" for i in range(len(names))]
+    if names != want or manifest.get("num_scales", len(names)) != len(names):
         raise ModelLoadError(
-            f"{model_uri}: {MANIFEST} lists weights {names!r}; expected exactly {want} with scale and sha256"
+            f"{where} lists weights {names!r} for num_scales={manifest.get('num_scales')!r}; expected exactly "
+            f"{want}, one per scale"
         )
     return manifest
 
@@ -313,24 +340,22 @@ def load_cascade(model_uri: str, device: str = "cpu") -> Cascade:
     against the registered sha256 and every weight against the manifest, and build the networks with
     this installed msgan (weights only). :class:`ModelLoadError` names the model and what is wrong."""
     if not model_uri.startswith(("models:/", "runs:/")):
-        return _load_dir(Path(model_uri), device, model_uri)
+        return _load_dir(Path(model_uri), device, None)
     source, digest = _artifact_source(model_uri)
+    listing = _listing(source, model_uri)
     with tempfile.TemporaryDirectory(prefix="msgan-model-") as tmp:
         dest = Path(tmp)
-        manifest = _checked_manifest(_download(source, MANIFEST, dest, model_uri), digest, model_uri)
+        mpath = _download(source, MANIFEST, dest, model_uri, listing, MANIFEST_MAX_BYTES, "manifest")
+        manifest = _checked_manifest(mpath, digest, model_uri)
         for entry in manifest["weights"]:
-            _download(source, entry["file"], dest, model_uri)
+            _download(source, entry["file"], dest, model_uri, listing, WEIGHTS_MAX_BYTES, "weights file")
         return _load_dir(dest, device, model_uri)
 
 
-def _load_dir(directory: Path, device: str, model_uri: str) -> Cascade:
+def _load_dir(directory: Path, device: str, label: str | None) -> Cascade:
+    """:meth:`Cascade.load` (every check of a cascade folder); its :class:`CascadeError` as a
+    :class:`ModelLoadError` naming ``label`` (the registry URI) or the folder's file."""
     try:
-        return Cascade.load(directory, device)
-    except pickle.UnpicklingError as err:
-        raise ModelLoadError(
-            f"{model_uri}: a weight file holds more than tensors and is refused (weights only): {err}"
-        ) from err
-    except (KeyError, TypeError) as err:
-        raise ModelLoadError(f"{model_uri}: malformed cascade manifest ({err!r})") from err
-    except ValueError as err:
-        raise ModelLoadError(f"{model_uri}: {err}") from err
+        return Cascade.load(directory, device, label=label)
+    except CascadeError as err:
+        raise ModelLoadError(str(err)) from None

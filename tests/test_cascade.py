@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from msgan.cascade import Cascade, run_hr, run_hr_whole
+from msgan.cascade import Cascade, CascadeError, run_hr, run_hr_whole
 from msgan.nets import HRGenerator
 from tests.conftest import randomize_batchnorm, tiny_config
 
@@ -97,10 +97,11 @@ def test_save_load_roundtrip_and_checksum(tiny_cfg, tmp_path, rng):
     assert loaded.halos == c.halos == [0, 4, 4]
     with (path / "scale_1.pt").open("ab") as f:
         f.write(b"tampered")
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(CascadeError, match=r"model/scale_1\.pt: checksum does not match the manifest"):
         Cascade.load(path)
-    with pytest.raises(FileNotFoundError, match="not a cascade"):
+    with pytest.raises(FileNotFoundError, match="not a cascade") as err:  # a CascadeNotFoundError
         Cascade.load(tmp_path)
+    assert isinstance(err.value, CascadeError)
 
 
 def test_translate_rejects_nan_and_wrong_dims(tiny_cfg):

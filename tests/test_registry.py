@@ -153,9 +153,11 @@ def test_code_stored_with_a_registered_model_is_never_run(tracking, tmp_path):
     digest = hashlib.sha256((bad / "manifest.json").read_bytes()).hexdigest()
     tags = {registry.FORMAT_TAG: "msgan-cascade/1", registry.MANIFEST_TAG: digest}
     client.create_model_version("safe", f"runs:/{mv.run_id}/cascade/bad", run_id=mv.run_id, tags=tags)
-    with pytest.raises(registry.ModelLoadError, match="weights only"):
+    with pytest.raises(registry.ModelLoadError, match="not a weights file torch can load weights-only") as err:
         registry.load_cascade("models:/safe/2")
     assert not marker.exists()
+    assert "models:/safe/2: scale_1.pt" in str(err.value) and "GLOBAL posix.system" in str(err.value)
+    assert "weights_only=False" not in str(err.value) and "weights_only` set to `False" not in str(err.value)
 
 
 def test_tampered_artifacts_fail_their_checksums(tracking, tmp_path):
@@ -170,6 +172,22 @@ def test_tampered_artifacts_fail_their_checksums(tracking, tmp_path):
     manifest.write_text(manifest.read_text().replace('"scale_1.pt"', '"../../../etc/passwd"'))
     with pytest.raises(registry.ModelLoadError, match="does not match the sha256 recorded at registration"):
         registry.load_cascade(f"models:/safe/{mv.version}")
+
+
+def test_oversized_or_misshapen_artifacts_are_refused_before_download(tracking, tmp_path):
+    _, _, _, folder = _registered(tmp_path)
+    with (folder / "scale_0.pt").open("r+b") as f:  # sparse: 2 GiB + 1 byte on paper, nothing on disk
+        f.truncate(registry.WEIGHTS_MAX_BYTES + 1)
+    with pytest.raises(
+        registry.ModelLoadError, match=r"models:/safe/1: scale_0.pt: 2147483649 bytes, above the cap of 2147483648"
+    ) as err:
+        registry.load_cascade("models:/safe/1")
+    assert "refused before downloading it" in str(err.value)
+    (folder / "scale_0.pt").unlink()
+    (folder / "scale_0.pt").mkdir()
+    (folder / "scale_0.pt" / "big.bin").write_bytes(b"x" * 10)
+    with pytest.raises(registry.ModelLoadError, match=r"scale_0.pt: a directory in the artifact directory"):
+        registry.load_cascade("models:/safe@candidate")
 
 
 @pytest.mark.slow
