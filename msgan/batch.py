@@ -47,7 +47,7 @@ import torch
 import zarr
 
 from msgan import lease, outputs, storage
-from msgan.cascade import Cascade, run_lr
+from msgan.cascade import Cascade, CascadeError, run_lr
 from msgan.config import Config
 from msgan.engine import needed_arrays, run_tiles, tile_feed
 from msgan.io.volume import Geometry, VolumeError, dimension_names, ome_attrs, open_group, read_level
@@ -59,7 +59,6 @@ MANIFEST = "manifest.json"
 PUBLISHING = ".publishing.json"  # on s3://, beside an output whose manifest is being replaced (ours, mid-publish)
 RUN_FILE = "run.json"  # in a staging folder: which run made it, for which output
 MANIFEST_KEYS = ("volume", "model", "shape", "tiles", "checksum_sha256")
-CASCADE_MANIFEST_KEYS = ("format", "config", "weights")
 
 Progress = Callable[[int, int, int], None]  # (scale, tiles done, tiles total)
 Log = Callable[[str], None]
@@ -93,8 +92,8 @@ class InferencePlan:
             self._check_pinned()
             try:
                 cascade = Cascade.load(self.model, device)  # checks every weight file against the manifest
-            except (KeyError, TypeError) as err:
-                raise ModelError(f"{Path(self.model) / MANIFEST}: malformed cascade manifest ({err!r})") from err
+            except CascadeError as err:
+                raise ModelError(str(err)) from None
             self._check_pinned()  # the same manifest before and after: what loaded is what was pinned
         return with_overrides(cascade, self.overrides)
 
@@ -114,20 +113,14 @@ def with_overrides(cascade: Cascade, overrides: dict[str, Any]) -> Cascade:
 
 
 def _folder_manifest(folder: str) -> tuple[str, dict[str, Any]]:
-    """(sha256, content) of a cascade folder's manifest; :class:`ModelError` naming the file when unusable."""
-    path = Path(folder) / MANIFEST
+    """(sha256, content) of a cascade folder's manifest, read once with the folder's confinement rules
+    (:func:`msgan.cascade.read_manifest_raw`); :class:`ModelError` naming the file when unusable."""
+    from msgan.cascade import CascadeError, read_manifest_raw
+
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError as err:
-        raise ModelError(f"{folder}: not a cascade folder (no {MANIFEST})") from err
-    except OSError as err:
-        raise ModelError(f"{path}: cannot be read ({err.strerror or err})") from err
-    try:
-        content = storage.json_object(raw, CASCADE_MANIFEST_KEYS)
-    except ValueError as err:
-        raise ModelError(
-            f"{path}: malformed cascade manifest: {err} (a cascade manifest has {', '.join(CASCADE_MANIFEST_KEYS)})"
-        ) from err
+        raw, content = read_manifest_raw(folder)
+    except CascadeError as err:
+        raise ModelError(str(err)) from None
     return hashlib.sha256(raw).hexdigest(), content
 
 

@@ -232,9 +232,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from msgan.cascade import MANIFEST
+    from msgan.cascade import read_manifest
 
-    manifest = json.loads((Path(args.model) / MANIFEST).read_text())
+    manifest = read_manifest(args.model)  # the folder's confinement rules: a plain, capped JSON file
     keep = ("format", "code_version", "dims", "num_scales", "halos", "hr_patch", "parameters", "intensity", "meta")
     print(json.dumps({k: manifest.get(k) for k in keep}, indent=2))
     return 0

@@ -89,9 +89,18 @@ def test_translate_shows_tiles_rate_and_eta_and_says_when_nothing_was_done(tmp_p
     assert "already translated by" in again.out and "translated in" not in again.out and " in 0.0s" not in again.out
 
 
-def test_unexpected_error_is_one_line_and_the_traceback_is_for_verbose(tmp_path, capsys):
+def test_unexpected_error_is_one_line_and_the_traceback_is_for_verbose(tmp_path, capsys, monkeypatch):
+    import msgan.cascade
+
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "manifest.json").write_text("[1, 2]")  # valid JSON, not a manifest
+    (tmp_path / "m" / "manifest.json").write_text("[1, 2]")  # valid JSON, not a manifest: bad input, named
+    assert main(["info", str(tmp_path / "m")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+    def broken(folder):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(msgan.cascade, "read_manifest", broken)  # what is tested is how a bug is shown
     assert main(["info", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("msgan info: error: AttributeError:"), err

@@ -123,13 +123,22 @@ def test_bad_volumes_are_reported_and_the_rest_published(tmp_path, ray_local, mo
     write_zarr(tmp_path / "in" / "flat.zarr", [bad[0]], Geometry.identity(2))
     write_zarr(tmp_path / "in" / "empty.zarr", [bad], GEOM)
     del zarr.open_group(str(tmp_path / "in" / "empty.zarr"), mode="r+")["0"]
+    write_zarr(tmp_path / "in" / "bomb.zarr", [bad], GEOM)  # declares 1500^3, stores one chunk
+    meta = json.loads((tmp_path / "in" / "bomb.zarr" / "0" / "zarr.json").read_text())
+    meta["shape"] = [1500, 1500, 1500]
+    (tmp_path / "in" / "bomb.zarr" / "0" / "zarr.json").write_text(json.dumps(meta))
+    write_zarr(tmp_path / "in" / "foreign.zarr", [bad[:8] * 0], GEOM)
+    (tmp_path / "out" / "foreign.zarr").mkdir(parents=True)  # someone's folder where an output would go
+    (tmp_path / "out" / "foreign.zarr" / "notes.txt").write_text("keep")
     report = translate_batch([str(tmp_path / "in")], str(tmp_path / "out"), path, log=lambda _: None)
     assert sorted(m["volume"] for m in report.published) == ["a", "b"]
-    assert set(report.failed) == {"nan", "flat", "empty"}
+    assert set(report.failed) == {"nan", "flat", "empty", "bomb", "foreign"}
     assert "NaN" in report.failed["nan"] and "3D" in report.failed["flat"] and "missing array" in report.failed["empty"]
-    for name in ("nan", "flat", "empty"):
+    assert "never written" in report.failed["bomb"] and "notes.txt" in report.failed["foreign"]
+    for name in ("nan", "flat", "empty", "bomb"):
         assert not (tmp_path / "out" / f"{name}.zarr").exists()
-    assert not any((tmp_path / "out" / ".staging").glob("*"))
+    assert os.listdir(tmp_path / "out" / "foreign.zarr") == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.zarr", "b.zarr", "foreign.zarr"], "no empty .staging/.leases"
 
 
 def test_killed_actor_mid_batch_gives_the_clean_result(tmp_path, ray_local, model):
