@@ -23,7 +23,8 @@ from typing import Any
 
 from msgan import storage
 from msgan.io.pacs import DicomWebClient, PacsError, SeriesInfo
-from msgan.io.uids import shown, uid_problem
+from msgan.io.uids import is_uid, shown, uid_problem
+from msgan.redact import redact_text
 
 Log = Callable[[str], None]
 
@@ -55,22 +56,43 @@ class SyncReport:
 
     def summary(self) -> str:
         lines = [
-            f"pacs-sync with {self.model}: {len(self.translated)} translated, {self.already} done before, "
+            f"pacs-sync with {redact_text(self.model)}: {len(self.translated)} translated, {self.already} done before, "
             f"{len(self.skipped)} skipped, {self.seconds:.1f}s"
         ]
-        lines += [f"  {src} -> {dst}" for src, dst in self.translated.items()]
-        lines += [f"  SKIPPED {src}: {why}" for src, why in self.skipped.items()]
+        # redacted part by part (a reason may quote a PACS's echo of our request; a UID is kept as it is)
+        lines += [f"  {_scrub(src)} -> {_scrub(dst)}" for src, dst in self.translated.items()]
+        lines += [f"  SKIPPED {_scrub(src)}: {_scrub(why)}" for src, why in self.skipped.items()]
         return "\n".join(lines)
+
+    def skip(self, series: str, reason: str) -> str:
+        """Record ``series`` as skipped; returns the reason as kept (redacted)."""
+        self.skipped[series] = reason = redact_text(reason)
+        return reason
+
+
+def _scrub(data: Any) -> Any:
+    """``data`` (JSON) with every string but DICOM UIDs (keys included) redacted."""
+    if isinstance(data, str):
+        return data if is_uid(data) else redact_text(data)
+    if isinstance(data, dict):
+        return {_scrub(k): _scrub(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_scrub(v) for v in data]
+    return data
 
 
 class State:
-    """The pass's memory, one JSON document in the object store (written whole after each change)."""
+    """The pass's memory, one JSON document in the object store (written whole after each change).
+
+    It never holds a secret in any form: every text recorded goes through :func:`msgan.redact.redact_text`
+    (UIDs, checked before they name an entry, are kept as they are: a numeric password must not rewrite one),
+    and a state file written before that rule is scrubbed when it is loaded (and so on its next write)."""
 
     def __init__(self, root: str) -> None:
         self.uri = storage.join(root, "pacs-sync", "state.json")
         self.data: dict[str, Any] = {"series": {}}
         if storage.exists(self.uri):
-            self.data = json.loads(storage.read_text(self.uri))
+            self.data = _scrub(json.loads(storage.read_text(self.uri)))
 
     def entry(self, series_uid: str) -> dict[str, Any] | None:
         e = self.data["series"].get(series_uid)
@@ -80,7 +102,8 @@ class State:
         return {e["derived_series_uid"] for e in self.data["series"].values() if e.get("derived_series_uid")}
 
     def record(self, series_uid: str, **values: Any) -> None:
-        self.data["series"][series_uid] = {**values, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entry = _scrub({**values, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self.data["series"][series_uid] = entry
         storage.write_text(self.uri, json.dumps(self.data, indent=1))
 
 
@@ -91,7 +114,7 @@ def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, r
         uids = {"SeriesInstanceUID": s.series_uid, "StudyInstanceUID": s.study_uid}
         bad = [f"{k} {shown(v)} is not a valid DICOM UID ({why})" for k, v in uids.items() if (why := uid_problem(v))]
         if bad:  # it names no state entry, folder, key or request: reported on every pass, never fetched
-            report.skipped[shown(s.series_uid)] = "refused, nothing fetched or written: " + "; ".join(bad)
+            report.skip(shown(s.series_uid), "refused, nothing fetched or written: " + "; ".join(bad))
             continue
         if s.series_uid in ours or s.description.startswith("msgan "):
             continue  # our own derived series
@@ -116,6 +139,10 @@ def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, r
     return todo
 
 
+def _redacting(log: Log) -> Log:
+    return lambda line: log(redact_text(line))
+
+
 def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = print) -> SyncReport:
     """One pass: find, ingest, translate, export and push; returns what happened to each series."""
     from msgan.batch import resolve_plan
@@ -124,6 +151,7 @@ def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = p
     from msgan.io.dicom import DicomError
 
     t0 = time.perf_counter()
+    log = _redacting(log)  # every line this pass logs, the batch's included
     client = client or DicomWebClient.from_env()
     root = storage.normalize_uri(cfg.storage)
     state = State(root)
@@ -141,16 +169,14 @@ def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = p
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 client.fetch_series(s.study_uid, s.series_uid, tmp)
-                result = ingest(tmp, storage.join(root, "pacs-sync", "ingested", f"{s.series_uid}.zarr"))
+                result = ingest(tmp, storage.join(root, "pacs-sync", "ingested", f"{s.series_uid}.zarr"), replace=True)
             except (DicomError, PacsError, ValueError) as err:
-                report.skipped[s.series_uid] = str(err)
-                state.record(s.series_uid, status="failed", model=model, reason=str(err))
+                state.record(s.series_uid, status="failed", model=model, reason=report.skip(s.series_uid, str(err)))
                 continue
         mine = result.written.get(s.series_uid)
         if mine is None:
             reason = result.errors.get(s.series_uid) or "; ".join(result.errors.values()) or "no image series"
-            report.skipped[s.series_uid] = reason
-            state.record(s.series_uid, status="failed", model=model, reason=reason)
+            state.record(s.series_uid, status="failed", model=model, reason=report.skip(s.series_uid, reason))
             continue
         ingested[s.series_uid] = (s, mine)
     if not ingested:
@@ -160,20 +186,20 @@ def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = p
     out_prefix = storage.join(root, "pacs-sync", "translated", re.sub(r"[^A-Za-z0-9._-]", "_", model))
     batch = translate_batch([u for _, u in ingested.values()], out_prefix, plan, log=log)
     for name, why in batch.failed.items():
-        report.skipped[name] = f"translation failed: {why}"
+        report.skip(name, f"translation failed: {why}")
         state.record(name, status="failed", model=model, reason=why)
     done = {m["volume"] for m in batch.published} | set(batch.skipped)
     for uid in sorted(done & set(ingested)):
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 out_dir = Path(cfg.export_prefix) / uid if cfg.export_prefix else Path(tmp) / "series"
-                exported = export(storage.join(out_prefix, f"{uid}.zarr"), out_dir, cfg.export_format)
+                exported = export(storage.join(out_prefix, f"{uid}.zarr"), out_dir, cfg.export_format, replace=True)
                 if cfg.push:
                     if cfg.export_format != "dicom":
                         raise ValueError("push needs export_format=dicom")
                     client.store(exported.files)
             except (PacsError, ValueError, OSError) as err:
-                report.skipped[uid] = f"export/push failed: {err}"
+                report.skip(uid, f"export/push failed: {err}")
                 state.record(uid, status="failed", model=model, reason=str(err))
                 continue
         report.translated[uid] = str(exported.series_uid or out_dir)

@@ -1,5 +1,8 @@
 """The environment every job reads: one list, used by the docs, the infra files and their tests.
 
+Every setting marked ``secret`` is masked by :func:`msgan.redact.redact_text` in every text we write, in every
+encoding (plain, percent-encoded, base64, HTTP Basic/Bearer, URL userinfo).
+
 It also decides where relative local paths live: never the process's working directory (under
 ``ray job submit --working-dir`` that is a temporary package folder, gone with the Ray session)
 but ``MSGAN_HOME`` (default ``~/.msgan``) on the node that runs the driver.
@@ -26,14 +29,18 @@ SETTINGS = (
     Setting("MLFLOW_TRACKING_URI", "MLflow tracking server (default: sqlite at $MSGAN_HOME/runs/mlflow.db)"),
     Setting("MLFLOW_TRACKING_USERNAME", "MLflow user, for a server with basic auth (MLflow reads it)", secret=True),
     Setting("MLFLOW_TRACKING_PASSWORD", "MLflow password, for a server with basic auth", secret=True),
+    Setting("MLFLOW_TRACKING_TOKEN", "MLflow bearer token, for a server with token auth", secret=True),
     Setting("MLFLOW_S3_ENDPOINT_URL", "S3 endpoint for MLflow artifacts (MinIO)"),
     Setting("AWS_ENDPOINT_URL", "S3-compatible endpoint for pyramids, checkpoints, volumes (MinIO)"),
     Setting("AWS_DEFAULT_REGION", "S3 region"),
     Setting("AWS_ACCESS_KEY_ID", "S3 access key", secret=True),
     Setting("AWS_SECRET_ACCESS_KEY", "S3 secret key", secret=True),
+    Setting("AWS_SESSION_TOKEN", "S3 session token, with temporary credentials", secret=True),
     Setting("MSGAN_PACS_URL", "the PACS DICOMweb root, e.g. http://orthanc:8042/dicom-web"),
     Setting("MSGAN_PACS_USER", "PACS user", secret=True),
     Setting("MSGAN_PACS_PASSWORD", "PACS password", secret=True),
+    Setting("MSGAN_MAX_VOXELS", "largest volume an input may declare, in voxels (default 2048**3); refused above"),
+    Setting("MSGAN_PACS_PAGE_SIZE", "QIDO-RS results asked per request when searching the PACS (default 500)"),
     Setting("RAY_AUTH_TOKEN", "Ray cluster token for `ray job submit` clients", secret=True),
 )
 

@@ -45,3 +45,31 @@ def test_local_paths_fail_fast_on_a_multi_node_cluster(home, tmp_path, monkeypat
         settings.check_reachable_from_all_nodes("the MLflow store", settings.default_tracking_uri(), nodes=2)
     monkeypatch.setenv("MSGAN_SHARED_PATHS", f"/nowhere:{tmp_path}")
     settings.check_reachable_from_all_nodes("job.storage", local, nodes=3)  # a marked shared mount
+
+
+def test_every_secret_setting_is_masked_by_redaction(monkeypatch):
+    """Each setting marked secret (MLflow's token included) is masked in plain and base64 form by value."""
+    import base64
+
+    from msgan.redact import redact_text
+
+    secrets = {s.name for s in settings.SETTINGS if s.secret}
+    assert {"MLFLOW_TRACKING_TOKEN", "MSGAN_PACS_PASSWORD", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"} <= secrets
+    for i, name in enumerate(sorted(secrets)):
+        value = f"value-{i}-of-{name.lower()}"
+        monkeypatch.setenv(name, value)
+        b64 = base64.b64encode(value.encode()).decode()
+        assert redact_text(f"[{value}] [{b64}]") == "[***] [***]", name
+
+
+def test_the_pacs_page_size_setting(monkeypatch):
+    from msgan.io.pacs import DEFAULT_PAGE_SIZE, page_size_from_env
+
+    monkeypatch.delenv("MSGAN_PACS_PAGE_SIZE", raising=False)
+    assert page_size_from_env() == DEFAULT_PAGE_SIZE == 500
+    monkeypatch.setenv("MSGAN_PACS_PAGE_SIZE", "50")
+    assert page_size_from_env() == 50
+    for bad in ("0", "-3", "ten", "100000"):
+        monkeypatch.setenv("MSGAN_PACS_PAGE_SIZE", bad)
+        with pytest.raises(ValueError, match=rf"MSGAN_PACS_PAGE_SIZE='{bad}': expected an integer from 1 to 10000"):
+            page_size_from_env()

@@ -2,15 +2,19 @@
 
 Configured by URL and credentials from the environment (``MSGAN_PACS_URL``, the DICOMweb root,
 e.g. ``http://orthanc:8042/dicom-web``; ``MSGAN_PACS_USER``, ``MSGAN_PACS_PASSWORD``).
-Credentials never appear in messages, logs or ``repr``.
+Credentials never appear in messages, logs or ``repr``, in any encoding: the client registers them with
+:func:`msgan.redact.add_credentials`, and an error answer is redacted before it is cut and shown.
+Answers are untrusted: QIDO-RS is paged (``MSGAN_PACS_PAGE_SIZE``) with caps on pages and results, JSON
+answers are size-capped and type-checked, UIDs are checked before they name a request.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from typing import Any
 import requests
 
 from msgan.io.uids import check_uid
-from msgan.redact import redact_text, redact_uri
+from msgan.redact import add_credentials, redact_text, redact_uri
 
 TAGS = {
     "StudyInstanceUID": "0020000D",
@@ -49,7 +53,7 @@ class SeriesInfo:
 
 
 def _first(item: dict[str, Any], tag: str) -> Any:
-    value = item.get(TAGS.get(tag, tag), {}).get("Value")
+    value = _values(item, TAGS.get(tag, tag))
     if not value:
         return None
     v = value[0]
@@ -124,8 +128,110 @@ def write_multipart(chunks: Iterable[bytes], content_type: str, dest: Path) -> l
     return files
 
 
+PAGE_SIZE_SETTING = "MSGAN_PACS_PAGE_SIZE"
+DEFAULT_PAGE_SIZE = 500  # QIDO-RS results asked for per request (limit=)
+MAX_PAGE_SIZE = 10_000
+MAX_SEARCH_RESULTS = 100_000  # series one search may return: more is a query too broad (or a hostile server)
+MAX_SEARCH_PAGES = 1_000  # requests one search may make (a server that caps pages small, or never ends)
+MAX_JSON_BYTES = 32 << 20  # one DICOM JSON answer (a page of 500 series is ~1 MB; parsed, ~10x that)
+ERROR_BODY_BYTES = 64 << 10  # read of an error answer, redacted, then cut to ERROR_BODY_SHOWN characters
+ERROR_BODY_SHOWN = 300
+
+
+def page_size_from_env() -> int:
+    """``MSGAN_PACS_PAGE_SIZE`` (default 500): QIDO-RS results per request, 1 to 10000."""
+    raw = os.environ.get(PAGE_SIZE_SETTING, "").strip()
+    if not raw:
+        return DEFAULT_PAGE_SIZE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PAGE_SIZE:
+        raise ValueError(f"{PAGE_SIZE_SETTING}={raw!r}: expected an integer from 1 to {MAX_PAGE_SIZE}")
+    return value
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def series_info(item: Any) -> SeriesInfo:
+    """One QIDO-RS result as :class:`SeriesInfo`; a value of the wrong type reads as empty (a UID that is not a
+    string becomes ``""``, which the caller's UID check refuses)."""
+    if not isinstance(item, dict):
+        item = {}
+    n = _first(item, "NumberOfSeriesRelatedInstances")
+    try:
+        instances = int(n) if n is not None else None
+    except (TypeError, ValueError):
+        instances = None
+    return SeriesInfo(
+        study_uid=_text(_first(item, "StudyInstanceUID")),
+        series_uid=_text(_first(item, "SeriesInstanceUID")),
+        modality=_text(_first(item, "Modality")),
+        description=_text(_first(item, "SeriesDescription")),
+        study_date=_text(_first(item, "StudyDate")),
+        patient_id=_text(_first(item, "PatientID")),
+        instances=instances,
+    )
+
+
+class StowBody:
+    """A STOW-RS ``multipart/related`` body made lazily from files: iterating it reads one file at a time, in
+    1 MiB chunks (memory holds one chunk, never the batch); its length is known up front from the files' sizes,
+    so it is sent with a Content-Length (no chunked encoding needed at the server)."""
+
+    def __init__(self, files: Sequence[str | os.PathLike[str]], boundary: str | None = None) -> None:
+        self.files = [Path(f) for f in files]
+        self.boundary = boundary or uuid.uuid4().hex
+        self._head = b"--" + self.boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+        self._tail = b"--" + self.boundary.encode() + b"--\r\n"
+        self.sizes = [f.stat().st_size for f in self.files]  # a missing file fails here, before any request
+        self._length = sum(len(self._head) + n + 2 for n in self.sizes) + len(self._tail)
+        self.files_opened = 0  # how many files the iteration has read so far (one at a time)
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
+
+    def __len__(self) -> int:
+        return self._length
+
+    def parts(self) -> Iterator[bytes]:
+        for path, size in zip(self.files, self.sizes, strict=True):
+            yield self._head
+            sent = 0
+            try:
+                with open(path, "rb") as fh:
+                    self.files_opened += 1
+                    while chunk := fh.read(CHUNK_BYTES):
+                        sent += len(chunk)
+                        if sent > size:
+                            break
+                        yield chunk
+            except OSError as err:
+                raise PacsError(f"{path}: cannot be read while storing it ({type(err).__name__})") from None
+            if sent != size:  # the declared Content-Length would be wrong: stop rather than send a broken body
+                raise PacsError(f"{path}: changed size while being stored ({size} bytes before, {sent} now)")
+            yield b"\r\n"
+        yield self._tail
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.parts()
+
+
 class DicomWebClient:
-    def __init__(self, url: str, user: str | None = None, password: str | None = None, timeout: float = 120.0):
+    def __init__(
+        self,
+        url: str,
+        user: str | None = None,
+        password: str | None = None,
+        timeout: float = 120.0,
+        page_size: int | None = None,
+        max_results: int = MAX_SEARCH_RESULTS,
+        max_pages: int = MAX_SEARCH_PAGES,
+    ):
         from urllib.parse import unquote, urlsplit
 
         if not url.startswith(("http://", "https://")):
@@ -137,10 +243,16 @@ class DicomWebClient:
             user = user or unquote(parts.username or "") or None
             password = password if password is not None else unquote(parts.password or "")
             url = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+        add_credentials(user, password)  # every text this process redacts masks them, in every encoding
         self.url = url.rstrip("/")
         self.shown_url = redact_uri(self.url)  # what messages and repr show (a ?token=... query is masked)
         self._auth = (user, password or "") if user else None
         self.timeout = timeout
+        self.page_size = page_size_from_env() if page_size is None else page_size
+        if not 1 <= self.page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"PACS page size {self.page_size}: expected 1 to {MAX_PAGE_SIZE}")
+        self.max_results = max_results
+        self.max_pages = max_pages
 
     @classmethod
     def from_env(cls) -> DicomWebClient:
@@ -158,11 +270,66 @@ class DicomWebClient:
         except requests.RequestException as err:
             raise PacsError(f"PACS {self.shown_url} unreachable ({type(err).__name__})") from None
         if r.status_code == 401:
+            r.close()
             raise PacsError(f"PACS {self.shown_url}: {method} {path} refused the credentials (HTTP 401)")
         if r.status_code >= 400:
-            body = redact_text(r.text[:300])  # a PACS may echo the request
+            body = self._error_body(r)  # a PACS may echo the request, credentials included
             raise PacsError(f"PACS {self.shown_url}: {method} {path} failed: HTTP {r.status_code} {body}")
         return r
+
+    def _error_body(self, r: requests.Response) -> str:
+        """The start of an error answer, redacted *before* it is cut (a cut could leave half a secret), on one
+        line; reads at most ERROR_BODY_BYTES of it."""
+        raw = b""
+        try:
+            for chunk in r.iter_content(4096):
+                raw += chunk
+                if len(raw) >= ERROR_BODY_BYTES:
+                    break
+        except requests.RequestException:
+            pass
+        finally:
+            r.close()
+        text = redact_text(raw[:ERROR_BODY_BYTES].decode("utf-8", errors="replace"))
+        return " ".join(text.split())[:ERROR_BODY_SHOWN]
+
+    def _json(self, r: requests.Response, what: str) -> Any:
+        """The DICOM JSON answer of ``r`` (empty: None), read up to MAX_JSON_BYTES."""
+        raw = bytearray()
+        with r:
+            try:
+                for chunk in r.iter_content(64 << 10):
+                    raw += chunk
+                    if len(raw) > MAX_JSON_BYTES:
+                        raise PacsError(
+                            f"PACS {self.shown_url}: {what} answered more than {MAX_JSON_BYTES} bytes of JSON "
+                            f"(the cap for one answer); refused"
+                        )
+            except requests.RequestException as err:
+                raise PacsError(f"PACS {self.shown_url}: {what} broke off ({type(err).__name__})") from None
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(bytes(raw))
+        except ValueError as err:
+            start = redact_text(bytes(raw[:4096]).decode("utf-8", errors="replace"))[:60]  # redacted, then cut
+            raise PacsError(
+                f"PACS {self.shown_url}: {what} answered something that is not JSON ({err.msg} at byte {err.pos}; "
+                f"starts {start!r})"
+                if isinstance(err, json.JSONDecodeError)
+                else f"PACS {self.shown_url}: {what} answered something that is not JSON ({type(err).__name__})"
+            ) from None
+
+    def _json_list(self, r: requests.Response, what: str) -> list[dict[str, Any]]:
+        data = self._json(r, what)
+        if data is None:
+            return []
+        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+            raise PacsError(
+                f"PACS {self.shown_url}: {what} answered JSON that is not a list of DICOM JSON objects "
+                f"({type(data).__name__})"
+            )
+        return data
 
     @staticmethod
     def _series_path(study_uid: str, series_uid: str) -> str:
@@ -174,46 +341,68 @@ class DicomWebClient:
     # -- QIDO-RS
 
     def find_series(self, modality: str | None = None, study_date: str | None = None) -> list[SeriesInfo]:
-        """Series matching the filters (``study_date``: DICOM range, e.g. ``20260101-``)."""
+        """Series matching the filters (``study_date``: DICOM range, e.g. ``20260101-``), paged.
+
+        Asks ``limit=page_size`` results at a time and goes on at ``offset`` + what came back until a page is
+        empty (a page shorter than the limit is not taken as the end: a server that caps its results silently
+        answers short pages). A server that answers more than the limit does not page: that answer is all of it.
+        A page that brings no series not seen before (a server that ignores ``offset`` and repeats itself) ends
+        the search with a :class:`PacsError`, as do more than ``max_results`` series or ``max_pages`` requests:
+        nothing is dropped silently and nothing loops forever. A series seen twice (the PACS changed between two
+        pages) is listed once."""
         fields = ("SeriesDescription", "StudyDate", "PatientID", "NumberOfSeriesRelatedInstances")
         params: list[tuple[str, str]] = [("includefield", TAGS[k]) for k in fields]
         if modality:
             params.append(("Modality", modality))
         if study_date:
             params.append(("StudyDate", study_date))
-        r = self._request("GET", "/series", params=params, headers={"Accept": "application/dicom+json"})
-        items = r.json() if r.content else []
-        out = []
-        for it in items:
-            n = _first(it, "NumberOfSeriesRelatedInstances")
-            out.append(
-                SeriesInfo(
-                    study_uid=str(_first(it, "StudyInstanceUID")),
-                    series_uid=str(_first(it, "SeriesInstanceUID")),
-                    modality=str(_first(it, "Modality") or ""),
-                    description=str(_first(it, "SeriesDescription") or ""),
-                    study_date=str(_first(it, "StudyDate") or ""),
-                    patient_id=str(_first(it, "PatientID") or ""),
-                    instances=int(n) if n is not None else None,
+        limit, offset = self.page_size, 0
+        found: dict[str, SeriesInfo] = {}
+        for page_no in range(1, self.max_pages + 1):
+            what = f"QIDO-RS /series (page {page_no}, offset {offset}, limit {limit})"
+            r = self._request("GET", "/series", params=[*params, ("limit", str(limit)), ("offset", str(offset))],
+                              headers={"Accept": "application/dicom+json"}, stream=True)  # fmt: skip
+            page = [series_info(it) for it in self._json_list(r, what)]
+            if not page:
+                return list(found.values())
+            new = [s for s in page if s.series_uid not in found]
+            if not new:  # QIDO-RS servers shall support offset; one that does not cannot be paged
+                raise PacsError(
+                    f"PACS {self.shown_url}: {what} repeated {len(page)} series of earlier pages and brought no new "
+                    f"one; the server does not page with offset, so results after the first {len(found)} cannot be "
+                    "reached; refusing to loop (search with a narrower --study-date or --modality)"
                 )
-            )
-        return out
+            for s in new:
+                found[s.series_uid] = s
+            if len(found) > self.max_results:
+                raise PacsError(
+                    f"PACS {self.shown_url}: {what}: more than {self.max_results} series match, above the cap for one "
+                    "search; narrow it (--study-date, --modality)"
+                )
+            if len(page) > limit:  # the server ignores limit: this was its whole answer
+                return list(found.values())
+            offset += len(page)
+        raise PacsError(
+            f"PACS {self.shown_url}: QIDO-RS /series still answered series after {self.max_pages} pages "
+            f"({len(found)} series, page size {limit}), the cap for one search; refusing to page further "
+            f"(raise {PAGE_SIZE_SETTING} or narrow the search)"
+        )
 
     def series_metadata(self, study_uid: str, series_uid: str) -> list[dict[str, Any]]:
         """DICOM JSON metadata of every instance of a series (WADO-RS metadata)."""
         path = self._series_path(study_uid, series_uid)
-        r = self._request("GET", f"{path}/metadata",
-                          headers={"Accept": "application/dicom+json"})  # fmt: skip
-        return list(r.json())
+        r = self._request("GET", f"{path}/metadata", headers={"Accept": "application/dicom+json"}, stream=True)
+        return self._json_list(r, f"WADO-RS metadata of series {series_uid}")
 
     # -- WADO-RS
 
     def fetch_series(self, study_uid: str, series_uid: str, dest: str | os.PathLike[str]) -> list[Path]:
         """Every instance of a series as ``.dcm`` files in ``dest``, streamed to disk one instance at a time
         (WADO-RS multipart read as it arrives: memory does not grow with the series)."""
+        path = self._series_path(study_uid, series_uid)  # checked before anything is created
         out = Path(dest)
         out.mkdir(parents=True, exist_ok=True)
-        r = self._request("GET", self._series_path(study_uid, series_uid), stream=True,
+        r = self._request("GET", path, stream=True,
                           headers={"Accept": 'multipart/related; type="application/dicom"'})  # fmt: skip
         with r:
             try:
@@ -229,24 +418,27 @@ class DicomWebClient:
     # -- STOW-RS
 
     def store(self, files: Sequence[str | os.PathLike[str]], batch: int = 64) -> int:
-        """Store DICOM files (STOW-RS); returns how many the PACS accepted (a repeat is accepted too)."""
+        """Store DICOM files (STOW-RS); returns how many the PACS accepted (a repeat, Orthanc's AlreadyStored, is
+        accepted too). Each request's body is streamed from the files (:class:`StowBody`): memory holds one
+        chunk of one file, whatever the batch."""
         accepted = 0
         for i in range(0, len(files), batch):
-            boundary = uuid.uuid4().hex
-            sep = b"--" + boundary.encode()
-            part_head = b"\r\nContent-Type: application/dicom\r\n\r\n"
-            body = b"".join(sep + part_head + Path(f).read_bytes() + b"\r\n" for f in files[i : i + batch])
-            body += sep + b"--\r\n"
-            headers = {
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                "Accept": "application/dicom+json",
-            }
-            r = self._request("POST", "/studies", data=body, headers=headers)
-            result = r.json() if r.content else {}
-            failed = result.get("00081198", {}).get("Value", [])
+            body = StowBody(files[i : i + batch])
+            headers = {"Content-Type": body.content_type, "Accept": "application/dicom+json"}
+            r = self._request("POST", "/studies", data=body, headers=headers, stream=True)
+            result = self._json(r, f"STOW-RS of {len(body.files)} instances")
+            if result is None:
+                result = {}
+            if not isinstance(result, dict):
+                raise PacsError(f"PACS {self.shown_url}: STOW-RS answered JSON that is not a DICOM JSON object")
+            failed = _values(result, "00081198")
             if failed:
-                raise PacsError(
-                    f"PACS {self.shown_url}: refused {len(failed)} of {len(files[i : i + batch])} instances"
-                )
-            accepted += len(result.get("00081199", {}).get("Value", []))
+                raise PacsError(f"PACS {self.shown_url}: refused {len(failed)} of {len(body.files)} instances")
+            accepted += len(_values(result, "00081199"))
         return accepted
+
+
+def _values(item: dict[str, Any], tag: str) -> list[Any]:
+    entry = item.get(tag)
+    value = entry.get("Value") if isinstance(entry, dict) else None
+    return value if isinstance(value, list) else []

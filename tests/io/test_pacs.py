@@ -95,3 +95,62 @@ def test_a_part_whose_headers_never_end_is_refused_without_reading_the_rest(tmp_
     with pytest.raises(PacsError, match="headers longer than"):
         write_multipart(endless(), ctype, tmp_path)
     assert len(read) < 20 and list(tmp_path.iterdir()) == []
+
+
+def test_find_series_pages_through_more_results_than_a_page(orthanc, tmp_path):
+    """Orthanc honours limit/offset: with a page of 2, one request sees 2 of our 5 series (what every pass saw
+    of a capped search before paging); find_series sees all 5, each once."""
+    import pydicom
+
+    date = "19870605"  # only these 5 series have it in the session's Orthanc
+    client = DicomWebClient(orthanc["url"], orthanc["user"], orthanc["password"], page_size=2)
+    uids = []
+    for k in range(5):
+        files, uid, _ = write_ct_series(tmp_path / f"s{k}", image=np.zeros((3, 16, 16), np.float32), seed=300 + k,
+                                        series_name=f"paged-{k}")  # fmt: skip
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.StudyDate = date
+            ds.save_as(f)
+        assert client.store(files) == len(files)
+        uids.append(uid)
+    one = requests.get(f"{orthanc['url']}/series", params={"StudyDate": date, "limit": 2, "offset": 0},
+                       auth=(orthanc["user"], orthanc["password"]), timeout=30)  # fmt: skip
+    assert len(one.json()) == 2
+    found = client.find_series("CT", date)
+    assert sorted(s.series_uid for s in found) == sorted(uids)
+
+
+def test_store_streams_the_body_one_file_at_a_time(client, tmp_path):
+    """The STOW-RS body is produced lazily: a file is opened only when its part is due, read in chunks of at
+    most CHUNK_BYTES, and the length is known before (a Content-Length, no chunked upload); Orthanc takes it."""
+    from msgan.io.pacs import CHUNK_BYTES, StowBody
+
+    files, _, _ = write_ct_series(tmp_path / "src", image=np.zeros((3, 16, 16), np.float32), seed=310,
+                                  series_name="stream")  # fmt: skip
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (5 * CHUNK_BYTES // 512))  # 2.5 MiB: three reads
+    body = StowBody([files[0], big, files[1]])
+    parts = iter(body)
+    assert body.files_opened == 0 and next(parts).startswith(b"--" + body.boundary.encode())
+    assert body.files_opened == 0  # the first part's headers come before its file is opened
+    seen = [next(parts)]
+    assert body.files_opened == 1 and seen[0] == files[0].read_bytes()[: len(seen[0])]
+    seen += list(parts)
+    assert body.files_opened == 3 and max(len(p) for p in seen) <= CHUNK_BYTES
+    expected = (
+        b"".join(
+            b"--" + body.boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes() + b"\r\n"
+            for f in (files[0], big, files[1])
+        )
+        + b"--"
+        + body.boundary.encode()
+        + b"--\r\n"
+    )
+    head = b"--" + body.boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+    assert head + b"".join(seen) == expected and len(body) == len(expected)
+    prepared = requests.Request("POST", client.url, data=body).prepare()  # as requests sends it
+    assert prepared.headers["Content-Length"] == str(len(expected)) and "Transfer-Encoding" not in prepared.headers
+    assert prepared.body is body  # not read into memory when the request is built
+    assert client.store(files) == len(files)  # streamed to the real PACS
+    assert client.store(files) == len(files)  # and again: AlreadyStored is accepted, not an error
