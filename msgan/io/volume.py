@@ -152,7 +152,10 @@ def read_foreign_zarr(uri: str) -> tuple[np.ndarray, Geometry, list[str]]:
         if node.ndim not in (2, 3):
             raise ValueError(f"{uri}: a zarr array of shape {node.shape}; a volume is 2D (yx) or 3D (zyx)")
         note = f"{uri}: a bare zarr array has no geometry; identity assumed (1 mm spacing, origin 0, axes as stored)"
-        return np.asarray(node[...], dtype=np.float32), Geometry.identity(node.ndim), [note]
+        check_stored(uri, "", node)  # declared sizes and every chunk, before anything is read
+        image = np.asarray(node[...], dtype=np.float32)
+        check_finite(image, uri)
+        return image, Geometry.identity(node.ndim), [note]
     ms = node.attrs.get("ome", node.attrs).get("multiscales")  # type: ignore[union-attr]
     if not isinstance(ms, list) or not ms:
         raise ValueError(f"{uri}: a zarr group without OME multiscales metadata or msgan geometry; not a volume")
@@ -182,11 +185,10 @@ def read_foreign_zarr(uri: str) -> tuple[np.ndarray, Geometry, list[str]]:
         raise ValueError(f"{uri}: unusable OME multiscales metadata ({type(err).__name__}: {err})") from err
     geom = Geometry(tuple(map(float, reversed(scale))), tuple(map(float, reversed(shift))),
                     tuple(float(v) for v in np.eye(arr.ndim).ravel()))  # fmt: skip
-    return (
-        np.asarray(arr[...], dtype=np.float32),
-        geom,
-        [f"{uri}: OME-Zarr without direction cosines; axes assumed aligned"],
-    )
+    check_stored(uri, str(first["path"]), arr)  # declared sizes and every chunk, before anything is read
+    image = np.asarray(arr[...], dtype=np.float32)
+    check_finite(image, uri)
+    return image, geom, [f"{uri}: OME-Zarr without direction cosines; axes assumed aligned"]
 
 
 def write_zarr(
@@ -283,7 +285,7 @@ def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None
     declared = check_declared(uri, key, arr)
     unit = arr.shards or arr.chunks
     grid = tuple(-(-s // c) for s, c in zip(arr.shape, unit, strict=True))
-    base_uri = storage.join(storage.normalize_uri(uri), key)
+    base_uri = storage.join(storage.normalize_uri(uri), key) if key else storage.normalize_uri(uri)
     present: set[tuple[int, ...]] = set()
     if storage.is_s3(base_uri):
         fs, path = storage.filesystem(base_uri)

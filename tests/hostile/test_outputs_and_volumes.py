@@ -353,3 +353,30 @@ def test_write_zarr_without_replace_never_removes(tmp_path):
     with pytest.raises(FileExistsError):
         write_volume(sitk_file, np.zeros((4, 4, 4), np.float32), GEOM, replace=False)
     assert sitk_file.read_bytes() == b"keep" and sitk is not None
+
+
+@pytest.mark.parametrize("layout", ["bare", "ome"])
+def test_a_foreign_zarr_declaring_more_than_it_stores_is_refused_by_ingest(tmp_path, layout):
+    import zarr
+
+    from msgan.io.convert import ingest
+
+    src = tmp_path / "foreign.zarr"
+    if layout == "bare":
+        arr = zarr.create_array(str(src), shape=(16, 16, 16), chunks=(16, 16, 16), dtype="float32")
+        meta_path = src / "zarr.json"
+    else:
+        group = zarr.open_group(str(src), mode="w")
+        arr = group.create_array("s0", shape=(16, 16, 16), chunks=(16, 16, 16), dtype="float32")
+        group.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": [{"axes": ["z", "y", "x"], "datasets": [{"path": "s0"}]}],
+        }
+        meta_path = src / "s0" / "zarr.json"
+    arr[...] = 1.0
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = [1500, 1500, 1500]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(VolumeError, match=r"foreign\.zarr: 830583 of the 830584 chunk\(s\) .* never written"):
+        ingest(src, tmp_path / "out.zarr")
+    assert not (tmp_path / "out.zarr").exists()
