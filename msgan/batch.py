@@ -183,7 +183,8 @@ class VolumeTask:
         return lease.Lease(f"{parent}/.leases/{base}.json", self.run)
 
 
-def _parent(uri: str) -> str:
+def parent_of(uri: str) -> str:
+    """The folder (prefix) an output lives in: its ``.leases`` and ``.staging`` are there."""
     return posixpath.dirname(uri.rstrip("/"))
 
 
@@ -198,7 +199,7 @@ def volume_task(
     dest = output if output else storage.join(storage.normalize_uri(out_prefix), f"{name}.zarr")
     dest = outputs.resolve_output(dest, [src])  # a symlink leaving its folder, or the input itself: refused
     run = run or lease.new_run_id()
-    return VolumeTask(name, src, dest, staging=f"{_parent(dest)}/.staging/{name}-{run}", model=model, run=run)
+    return VolumeTask(name, src, dest, staging=f"{parent_of(dest)}/.staging/{name}-{run}", model=model, run=run)
 
 
 def check_collisions(tasks: Sequence[VolumeTask]) -> None:
@@ -604,7 +605,7 @@ def publish(task: VolumeTask, info: dict[str, Any]) -> dict[str, Any]:
         (src_path / MANIFEST).write_text(text)
         _replace_dir(src_path, dst_path)  # the output appears whole, manifest included
         shutil.rmtree(storage.local_path(task.staging), ignore_errors=True)
-        outputs.remove_empty_dirs(_parent(task.staging))
+        outputs.remove_empty_dirs(parent_of(task.staging))
     return manifest
 
 
@@ -613,7 +614,7 @@ def discard(task: VolumeTask) -> None:
     fs, path = storage.filesystem(task.staging)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    outputs.remove_empty_dirs(_parent(task.staging))
+    outputs.remove_empty_dirs(parent_of(task.staging))
 
 
 def sweep_staging(out_parent: str, ttl_s: float = lease.DEFAULT_TTL_S) -> list[str]:
@@ -681,7 +682,7 @@ def translate_volume(
     beat = lease.Heartbeat([held])
     try:
         beat.__enter__()
-        sweep_staging(_parent(task.output))
+        sweep_staging(parent_of(task.output))
         previous = check_output(task, replace)  # again under the lease: another run may have published meanwhile
         if previous is not None and previous["model"] == task.model:
             return {**previous, "status": "skipped"}

@@ -22,16 +22,6 @@ def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     )  # fmt: skip
 
 
-def _load_cascade(model: str, device: str):  # type: ignore[no-untyped-def]
-    from msgan.cascade import Cascade
-
-    if model.startswith(("models:/", "runs:/")):
-        from msgan.registry import load_cascade
-
-        return load_cascade(model, device=device)
-    return Cascade.load(model, device=device)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from msgan.demo import run_demo
     from msgan.settings import resolve_local
@@ -65,7 +55,9 @@ def cmd_translate(args: argparse.Namespace) -> int:
     exists = outputs.refuse_foreign(output, is_ours, replace=args.replace)
     if exists and not args.replace:
         raise outputs.OutputError(f"{args.output}: exists (msgan's translation); pass --replace to replace it")
-    cascade = _load_cascade(args.model, args.device)
+    from msgan.batch import resolve_plan
+
+    cascade = resolve_plan(args.model).load(args.device)  # the one model-reference dispatch (registry or folder)
     image, geom = read_volume(args.input)
     if image.ndim != cascade.config.dims:
         raise SystemExit(f"msgan: {args.input}: a {image.ndim}D image; the model translates {cascade.config.dims}D")

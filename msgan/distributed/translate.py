@@ -39,11 +39,6 @@ ACTOR_ENV = {
 }
 
 
-def load_model(model: str, device: str = "cpu") -> Cascade:
-    """A cascade from a registry URI (``models:/...``) or a cascade folder (pinned on the spot)."""
-    return vb.resolve_plan(model).load(device)
-
-
 def _task(d: dict[str, Any]) -> vb.VolumeTask:
     return vb.VolumeTask(**d)
 
@@ -299,7 +294,7 @@ def translate_batch(
     ensure_ray(cascade.config)
     check_shared(inputs, out_prefix)  # before any work: every node must reach the inputs and outputs
     report = BatchReport(model=plan.model_id, run=plan.run)
-    for parent in sorted({vb._parent(t.output) for t in all_tasks}):
+    for parent in sorted({vb.parent_of(t.output) for t in all_tasks}):
         for gone in vb.sweep_staging(parent):
             log(f"  removed stale staging {gone}")
     tasks, plans = _claim(all_tasks, cascade, plan, report, log)
@@ -320,6 +315,118 @@ def translate_batch(
     return report
 
 
+@dataclass
+class _Run:
+    """One batch's volumes on Ray, step by step: stage, scale 0, each HR scale, publish. A volume that fails
+    a step is reported, its staging discarded and its lease released; the others go on."""
+
+    tasks: list[vb.VolumeTask]
+    plans: dict[int, dict[str, Any]]
+    cascade: Cascade
+    plan: vb.InferencePlan
+    report: BatchReport
+    log: Log
+    env: dict[str, str] = field(default_factory=storage.env_for_workers)  # storage settings for every worker
+
+    def __post_init__(self) -> None:
+        self.inf = self.cascade.config.inference
+        self.gpus = _gpus_per_actor(self.cascade)
+        self.task_dicts = [asdict(t) for t in self.tasks]
+        self.remote_args: dict[str, Any] = {"runtime_env": {"env_vars": self.env}} if self.env else {}
+
+    def fail(self, i: int, why: str) -> None:
+        self.report.failed[self.tasks[i].name] = why
+        self.plans.pop(i, None)
+        vb.discard(self.tasks[i])
+        lease.release(self.tasks[i].lease)
+
+    def _each(
+        self, fn: Callable[..., dict[str, Any]], cpus: float, gpus: float, args: Callable[[int], tuple[Any, ...]]
+    ) -> dict[int, dict[str, Any]]:
+        """``fn(task, *args(i))`` for every volume ``i`` still going, as Ray tasks; failures reported and dropped."""
+        import ray
+
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2, **self.remote_args)(fn)
+        order = list(self.plans)
+        results = ray.get([remote.remote(self.task_dicts[i], *args(i)) for i in order])
+        for i, r in zip(order, results, strict=True):
+            if "error" in r:
+                self.fail(i, r["error"])
+        return {i: r for i, r in zip(order, results, strict=True) if "error" not in r}
+
+    def stage(self) -> None:
+        config = self.cascade.config.to_dict()
+        self._each(_stage, 1, 0, lambda i: (config, self.plans[i]))
+
+    def scale0(self) -> None:
+        t0 = time.perf_counter()
+        self._each(_scale0, self.inf.cpus_per_actor, self.gpus, lambda i: (self.plan, self.gpus))
+        self.report.scales.append(
+            {"scale": 0, "tiles": len(self.plans), "seconds": time.perf_counter() - t0,
+             "voxels": sum(int(np.prod(p["shapes"][0])) for p in self.plans.values())}
+        )  # fmt: skip
+
+    def hr_scale(self, s: int, progress_every: float, progress: vb.Progress | None) -> bool:
+        """Scale ``s``'s tiles of every volume as one Ray Data dataset on the actor pool; False when none is left."""
+        import ray
+
+        inf, bs = self.inf, max(1, self.inf.batch_size)
+        for t in self.tasks:
+            lease.refresh(t.lease)
+        items = [
+            {"volume": i, "batch": b} for i, p in self.plans.items() for b in range(len(vb.plan_batches(p, s, bs)))
+        ]
+        if not items:
+            return False
+        total = sum(len(vb.tiles_of(p, s)) for p in self.plans.values())
+        t0 = time.perf_counter()
+        worker_args = {
+            "plan": self.plan,
+            "tasks": self.task_dicts,
+            "plans": {i: {"shapes": p["shapes"], "tiles": p["tiles"]} for i, p in self.plans.items()},
+            "scale": s,
+            "gpus": self.gpus,
+            "threads": max(1, int(inf.cpus_per_actor)) if self.gpus == 0 else 0,
+        }
+        actor_env = {"env_vars": {**self.env, **ACTOR_ENV}} if ACTOR_ENV else self.remote_args.get("runtime_env")
+        blocks = max(1, min(len(items), inf.actors * 4))  # rows of a block share a task: overhead amortised
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            TileWorker,
+            fn_constructor_kwargs=worker_args,
+            compute=ray.data.ActorPoolStrategy(size=inf.actors),
+            batch_size=1,  # a row is one fixed batch of tiles: one forward pass, whichever actor runs it
+            num_cpus=inf.cpus_per_actor,
+            num_gpus=self.gpus,
+            runtime_env=actor_env,  # Ray Data restarts dead actors and retries their tiles
+        )
+        lines = ProgressLines(self.log, s, total, len(self.plans), progress_every)
+        tiles, rss, rss0, hwm0, pids = 0, 0, 0, 0, set()
+        for row in ds.iter_rows():  # the barrier: scale s+1 starts when every tile of scale s is written
+            v = int(row["volume"])
+            rss, rss0 = max(rss, int(row["peak_rss"])), max(rss0, int(row["start_rss"]))
+            hwm0 = max(hwm0, int(row["inherited_hwm"]))
+            pids.add(int(row["pid"]))
+            if row["error"] and v in self.plans:
+                self.fail(v, f"scale {s}: {row['error']}")
+            tiles += int(row["tiles"])
+            if progress is not None:
+                progress(s, tiles, total)
+            else:
+                lines.add(int(row["tiles"]))
+        self.report.tiles_computed += tiles
+        self.report.scales.append(
+            {"scale": s, "tiles": tiles, "seconds": time.perf_counter() - t0, "actor_peak_rss": rss,
+             "actor_start_rss": rss0, "actor_inherited_hwm": hwm0, "actors_seen": len(pids),
+             "voxels": sum(int(np.prod(p["shapes"][s])) for p in self.plans.values())}
+        )  # fmt: skip
+        return True
+
+    def publish(self) -> None:
+        info = {"timings": self.report.scales, "model_uri": self.plan.model}
+        for r in self._each(_publish, self.inf.cpus_per_actor, 0, lambda i: (info,)).values():
+            self.report.published.append(r["manifest"])
+
+
 def _run(
     tasks: list[vb.VolumeTask],
     plans: dict[int, dict[str, Any]],
@@ -330,97 +437,15 @@ def _run(
     progress_every: float,
     progress: vb.Progress | None,
 ) -> None:
-    import ray
-
-    inf = cascade.config.inference
-    gpus = _gpus_per_actor(cascade)
+    run = _Run(tasks, plans, cascade, plan, report, log)
     n = cascade.config.num_scales
-    task_dicts = [asdict(t) for t in tasks]
-    env = storage.env_for_workers()  # this process's storage/tracking settings reach every task and actor
-    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
-    config = cascade.config.to_dict()
-
-    def fail(i: int, why: str) -> None:
-        report.failed[tasks[i].name] = why
-        plans.pop(i, None)
-        vb.discard(tasks[i])
-        lease.release(tasks[i].lease)
-
-    stage_remote = ray.remote(num_cpus=1, max_retries=2, **remote_args)(_stage)
-    staged = ray.get([stage_remote.remote(task_dicts[i], config, p) for i, p in plans.items()])
-    for i, r in zip(list(plans), staged, strict=True):
-        if "error" in r:
-            fail(i, r["error"])
+    run.stage()
     log(f"[2/4] staged {len(plans)} volumes (edges at {n} scales); scale 0 on each whole LR image")
-    t0 = time.perf_counter()
-    remote0 = ray.remote(num_cpus=inf.cpus_per_actor, num_gpus=gpus, max_retries=2, **remote_args)(_scale0)
-    results0 = dict(zip(plans, ray.get([remote0.remote(task_dicts[i], plan, gpus) for i in plans]), strict=True))
-    for i, r in results0.items():
-        if "error" in r:
-            fail(i, r["error"])
-    report.scales.append(
-        {"scale": 0, "tiles": len(plans), "seconds": time.perf_counter() - t0,
-         "voxels": sum(int(np.prod(p["shapes"][0])) for p in plans.values())}
-    )  # fmt: skip
-
-    log(f"[3/4] HR scales 1..{n - 1}: tiles of all volumes on {inf.actors} actors ({gpus or 'no'} GPU each)")
-    threads = max(1, int(inf.cpus_per_actor)) if gpus == 0 else 0
-    bs = max(1, inf.batch_size)
-    actor_env = {"env_vars": {**env, **ACTOR_ENV}} if ACTOR_ENV else remote_args.get("runtime_env")
+    run.scale0()
+    log(f"[3/4] HR scales 1..{n - 1}: tiles of all volumes on {run.inf.actors} actors ({run.gpus or 'no'} GPU each)")
     for s in range(1, n):
-        for t in tasks:
-            lease.refresh(t.lease)
-        grids = {i: {"shapes": p["shapes"], "tiles": p["tiles"]} for i, p in plans.items()}
-        items = [{"volume": i, "batch": b} for i, p in plans.items() for b in range(len(vb.plan_batches(p, s, bs)))]
-        if not items:
+        if not run.hr_scale(s, progress_every, progress):
             break
-        total = sum(len(vb.tiles_of(p, s)) for p in plans.values())
-        t0 = time.perf_counter()
-        blocks = max(1, min(len(items), inf.actors * 4))  # rows of a block share a task: overhead amortised
-        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            TileWorker,
-            fn_constructor_kwargs={
-                "plan": plan,
-                "tasks": task_dicts,
-                "plans": grids,
-                "scale": s,
-                "gpus": gpus,
-                "threads": threads,
-            },
-            compute=ray.data.ActorPoolStrategy(size=inf.actors),
-            batch_size=1,  # a row is one fixed batch of tiles: one forward pass, whichever actor runs it
-            num_cpus=inf.cpus_per_actor,
-            num_gpus=gpus,
-            runtime_env=actor_env,  # Ray Data restarts dead actors and retries their tiles
-        )
-        lines = ProgressLines(log, s, total, len(plans), progress_every)
-        tiles, rss, rss0, hwm0, pids = 0, 0, 0, 0, set()
-        for row in ds.iter_rows():  # the barrier: scale s+1 starts when every tile of scale s is written
-            v = int(row["volume"])
-            rss, rss0 = max(rss, int(row["peak_rss"])), max(rss0, int(row["start_rss"]))
-            hwm0 = max(hwm0, int(row["inherited_hwm"]))
-            pids.add(int(row["pid"]))
-            if row["error"] and v in plans:
-                fail(v, f"scale {s}: {row['error']}")
-            tiles += int(row["tiles"])
-            if progress is not None:
-                progress(s, tiles, total)
-            else:
-                lines.add(int(row["tiles"]))
-        report.tiles_computed += tiles
-        report.scales.append(
-            {"scale": s, "tiles": tiles, "seconds": time.perf_counter() - t0, "actor_peak_rss": rss,
-             "actor_start_rss": rss0, "actor_inherited_hwm": hwm0, "actors_seen": len(pids),
-             "voxels": sum(int(np.prod(p["shapes"][s])) for p in plans.values())}
-        )  # fmt: skip
-
     log(f"[4/4] publishing {len(plans)} volumes")
-    info = {"timings": report.scales, "model_uri": plan.model}
-    remote_pub = ray.remote(num_cpus=inf.cpus_per_actor, max_retries=2, **remote_args)(_publish)
-    published = ray.get([remote_pub.remote(task_dicts[i], info) for i in plans])
-    for i, r in zip(list(plans), published, strict=True):
-        if "error" in r:
-            fail(i, r["error"])
-        else:
-            report.published.append(r["manifest"])
+    run.publish()
     log(f"  volumes: {len(report.published)} published, {len(report.failed)} failed")
