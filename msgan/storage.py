@@ -83,10 +83,34 @@ def exists(uri: str) -> bool:
     return bool(fs.exists(path))
 
 
+SMALL_FILE_BYTES = 16 * 2**20  # manifests, state files, leases, zarr metadata: never larger
+
+
+def read_local_small(path: str | os.PathLike[str], limit: int = SMALL_FILE_BYTES) -> bytes:
+    """A small local file (metadata, manifest, lease) read safely: a regular file (never a FIFO, device or
+    symlink, which could hang or read something else), at most ``limit`` bytes; :class:`OSError` naming it."""
+    import errno
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symlink where a small metadata file belongs; refused", str(path)) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file where a small metadata file belongs; refused", str(path))
+        if st.st_size > limit:
+            raise OSError(
+                errno.EFBIG, f"{st.st_size} bytes, above the {limit} a metadata file may hold; refused", str(path)
+            )
+        return f.read(limit + 1)[:limit]
+
+
 def read_text(uri: str) -> str:
-    fs, path = filesystem(uri)
-    with fs.open(path, "r") as f:
-        return str(f.read())
+    return read_bytes(uri).decode()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -120,7 +144,14 @@ def json_object(raw: str | bytes, keys: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def read_bytes(uri: str) -> bytes:
+    """A whole small object (manifest, state, lease): on ``file://`` through :func:`read_local_small`, on
+    ``s3://`` refused above :data:`SMALL_FILE_BYTES`."""
     fs, path = filesystem(uri)
+    if not is_s3(uri):
+        return read_local_small(path)
+    size = fs.size(path)
+    if size is not None and size > SMALL_FILE_BYTES:
+        raise OSError(27, f"{size} bytes, above the {SMALL_FILE_BYTES} a metadata object may hold; refused", uri)
     return bytes(fs.cat_file(path))
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 MAX_FRAME_SIDE = 16384  # rows or columns of one 2D frame
 MAX_FRAME_PIXELS = 8192 * 8192  # rows x columns of one 2D frame
 DEFAULT_MAX_VOXELS = 2048**3  # one volume; MSGAN_MAX_VOXELS overrides
-MAX_CHUNK_VOXELS = 512**3  # one zarr chunk (or shard): decoded at once, so it must fit in memory
+MAX_CHUNK_BYTES = 512 * 2**20  # one zarr (inner) chunk, decoded: read at once, so it must fit in memory
 MAX_COMPRESSION_RATIO = 1000  # declared (decoded) bytes over stored bytes
 RATIO_FLOOR_BYTES = 64 * 2**20  # below this many declared bytes the ratio is not checked (small frames are cheap)
 
@@ -73,18 +73,18 @@ def check_shape(shape: Sequence[int], what: str, cap: int | None = None) -> int:
     return voxels
 
 
-def check_chunks(shape: Sequence[int], chunks: Sequence[int], what: str) -> int:
-    """A chunked array's chunk (or shard) shape: positive, one per axis, each chunk under the cap; returns the
+def check_chunks(shape: Sequence[int], chunks: Sequence[int], what: str, itemsize: int = 4) -> int:
+    """A chunked array's (inner) chunk shape: positive, one per axis, a decoded chunk under the cap; returns the
     declared number of chunks (computed, never enumerated)."""
     if len(chunks) != len(shape) or any(int(c) < 1 for c in chunks):
         raise LimitError(
             f"{what}: chunk shape {tuple(chunks)} for array shape {tuple(shape)}; need one positive size per axis"
         )
-    per_chunk = math.prod(min(int(c), int(s)) for c, s in zip(chunks, shape, strict=True))
-    if per_chunk > MAX_CHUNK_VOXELS:
+    per_chunk = math.prod(min(int(c), int(s)) for c, s in zip(chunks, shape, strict=True)) * itemsize
+    if per_chunk > MAX_CHUNK_BYTES:
         raise LimitError(
-            f"{what}: chunk shape {tuple(int(c) for c in chunks)} holds {per_chunk:.3g} voxels, above the cap of "
-            f"{MAX_CHUNK_VOXELS} (512^3) per chunk; rechunk the array (e.g. 64^3 or 128^3 chunks)"
+            f"{what}: chunk shape {tuple(int(c) for c in chunks)} decodes to {per_chunk:.3g} bytes, above the cap of "
+            f"{MAX_CHUNK_BYTES} bytes per chunk (512 MiB); rechunk the array (e.g. 64^3 or 128^3 chunks)"
         )
     return math.prod(math.ceil(int(s) / int(c)) for s, c in zip(shape, chunks, strict=True))
 

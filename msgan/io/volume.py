@@ -9,7 +9,9 @@ Writes are atomic: a reader never sees a half-written output.
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import re
 import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -144,6 +146,7 @@ def read_foreign_zarr(uri: str) -> tuple[np.ndarray, Geometry, list[str]]:
     from msgan import storage
 
     store, options = storage.zarr_store(uri)
+    check_meta_files(uri)
     try:
         node = zarr.open(store, mode="r", storage_options=options)
     except Exception as err:
@@ -161,6 +164,10 @@ def read_foreign_zarr(uri: str) -> tuple[np.ndarray, Geometry, list[str]]:
         raise ValueError(f"{uri}: a zarr group without OME multiscales metadata or msgan geometry; not a volume")
     try:
         first = ms[0]["datasets"][0]
+        name = first["path"]
+        if not isinstance(name, str) or not DATASET_PATH.fullmatch(name) or ".." in name.split("/"):
+            raise ValueError(f"dataset path {first['path']!r} is not a relative name inside the store")
+        check_meta_files(uri, first["path"])
         arr = node[first["path"]]  # type: ignore[index]
         if not isinstance(arr, zarr.Array) or arr.ndim not in (2, 3):
             raise ValueError(f"level 0 must be a 2D/3D scalar image (yx/zyx), got {getattr(arr, 'shape', arr)}")
@@ -250,12 +257,50 @@ class VolumeNotFoundError(VolumeError, FileNotFoundError):
 MAX_LISTED_MISSING = 1_000_000  # declared chunks up to which the first missing key is named (else counts only)
 
 
-def check_declared(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> int:
-    """The array's declared shape and chunk (or shard) shape against :mod:`msgan.io.limits`, before any
-    read; returns the declared number of stored objects (computed, never enumerated)."""
+DATASET_PATH = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")  # an OME dataset path: relative, inside the store
+META_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+
+
+def check_meta_files(uri: str | os.PathLike[str], key: str = "") -> None:
+    """The zarr metadata files of a local group or array (``key``): regular files of a sane size, before zarr
+    reads them (a FIFO hangs, ``/dev/zero`` fills memory)."""
+    from msgan import storage
+
+    norm = storage.normalize_uri(uri)
+    if storage.is_s3(norm):
+        return
+    folder = storage.local_path(storage.join(norm, key) if key else norm)
+    for name in META_FILES:
+        path = folder / name
+        try:
+            mode = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if not stat.S_ISREG(mode.st_mode) or mode.st_size > storage.SMALL_FILE_BYTES:
+            what = "a symlink" if stat.S_ISLNK(mode.st_mode) else "not a regular file"
+            if stat.S_ISREG(mode.st_mode):
+                what = f"{mode.st_size} bytes (metadata is at most {storage.SMALL_FILE_BYTES})"
+            raise VolumeError(f"{uri}: its metadata file {f'{key}/{name}' if key else name} is {what}; refused")
+
+
+def _itemsize(arr: zarr.Array) -> int:
     try:
-        limits.check_shape(arr.shape, f"{uri}: array '{key}'")
-        return limits.check_chunks(arr.shape, arr.shards or arr.chunks, f"{uri}: array '{key}'")
+        return int(np.dtype(arr.dtype).itemsize)  # type: ignore[arg-type]
+    except TypeError:
+        return 8
+
+
+def check_declared(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> int:
+    """The array's declared shape and (inner) chunk shape against :mod:`msgan.io.limits`, before any read;
+    returns the declared number of stored objects (shards when sharded, else chunks; computed, never
+    enumerated)."""
+    what = f"{uri}: array '{key}'"
+    try:
+        limits.check_shape(arr.shape, what)
+        count = limits.check_chunks(arr.shape, arr.chunks, what, _itemsize(arr))
+        if arr.shards is not None:
+            count = limits.check_chunks(arr.shape, arr.shards, what, 0)  # inner chunks bound the decoded size
+        return count
     except limits.LimitError as err:
         raise VolumeError(str(err)) from err
 
@@ -285,16 +330,29 @@ def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None
     declared = check_declared(uri, key, arr)
     unit = arr.shards or arr.chunks
     grid = tuple(-(-s // c) for s, c in zip(arr.shape, unit, strict=True))
+    unit_bytes = math.prod(unit) * _itemsize(arr)
     base_uri = storage.join(storage.normalize_uri(uri), key) if key else storage.normalize_uri(uri)
     present: set[tuple[int, ...]] = set()
+    stored = 0
+
+    def count(rel: str, size: int) -> None:
+        nonlocal stored
+        index = _chunk_index(rel, arr, grid)
+        if index is None:
+            return
+        if size > unit_bytes + unit_bytes // 8 + 2**20:  # codecs never grow data that much; zarr reads it whole
+            raise VolumeError(
+                f"{uri}: chunk {rel} of array '{key}' stores {size} bytes for {unit_bytes} bytes of voxels; refused"
+            )
+        present.add(index)
+        stored += size
+
     if storage.is_s3(base_uri):
         fs, path = storage.filesystem(base_uri)
         base = path.rstrip("/") + "/"
-        names = [p[len(base) :] for p in fs.find(base)] if fs.exists(path) else []
-        for rel in names:
-            index = _chunk_index(rel, arr, grid)
-            if index is not None:
-                present.add(index)
+        listing = fs.find(base, detail=True) if fs.exists(path) else {}
+        for p, info in listing.items():
+            count(p[len(base) :], int(info.get("size") or 0))
     else:
         root = storage.local_path(base_uri)
         for dirpath, dirnames, filenames in os.walk(root):  # os.walk never follows symlinked folders
@@ -313,8 +371,12 @@ def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None
                         f"{uri}: chunk {rel} of array '{key}' is {kind}; a volume's chunks are regular files "
                         "(refused: it could read another file or block forever)"
                     )
-                present.add(index)
+                count(rel, os.lstat(full).st_size)
     if len(present) >= declared:
+        try:  # every chunk stored, but do they hold what the shape declares? (a decompression bomb does not)
+            limits.check_ratio(math.prod(arr.shape) * _itemsize(arr), stored, f"{uri}: array '{key}'")
+        except limits.LimitError as err:
+            raise VolumeError(str(err)) from err
         return
     missing = declared - len(present)
     first = ""
@@ -341,6 +403,8 @@ def open_group(uri: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
     from msgan import storage
 
     store, options = storage.zarr_store(storage.normalize_uri(uri))
+    if mode == "r":
+        check_meta_files(uri)
     try:
         return zarr.open_group(store, mode=mode, storage_options=options)  # type: ignore[arg-type]
     except zarr.errors.ContainsArrayError as err:
@@ -364,6 +428,7 @@ def read_level(
     if not isinstance(meta, dict) or "geometry" not in meta:
         raise VolumeError(f"{uri}: no msgan geometry attribute; ingest the volume with msgan first")
     key = str(level)
+    check_meta_files(uri, key)
     if key not in group or not isinstance(group[key], zarr.Array):
         what = "the full-resolution level" if level == 0 else f"level {level}"
         raise VolumeError(f"{uri}: missing array '{key}' ({what}; arrays: {sorted(group.array_keys())})")

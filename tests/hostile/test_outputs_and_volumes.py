@@ -380,3 +380,54 @@ def test_a_foreign_zarr_declaring_more_than_it_stores_is_refused_by_ingest(tmp_p
     with pytest.raises(VolumeError, match=r"foreign\.zarr: 830583 of the 830584 chunk\(s\) .* never written"):
         ingest(src, tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_zarr_compression_bomb_is_refused_before_reading(tmp_path):
+    """Every declared chunk stored, each a copy of one ~50-byte zero chunk: 128 MiB declared in a few KB."""
+    p = tmp_path / "bomb.zarr"
+    small_volume(p, shape=(64, 64, 64))  # a real volume, then its shape grown and its one chunk copied everywhere
+    (p / "0" / "c" / "0" / "0" / "0").write_bytes(_zero_chunk(tmp_path))
+    _edit_array(p, [512, 256, 256], [64, 64, 64])
+    for z in range(8):
+        for y in range(4):
+            for x in range(4):
+                dest = p / "0" / "c" / str(z) / str(y) / str(x)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if (z, y, x) != (0, 0, 0):
+                    shutil.copyfile(p / "0" / "c" / "0" / "0" / "0", dest)
+    with pytest.raises(VolumeError, match=r"bomb\.zarr: array '0': declares .* bytes .* stored in .* bytes"):
+        read_level(str(p))
+
+
+def _zero_chunk(tmp_path: Path) -> bytes:
+    src = tmp_path / "zero.zarr"
+    write_volume(src, np.zeros((64, 64, 64), np.float32), GEOM)
+    return (src / "0" / "c" / "0" / "0" / "0").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "huge"])
+def test_zarr_metadata_that_is_not_a_small_regular_file_is_refused(tmp_path, kind, capsys):
+    p = tmp_path / "v.zarr"
+    small_volume(p)
+    meta = p / "0" / "zarr.json"
+    meta.unlink()
+    if kind == "fifo":
+        os.mkfifo(meta)
+    elif kind == "devzero":
+        meta.symlink_to("/dev/zero")
+    else:
+        with open(meta, "wb") as f:
+            f.truncate(64 * 2**20)  # sparse: 64 MiB of metadata
+    with pytest.raises(VolumeError, match=r"metadata file 0/zarr\.json is"):
+        read_level(str(p))
+    assert _cli("export", str(p), str(tmp_path / "o.nii.gz"), "--format", "nifti") == 2
+    assert "zarr.json" in capsys.readouterr().err and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_chunk_file_far_larger_than_its_voxels_is_refused(tmp_path):
+    p = tmp_path / "v.zarr"
+    small_volume(p)
+    with open(p / "0" / "c" / "0" / "0" / "0", "ab") as f:
+        f.truncate(8 * 2**20)  # 8 MiB for a 16^3 float32 chunk (16 KiB)
+    with pytest.raises(VolumeError, match=r"chunk c/0/0/0 of array '0' stores 8388608 bytes"):
+        read_level(str(p))
