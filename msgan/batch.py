@@ -263,11 +263,16 @@ def is_ours(output: str) -> bool:
     return False
 
 
-def check_output(task: VolumeTask, replace: bool = True) -> dict[str, Any] | None:
+def check_output(task: VolumeTask, replace: bool = True, volumes: bool = False) -> dict[str, Any] | None:
     """Before any work: the output is absent, or msgan's own (its manifest, returned). Another model
     version's output is replaced only with ``replace`` (the batch job's rule; ``msgan translate`` asks for
-    ``--replace``); anything else there is refused, never emptied (:class:`msgan.outputs.OutputError`)."""
-    outputs.refuse_foreign(task.output, is_ours, hint="; a translation goes to a new path or to msgan's own output")
+    ``--replace``), a zarr volume msgan wrote without a manifest only with ``volumes`` (``--replace``);
+    anything else there is refused, never emptied (:class:`msgan.outputs.OutputError`)."""
+
+    def ours(uri: str) -> bool:
+        return is_ours(uri) or (volumes and outputs.is_msgan_volume(uri))
+
+    outputs.refuse_foreign(task.output, ours, hint="; a translation goes to a new path or to msgan's own output")
     previous = read_manifest(task)
     if previous is not None and previous["model"] != task.model and not replace:
         raise outputs.OutputError(
@@ -548,9 +553,9 @@ def _replace_dir(new: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def publish(task: VolumeTask, info: dict[str, Any]) -> dict[str, Any]:
-    """Check, checksum and publish the staged output (the run must hold the output's lease);
-    returns the manifest."""
+def publish(task: VolumeTask, info: dict[str, Any], volumes: bool = False) -> dict[str, Any]:
+    """Check, checksum and publish the staged output (the run must hold the output's lease); it replaces
+    only msgan's own output (with ``volumes``, also a zarr volume msgan wrote). Returns the manifest."""
     plan = plan_of(task)
     n = len(plan["shapes"])
     result = open_group(task.result_uri, "r+")
@@ -579,7 +584,8 @@ def publish(task: VolumeTask, info: dict[str, Any]) -> dict[str, Any]:
         raise VolumeError(
             f"{task.name}: this run ({task.run}) no longer holds the lease on {task.output}; not published"
         )
-    outputs.refuse_foreign(task.output, is_ours)  # again at the last moment: only msgan's own output is replaced
+    # again at the last moment: only msgan's own output is replaced
+    outputs.refuse_foreign(task.output, lambda u: is_ours(u) or (volumes and outputs.is_msgan_volume(u)))
     if storage.is_s3(task.output):
         fs, src = storage.filesystem(task.result_uri)
         _, dst = storage.filesystem(task.output)
@@ -664,12 +670,13 @@ def translate_volume(
     tile: int | None = None,
     progress: Progress | None = None,
     replace: bool = True,
+    volumes: bool = False,
 ) -> dict[str, Any]:
     """All four steps in this process (``msgan translate`` for zarr): constant memory, same result
     as the distributed job. Returns the manifest with ``status``: ``skipped`` (published by the same
     model), ``translated``, or ``re-translated`` (``previous_model`` replaced; only with ``replace``).
     An output that msgan did not publish is refused (:func:`check_output`), whatever ``replace`` says."""
-    previous = check_output(task, replace)
+    previous = check_output(task, replace, volumes)
     if previous is not None and previous["model"] == task.model:
         return {**previous, "status": "skipped"}
     bound_heap()
@@ -683,7 +690,9 @@ def translate_volume(
     try:
         beat.__enter__()
         sweep_staging(parent_of(task.output))
-        previous = check_output(task, replace)  # again under the lease: another run may have published meanwhile
+        previous = check_output(
+            task, replace, volumes
+        )  # again under the lease: another run may have published meanwhile
         if previous is not None and previous["model"] == task.model:
             return {**previous, "status": "skipped"}
         vplan = plan_volume(task, cascade, tile)
@@ -707,7 +716,7 @@ def translate_volume(
             timings.append({"scale": s, "tiles": len(tiles), "seconds": time.perf_counter() - t1})
             if log is not None:
                 log(f"  scale {s}: {len(tiles)} tiles of {vplan['tiles'][s]} in {timings[-1]['seconds']:.1f}s")
-        manifest = publish(task, {"timings": timings, "seconds": time.perf_counter() - t0})
+        manifest = publish(task, {"timings": timings, "seconds": time.perf_counter() - t0}, volumes)
     except OSError as err:
         discard(task)
         where = f" ({err.filename})" if err.filename else ""

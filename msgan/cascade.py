@@ -362,9 +362,30 @@ class Cascade:
             "meta": self.meta,
         }
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``manifest.json`` and ``scale_<i>.pt`` into ``directory`` atomically (staging + rename)."""
-        with staged_dir(directory) as stage:
+    def save(self, directory: str | Path, replace: bool = False) -> Path:
+        """Write ``manifest.json`` and ``scale_<i>.pt`` into ``directory`` atomically (staging + rename). An
+        existing ``directory`` is replaced only when it is a cascade folder (its manifest reads) and ``replace``
+        is given; anything else there is refused, never removed."""
+        d = Path(directory)
+        if d.exists() or d.is_symlink():
+            try:
+                read_manifest_raw(d)
+                ours = d.is_dir() and not d.is_symlink()
+            except (CascadeError, OSError):
+                ours = False
+            if not ours or not replace:
+                from msgan.outputs import OutputError, describe
+                from msgan.storage import normalize_uri
+
+                raise OutputError(
+                    f"{directory}: exists ({describe(normalize_uri(d))}); "
+                    + (
+                        "pass --replace to replace this cascade folder"
+                        if ours
+                        else "not a cascade folder: never replaced; give a new folder"
+                    )
+                )
+        with staged_dir(directory, replace=replace) as stage:
             manifest = self.manifest()
             files = []
             for i, g in enumerate(self.generators):

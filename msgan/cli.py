@@ -39,7 +39,7 @@ def cmd_new_model(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cascade = Cascade.untrained(cfg, seed=args.seed)
-    out = cascade.save(args.out_dir)
+    out = cascade.save(args.out_dir, replace=args.replace)
     print(f"wrote an untrained {cfg.dims}D cascade of {cfg.num_scales} scales (halos {cascade.halos}) to {out}")
     return 0
 
@@ -52,7 +52,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if str(args.input).endswith(".zarr") and str(args.output).endswith(".zarr"):
         return _translate_store(args)
     output = outputs.resolve_output(args.output, [args.input])  # before any work: never the input, never elsewhere
-    exists = outputs.refuse_foreign(output, is_ours, replace=args.replace)
+    exists = outputs.refuse_foreign(output, lambda u: is_ours(u) or outputs.is_msgan_volume(u), replace=args.replace)
     if exists and not args.replace:
         raise outputs.OutputError(f"{args.output}: exists (msgan's translation); pass --replace to replace it")
     from msgan.batch import resolve_plan
@@ -83,14 +83,14 @@ def _translate_store(args: argparse.Namespace) -> int:
 
     plan = batch.resolve_plan(args.model)  # the alias resolved once: what loads is what the manifest names
     task = batch.volume_task(args.input, "", plan.model_id, output=args.output, run=plan.run)
-    batch.check_output(task, args.replace)  # before loading anything: the output is absent or msgan's own
+    batch.check_output(task, args.replace, args.replace)  # before loading anything: absent or msgan's own
     cascade = plan.load(args.device)
     t0 = time.perf_counter()
     progress = None if args.quiet else Progress(sys.stderr)
     try:
         manifest = batch.translate_volume(
             task, cascade, args.device, tile=args.tile, progress=scale_progress(progress) if progress else None,
-            replace=args.replace,
+            replace=args.replace, volumes=args.replace,
         )  # fmt: skip
     finally:
         if progress is not None:
@@ -124,7 +124,9 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from msgan import outputs
 
     output = outputs.resolve_output(args.output)
-    outputs.refuse_foreign(output, lambda _: False, replace=args.replace)
+    exists = outputs.refuse_foreign(output, outputs.is_msgan_volume, replace=args.replace)
+    if exists and not args.replace:
+        raise outputs.OutputError(f"{args.output}: exists (a volume msgan wrote); pass --replace to replace it")
     write_volume(args.output, np.asarray(vol, dtype=np.float32), geom, replace=args.replace)
     print(f"wrote {args.kernel} phantom seed {args.seed} {shape} spacing {spacing} mm to {args.output}")
     return 0
@@ -139,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     pyramids = training_pyramids(cfg)
     cascade = train_locally(cfg, pyramids, progress=Progress())
     cascade.meta["data_fingerprint"] = fingerprint(pyramids)
-    print(f"wrote {cascade.save(args.out_dir)}")
+    print(f"wrote {cascade.save(args.out_dir, replace=args.replace)}")
     return 0
 
 
@@ -201,11 +203,18 @@ def cmd_pacs_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    from msgan import outputs
     from msgan.io.volume import ZARR_SUFFIXES, read_volume, suffix_of
     from msgan.preview import default_output, preview_volume, save_columns
 
+    target = outputs.resolve_output(
+        args.output or default_output(args.volume), [args.volume, *filter(None, [args.source])]
+    )
+    exists = outputs.refuse_foreign(target, lambda _: False, replace=args.replace)
+    if exists and not args.replace:
+        raise outputs.OutputError(f"{target}: exists; pass --replace to replace it")
     if suffix_of(args.volume) in ZARR_SUFFIXES:
-        where = preview_volume(args.volume, args.output, args.source)
+        where = preview_volume(args.volume, args.output or default_output(args.volume), args.source)
     else:
         columns = {}
         if args.source:
@@ -252,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(n, required=True)
     n.add_argument("out_dir", help="cascade folder to write")
     n.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    _replace_arg(n, "a cascade folder msgan wrote")
     n.set_defaults(func=cmd_new_model)
 
     t = sub.add_parser("translate", help="translate one volume (NIfTI, MHA, NRRD or OME-Zarr) through a cascade")
@@ -276,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train every scale locally, one after another, into a cascade folder")
     _config_args(tr, required=True)
     tr.add_argument("out_dir", help="cascade folder to write")
+    _replace_arg(tr, "a cascade folder msgan wrote")
     tr.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("promote", help="point an alias of a registered cascade at a version (MLflow)")
@@ -318,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("volume", help="OME-Zarr volume (a translated one shows its source too), or NIfTI/MHA/NRRD")
     pv.add_argument("output", nargs="?", default=None, help="PNG to write (default: beside the volume, NAME.png)")
     pv.add_argument("--source", default=None, help="show this volume as the source (default: the manifest's input)")
+    _replace_arg(pv, "an existing PNG")
     pv.set_defaults(func=cmd_preview)
 
     dr = sub.add_parser("doctor", help="check what a job needs: packages, Ray, storage, MLflow, PACS, GPU")

@@ -76,8 +76,9 @@ def resolve_output(output: str | os.PathLike[str], inputs: Sequence[str | os.Pat
     """``output`` as a URI to write. A local output that is a symlink is followed when it stays in the
     output's own folder and refused when it leaves it; an output that is an input, holds one or lies inside
     one is refused (both compared after resolving symlinks)."""
-    uri = storage.normalize_uri(output)
-    path = _local(uri)
+    uri = storage.normalize_uri(output)  # resolves symlinks: look at the path as given first
+    given = str(output)[len("file://") :] if str(output).startswith("file://") else str(output)
+    path = None if storage.is_s3(uri) else Path(os.path.abspath(Path(given).expanduser()))
     if path is not None and path.is_symlink():
         target = Path(os.path.realpath(path))
         if target.parent != Path(os.path.realpath(path.parent)):
@@ -113,6 +114,18 @@ def refuse_foreign(
         f"{uri}: the {what} exists and is {describe(uri)}, not an output msgan published; it is never replaced "
         f"or emptied{flag}{hint}. Give a new path"
     )
+
+
+def is_msgan_volume(uri: str) -> bool:
+    """Whether ``uri`` is a zarr volume msgan wrote (its ``msgan`` attribute holds a geometry): what
+    ``--replace`` may replace besides a published translation."""
+    from msgan.io.volume import VolumeError, open_group
+
+    try:
+        meta = open_group(uri, "r").attrs.get("msgan")
+    except (VolumeError, OSError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("geometry"), dict)
 
 
 def remove_empty_dirs(*uris: str) -> None:

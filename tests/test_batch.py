@@ -294,7 +294,7 @@ def test_folder_plan_refuses_a_cascade_changed_after_pinning(tmp_path, cascade, 
     folder = cascade.save(tmp_path / "model")
     plan = batch.resolve_plan(str(folder), {"batch_size": 3})
     assert plan.model_id.startswith("model/") and plan.load().config.inference.batch_size == 3
-    other_cascade.save(folder)
+    other_cascade.save(folder, replace=True)
     with pytest.raises(batch.ModelError, match="changed since this batch pinned it"):
         plan.load()
 

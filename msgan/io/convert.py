@@ -259,20 +259,24 @@ def export(
     ReferringPhysicianName) are checked again against their VR (the volume's attributes may have been edited): too
     long or with control characters is refused, never truncated; descriptions are truncated to 64 characters with a
     note in :attr:`Exported.notes`."""
+    from msgan import outputs
+
     arr, geom, meta = read_level(volume, 0)  # the one reader: a VolumeError (a ValueError) naming the volume
     if fmt == "nifti":
         dest = Path(out)
         if not str(dest).lower().endswith(ITK_SUFFIXES):
             dest = dest / (Path(str(volume).rstrip("/")).stem + ".nii.gz")
+        dest = storage.local_path(outputs.resolve_output(dest, [volume]))  # never into the input, never elsewhere
         suffix_of(dest)
         if dest.is_dir() or (dest.is_symlink() and not dest.exists()):
             raise ValueError(f"{dest}: exists and is not a file; give another file name")
         if dest.exists() and not replace:
             raise ValueError(f"{dest}: exists; pass --replace (replace=True) to replace it, or give another name")
-        write_volume(dest, np.asarray(arr[...]), geom)
+        write_volume(dest, np.asarray(arr[...]), geom, replace=replace)
         return Exported([dest], None)
     if fmt != "dicom":
         raise ValueError(f"export format {fmt!r}: must be 'dicom' or 'nifti'")
+    out = storage.local_path(outputs.resolve_output(out, [volume]))  # never into the input, never through a symlink
     if arr.ndim not in (2, 3):
         raise ValueError(f"{volume}: DICOM export writes 2D images and 3D series; this volume is {arr.ndim}D")
     source = meta.get("source") if isinstance(meta.get("source"), dict) else meta

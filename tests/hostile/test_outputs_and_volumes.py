@@ -54,7 +54,7 @@ def test_output_symlink_leaving_its_folder_is_refused_and_its_target_untouched(t
     elsewhere.mkdir()
     (elsewhere / "precious.txt").write_text("x")
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "o.zarr").symlink_to(elsewhere)
+    (tmp_path / "out" / "o.zarr").symlink_to(elsewhere / "new.zarr")  # dangling: the output would appear there
     before = snapshot(elsewhere)
     code = _cli("translate", str(tmp_path / "in.zarr"), str(tmp_path / "out" / "o.zarr"), "--model", hostile_model)
     assert code == 2 and "symlink" in capsys.readouterr().err
@@ -431,3 +431,52 @@ def test_a_chunk_file_far_larger_than_its_voxels_is_refused(tmp_path):
         f.truncate(8 * 2**20)  # 8 MiB for a 16^3 float32 chunk (16 KiB)
     with pytest.raises(VolumeError, match=r"chunk c/0/0/0 of array '0' stores 8388608 bytes"):
         read_level(str(p))
+
+
+def test_new_model_never_empties_a_folder_and_replaces_a_cascade_only_with_the_flag(tmp_path, capsys):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    cfg = ["--config", "configs/demo.yaml"]
+    assert _cli("new-model", *cfg, str(folder)) == 2
+    assert "notes.txt" in capsys.readouterr().err and (folder / "notes.txt").read_text() == "keep"
+    assert _cli("new-model", *cfg, str(folder), "--replace") == 2, "--replace never replaces what is not a cascade"
+    assert _cli("new-model", *cfg, str(tmp_path / "c")) == 0
+    assert _cli("new-model", *cfg, str(tmp_path / "c"), "--seed", "1") == 2
+    assert _cli("new-model", *cfg, str(tmp_path / "c"), "--seed", "1", "--replace") == 0
+
+
+def test_preview_never_overwrites_its_input_or_another_file(tmp_path, capsys):
+    write_volume(tmp_path / "q.nii.gz", np.zeros((8, 8, 8), np.float32), GEOM)
+    before = (tmp_path / "q.nii.gz").read_bytes()
+    assert _cli("preview", str(tmp_path / "q.nii.gz"), str(tmp_path / "q.nii.gz")) == 2
+    assert (tmp_path / "q.nii.gz").read_bytes() == before and "is the input" in capsys.readouterr().err
+    small_volume(tmp_path / "p.zarr")
+    (tmp_path / "p.png").write_bytes(b"someone's picture")
+    assert _cli("preview", str(tmp_path / "p.zarr")) == 2
+    assert (tmp_path / "p.png").read_bytes() == b"someone's picture"
+    assert _cli("preview", str(tmp_path / "p.zarr"), "--replace") == 0
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_export_never_writes_into_its_input_or_through_a_symlink(tmp_path, capsys):
+    small_volume(tmp_path / "pe.zarr")
+    before = snapshot(tmp_path / "pe.zarr")
+    assert _cli("export", str(tmp_path / "pe.zarr"), str(tmp_path / "pe.zarr"), "--format", "nifti") == 2
+    assert "is the input" in capsys.readouterr().err and snapshot(tmp_path / "pe.zarr") == before
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "dcm").symlink_to(tmp_path / "elsewhere")
+    assert _cli("export", str(tmp_path / "pe.zarr"), str(tmp_path / "sub" / "dcm")) == 2
+    assert "symlink" in capsys.readouterr().err and not os.listdir(tmp_path / "elsewhere")
+
+
+def test_replace_covers_volumes_msgan_wrote_without_a_manifest(tmp_path, hostile_model, capsys):
+    assert _cli("phantom", str(tmp_path / "p.zarr"), "--shape", "16", "16", "16") == 0
+    assert _cli("phantom", str(tmp_path / "p.zarr"), "--shape", "16", "16", "16") == 2
+    assert _cli("phantom", str(tmp_path / "p.zarr"), "--shape", "16", "16", "16", "--seed", "2", "--replace") == 0
+    write_volume(tmp_path / "in.nii.gz", np.zeros((16, 16, 16), np.float32), GEOM)
+    assert _cli("translate", str(tmp_path / "in.nii.gz"), str(tmp_path / "o.zarr"), "--model", hostile_model) == 0
+    args = ["translate", str(tmp_path / "p.zarr"), str(tmp_path / "o.zarr"), "--model", hostile_model, "--quiet"]
+    assert _cli(*args) == 2
+    assert _cli(*args, "--replace") == 0 and (tmp_path / "o.zarr" / "manifest.json").exists()
