@@ -72,8 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(report.summary())
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report.__dict__, f, indent=2, default=str)
+        from msgan import outputs
+        from msgan.redact import redact_text
+        from msgan.storage import local_path, staged_file
+
+        where = outputs.resolve_output(args.report, args.inputs)
+        outputs.refuse_foreign(where, lambda _: False, replace=True)  # a report file is replaced, nothing else
+        with staged_file(local_path(where)) as tmp:
+            tmp.write_text(redact_text(json.dumps(report.__dict__, indent=2, default=str)))
     return 1 if report.failed else 0
 
 

@@ -60,16 +60,30 @@ def _process_start(pid: int) -> float | None:
         return -1.0
 
 
+def _namespace() -> str:
+    """This machine's boot and PID namespace: two containers that share a hostname (host networking) but not
+    their PIDs differ here, so a pid is judged only inside the namespace that recorded it."""
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(path).read_text().strip() if path.endswith("boot_id") else os.readlink(path))
+        except OSError:
+            parts.append("?")
+    return "|".join(parts)
+
+
 def _body(run: str) -> bytes:
     pid = os.getpid()
     return json.dumps(
-        {"run": run, "time": time.time(), "host": socket.gethostname(), "pid": pid, "started": _process_start(pid)}
-    ).encode()
+        {"run": run, "time": time.time(), "host": socket.gethostname(), "ns": _namespace(), "pid": pid,
+         "started": _process_start(pid)}
+    ).encode()  # fmt: skip
 
 
 def alive(info: dict[str, Any], ttl_s: float = DEFAULT_TTL_S) -> bool:
     """Whether the holder named by a lease's content still runs (see the module's rules)."""
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+    same_ns = info.get("ns", _namespace()) == _namespace()  # leases written before "ns" existed: same host, same ns
+    if info.get("host") == socket.gethostname() and same_ns and isinstance(info.get("pid"), int):
         started = _process_start(int(info["pid"]))
         if started is None:
             return False  # its process is gone
@@ -196,14 +210,23 @@ def holds(lease: Lease) -> bool:
     return info is not None and info["run"] == lease.run
 
 
+_RENEWING = threading.Lock()  # a renewal and a release never interleave (a renewal must not recreate a lease)
+
+
 def refresh(lease: Lease) -> None:
     """Renew the lease's time (only its own run does this)."""
-    if holds(lease):
-        storage.write_bytes(lease.uri, _body(lease.run))
+    with _RENEWING:
+        if holds(lease):
+            storage.write_bytes(lease.uri, _body(lease.run))
 
 
 def release(lease: Lease) -> None:
     """Drop the lease if this run holds it (and the ``.leases`` folder when it is left empty)."""
+    with _RENEWING:
+        _release(lease)
+
+
+def _release(lease: Lease) -> None:
     if not holds(lease):
         return
     if storage.is_s3(lease.uri):

@@ -289,25 +289,31 @@ def translate_batch(
     # the one resolution of the alias in this batch (unless the caller resolved it)
     plan = model if isinstance(model, vb.InferencePlan) else vb.resolve_plan(model, overrides, tile)
     cascade = plan.load()
-    all_tasks = [vb.volume_task(uri, out_prefix, plan.model_id, run=plan.run) for uri in vb.expand_inputs(inputs)]
+    report = BatchReport(model=plan.model_id, run=plan.run)
+    all_tasks = []
+    for uri in vb.expand_inputs(inputs):
+        try:
+            all_tasks.append(vb.volume_task(uri, out_prefix, plan.model_id, run=plan.run))
+        except ValueError as err:  # an output that is the input, or a symlink leaving its folder: this volume only
+            report.failed[uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")] = str(err)
     vb.check_collisions(all_tasks)  # before any work
     ensure_ray(cascade.config)
     check_shared(inputs, out_prefix)  # before any work: every node must reach the inputs and outputs
-    report = BatchReport(model=plan.model_id, run=plan.run)
     for parent in sorted({vb.parent_of(t.output) for t in all_tasks}):
         for gone in vb.sweep_staging(parent):
             log(f"  removed stale staging {gone}")
-    tasks, plans = _claim(all_tasks, cascade, plan, report, log)
-    log(
-        f"[1/4] {len(plans)} volumes to translate with {plan.model_id} (run {plan.run}), "
-        f"{len(report.skipped)} already published, {len(report.failed)} refused"
-    )
+    tasks: list[vb.VolumeTask] = []
     try:
-        if plans:
-            with lease.Heartbeat([t.lease for t in tasks]):  # another host sees this run alive
+        with lease.Heartbeat([t.lease for t in all_tasks]):  # from the first lease on, another host sees us alive
+            tasks, plans = _claim(all_tasks, cascade, plan, report, log)
+            log(
+                f"[1/4] {len(plans)} volumes to translate with {plan.model_id} (run {plan.run}), "
+                f"{len(report.skipped)} already published, {len(report.failed)} refused"
+            )
+            if plans:
                 _run(tasks, plans, cascade, plan, report, log, progress_every, progress)
     finally:
-        for t in tasks:
+        for t in tasks or all_tasks:
             lease.release(t.lease)
     for name in [n for n in report.retranslated if n in report.failed]:
         report.retranslated.pop(name)  # the old output stays, untouched

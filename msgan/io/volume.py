@@ -464,8 +464,10 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
         image = np.asarray(arr[...])
         check_finite(image, path)
         return image, geom
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file")
+    if not Path(path).is_file():
+        raise VolumeError(f"{path}: not a regular file (a folder, FIFO or device); refused")
     check_itk_file(path)
     try:
         img = sitk.ReadImage(str(path))

@@ -480,3 +480,15 @@ def test_replace_covers_volumes_msgan_wrote_without_a_manifest(tmp_path, hostile
     args = ["translate", str(tmp_path / "p.zarr"), str(tmp_path / "o.zarr"), "--model", hostile_model, "--quiet"]
     assert _cli(*args) == 2
     assert _cli(*args, "--replace") == 0 and (tmp_path / "o.zarr" / "manifest.json").exists()
+
+
+def test_a_lease_from_another_pid_namespace_on_this_hostname_lives_by_its_heartbeat(tmp_path):
+    """Containers with host networking share the hostname, not the PIDs: their pid means nothing here."""
+    import socket
+
+    uri = _lease_uri(tmp_path)
+    Path(storage.local_path(uri)).parent.mkdir(parents=True)
+    body = {"run": "pod", "time": time.time(), "host": socket.gethostname(), "ns": "other-boot|pid:[1]", "pid": 999999}
+    Path(storage.local_path(uri)).write_text(json.dumps(body))
+    with pytest.raises(lease.LeaseError, match="run pod"):
+        lease.acquire(lease.Lease(uri, "mine"), "x")  # pid 999999 is dead here, but it is not our pid
