@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -155,6 +156,37 @@ def read_bytes(uri: str) -> bytes:
     return bytes(fs.cat_file(path))
 
 
+def _temp_tag() -> str:
+    """``.tmp-HOST-PID-``: the start of every temporary name beside an output, so a later run can tell whose it is."""
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
+    return f".tmp-{host}-{os.getpid()}-"
+
+
+def sweep_temporaries(folder: Path, name: str) -> None:
+    """Remove temporaries for ``name`` in ``folder`` left by killed processes of this host (a pid that no longer
+    runs); another host's, or a live process's, are left alone."""
+    import socket
+
+    import psutil
+
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
+    pattern = re.compile(rf"\.tmp-{re.escape(host)}-(\d+)-(?:[a-z0-9_]+-)?{re.escape(name)}$")
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or psutil.pid_exists(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 @contextmanager
 def staged_file(dest: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
     """A local file that appears at ``dest`` whole or not at all: write the yielded temporary (beside
@@ -163,7 +195,8 @@ def staged_file(dest: str | os.PathLike[str], replace: bool = True) -> Iterator[
     overwritten); the temporary is removed whatever happens."""
     out = Path(dest)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    sweep_temporaries(out.parent, out.name)
+    tmp = out.with_name(f"{_temp_tag()}{out.name}")
     try:
         yield tmp
         if replace:
@@ -186,7 +219,8 @@ def staged_dir(dest: str | os.PathLike[str], replace: bool = True) -> Iterator[P
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not replace:
         raise FileExistsError(f"{out}: exists; not replaced")
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    sweep_temporaries(out.parent, out.name)
+    stage = Path(tempfile.mkdtemp(prefix=f"{_temp_tag()}", suffix=f"-{out.name}", dir=out.parent))
     try:
         yield stage
         if out.is_symlink() or out.is_file():

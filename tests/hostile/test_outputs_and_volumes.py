@@ -492,3 +492,17 @@ def test_a_lease_from_another_pid_namespace_on_this_hostname_lives_by_its_heartb
     Path(storage.local_path(uri)).write_text(json.dumps(body))
     with pytest.raises(lease.LeaseError, match="run pod"):
         lease.acquire(lease.Lease(uri, "mine"), "x")  # pid 999999 is dead here, but it is not our pid
+
+
+def test_temporaries_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
+    from msgan.storage import _temp_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tag = _temp_tag().replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-")
+    (tmp_path / f"{tag}v.nii.gz").write_bytes(b"half")  # staged_file's temporary, its process gone
+    (tmp_path / f"{tag}abc123-v.zarr").mkdir()  # staged_dir's
+    live = tmp_path / f"{_temp_tag()}other.nii.gz"  # a live process's (ours): never touched
+    live.write_bytes(b"busy")
+    write_volume(tmp_path / "v.nii.gz", np.zeros((4, 4, 4), np.float32), GEOM)
+    write_volume(tmp_path / "v.zarr", np.zeros((4, 4, 4), np.float32), GEOM)
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, "v.nii.gz", "v.zarr"])
