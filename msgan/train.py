@@ -3,7 +3,8 @@
 Scale 0 trains the LR U-Net on whole low-resolution images; scale ``i >= 1`` trains an
 HR generator on patches whose previous-scale condition is the *real* image of scale
 ``i - 1`` (corrupted by :mod:`msgan.augment`), so all scales train independently.
-Ray Train wraps :class:`ScaleTrainer` in :mod:`msgan.distributed`.
+Ray Train's worker (:mod:`msgan.distributed.train`) drives the same :meth:`ScaleTrainer.fit` through its
+hooks (``wrap``, ``on_step``, ``callback``, a :data:`Checkpointer`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from torch import nn
 
 from msgan import storage
 from msgan.augment import Augmenter, Corruption
-from msgan.config import Config, from_dict
+from msgan.config import Config, ConfigError, from_dict
 from msgan.engine import Feed, autocast, feed_box
 from msgan.metrics import ssim
-from msgan.nets import HRGenerator, build_discriminator, build_generator, crop
+from msgan.nets import HRGenerator, build_discriminator, build_generator, crop, patchgan_min_size
 from msgan.pyramid import Pyramid, foreground_mask
 from msgan.tiling import read_region, sample_patch_starts, upsample_region
 
@@ -221,7 +222,31 @@ class StepMetrics:
 
 
 Callback = Callable[[StepMetrics], None]
+Checkpointer = Callable[["ScaleTrainer", StepMetrics], None]
+"""Called by :meth:`ScaleTrainer.fit` at each checkpoint step instead of :meth:`ScaleTrainer.save` to a path
+(e.g. Ray Train's ``report`` with a checkpoint)."""
 CHECKPOINT_FORMAT = "msgan-scale-checkpoint/1"
+
+
+def check_scale_shape(cfg: Config, scale: int, shape: Sequence[int], label: str) -> None:
+    """The one rule that a volume's grid at ``scale`` can train: ``dims`` axes, at scale 0 at least the
+    discriminator's minimum per side, at scale >= 1 at least ``train.hr_patch`` per side. A
+    :class:`~msgan.config.ConfigError` naming ``label`` (the volume) otherwise; the pre-flight
+    (:func:`msgan.distributed.prepare.check_shapes`) and :class:`ScaleTrainer` both call it."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != cfg.dims:
+        raise ConfigError(
+            f"{label}: a {len(shape)}D grid {shape} at scale {scale}; the config trains {cfg.dims}D (dims)"
+        )
+    if scale == 0:
+        need = patchgan_min_size(cfg.discriminator.num_layers)
+        if min(shape) < need:
+            raise ConfigError(
+                f"{label}: LR grid {shape} is smaller than the {need} voxels per side the discriminator "
+                f"(num_layers={cfg.discriminator.num_layers}) needs; lower num_scales or discriminator.num_layers"
+            )
+    elif min(shape) < cfg.train.hr_patch:
+        raise ConfigError(f"train.hr_patch={cfg.train.hr_patch} is larger than scale {scale} of {label}, shape {shape}")
 
 
 class ScaleTrainer:
@@ -260,24 +285,8 @@ class ScaleTrainer:
         self.step = 0
 
     def _check_data(self) -> None:
-        from msgan.nets import patchgan_min_size
-
-        need = patchgan_min_size(self.cfg.discriminator.num_layers)
         for i, im in enumerate(self.data.images):
-            shape = tuple(im.shape)
-            if len(shape) != self.cfg.dims:
-                raise ValueError(f"training volume {i} has shape {shape}; dims={self.cfg.dims}")
-            if self.scale == 0 and min(shape) < need:
-                raise ValueError(
-                    f"LR image of volume {i} is {shape}, smaller than the {need} voxels per side the "
-                    f"discriminator (num_layers={self.cfg.discriminator.num_layers}) needs; lower num_layers "
-                    f"or num_scales"
-                )
-            if self.scale > 0 and min(shape) < self.cfg.train.hr_patch:
-                raise ValueError(
-                    f"train.hr_patch={self.cfg.train.hr_patch} is larger than scale {self.scale} of "
-                    f"volume {i}, shape {shape}"
-                )
+            check_scale_shape(self.cfg, self.scale, tuple(im.shape), f"training volume {i}")
 
     # -- one step
 
@@ -327,16 +336,32 @@ class ScaleTrainer:
             seconds=time.perf_counter() - t0,
         )
 
-    def fit(self, steps: int, callback: Callback | None = None, checkpoint: str | Path | None = None) -> None:
-        """Train until ``self.step == steps``, reporting every ``log_every`` steps and checkpointing
-        every ``checkpoint_every`` steps and at the end (when ``checkpoint`` is given)."""
+    def fit(
+        self,
+        steps: int,
+        callback: Callback | None = None,
+        checkpoint: str | Path | Checkpointer | None = None,
+        on_step: Callback | None = None,
+    ) -> StepMetrics | None:
+        """Train until ``self.step == steps``: ``on_step`` sees every step, ``callback`` every ``log_every``-th
+        and the last; every ``checkpoint_every``-th step and the last are checkpointed (``checkpoint``: a
+        path to :meth:`save` to, or a :data:`Checkpointer`). Returns the last step's metrics (None when
+        ``steps`` was reached before, e.g. on a resume from the final checkpoint). The local and the Ray
+        Train paths both train through this loop."""
         t = self.cfg.train
+        last: StepMetrics | None = None
         while self.step < steps:
-            m = self.train_step()
+            last = m = self.train_step()
+            if on_step is not None:
+                on_step(m)
             if callback is not None and (m.step % t.log_every == 0 or m.step == steps):
                 callback(m)
             if checkpoint is not None and (m.step % t.checkpoint_every == 0 or m.step == steps):
-                self.save(checkpoint)
+                if callable(checkpoint):
+                    checkpoint(self, m)
+                else:
+                    self.save(checkpoint)
+        return last
 
     # -- evaluation
 

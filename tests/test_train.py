@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from msgan.config import ConfigError
 from msgan.pyramid import build_pyramid
 from msgan.train import GANLoss, ScaleData, ScaleTrainer
 from tests.conftest import tiny_config
@@ -90,14 +91,47 @@ def test_training_lowers_l1(pyramids):
 
 def test_patch_larger_than_level_is_refused(pyramids):
     cfg = _cfg(**{"train.hr_patch": 16})
-    with pytest.raises(ValueError, match="hr_patch=16 is larger than scale 1"):
+    with pytest.raises(
+        ConfigError, match=r"hr_patch=16 is larger than scale 1 of training volume 0, shape \(12, 12, 12\)"
+    ):
         ScaleTrainer(cfg, 1, ScaleData.from_pyramids(pyramids, 1, cfg.train.foreground_threshold))
 
 
 def test_lr_image_too_small_for_discriminator(pyramids):
+    """The trainer and the pre-flight (prepare.check_shapes) apply one rule, with one error type and text."""
+    from msgan.distributed.prepare import check_shapes, sources
+
     cfg = _cfg(**{"discriminator.num_layers": 2, "train.hr_patch": 12})
-    with pytest.raises(ValueError, match="LR image of volume 0"):
+    want = r"LR grid \(6, 6, 6\) is smaller than the 12 voxels per side the discriminator \(num_layers=2\)"
+    with pytest.raises(ConfigError, match="training volume 0: " + want):
         ScaleTrainer(cfg, 0, ScaleData.from_pyramids(pyramids, 0, cfg.train.foreground_threshold))
+    with pytest.raises(ConfigError, match="phantom seed 1: " + want):
+        check_shapes(cfg, sources(cfg))
+
+
+def test_fit_calls_its_hooks(pyramids, tmp_path):
+    """fit's hooks (what the Ray Train worker plugs in): every step, log steps, and a checkpointer that takes
+    the place of the checkpoint file; its checkpoints resume exactly."""
+    cfg = _cfg(**{"train.log_every": 2, "train.checkpoint_every": 3})
+    data = ScaleData.from_pyramids(pyramids, 1, cfg.train.foreground_threshold)
+    every, logged, saved = [], [], {}
+
+    def checkpointer(trainer, m):
+        saved[m.step] = trainer.to_bytes()
+
+    t = ScaleTrainer(cfg, 1, data)
+    last = t.fit(5, callback=logged.append, checkpoint=checkpointer, on_step=every.append)
+    assert [m.step for m in every] == [1, 2, 3, 4, 5] and last == every[-1]
+    assert [m.step for m in logged] == [2, 4, 5] and logged[0] is every[1]
+    assert sorted(saved) == [3, 5] and not list(tmp_path.iterdir())
+    assert t.fit(5, on_step=every.append) is None and len(every) == 5  # nothing left to train
+
+    (tmp_path / "c.pt").write_bytes(saved[3])
+    resumed = ScaleTrainer(cfg, 1, data)
+    resumed.restore(tmp_path / "c.pt")
+    again = []
+    resumed.fit(5, on_step=again.append)
+    np.testing.assert_allclose([m.loss_g for m in again], [m.loss_g for m in every[3:]], rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["lsgan", "bce"])

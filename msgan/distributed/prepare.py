@@ -20,9 +20,9 @@ from msgan import storage
 from msgan.config import Config, ConfigError, from_dict
 from msgan.io.pyramids import pyramid_meta, write_pyramid
 from msgan.io.volume import Geometry
-from msgan.nets import patchgan_min_size
 from msgan.pyramid import Pyramid, build_pyramid
 from msgan.tiling import pyramid_shapes
+from msgan.train import check_scale_shape
 
 PHANTOM_RECIPE = "thorax-1"  # bump when the phantom generator changes what a seed makes
 
@@ -41,11 +41,15 @@ class VolumeSource:
 
 
 def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
-    """Training (or held-out) volumes named by the config; missing files fail here, before any work."""
+    """Training (or held-out) volumes named by the config; missing files, and sources that cannot give what
+    the config trains on (:func:`check_source`), fail here, before any work."""
     d = cfg.data
     if d.source == "phantom":
         seeds = d.phantom.holdout_seeds if holdout else d.phantom.seeds
-        return [VolumeSource("phantom", str(s), "soft" if holdout else d.phantom.kernel) for s in seeds]
+        out = [VolumeSource("phantom", str(s), "soft" if holdout else d.phantom.kernel) for s in seeds]
+        for src in out:
+            check_source(src, cfg)
+        return out
     patterns = d.holdout_paths if holdout else d.paths
     out = []
     for pat in patterns:
@@ -54,7 +58,20 @@ def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
             key = "data.holdout_paths" if holdout else "data.paths"
             raise ConfigError(f"{key}: {pat!r} matches no readable file or DICOM folder")
         out += [VolumeSource("dicom" if Path(m).is_dir() else "file", m) for m in matches]
+    for src in out:
+        check_source(src, cfg)
     return out
+
+
+def check_source(source: VolumeSource, cfg: Config) -> None:
+    """A source the config can train on: an image-conditioned model (``condition`` with ``image``) trains on
+    (source, target) pairs, which only 3D phantoms give so far. :class:`ConfigError` naming the source."""
+    if "image" in cfg.condition and (source.kind != "phantom" or cfg.dims != 3):
+        what = "2D phantoms" if source.kind == "phantom" else f"{source.kind} data"
+        raise ConfigError(
+            f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs, which only 3D "
+            f"phantoms have so far; use condition=edges for {what}"
+        )
 
 
 def training_pyramids(cfg: Config, holdout: bool = False) -> list[Pyramid]:
@@ -70,14 +87,10 @@ def source_pyramid(source: VolumeSource, cfg: Config) -> tuple[Pyramid, Geometry
     from msgan.data.phantom import phantom_image
     from msgan.pyramid import build_pair_pyramid
 
+    check_source(source, cfg)
     image, geom = load_source(source, cfg)
     if "image" not in cfg.condition:
         return build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges), geom, tuple(image.shape)
-    if source.kind != "phantom" or cfg.dims != 3:
-        raise ConfigError(
-            f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs, which only 3D "
-            f"phantoms have so far; use condition=edges for {source.kind} data"
-        )
     other = phantom_image(cfg.data.phantom.shape, int(source.ref), "sharp" if source.kernel == "soft" else "soft")
     pyr = build_pair_pyramid(other, image, cfg.num_scales, cfg.intensity, cfg.edges)
     return pyr, geom, tuple(image.shape)
@@ -157,7 +170,7 @@ def _read_dicom(folder: str) -> tuple[Any, Geometry]:
     result = read_series([folder])
     if len(result.volumes) != 1:
         why = "; ".join(result.errors.values()) or f"{len(result.volumes)} series"
-        raise ValueError(f"{folder}: a training folder must hold exactly one usable series ({why})")
+        raise ConfigError(f"{folder}: a training folder must hold exactly one usable series ({why})")
     return result.volumes[0].image, result.volumes[0].geometry
 
 
@@ -188,38 +201,33 @@ def prepare(cfg: Config, volumes: Sequence[VolumeSource], root: str, use_ray: bo
 
 
 def source_shape(source: VolumeSource, cfg: Config) -> tuple[int, ...]:
-    """Array shape (numpy order) of a source without reading its pixels."""
+    """Array shape (numpy order) of a source without reading its pixels (a DICOM folder's series is read);
+    :class:`ConfigError` when it cannot be read or has not ``dims`` axes."""
     if source.kind == "phantom":
-        return tuple(cfg.data.phantom.shape)
-    if source.kind == "dicom":
-        return tuple(_read_dicom(source.ref)[0].shape)
-    import SimpleITK as sitk
+        size = tuple(cfg.data.phantom.shape)
+    elif source.kind == "dicom":
+        size = tuple(_read_dicom(source.ref)[0].shape)
+    else:
+        import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(source.ref)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise ConfigError(f"{source.ref}: cannot be read as an image ({str(err).strip().splitlines()[-1]})") from err
-    size = tuple(reversed(reader.GetSize()))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(source.ref)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            why = str(err).strip().splitlines()[-1]
+            raise ConfigError(f"{source.ref}: cannot be read as an image ({why})") from err
+        size = tuple(reversed(reader.GetSize()))
     if len(size) != cfg.dims:
-        raise ConfigError(f"{source.ref}: a {len(size)}D image; the config trains {cfg.dims}D (dims)")
+        raise ConfigError(f"{source.label}: a {len(size)}D image; the config trains {cfg.dims}D (dims)")
     return size
 
 
 def check_shapes(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
-    """Every scale of every volume fits the patch and the discriminator, before any work starts."""
-    need_lr = patchgan_min_size(cfg.discriminator.num_layers)
+    """The pre-flight of every training path, before any work starts: each source is one the config can
+    train on (:func:`check_source`) and every scale of it fits the patch and the discriminator
+    (:func:`msgan.train.check_scale_shape`, the rule :class:`~msgan.train.ScaleTrainer` applies)."""
     for src in volumes:
-        shapes = pyramid_shapes(source_shape(src, cfg), cfg.num_scales)
-        label = src.label
-        if min(shapes[0]) < need_lr:
-            raise ConfigError(
-                f"{label}: LR grid {shapes[0]} is smaller than the {need_lr} voxels per side the discriminator "
-                f"(num_layers={cfg.discriminator.num_layers}) needs; lower num_scales or discriminator.num_layers"
-            )
-        for s in range(1, cfg.num_scales):
-            if min(shapes[s]) < cfg.train.hr_patch:
-                raise ConfigError(
-                    f"train.hr_patch={cfg.train.hr_patch} is larger than scale {s} of {label}, shape {shapes[s]}"
-                )
+        check_source(src, cfg)
+        for s, shape in enumerate(pyramid_shapes(source_shape(src, cfg), cfg.num_scales)):
+            check_scale_shape(cfg, s, shape, src.label)

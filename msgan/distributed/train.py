@@ -24,9 +24,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from msgan.console import ProgressBoard, describe_error
 from msgan.io.pyramids import open_pyramid
 from msgan.memory import peak_device_bytes, peak_host_bytes
 from msgan.train import ScaleData, ScaleTrainer, StepMetrics
+
+if TYPE_CHECKING:
+    from msgan.registry import RunLogger
 
 
 def _say(line: str, board: Any = None, **item: Any) -> None:
@@ -132,131 +135,186 @@ def train_loop(spec: dict[str, Any]) -> None:
 
 
 def _train_loop(spec: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+    """One scale on this worker: :meth:`ScaleTrainer.fit`, the loop of the local path, with Ray's parts
+    (DDP wrapping, checkpoints through ``ray.train.report``, the status file, rank-0 progress and MLflow)
+    plugged into its hooks by :class:`_Worker`."""
+    w = _Worker.start(spec)
+    w.announce()
+    w.t0 = time.perf_counter()
+    rank0 = w.rank == 0
+    last = w.trainer.fit(
+        w.steps,
+        callback=w.on_log if rank0 else None,
+        checkpoint=w.on_checkpoint,
+        on_step=w.pending.append if rank0 else None,
+    )
+    if rank0:
+        w.finish(last)
 
-    cfg = from_dict(spec["config"])
-    scale = int(spec["scale"])
-    root = scale_root(spec["run_root"], scale)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=False) if world > 1 else None
-    trainer = ScaleTrainer(cfg, scale, _scale_data(spec["volumes"], scale, cfg), device, rank=rank, wrap=wrap)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.restore(Path(d) / "state.pt")
-    resumed_from = trainer.step
-    steps = cfg.steps_for(scale)
-    board = spec.get("board")
-    log = None
-    if rank == 0 and spec.get("run_id"):
-        from msgan.registry import RunLogger  # imports MLflow: only where it logs
 
-        log = RunLogger(spec["tracking_uri"], spec["run_id"])
-    status: dict[str, Any] = {}
-    if rank == 0:
-        previous = read_json(storage.join(root, "status.json")) or {}
-        status = {
+@dataclass
+class _Worker:
+    """A Ray Train worker's side of one scale: what :meth:`ScaleTrainer.fit` calls back into."""
+
+    spec: dict[str, Any]
+    cfg: Config
+    root: str  # <storage>/runs/<job>/scale_<i>
+    rank: int
+    world: int
+    device: torch.device
+    trainer: ScaleTrainer
+    resumed_from: int
+    log: RunLogger | None = None  # rank 0, when the job tracks in MLflow
+    status: dict[str, Any] = field(default_factory=dict)
+    pending: list[StepMetrics] = field(default_factory=list)  # steps not yet sent to MLflow
+    t0: float = 0.0
+
+    @property
+    def scale(self) -> int:
+        return self.trainer.scale
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.steps_for(self.scale)
+
+    @property
+    def board(self) -> Any:
+        return self.spec.get("board")
+
+    @classmethod
+    def start(cls, spec: dict[str, Any]) -> _Worker:
+        """The scale's trainer on this worker's device (DDP-wrapped when several workers train it), resumed
+        exactly from Ray's latest checkpoint when there is one."""
+        import ray.train
+        import ray.train.torch
+
+        cfg = from_dict(spec["config"])
+        scale = int(spec["scale"])
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=False) if world > 1 else None
+        data = _scale_data(spec["volumes"], scale, cfg)
+        trainer = ScaleTrainer(cfg, scale, data, device, rank=rank, wrap=wrap)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                trainer.restore(Path(d) / "state.pt")
+        log = None
+        if rank == 0 and spec.get("run_id"):
+            from msgan.registry import RunLogger  # imports MLflow: only where it logs
+
+            log = RunLogger(spec["tracking_uri"], spec["run_id"])
+        root = scale_root(spec["run_root"], scale)
+        return cls(spec, cfg, root, rank, world, device, trainer, trainer.step, log)
+
+    def announce(self) -> None:
+        """Rank 0: a new attempt in ``status.json``, its start on the board and in MLflow."""
+        if self.rank != 0:
+            return
+        scale, steps = self.scale, self.steps
+        previous = read_json(storage.join(self.root, "status.json")) or {}
+        self.status = {
             "scale": scale,
             "steps": steps,
-            "step": trainer.step,
+            "step": self.trainer.step,
             "attempt": int(previous.get("attempt", 0)) + 1,
-            "resumed_from": resumed_from,
+            "resumed_from": self.resumed_from,
             "pid": os.getpid(),
             "host": socket.gethostname(),
         }
-        storage.write_text(storage.join(root, "status.json"), json.dumps(status))
+        storage.write_text(storage.join(self.root, "status.json"), json.dumps(self.status))
         _say(
-            f"[scale {scale}] attempt {status['attempt']}: starting at step {resumed_from}/{steps} "
-            f"(world_size={world}, {device})",
-            board,
+            f"[scale {scale}] attempt {self.status['attempt']}: starting at step {self.resumed_from}/{steps} "
+            f"(world_size={self.world}, {self.device})",
+            self.board,
             kind="start",
             scale=scale,
             steps=steps,
-            step=resumed_from,
-            attempt=status["attempt"],
-            world=world,
-            device=str(device),
+            step=self.resumed_from,
+            attempt=self.status["attempt"],
+            world=self.world,
+            device=str(self.device),
         )
-        if log is not None:
-            log.metrics({"resumed_from_step": resumed_from}, step=status["attempt"])
-            log.params({"scale": scale, "steps": steps, "workers": world, "device": str(device)})
-    t = cfg.train
-    t0 = time.perf_counter()
-    last: StepMetrics | None = None
-    pending: list[StepMetrics] = []
-    while trainer.step < steps:
-        last = trainer.train_step()
-        pending.append(last)
-        step = last.step
-        if rank == 0 and (step % t.log_every == 0 or step == steps):
-            rate = (step - resumed_from) / (time.perf_counter() - t0)
-            _say(
-                f"[scale {scale}] step {step}/{steps}  G {last.loss_g:.3f} (L1 {last.loss_g_l1:.4f})  "
-                f"D {last.loss_d:.3f}  {rate:.1f} steps/s",
-                board,
-                kind="step",
-                scale=scale,
-                step=step,
-                loss_g=last.loss_g,
-                l1=last.loss_g_l1,
-                loss_d=last.loss_d,
-            )
-            if log is not None:
-                log.metric_rows(
-                    [({k: v for k, v in m.as_dict().items() if k.startswith("loss")}, m.step) for m in pending]
-                )
-            pending = []
-        if step % t.checkpoint_every == 0 or step == steps:
-            metrics = {"step": step, "loss_g": last.loss_g, "loss_d": last.loss_d}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as d:
-                    trainer.save(Path(d) / "state.pt")
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                storage.write_text(storage.join(root, "status.json"), json.dumps(status | {"step": step}))
-            else:
-                ray.train.report(metrics)
-    if rank != 0:
-        return
-    seconds = time.perf_counter() - t0
-    val = trainer.evaluate(_scale_data(spec["val_volumes"], scale, cfg) if spec.get("val_volumes") else None)
-    peak = peak_device_bytes(device) or peak_host_bytes()
-    summary = {
-        "scale": scale,
-        "steps": trainer.step,
-        "seconds": seconds,
-        "attempt": status["attempt"],
-        "resumed_from": resumed_from,
-        "loss_g": last.loss_g if last else None,
-        "loss_d": last.loss_d if last else None,
-        "loss_g_l1": last.loss_g_l1 if last else None,
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": "cuda" if device.type == "cuda" else "host_rss",
-        **val,
-    }
-    if log is not None:
-        log.metrics({k: float(v) for k, v in val.items()} | {"peak_memory_mib": peak / 2**20}, step=trainer.step)
+        if self.log is not None:
+            self.log.metrics({"resumed_from_step": self.resumed_from}, step=self.status["attempt"])
+            self.log.params({"scale": scale, "steps": steps, "workers": self.world, "device": str(self.device)})
+
+    def on_log(self, m: StepMetrics) -> None:
+        """Rank 0, every ``log_every`` steps: a progress line and the losses of every step since the last."""
+        rate = (m.step - self.resumed_from) / (time.perf_counter() - self.t0)
+        _say(
+            f"[scale {self.scale}] step {m.step}/{self.steps}  G {m.loss_g:.3f} (L1 {m.loss_g_l1:.4f})  "
+            f"D {m.loss_d:.3f}  {rate:.1f} steps/s",
+            self.board,
+            kind="step",
+            scale=self.scale,
+            step=m.step,
+            loss_g=m.loss_g,
+            l1=m.loss_g_l1,
+            loss_d=m.loss_d,
+        )
+        if self.log is not None:
+            rows = [({k: v for k, v in p.as_dict().items() if k.startswith("loss")}, p.step) for p in self.pending]
+            self.log.metric_rows(rows)
+        self.pending.clear()
+
+    def on_checkpoint(self, trainer: ScaleTrainer, m: StepMetrics) -> None:
+        """Every rank reports to Ray; rank 0 with the checkpoint, then the step in ``status.json``."""
+        import ray.train
+
+        metrics = {"step": m.step, "loss_g": m.loss_g, "loss_d": m.loss_d}
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as d:
-            log.artifact(_sample_png(trainer, Path(d) / f"scale{scale}_step{trainer.step}.png"), "samples")
-    state = {k: v.detach().cpu() for k, v in trainer.generator.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes(storage.join(root, "final", "generator.pt"), buf.getvalue())
-    storage.write_text(storage.join(root, "final", "done.json"), json.dumps(summary))
-    _say(
-        f"[scale {scale}] done: {trainer.step} steps in {seconds:.1f}s",
-        board,
-        kind="done",
-        scale=scale,
-        step=trainer.step,
-        seconds=seconds,
-    )
+            trainer.save(Path(d) / "state.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        storage.write_text(storage.join(self.root, "status.json"), json.dumps(self.status | {"step": m.step}))
+
+    def finish(self, last: StepMetrics | None) -> None:
+        """Rank 0: validation, MLflow's last metrics and sample, then ``final/generator.pt`` and, last,
+        ``final/done.json``."""
+        seconds = time.perf_counter() - self.t0
+        trainer, scale, spec = self.trainer, self.scale, self.spec
+        val = trainer.evaluate(_scale_data(spec["val_volumes"], scale, self.cfg) if spec.get("val_volumes") else None)
+        peak = peak_device_bytes(self.device) or peak_host_bytes()
+        summary = {
+            "scale": scale,
+            "steps": trainer.step,
+            "seconds": seconds,
+            "attempt": self.status["attempt"],
+            "resumed_from": self.resumed_from,
+            "loss_g": last.loss_g if last else None,
+            "loss_d": last.loss_d if last else None,
+            "loss_g_l1": last.loss_g_l1 if last else None,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda" if self.device.type == "cuda" else "host_rss",
+            **val,
+        }
+        if self.log is not None:
+            self.log.metrics(
+                {k: float(v) for k, v in val.items()} | {"peak_memory_mib": peak / 2**20}, step=trainer.step
+            )
+            with tempfile.TemporaryDirectory() as d:
+                self.log.artifact(_sample_png(trainer, Path(d) / f"scale{scale}_step{trainer.step}.png"), "samples")
+        state = {k: v.detach().cpu() for k, v in trainer.generator.state_dict().items()}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(storage.join(self.root, "final", "generator.pt"), buf.getvalue())
+        storage.write_text(storage.join(self.root, "final", "done.json"), json.dumps(summary))
+        _say(
+            f"[scale {scale}] done: {trainer.step} steps in {seconds:.1f}s",
+            self.board,
+            kind="done",
+            scale=scale,
+            step=trainer.step,
+            seconds=seconds,
+        )
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -360,15 +418,17 @@ def train_all_scales(
         return list(pool.map(lambda sp: run_scale(sp, cfg, job, use_gpu), specs))
 
 
-def load_generators(cfg: Config, storage_root: str, job: str) -> list[torch.nn.Module]:
-    """Every scale's trained generator from ``final/generator.pt``."""
-    from msgan.train import build_generator
+def load_generator(cfg: Config, run_root: str, scale: int) -> torch.nn.Module:
+    """Scale ``scale``'s trained generator from ``final/generator.pt`` under ``run_root``, through the
+    cascade's loader (weights only, every tensor's shape checked against the config before loading)."""
+    from msgan.cascade import WEIGHTS_MAX_BYTES  # the one weights loader (Cascade.load uses it too)
+    from msgan.cascade import load_generator as from_weights
 
+    uri = storage.join(scale_root(run_root, scale), "final", "generator.pt")
+    return from_weights(cfg, scale, storage.read_bytes(uri, limit=WEIGHTS_MAX_BYTES), uri).eval()
+
+
+def load_generators(cfg: Config, storage_root: str, job: str) -> list[torch.nn.Module]:
+    """Every scale's trained generator (:func:`load_generator`)."""
     run_root = storage.join(storage_root, "runs", job)
-    gens = []
-    for s in range(cfg.num_scales):
-        g = build_generator(cfg, s)
-        blob = storage.read_bytes(storage.join(scale_root(run_root, s), "final", "generator.pt"))
-        g.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
-        gens.append(g.eval())
-    return gens
+    return [load_generator(cfg, run_root, s) for s in range(cfg.num_scales)]

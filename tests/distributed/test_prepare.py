@@ -1,10 +1,11 @@
+import numpy as np
 import pytest
 
 from msgan import storage
 from msgan.config import ConfigError
 from msgan.distributed import prepare as prep
 from msgan.io.pyramids import open_pyramid
-from msgan.io.volume import write_volume
+from msgan.io.volume import Geometry, write_volume
 from tests.conftest import tiny_config
 from tests.dicom_data import OBLIQUE, write_ct_series
 
@@ -34,4 +35,37 @@ def test_missing_or_unusable_data_is_a_config_error(tmp_path):
     (tmp_path / "bad.mha").write_bytes(b"garbage")
     cfg = tiny_config(**{"data.source": "files", "data.paths": [str(tmp_path / "bad.mha")]})
     with pytest.raises(ConfigError, match="cannot be read as an image"):
+        prep.check_shapes(cfg, prep.sources(cfg))
+
+
+def test_image_condition_on_files_is_refused_before_ray(tmp_path, monkeypatch):
+    """condition=image needs (source, target) pairs, which files do not give: the job refuses the config in
+    its pre-flight, naming the file and the rule, before Ray starts or anything is written."""
+    import ray
+
+    from msgan.distributed.pipeline import run_training_job
+
+    vol = tmp_path / "v.nii.gz"
+    write_volume(vol, np.zeros((24, 24, 24), np.float32), Geometry.identity(3))
+    monkeypatch.setenv("MSGAN_HOME", str(tmp_path / "home"))
+    store = tmp_path / "store"
+    cfg = tiny_config(
+        **{"condition": "image", "data.source": "files", "data.paths": [str(vol)], "job.storage": str(store)}
+    )
+    assert not ray.is_initialized()
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match=rf"{vol}: condition='image' trains on \(source, target\) pairs.*file data"):
+        run_training_job(cfg, log=lines.append, workdir=tmp_path / "out")
+    assert not ray.is_initialized(), "Ray was started for a configuration that cannot train"
+    assert lines == [] and not store.exists() and not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="condition='image'"):  # the local path's pre-flight too
+        prep.check_shapes(cfg, [prep.VolumeSource("file", str(vol))])
+
+
+def test_dicom_series_with_other_dims_is_refused_before_work(tmp_path):
+    """A DICOM series is 3D: a 2D config names the folder and the rule in the pre-flight (not in a Ray task)."""
+    write_ct_series(tmp_path / "dicom" / "s1", seed=3)
+    paths = [str(tmp_path / "dicom" / "s1")]
+    cfg = tiny_config(**{"dims": 2, "data.phantom.shape": [64, 64], "data.source": "files", "data.paths": paths})
+    with pytest.raises(ConfigError, match=r"s1: a 3D image; the config trains 2D \(dims\)"):
         prep.check_shapes(cfg, prep.sources(cfg))
