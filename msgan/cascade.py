@@ -298,6 +298,13 @@ def _load_weights(data: bytes, where: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_generator(config: Config, scale: int, data: bytes, where: str) -> nn.Module:
+    """Scale ``scale``'s generator of ``config`` from the bytes of its weights file (weights only, names and
+    shapes checked against the network on the meta device first); errors name ``where``. The one weights
+    loader: :meth:`Cascade.load` and the Ray trainer's final weights both come through here."""
+    return _build(config, scale, _load_weights(data, where), where)
+
+
 def _build(config: Config, scale: int, state: Mapping[str, torch.Tensor], where: str) -> nn.Module:
     """Scale ``scale``'s generator holding ``state``. Its shape is checked on the meta device first, so a
     config that declares a huge network allocates nothing beyond what the (capped) file holds."""
@@ -418,7 +425,7 @@ class Cascade:
             data = read_model_file(d / entry["file"], WEIGHTS_MAX_BYTES, where)
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise CascadeError(f"{where}: checksum does not match the manifest (corrupt or replaced file)")
-            g = _build(cfg, entry["scale"], _load_weights(data, where), where)
+            g = load_generator(cfg, entry["scale"], data, where)
             del data
             gens.append(g.to(device).eval())
         return cls(cfg, gens, manifest.get("meta", {}))

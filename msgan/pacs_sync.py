@@ -29,6 +29,9 @@ from msgan.redact import redact_text
 Log = Callable[[str], None]
 
 
+STATE_MAX_BYTES = 512 * 2**20  # the pass state of a large archive (one entry per series) stays far below this
+
+
 @dataclass(frozen=True)
 class SyncConfig:
     model: str  # models:/NAME@ALIAS or a cascade folder
@@ -92,7 +95,7 @@ class State:
         self.uri = storage.join(root, "pacs-sync", "state.json")
         self.data: dict[str, Any] = {"series": {}}
         if storage.exists(self.uri):
-            self.data = _scrub(json.loads(storage.read_text(self.uri)))
+            self.data = _scrub(json.loads(storage.read_text(self.uri, limit=STATE_MAX_BYTES)))
 
     def entry(self, series_uid: str) -> dict[str, Any] | None:
         e = self.data["series"].get(series_uid)

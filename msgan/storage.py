@@ -110,8 +110,8 @@ def read_local_small(path: str | os.PathLike[str], limit: int = SMALL_FILE_BYTES
         return f.read(limit + 1)[:limit]
 
 
-def read_text(uri: str) -> str:
-    return read_bytes(uri).decode()
+def read_text(uri: str, limit: int = SMALL_FILE_BYTES) -> str:
+    return read_bytes(uri, limit).decode()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -144,15 +144,15 @@ def json_object(raw: str | bytes, keys: Sequence[str] = ()) -> dict[str, Any]:
     return content
 
 
-def read_bytes(uri: str) -> bytes:
-    """A whole small object (manifest, state, lease): on ``file://`` through :func:`read_local_small`, on
-    ``s3://`` refused above :data:`SMALL_FILE_BYTES`."""
+def read_bytes(uri: str, limit: int = SMALL_FILE_BYTES) -> bytes:
+    """A whole object of at most ``limit`` bytes (manifests, state, leases: :data:`SMALL_FILE_BYTES`): on
+    ``file://`` through :func:`read_local_small`, on ``s3://`` refused above ``limit`` before it is fetched."""
     fs, path = filesystem(uri)
     if not is_s3(uri):
-        return read_local_small(path)
+        return read_local_small(path, limit)
     size = fs.size(path)
-    if size is not None and size > SMALL_FILE_BYTES:
-        raise OSError(27, f"{size} bytes, above the {SMALL_FILE_BYTES} a metadata object may hold; refused", uri)
+    if size is not None and size > limit:
+        raise OSError(27, f"{size} bytes, above the {limit} this object may hold; refused", uri)
     return bytes(fs.cat_file(path))
 
 
