@@ -17,9 +17,14 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from msgan.netrules import ConditionKind, Dims, HRContext, NormKind, VoxelNorm, check_hr_options, patchgan_min_size
+
 
 class ConfigError(ValueError):
     """A configuration value breaks a rule; the message names the key, value and rule."""
+
+
+Device = Literal["auto", "gpu", "cpu"]  # auto: a GPU when the cluster has GPUs
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class LRGeneratorConfig:
 
     width: int = 32
     depth: int = 4
-    norm: Literal["instance", "batch", "none"] = "instance"
+    norm: NormKind = "instance"
     noise_channels: int = 0
 
 
@@ -80,8 +85,8 @@ class HRGeneratorConfig:
 
     width: int = 32
     num_blocks: int = 6
-    norm: Literal["batch", "none"] = "none"
-    context: Literal["upscaled", "wide"] = "upscaled"
+    norm: VoxelNorm = "none"
+    context: HRContext = "upscaled"
     context_layers: int = 4
     residual: bool = True
 
@@ -92,7 +97,7 @@ class DiscriminatorConfig:
 
     width: int = 32
     num_layers: int = 3
-    norm: Literal["instance", "batch", "none"] = "instance"
+    norm: NormKind = "instance"
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ class InferenceConfig:
     actors: int = 2  # Ray Data actors that hold the cascade
     cpus_per_actor: float = 0.5  # fractional on small machines: the read tasks need CPU too
     gpus_per_actor: float = 1.0  # used when the cluster has GPUs; 0.5 packs two actors per GPU
-    device: Literal["auto", "gpu", "cpu"] = "auto"
+    device: Device = "auto"  # the Ray Data actors' (translate-batch); see JobConfig.device for training
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ class JobConfig:
     storage: str = "runs/storage"  # local path / file:// URI, or s3://bucket/prefix
     experiment: str = "msgan"  # MLflow experiment
     registered_model: str = "msgan-cascade"
-    device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: a GPU per worker when the cluster has GPUs
+    device: Device = "auto"  # the training workers'; auto: a GPU per worker when the cluster has GPUs
     workers_per_scale: int = 1  # > 1: data-parallel (DDP) training within a scale
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # retries of a failed scale, each from its last checkpoint
@@ -184,10 +189,10 @@ class Config:
     (needs the image among the conditions; ``hr_generator.residual``, previous scale plus a
     correction, must then be off)."""
 
-    dims: Literal[2, 3] = 3
+    dims: Dims = 3
     num_scales: int = 4  # LR scale + (num_scales - 1) HR scales, each doubling resolution
     seed: int = 0
-    condition: Literal["edges", "image", "image+edges"] = "edges"
+    condition: ConditionKind = "edges"
     source_residual: bool = False
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     edges: EdgeConfig = field(default_factory=EdgeConfig)
@@ -225,24 +230,41 @@ def _require(ok: bool, key: str, value: object, rule: str) -> None:
 
 
 def _check_rules(cfg: Config) -> None:
+    """Every cross-field rule, in this order (the first broken one is reported)."""
     _require(cfg.num_scales >= 1, "num_scales", cfg.num_scales, "must be >= 1 (the LR scale)")
-    _require(
-        cfg.intensity.high > cfg.intensity.low,
-        "intensity.high",
-        cfg.intensity.high,
-        f"must exceed intensity.low={cfg.intensity.low}",
-    )
-    _require(cfg.intensity.blend >= 0, "intensity.blend", cfg.intensity.blend, "must be >= 0 (window widths)")
-    from msgan.nets import check_hr_options  # local: nets imports torch
+    _check_intensity(cfg.intensity)
+    _check_hr_options(cfg)
+    _check_edges(cfg.edges)
+    _check_network_sizes(cfg)
+    _check_augment(cfg.augment)
+    _check_train(cfg)
+    _check_inference(cfg.inference)
+    _check_patch_fits_discriminator(cfg)
+    _check_job(cfg.job)
+    _check_data(cfg)
 
+
+def _check_intensity(i: IntensityConfig) -> None:
+    _require(i.high > i.low, "intensity.high", i.high, f"must exceed intensity.low={i.low}")
+    _require(i.blend >= 0, "intensity.blend", i.blend, "must be >= 0 (window widths)")
+
+
+def _check_hr_options(cfg: Config) -> None:
+    """The HR generator's option rules (:func:`msgan.netrules.check_hr_options`, as the network applies them)."""
     h = cfg.hr_generator
     try:
         check_hr_options(h.context, h.norm, h.residual, cfg.source_residual, cfg.condition)
     except ValueError as err:
         raise ConfigError(f"hr_generator (with condition={cfg.condition!r}, source_residual={cfg.source_residual}): "
                           f"{err}") from None  # fmt: skip
-    _require(cfg.edges.sigma >= 0, "edges.sigma", cfg.edges.sigma, "must be >= 0")
-    _require(cfg.edges.scale > 0, "edges.scale", cfg.edges.scale, "must be > 0")
+
+
+def _check_edges(e: EdgeConfig) -> None:
+    _require(e.sigma >= 0, "edges.sigma", e.sigma, "must be >= 0")
+    _require(e.scale > 0, "edges.scale", e.scale, "must be > 0")
+
+
+def _check_network_sizes(cfg: Config) -> None:
     for name, section in (
         ("lr_generator", cfg.lr_generator),
         ("hr_generator", cfg.hr_generator),
@@ -260,7 +282,9 @@ def _check_rules(cfg: Config) -> None:
     _require(
         cfg.discriminator.num_layers >= 1, "discriminator.num_layers", cfg.discriminator.num_layers, "must be >= 1"
     )
-    aug = cfg.augment
+
+
+def _check_augment(aug: AugmentConfig) -> None:
     for name in ("noise_p", "blur_p", "resolution_p", "edge_noise_p"):
         p = getattr(aug, name)
         _require(0.0 <= p <= 1.0, f"augment.{name}", p, "is a probability in [0, 1]")
@@ -273,6 +297,9 @@ def _check_rules(cfg: Config) -> None:
         aug.resolution_factor,
         "downsampling factors must be >= 1",
     )
+
+
+def _check_train(cfg: Config) -> None:
     t = cfg.train
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
     _require(
@@ -292,7 +319,9 @@ def _check_rules(cfg: Config) -> None:
     )
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
-    inf = cfg.inference
+
+
+def _check_inference(inf: InferenceConfig) -> None:
     _require(inf.memory_budget_mb > 0, "inference.memory_budget_mb", inf.memory_budget_mb, "must be > 0")
     _require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "must be >= 1")
     _require(inf.actors >= 1, "inference.actors", inf.actors, "must be >= 1")
@@ -303,22 +332,30 @@ def _check_rules(cfg: Config) -> None:
         inf.gpus_per_actor,
         "must be a fraction of one GPU or a whole number of GPUs",
     )
-    if cfg.num_scales > 1:
-        from msgan.nets import patchgan_min_size
 
-        need = patchgan_min_size(cfg.discriminator.num_layers)
-        _require(
-            t.hr_patch >= need,
-            "train.hr_patch",
-            t.hr_patch,
-            f"is smaller than the {need} voxels a PatchGAN with discriminator.num_layers="
-            f"{cfg.discriminator.num_layers} needs for one output; raise the patch or lower num_layers",
-        )
-    j = cfg.job
+
+def _check_patch_fits_discriminator(cfg: Config) -> None:
+    """An HR training patch must give the PatchGAN (:func:`msgan.netrules.patchgan_min_size`) one output."""
+    if cfg.num_scales <= 1:
+        return
+    need = patchgan_min_size(cfg.discriminator.num_layers)
+    _require(
+        cfg.train.hr_patch >= need,
+        "train.hr_patch",
+        cfg.train.hr_patch,
+        f"is smaller than the {need} voxels a PatchGAN with discriminator.num_layers="
+        f"{cfg.discriminator.num_layers} needs for one output; raise the patch or lower num_layers",
+    )
+
+
+def _check_job(j: JobConfig) -> None:
     _require(j.workers_per_scale >= 1, "job.workers_per_scale", j.workers_per_scale, "must be >= 1")
     _require(j.cpus_per_worker > 0, "job.cpus_per_worker", j.cpus_per_worker, "must be > 0")
     _require(j.max_failures >= -1, "job.max_failures", j.max_failures, "must be >= 0, or -1 for unlimited")
     _require(bool(j.registered_model), "job.registered_model", j.registered_model, "must not be empty")
+
+
+def _check_data(cfg: Config) -> None:
     d = cfg.data
     _require(
         len(d.phantom.shape) == cfg.dims, "data.phantom.shape", d.phantom.shape, f"must have dims={cfg.dims} entries"

@@ -19,9 +19,8 @@ from msgan.config import Config
 from msgan.console import Progress
 from msgan.distributed.prepare import held_out, training_pyramids
 from msgan.io.volume import write_volume
-from msgan.metrics import Scores, score
-from msgan.preview import save_columns
-from msgan.pyramid import Pyramid, window
+from msgan.metrics import Scores, score_against_truth
+from msgan.pyramid import Pyramid
 from msgan.train import ScaleData, ScaleTrainer, StepMetrics
 
 Log = Callable[[str], None]
@@ -76,22 +75,6 @@ class DemoResult:
     seconds_translate: float
     png: Path
     model: Path
-
-
-def body_mask(gt_windowed: np.ndarray, threshold: float = -0.8) -> np.ndarray:
-    return gt_windowed > threshold
-
-
-def score_against_truth(
-    cfg: Config, image: np.ndarray, ours: np.ndarray, truth: np.ndarray, spacing: Sequence[float], png: Path
-) -> tuple[Scores, Scores]:
-    """The one hold-out scoring (demo and job): input and ours against the truth, in window units inside the
-    body, and a preview PNG of (input, ours, truth) at the volume's aspect ratio."""
-    w = {k: window(v, cfg.intensity) for k, v in (("input", image), ("ours", ours), ("truth", truth))}
-    mask = body_mask(w["truth"])
-    s_in, s_ours = score(w["input"], w["truth"], mask=mask), score(w["ours"], w["truth"], mask=mask)
-    save_columns(png, {"input": w["input"], "ours": w["ours"], "truth": w["truth"]}, spacing, (-1.0, 1.0))
-    return s_in, s_ours
 
 
 def run_demo(cfg: Config, out_dir: str | Path, log: Log = print, progress: Progress | None = None) -> DemoResult:

@@ -1,14 +1,20 @@
 """Image quality metrics (SSIM, PSNR, MAE, MSE; 2D and 3D, optionally in a mask), the metrics the CT
 field reads (HU errors per tissue, noise, emphysema index, vessel and nodule contrast, a hallucination
-volume) and paired t-tests with Holm's correction."""
+volume), paired t-tests with Holm's correction, and the hold-out scoring of a translation against its truth
+(demo and training job)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage, stats
+
+from msgan.config import Config
+from msgan.preview import save_columns
+from msgan.pyramid import window
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +91,22 @@ def score(pred: np.ndarray, truth: np.ndarray, data_range: float = 2.0, mask: np
         mse=mse(pred, truth, mask),
         psnr=psnr(pred, truth, data_range, mask),
     )
+
+
+def body_mask(gt_windowed: np.ndarray, threshold: float = -0.8) -> np.ndarray:
+    return gt_windowed > threshold
+
+
+def score_against_truth(
+    cfg: Config, image: np.ndarray, ours: np.ndarray, truth: np.ndarray, spacing: Sequence[float], png: Path
+) -> tuple[Scores, Scores]:
+    """The one hold-out scoring (demo and job): input and ours against the truth, in window units inside the
+    body, and a preview PNG of (input, ours, truth) at the volume's aspect ratio."""
+    w = {k: window(v, cfg.intensity) for k, v in (("input", image), ("ours", ours), ("truth", truth))}
+    mask = body_mask(w["truth"])
+    s_in, s_ours = score(w["input"], w["truth"], mask=mask), score(w["ours"], w["truth"], mask=mask)
+    save_columns(png, {"input": w["input"], "ours": w["ours"], "truth": w["truth"]}, spacing, (-1.0, 1.0))
+    return s_in, s_ours
 
 
 @dataclass(frozen=True)

@@ -6,30 +6,28 @@ Shape comments use 3D names ``(B, C, D, H, W)``; in 2D drop ``D``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from msgan import tiling
+from msgan.netrules import (
+    ConditionKind,
+    ContextKind,
+    PaddingKind,
+    check_hr_options,
+    condition_channels,
+    discriminator_channels,
+    patchgan_min_size,
+)
 
 if TYPE_CHECKING:
     from msgan.config import Config
 
-Dims = Literal[2, 3]
-NormKind = Literal["instance", "batch", "none"]
-ContextKind = Literal["upscaled", "wide", "none"]
-ConditionKind = Literal["edges", "image", "image+edges"]
-CONDITIONS = ("edges", "image", "image+edges")
-
-
-def condition_channels(condition: str) -> tuple[str, ...]:
-    """Names of the source-side inputs a generator reads at its own scale, in channel order:
-    ``image`` (the source image, window units) and/or ``edges`` (its edge image)."""
-    if condition not in CONDITIONS:
-        raise ValueError(f"condition={condition!r}: must be one of {list(CONDITIONS)}")
-    return tuple(n for n in ("image", "edges") if n in condition.split("+"))
+# The networks' rules (conditions and channels, HR options, PatchGAN minimum) live in the torch-free
+# :mod:`msgan.netrules`, which the config checks at load; they are importable from here too.
 
 
 # ----------------------------------------------------------------------------- factories
@@ -245,35 +243,6 @@ class ValidResBlock(nn.Module):
         return crop(x, self.trim) + self.body(x)  # (B, W, n - 2*trim, ...)
 
 
-def check_hr_options(
-    context: str, norm_kind: str, residual: bool, source_residual: bool, condition: str, padding: str = "valid"
-) -> None:
-    """The rules an HR generator's options obey (the config checks them at load through this same function)."""
-    if context not in ("upscaled", "wide", "none"):
-        raise ValueError(f"context={context!r}: must be one of ['upscaled', 'wide', 'none']")
-    if padding not in ("valid", "same"):
-        raise ValueError(f"padding={padding!r}: must be 'valid' or 'same'")
-    if padding == "valid" and norm_kind not in ("batch", "none"):
-        raise ValueError(
-            f"norm={norm_kind!r}: a tile-exact HR generator needs a voxel-wise norm ('batch' or 'none'); "
-            f"{norm_kind} norm uses per-tile statistics, so the output would depend on the tiling"
-        )
-    if residual and context == "none":
-        raise ValueError("residual=True needs the previous scale: use context 'upscaled' or 'wide'")
-    if residual and source_residual:
-        raise ValueError(
-            "residual=True and source_residual=True: an output is one base plus a correction, the previous "
-            "scale (residual) or the source (source_residual); set residual=false"
-        )
-    if source_residual and "image" not in condition_channels(condition):
-        raise ValueError(
-            f"source_residual=True needs the source image among the conditions: condition={condition!r} "
-            f"(use 'image' or 'image+edges')"
-        )
-    if context == "wide" and padding == "same":
-        raise ValueError("context='wide' needs padding='valid'")
-
-
 class HRGenerator(nn.Module):
     """ResNet-block generator for one HR scale; no down/upsampling.
 
@@ -302,7 +271,7 @@ class HRGenerator(nn.Module):
         context: ContextKind = "upscaled",
         context_layers: int = 4,
         residual: bool = True,
-        padding: Literal["valid", "same"] = "valid",
+        padding: PaddingKind = "valid",
         condition: ConditionKind = "edges",
         source_residual: bool = False,
     ) -> None:
@@ -386,11 +355,6 @@ class HRGenerator(nn.Module):
 # ----------------------------------------------------------------------------- PatchGAN
 
 
-def patchgan_min_size(num_layers: int) -> int:
-    """Smallest input side that gives a PatchGAN with ``num_layers`` stride-2 layers one output."""
-    return 3 * 2**num_layers
-
-
 class PatchDiscriminator(nn.Module):
     """PatchGAN: ``num_layers`` stride-2 4x4 convolutions, two stride-1 ones, one logit per patch."""
 
@@ -444,12 +408,6 @@ def build_generator(cfg: Config, scale: int) -> nn.Module:
     h = cfg.hr_generator
     return HRGenerator(cfg.dims, h.width, h.num_blocks, h.norm, h.context, h.context_layers, h.residual,
                        condition=cfg.condition, source_residual=cfg.source_residual)  # fmt: skip
-
-
-def discriminator_channels(scale: int, condition: str) -> int:
-    """Input channels of the PatchGAN of ``scale``: its conditions over the core (HR scales: the previous
-    scale upsampled first, whatever the context) then the source-side channels, plus the image."""
-    return len(condition_channels(condition)) + (1 if scale == 0 else 2)
 
 
 def build_discriminator(cfg: Config, scale: int) -> PatchDiscriminator:

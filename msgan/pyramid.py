@@ -146,14 +146,6 @@ def downsample2_chunked(x: da.Array) -> da.Array:
     return da.coarsen(np.mean, x, dict.fromkeys(range(x.ndim), 2)).astype(np.float32)
 
 
-def image_pyramid_chunked(windowed: da.Array, num_scales: int) -> list[da.Array]:
-    """Lazy windowed images of every scale, LR first."""
-    levels = [windowed]
-    for _ in range(num_scales - 1):
-        levels.append(downsample2_chunked(levels[-1]))
-    return levels[::-1]
-
-
 @dataclass
 class Pyramid:
     """Windowed image and edges at every scale, LR (scale 0) first. A training pair also holds the

@@ -11,7 +11,6 @@ alias ``candidate``; loading it builds the networks with this installed msgan, w
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 
-from msgan import __version__, storage
+from msgan import __version__, settings, storage
 from msgan.cascade import (
     FORMAT,
     MANIFEST,
@@ -40,21 +39,17 @@ from msgan.cascade import (
 )
 from msgan.redact import redact_text, redact_uri
 
-DEFAULT_DB = "runs/mlflow.db"
 T = TypeVar("T")
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` or a sqlite store at ``$MSGAN_HOME/runs/mlflow.db`` (never the working
-    directory, which ``ray job submit`` makes a temporary package folder): see :mod:`msgan.settings`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    from msgan.settings import home
-
-    path = home() / DEFAULT_DB
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    """:func:`msgan.settings.tracking_uri`: ``MLFLOW_TRACKING_URI`` or the default sqlite store under
+    ``$MSGAN_HOME`` (never the working directory, which ``ray job submit`` makes a temporary package folder),
+    whose folder is made here so that MLflow can create the database."""
+    uri = settings.tracking_uri()
+    if uri == settings.default_tracking_uri():
+        (settings.home() / settings.DEFAULT_DB).parent.mkdir(parents=True, exist_ok=True)
+    return uri
 
 
 def code_version() -> str:

@@ -76,3 +76,38 @@ def test_shipped_configs_load():
 
     for p in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
         load_config(p)
+
+
+def test_loading_a_config_imports_no_torch():
+    """The config checks the networks' rules through the torch-free msgan.netrules: no torch at load."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "from msgan.config import load_config\n"
+        "cfg = load_config('configs/demo.yaml', ['hr_generator.context=wide'])\n"
+        "assert cfg.num_scales > 1  # the PatchGAN and HR option rules ran\n"
+        "heavy = sorted(m for m in ('torch', 'dask', 'SimpleITK', 'ray') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_network_values_have_one_definition():
+    """The config's conditioning, norm and context values are the networks' own (msgan.netrules)."""
+    import typing
+
+    from msgan import netrules
+    from msgan.config import DiscriminatorConfig, HRGeneratorConfig
+
+    hints = typing.get_type_hints(Config)
+    assert hints["condition"] is netrules.ConditionKind
+    assert typing.get_args(hints["condition"]) == netrules.CONDITIONS
+    assert typing.get_type_hints(HRGeneratorConfig)["norm"] is netrules.VoxelNorm
+    assert typing.get_type_hints(HRGeneratorConfig)["context"] is netrules.HRContext
+    assert typing.get_type_hints(DiscriminatorConfig)["norm"] is netrules.NormKind
+    assert set(typing.get_args(netrules.HRContext)) < set(netrules.CONTEXTS)

@@ -154,3 +154,20 @@ def test_ct_metrics_exact_on_a_tiny_fixture():
     assert np.isnan(r["nodule_contrast_error"])
     r = ct_metrics(target, target, target, labels, (1.0, 1.0, 1.0))
     assert r["ssim"] == pytest.approx(1.0) and r["mae_hu"] == 0.0
+
+
+def test_hold_out_scoring_lives_in_metrics(tmp_path, rng):
+    """score_against_truth (demo and training job): window units inside the body, and a preview PNG."""
+    from msgan.config import Config
+    from msgan.metrics import score_against_truth
+
+    cfg = Config()
+    truth = np.full((16, 16, 16), -1024.0, dtype=np.float32)  # air, outside the body
+    truth[4:12, 4:12, 4:12] = 40.0  # the body
+    noisy = truth + rng.normal(0, 50, truth.shape).astype(np.float32)
+    png = tmp_path / "scores.png"
+    s_in, s_ours = score_against_truth(cfg, noisy, truth.copy(), truth, (1.0, 1.0, 1.0), png)
+    assert s_ours.mae == 0 and s_ours.ssim == pytest.approx(1.0) and s_ours.psnr == float("inf")
+    body = truth > -1024.0
+    assert s_in.mae == pytest.approx(np.abs(noisy[body] - truth[body]).mean() / 1024.0, rel=1e-5)
+    assert png.read_bytes().startswith(b"\x89PNG")

@@ -131,3 +131,16 @@ def test_cpu_inference_convolution_takes_onednn_and_training_does_not(dims, monk
     assert c.weight.grad is not None and c.weight.grad.abs().sum() > 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_applies(c, x)
+
+
+def test_network_rules_are_the_torch_free_ones():
+    """nets builds on msgan.netrules (which the config checks at load), not on copies of its rules."""
+    from msgan import netrules, nets
+
+    for name in ("check_hr_options", "condition_channels", "discriminator_channels", "patchgan_min_size"):
+        assert getattr(nets, name) is getattr(netrules, name)
+    with pytest.raises(ValueError, match=r"context='side': must be one of \['upscaled', 'wide', 'none'\]"):
+        HRGenerator(3, context="side")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"condition='edge': must be one of \['edges', 'image', 'image\+edges'\]"):
+        netrules.condition_channels("edge")
+    assert [netrules.condition_channels(c) for c in netrules.CONDITIONS] == [("edges",), ("image",), ("image", "edges")]

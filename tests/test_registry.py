@@ -261,3 +261,19 @@ def test_round_trip_through_an_mlflow_server_with_basic_auth(tmp_path, monkeypat
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_default_tracking_store_is_the_settings_one(tmp_path, monkeypatch):
+    """One definition of the default MLflow store (msgan.settings); registry makes its folder."""
+    from msgan import settings
+
+    monkeypatch.setenv("MSGAN_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(settings, "DEFAULT_DB", "elsewhere/tracking.db")
+    assert (
+        registry.tracking_uri() == settings.default_tracking_uri() == f"sqlite:///{tmp_path}/home/elsewhere/tracking.db"
+    )
+    assert (tmp_path / "home" / "elsewhere").is_dir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/given/mlflow.db")
+    assert registry.tracking_uri() == f"sqlite:///{tmp_path}/given/mlflow.db"
+    assert not (tmp_path / "given").exists()  # a given store is used as given

@@ -314,80 +314,112 @@ def thorax_labels(
     opt = options or PhantomOptions()
     region = tuple(region) if region is not None else tuple(slice(0, n) for n in shape)
     an = sample_anatomy(seed)
-    grid = _Grid(shape, spacing, region)
-    vol = np.full(grid.shape, AIR, dtype=np.float32)
-    lab = np.zeros(grid.shape, dtype=np.uint8)
+    c = _Canvas(_Grid(shape, spacing, region))
+    inner = _paint_body(c, an)  # tissues in painting order: each may cover the ones before it
+    heart = _ellipsoid_mask(c.grid, an.heart)
+    lung = _paint_lungs(c, an, opt, inner, heart)
+    _paint_lung_vessels_and_airways(c, an, lung)
+    if opt.aorta:
+        for t in an.aorta:
+            c.put(_tube_mask(c.grid, t), BLOOD, Label.AORTA)
+    if heart is not None:
+        c.put(heart, MYOCARDIUM, Label.MYOCARDIUM)
+        c.put(_ellipsoid_mask(c.grid, Ellipsoid(an.heart.centre, tuple(a * 0.72 for a in an.heart.axes))),  # type: ignore[arg-type]
+              BLOOD, Label.HEART_BLOOD)  # fmt: skip
+    for centre, r, hu in an.nodules:
+        c.put(_ellipsoid_mask(c.grid, Ellipsoid(centre, (r, r, r))), hu, Label.NODULE)
+    cortical = an.cortical_hu if opt.dense_bone else BONE
+    _paint_spine(c, an, cortical)
+    if opt.metal and an.implant is not None:
+        c.put(_tube_mask(c.grid, an.implant), METAL, Label.METAL)
+    for t in an.ribs:
+        c.put(_tube_mask(c.grid, t), cortical, Label.CORTICAL)
+    return c.vol, c.lab
 
-    def put(m: tuple[tuple[slice, ...], np.ndarray] | None, hu: float, label: int) -> None:
+
+_Mask = tuple[tuple[slice, ...], np.ndarray]  # an index box and a boolean mask inside it
+
+
+class _Canvas:
+    """The phantom being painted: HU and labels on the grid, air to begin with."""
+
+    def __init__(self, grid: _Grid) -> None:
+        self.grid = grid
+        self.vol = np.full(grid.shape, AIR, dtype=np.float32)
+        self.lab = np.zeros(grid.shape, dtype=np.uint8)
+
+    def put(self, m: _Mask | None, hu: float, label: int) -> None:
         if m is not None:
-            vol[m[0]][m[1]] = hu
-            lab[m[0]][m[1]] = label
+            self.vol[m[0]][m[1]] = hu
+            self.lab[m[0]][m[1]] = label
 
-    _, y, x = grid.coords((slice(None),) * 3)
+
+def _paint_body(c: _Canvas, an: Anatomy) -> np.ndarray:
+    """Fat in the body's elliptic cylinder, soft tissue inside its fat layer; returns that inside ``(H, W)``."""
+    _, y, x = c.grid.coords((slice(None),) * 3)
     ay, ax = an.body
     body2 = (y / ay) ** 2 + (x / ax) ** 2  # (1, H, W): a cylinder along z
-    vol[:] = np.where(body2 <= 1.0, FAT, AIR)
-    lab[:] = np.where(body2 <= 1.0, Label.FAT, Label.OUTSIDE)
+    c.vol[:] = np.where(body2 <= 1.0, FAT, AIR)
+    c.lab[:] = np.where(body2 <= 1.0, Label.FAT, Label.OUTSIDE)
     inner = ((y / (ay - an.fat)) ** 2 + (x / (ax - an.fat)) ** 2 <= 1.0)[0]
-    vol[:, inner] = SOFT
-    lab[:, inner] = Label.SOFT
+    c.vol[:, inner] = SOFT
+    c.lab[:, inner] = Label.SOFT
+    return inner
 
+
+def _paint_lungs(c: _Canvas, an: Anatomy, opt: PhantomOptions, inner: np.ndarray, heart: _Mask | None) -> np.ndarray:
+    """Textured lungs inside the body less the heart, with emphysema when switched on; returns the lung mask."""
+    grid = c.grid
     lung = np.zeros(grid.shape, dtype=bool)
     for e in an.lungs:
         m = _ellipsoid_mask(grid, e)
         if m is not None:
             lung[m[0]] |= m[1] & inner[m[0][1:]]
-    heart = _ellipsoid_mask(grid, an.heart)
     if heart is not None:
         lung[heart[0]] &= ~heart[1]
     if lung.any():
         tex = 38.0 * _smooth_noise(grid, an.texture_seed, 3.0) + 22.0 * _smooth_noise(grid, an.texture_seed + 1, 9.0)
-        vol[lung] = LUNG + tex[lung]
-        lab[lung] = Label.LUNG
+        c.vol[lung] = LUNG + tex[lung]
+        c.lab[lung] = Label.LUNG
         if opt.emphysema:  # clusters where a smooth field exceeds its (1 - laa_fraction) quantile
             field_ = _smooth_noise(grid, an.texture_seed + 2, 5.0)
             laa = lung & (field_ > _normal_quantile(1.0 - an.laa_fraction))
-            vol[laa] = np.minimum(LAA + 0.25 * tex[laa], -955.0)
-            lab[laa] = Label.LAA
+            c.vol[laa] = np.minimum(LAA + 0.25 * tex[laa], -955.0)
+            c.lab[laa] = Label.LAA
             del field_
         del tex
+    return lung
+
+
+def _paint_lung_vessels_and_airways(c: _Canvas, an: Anatomy, lung: np.ndarray) -> None:
+    """Vessels (blood) where they run through the lungs, then the airways: a wall, then air inside it."""
     for t in an.vessels:
-        m = _tube_mask(grid, t)
+        m = _tube_mask(c.grid, t)
         if m is not None:
             hit = m[1] & lung[m[0]]
-            vol[m[0]][hit] = BLOOD
-            lab[m[0]][hit] = Label.LUNG_VESSEL
+            c.vol[m[0]][hit] = BLOOD
+            c.lab[m[0]][hit] = Label.LUNG_VESSEL
     for t in an.airways:
-        put(_tube_mask(grid, t, t.r + max(1.2, 0.25 * t.r)), AIRWAY_WALL, Label.AIRWAY_WALL)
-        put(_tube_mask(grid, t), AIR, Label.AIRWAY)
-    if opt.aorta:
-        for t in an.aorta:
-            put(_tube_mask(grid, t), BLOOD, Label.AORTA)
-    if heart is not None:
-        put(heart, MYOCARDIUM, Label.MYOCARDIUM)
-        put(_ellipsoid_mask(grid, Ellipsoid(an.heart.centre, tuple(a * 0.72 for a in an.heart.axes))),  # type: ignore[arg-type]
-            BLOOD, Label.HEART_BLOOD)  # fmt: skip
-    for centre, r, hu in an.nodules:
-        put(_ellipsoid_mask(grid, Ellipsoid(centre, (r, r, r))), hu, Label.NODULE)
-    cortical = an.cortical_hu if opt.dense_bone else BONE
+        c.put(_tube_mask(c.grid, t, t.r + max(1.2, 0.25 * t.r)), AIRWAY_WALL, Label.AIRWAY_WALL)
+        c.put(_tube_mask(c.grid, t), AIR, Label.AIRWAY)
+
+
+def _paint_spine(c: _Canvas, an: Anatomy, cortical: float) -> None:
+    """The spine along z: 25 mm vertebrae (a ``cortical`` shell around cancellous bone), 5 mm discs."""
     sy, sx, sr = an.spine
-    sl = grid.box([-1e9, sy - sr - 1, sx - sr - 1], [1e9, sy + sr + 1, sx + sr + 1])
-    if sl is not None:
-        z, yy, xx = grid.coords(sl)
-        rr = np.sqrt((yy - sy) ** 2 + (xx - sx) ** 2)  # (1, h, w)
-        phase = np.mod(z, 30.0)  # (d, 1, 1): 25 mm vertebrae, 5 mm discs
-        shell = rr > sr - 2.5
-        val = np.where(phase < 25.0, np.where(shell, cortical, CANCELLOUS), DISC)
-        kind = np.where(phase < 25.0, np.where(shell, Label.CORTICAL, Label.CANCELLOUS), Label.DISC)
-        sub, sub_lab = vol[sl], lab[sl]
-        inside = np.broadcast_to(rr <= sr, sub.shape)
-        sub[inside] = np.broadcast_to(val, sub.shape)[inside]
-        sub_lab[inside] = np.broadcast_to(kind, sub.shape)[inside]
-    if opt.metal and an.implant is not None:
-        put(_tube_mask(grid, an.implant), METAL, Label.METAL)
-    for t in an.ribs:
-        put(_tube_mask(grid, t), cortical, Label.CORTICAL)
-    return vol, lab
+    sl = c.grid.box([-1e9, sy - sr - 1, sx - sr - 1], [1e9, sy + sr + 1, sx + sr + 1])
+    if sl is None:
+        return
+    z, yy, xx = c.grid.coords(sl)
+    rr = np.sqrt((yy - sy) ** 2 + (xx - sx) ** 2)  # (1, h, w)
+    phase = np.mod(z, 30.0)  # (d, 1, 1): 25 mm vertebrae, 5 mm discs
+    shell = rr > sr - 2.5
+    val = np.where(phase < 25.0, np.where(shell, cortical, CANCELLOUS), DISC)
+    kind = np.where(phase < 25.0, np.where(shell, Label.CORTICAL, Label.CANCELLOUS), Label.DISC)
+    sub, sub_lab = c.vol[sl], c.lab[sl]
+    inside = np.broadcast_to(rr <= sr, sub.shape)
+    sub[inside] = np.broadcast_to(val, sub.shape)[inside]
+    sub_lab[inside] = np.broadcast_to(kind, sub.shape)[inside]
 
 
 def _normal_quantile(q: float) -> float:

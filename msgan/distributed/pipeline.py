@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from msgan.config import Config, ConfigError
 from msgan.distributed import prepare as prep
 from msgan.distributed.train import ScaleOutcome, load_generators, train_all_scales
 from msgan.redact import redact_uri
+
+if TYPE_CHECKING:
+    from msgan.registry import JobRuns, RunLogger
 
 Log = Callable[[str], None]
 
@@ -149,9 +152,10 @@ def summary_table(outcomes: list[ScaleOutcome]) -> str:
 
 
 def translate_holdout(cascade: Cascade, cfg: Config, out_dir: Path, log: Log) -> list[dict[str, Any]]:
-    """Translate each held-out volume; phantoms are scored against their truth (the demo's scoring)."""
-    from msgan.demo import score_against_truth
+    """Translate each held-out volume; phantoms are scored against their truth
+    (:func:`msgan.metrics.score_against_truth`, as the demo scores)."""
     from msgan.io.volume import write_volume
+    from msgan.metrics import score_against_truth
     from msgan.preview import save_columns
 
     results = []
@@ -201,17 +205,48 @@ def run_training_job(
     log(f"storage {root}")
     log(f"MLflow  {redact_uri(tracking)}")
     log(f"outputs {out_root}")
+    volumes, val_volumes = _prepare_volumes(cfg, train_src, holdout_src, root, log)
+    fingerprints = [Path(u).stem for u in volumes]
+    job = job_name(cfg, fingerprints)
+    runs = registry.job_runs(cfg.job.experiment, job, cfg.num_scales, cfg.to_dict(), artifact_root=root)
+    outcomes = _train_scales(cfg, job, volumes, val_volumes, root, runs, log, progress)
+    parent = registry.RunLogger(runs.tracking_uri, runs.parent)
+    version, model_uri = _register(cfg, job, root, fingerprints, outcomes, parent, log)
+    out_dir = out_root / job / "holdout"
+    holdout = _translate_holdout_of(model_uri, cfg, out_dir, parent, log)
+    seconds = time.perf_counter() - t_start
+    log(f"done in {console.fmt_seconds(seconds)}. Outputs: {out_dir}")
+    for h in holdout:
+        log(f"picture: {h['png']}")
+    log(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(runs.tracking_uri)}")
+    return JobResult(job, cfg.job.registered_model, version, outcomes, holdout, runs.tracking_uri, seconds)
+
+
+def _prepare_volumes(
+    cfg: Config, train_src: list[Any], holdout_src: list[Any], root: str, log: Log
+) -> tuple[list[str], list[str]]:
+    """Step 1: the pyramids of every training and held-out volume under ``root`` (reused when there).
+    Returns (training volume URIs, held-out volume URIs)."""
     log(f"[1/4] preparing {len(train_src)} training + {len(holdout_src)} held-out volumes under {root}/pyramids")
     prepared = prep.prepare(cfg, train_src + holdout_src, root)
     n_new = sum(p["prepared"] for p in prepared)
     log(f"      {n_new} prepared, {len(prepared) - n_new} already there (same content fingerprint)")
     volumes = [p["uri"] for p in prepared[: len(train_src)]]
     val_volumes = [p["uri"] for p in prepared[len(train_src) :]]
-    fingerprints = [Path(u).stem for u in volumes]
-    job = job_name(cfg, fingerprints)
-    data_fp = hashlib.sha256(json.dumps(sorted(fingerprints)).encode()).hexdigest()[:24]
+    return volumes, val_volumes
 
-    runs = registry.job_runs(cfg.job.experiment, job, cfg.num_scales, cfg.to_dict(), artifact_root=root)
+
+def _train_scales(
+    cfg: Config,
+    job: str,
+    volumes: list[str],
+    val_volumes: list[str],
+    root: str,
+    runs: JobRuns,
+    log: Log,
+    progress: console.Progress | None,
+) -> list[ScaleOutcome]:
+    """Step 2: every scale at once on Ray, shown on the console; raises :class:`JobFailed` if any failed."""
     log(f"[2/4] training {cfg.num_scales} scales at once as job {job!r} (MLflow run {runs.parent})")
     board = console.ProgressBoard()
     view = TrainingConsole(cfg, log, progress)
@@ -230,37 +265,54 @@ def run_training_job(
             f"scales {[o.scale for o in failed]} failed ({'; '.join(str(o.error) for o in failed)}); "
             f"resubmit the same job to resume them from their checkpoints"
         )
+    return outcomes
+
+
+def _register(
+    cfg: Config,
+    job: str,
+    root: str,
+    fingerprints: list[str],
+    outcomes: list[ScaleOutcome],
+    parent: RunLogger,
+    log: Log,
+) -> tuple[str, str]:
+    """Step 3: register the trained cascade once (a resubmitted job finds its version on the parent run).
+    Returns (version, the model URI of the ``candidate`` alias)."""
+    from msgan import registry
 
     log(f"[3/4] registering the cascade as a new version of {cfg.job.registered_model!r}")
-    parent = registry.RunLogger(runs.tracking_uri, runs.parent)
-    tags = parent.client.get_run(runs.parent).data.tags
+    tags = parent.client.get_run(parent.run_id).data.tags
     version = tags.get("msgan.registered_version")
     if version is None:
         meta = {
             "job": job,
             "steps": [o.summary["steps"] for o in outcomes if o.summary],
-            "data_fingerprint": data_fp,
+            "data_fingerprint": hashlib.sha256(json.dumps(sorted(fingerprints)).encode()).hexdigest()[:24],
             "volumes": fingerprints,
             "code_version": registry.code_version(),
         }
         cascade = Cascade(cfg, load_generators(cfg, root, job), meta)
-        version = registry.register_cascade(cascade, runs.parent, cfg.job.registered_model)
+        version = registry.register_cascade(cascade, parent.run_id, cfg.job.registered_model)
         parent.tags({"msgan.registered_version": version})
     model_uri = f"models:/{cfg.job.registered_model}@candidate"
     log(f"      version {version}, alias 'candidate' -> {model_uri}")
+    return version, model_uri
+
+
+def _translate_holdout_of(
+    model_uri: str, cfg: Config, out_dir: Path, parent: RunLogger, log: Log
+) -> list[dict[str, Any]]:
+    """Step 4: translate the held-out volumes with the registered model; their scores and pictures go to
+    the job's parent run."""
+    from msgan import registry
 
     log(f"[4/4] translating held-out volumes with {model_uri}")
     loaded = registry.load_cascade(model_uri)
-    out_dir = out_root / job / "holdout"
     holdout = translate_holdout(loaded, cfg, out_dir, log)
     for i, h in enumerate(holdout):
         if "ours" in h:
             parent.metrics({f"holdout_{k}": v for k, v in h["ours"].items() if np.isfinite(v)}, step=i)
         if "png" in h:
             parent.artifact(h["png"], "holdout")
-    seconds = time.perf_counter() - t_start
-    log(f"done in {console.fmt_seconds(seconds)}. Outputs: {out_dir}")
-    for h in holdout:
-        log(f"picture: {h['png']}")
-    log(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(runs.tracking_uri)}")
-    return JobResult(job, cfg.job.registered_model, version, outcomes, holdout, runs.tracking_uri, seconds)
+    return holdout
