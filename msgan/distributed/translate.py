@@ -222,6 +222,23 @@ def _gpus_per_actor(cascade: Cascade) -> float:
     return 0.0
 
 
+def _screen(tasks: list[vb.VolumeTask], report: BatchReport) -> list[vb.VolumeTask]:
+    """Before Ray starts: drop what this version already published (skipped) and outputs that are not msgan's
+    (refused, named); :func:`_claim` checks again under each lease."""
+    todo = []
+    for t in tasks:
+        try:
+            previous = vb.check_output(t)
+        except (ValueError, OSError) as err:
+            report.failed[t.name] = str(err)
+            continue
+        if previous is not None and previous["model"] == t.model:
+            report.skipped.append(t.name)
+        else:
+            todo.append(t)
+    return todo
+
+
 def _claim(
     tasks: list[vb.VolumeTask], cascade: Cascade, plan: vb.InferencePlan, report: BatchReport, log: Log
 ) -> tuple[list[vb.VolumeTask], dict[int, dict[str, Any]]]:
@@ -297,6 +314,11 @@ def translate_batch(
         except ValueError as err:  # an output that is the input, or a symlink leaving its folder: this volume only
             report.failed[uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")] = str(err)
     vb.check_collisions(all_tasks)  # before any work
+    all_tasks = _screen(all_tasks, report)
+    if not all_tasks:  # nothing to translate: no Ray started
+        log(f"[1/4] 0 volumes to translate ({len(report.skipped)} already published, {len(report.failed)} refused)")
+        report.seconds = time.perf_counter() - t_start
+        return report
     ensure_ray(cascade.config)
     check_shared(inputs, out_prefix)  # before any work: every node must reach the inputs and outputs
     for parent in sorted({vb.parent_of(t.output) for t in all_tasks}):

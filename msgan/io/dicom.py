@@ -295,12 +295,20 @@ def _read_header(path: Path) -> Dataset:
         raise DicomError(f"{path.name}: not a DICOM file ({err})") from err
     except Exception as err:  # truncated headers raise EOFError, struct.error, ...
         raise DicomError(f"{path.name}: unreadable or truncated DICOM ({type(err).__name__}: {err})") from err
-    if "PixelData" not in ds:
-        kind = str(ds.get("SOPClassUID", pydicom.uid.UID("")).name or ds.get("Modality", "object"))
-        raise DicomError(f"{path.name}: not an image ({kind}, no pixel data)")
-    what = NOT_IMAGES.get(str(ds.get("SOPClassUID", "")))
-    if what is not None:
-        raise DicomError(f"{path.name}: {what}, not an image to translate ({ds.SOPClassUID.name})")
+    try:
+        sop = str(ds.get("SOPClassUID", ""))  # a damaged header may hold any VR or multiplicity here
+        if "PixelData" not in ds:
+            kind = (pydicom.uid.UID(sop).name if sop else "") or str(ds.get("Modality", "object"))
+            kind = ascii(kind[:60])[1:-1] + ("..." if len(kind) > 60 else "")  # a damaged header: no garbage dumps
+            raise DicomError(f"{path.name}: not an image ({kind}, no pixel data)")
+        what = NOT_IMAGES.get(sop)
+        if what is not None:
+            raise DicomError(f"{path.name}: {what}, not an image to translate ({pydicom.uid.UID(sop).name})")
+        str(ds.get("SeriesInstanceUID", ""))  # the grouping key must read
+    except DicomError:
+        raise
+    except Exception as err:
+        raise DicomError(f"{path.name}: malformed DICOM header ({type(err).__name__}: {err})") from err
     return ds
 
 
@@ -544,14 +552,23 @@ def read_series(paths: Iterable[str | os.PathLike[str]]) -> IngestResult:
         except DicomError as err:
             errors[shown(uid)] = str(err)
         except Exception as err:  # malformed input this reader has no check for: this series only, never the folder
-            errors[shown(uid)] = f"series {shown(uid)}: cannot be read ({type(err).__name__}: {str(err)[:300]})"
+            errors[shown(uid)] = (
+                f"series {shown(uid)} ({_members_label(members)}): cannot be read ({type(err).__name__}: "
+                f"{str(err)[:300]})"
+            )
     return IngestResult(volumes, errors, skipped)
+
+
+def _members_label(members: list[tuple[Path, Dataset]]) -> str:
+    """The files of a series, for messages: the first one's path and how many more."""
+    more = f" and {len(members) - 1} more file(s)" if len(members) > 1 else ""
+    return f"{members[0][0]}{more}" if members else "(no files)"
 
 
 def _check_uids(uid: str, members: list[tuple[Path, Dataset]]) -> None:
     """Refuse the series when a UID that may name a file, key or request is not a DICOM UID."""
     try:
-        check_uid(uid, "SeriesInstanceUID")
+        check_uid(uid, f"{_members_label(members)}: SeriesInstanceUID")
         for p, ds in members:
             for tag in ("StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID"):
                 if ds.get(tag) not in (None, ""):

@@ -288,3 +288,22 @@ def test_a_destination_symlink_leaving_its_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"v.zarr: is a symlink to .*theirs.zarr, outside its folder"):
         ingest(tmp_path / "ct.nii.gz", tmp_path / "out" / "v.zarr", replace=True)
     assert (tmp_path / "elsewhere" / "theirs.zarr" / "zarr.json").exists()
+
+
+def test_a_damaged_header_is_skipped_by_name_never_a_crash(tmp_path):
+    """Flipped bytes can turn SOPClassUID into a multi-valued garbage string: a skipped file, not an AttributeError."""
+    from pydicom.dataset import FileMetaDataset
+
+    from msgan.io.dicom import DicomError, read_series
+
+    files, _ = _series(tmp_path / "in")
+    ds = pydicom.dcmread(files[0])
+    del ds.PixelData
+    ds.SOPClassUID = ["1.2.840.10008.5.1.4.1.1.2\x00garbage" * 20, "x"]
+    ds.file_meta = FileMetaDataset(ds.file_meta)
+    ds.save_as(files[0], enforce_file_format=False)
+    result = read_series([tmp_path / "in"])
+    reason = result.skipped[str(files[0])]
+    assert files[0].name in reason and "no pixel data" in reason and len(reason) < 200 and "\x00" not in reason
+    with pytest.raises(DicomError, match="no DICOM images"):
+        read_series([files[0]])

@@ -506,3 +506,20 @@ def test_temporaries_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
     write_volume(tmp_path / "v.nii.gz", np.zeros((4, 4, 4), np.float32), GEOM)
     write_volume(tmp_path / "v.zarr", np.zeros((4, 4, 4), np.float32), GEOM)
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, "v.nii.gz", "v.zarr"])
+
+
+def test_a_batch_with_nothing_to_translate_starts_no_ray(tmp_path, hostile_model):
+    import ray
+
+    from msgan.distributed.translate import translate_batch
+
+    small_volume(tmp_path / "in" / "v.zarr")
+    (tmp_path / "out" / "v.zarr").mkdir(parents=True)
+    (tmp_path / "out" / "v.zarr" / "notes.txt").write_text("keep")
+    assert not ray.is_initialized()
+    report = translate_batch([str(tmp_path / "in")], str(tmp_path / "out"), hostile_model, log=lambda _: None)
+    assert "notes.txt" in report.failed["v"] and not report.published
+    assert not ray.is_initialized(), "refused before any work: no Ray started"
+    assert sorted(os.listdir(tmp_path / "out")) == ["v.zarr"] and os.listdir(tmp_path / "out" / "v.zarr") == [
+        "notes.txt"
+    ]
