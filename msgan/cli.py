@@ -133,8 +133,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from msgan.demo import fingerprint, train_locally
     from msgan.distributed.prepare import check_shapes, sources, training_pyramids
+    from msgan.train import fingerprint, train_locally
 
     cfg = load_config(args.config, args.overrides)
     check_shapes(cfg, sources(cfg))  # the job's sources and checks: phantoms, files and DICOM folders

@@ -3,68 +3,21 @@ sharp-kernel volume -> metrics and a PNG of slices."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from msgan.cascade import Cascade
 from msgan.config import Config
 from msgan.console import Progress
 from msgan.distributed.prepare import held_out, training_pyramids
 from msgan.io.volume import write_volume
 from msgan.metrics import Scores, score_against_truth
-from msgan.pyramid import Pyramid
-from msgan.train import ScaleData, ScaleTrainer, StepMetrics
+from msgan.train import train_locally
 
 Log = Callable[[str], None]
-
-
-def fingerprint(pyramids: Sequence[Pyramid]) -> str:
-    """Content hash of the training data (every level of every pyramid)."""
-    h = hashlib.sha256()
-    for p in pyramids:
-        for a in (*p.images, *p.edges):
-            arr = np.ascontiguousarray(a, dtype=np.float32)
-            h.update(str(arr.shape).encode())
-            h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def train_locally(
-    cfg: Config, pyramids: Sequence[Pyramid], log: Log = print, progress: Progress | None = None
-) -> Cascade:
-    """Train every scale one after another in this process (the Ray job trains them at once). With a
-    ``progress``, each scale shows its step, rate and ETA there; otherwise every logged step goes to ``log``."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    gens, steps = [], []
-    for s in range(cfg.num_scales):
-        trainer = ScaleTrainer(cfg, s, ScaleData.from_pyramids(pyramids, s, cfg.train.foreground_threshold))
-        t0 = time.perf_counter()
-        total = cfg.steps_for(s)
-        if progress is not None:
-            progress.add(s, f"[scale {s}]", total, "steps")
-
-        def report(m: StepMetrics, t0: float = t0, total: int = total) -> None:
-            note = f"G {m.loss_g:.3f} (L1 {m.loss_g_l1:.4f}) D {m.loss_d:.3f}"
-            if progress is not None:
-                progress.update(m.scale, m.step, note)
-            else:
-                log(f"  scale {m.scale} step {m.step:>5}/{total}  {note}  {time.perf_counter() - t0:6.1f}s")
-
-        trainer.fit(total, callback=report)
-        gens.append(trainer.generator.eval())
-        steps.append(trainer.step)
-    if progress is not None:
-        progress.close()
-    return Cascade(cfg, gens, {"steps": steps, "data_fingerprint": fingerprint(pyramids)})
 
 
 @dataclass(frozen=True)
@@ -91,7 +44,7 @@ def run_demo(cfg: Config, out_dir: str | Path, log: Log = print, progress: Progr
     t0 = time.perf_counter()
     cascade = train_locally(cfg, pyramids, log, progress)
     t_train = time.perf_counter() - t0
-    model_dir = cascade.save(out / "model")
+    model_dir = cascade.save(out / "model", replace=True)  # the demo's own folder: its last model is replaced
     held = next(held_out(cfg))
     log(f"[3/4] translating held-out {held.label}: sharp kernel -> soft kernel")
     sharp, soft = held.image, held.truth

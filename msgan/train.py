@@ -9,6 +9,7 @@ hooks (``wrap``, ``on_step``, ``callback``, a :data:`Checkpointer`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,9 +29,16 @@ from msgan.augment import Augmenter, Corruption
 from msgan.config import Config, ConfigError, from_dict
 from msgan.engine import Feed, autocast, feed_box
 from msgan.metrics import ssim
-from msgan.nets import HRGenerator, build_discriminator, build_generator, crop, patchgan_min_size
+from msgan.netrules import patchgan_min_size
+from msgan.nets import HRGenerator, build_discriminator, build_generator, crop
 from msgan.pyramid import Pyramid, foreground_mask
 from msgan.tiling import read_region, sample_patch_starts, upsample_region
+
+if TYPE_CHECKING:
+    from msgan.cascade import Cascade
+    from msgan.console import Progress
+
+Log = Callable[[str], None]
 
 # ----------------------------------------------------------------------------- losses
 
@@ -188,7 +196,7 @@ def discriminator_condition(
     stop: Sequence[int],
 ) -> torch.Tensor:  # fmt: skip
     """The PatchGAN's conditions over the core: the previous scale upsampled, then the source-side channels
-    (:func:`msgan.nets.discriminator_channels`): ``(1, C, *core)``."""
+    (:func:`msgan.netrules.discriminator_channels`): ``(1, C, *core)``."""
     h = gen.halo
     if gen.context == "upscaled":
         return crop(x, h)  # (1, C, P, ...): prev first already
@@ -441,3 +449,46 @@ class ScaleTrainer:
 
     def restore(self, path: str | Path) -> None:
         self.load_state_dict(torch.load(Path(path), map_location=self.device, weights_only=True))
+
+
+def fingerprint(pyramids: Sequence[Pyramid]) -> str:
+    """Content hash of the training data (every level of every pyramid)."""
+    h = hashlib.sha256()
+    for p in pyramids:
+        for a in (*p.images, *p.edges):
+            arr = np.ascontiguousarray(a, dtype=np.float32)
+            h.update(str(arr.shape).encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def train_locally(
+    cfg: Config, pyramids: Sequence[Pyramid], log: Log = print, progress: Progress | None = None
+) -> Cascade:
+    """Train every scale one after another in this process (the Ray job trains them at once). With a
+    ``progress``, each scale shows its step, rate and ETA there; otherwise every logged step goes to ``log``."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    gens, steps = [], []
+    for s in range(cfg.num_scales):
+        trainer = ScaleTrainer(cfg, s, ScaleData.from_pyramids(pyramids, s, cfg.train.foreground_threshold))
+        t0 = time.perf_counter()
+        total = cfg.steps_for(s)
+        if progress is not None:
+            progress.add(s, f"[scale {s}]", total, "steps")
+
+        def report(m: StepMetrics, t0: float = t0, total: int = total) -> None:
+            note = f"G {m.loss_g:.3f} (L1 {m.loss_g_l1:.4f}) D {m.loss_d:.3f}"
+            if progress is not None:
+                progress.update(m.scale, m.step, note)
+            else:
+                log(f"  scale {m.scale} step {m.step:>5}/{total}  {note}  {time.perf_counter() - t0:6.1f}s")
+
+        trainer.fit(total, callback=report)
+        gens.append(trainer.generator.eval())
+        steps.append(trainer.step)
+    if progress is not None:
+        progress.close()
+    from msgan.cascade import Cascade  # the cascade is built on the trainers, not the other way round
+
+    return Cascade(cfg, gens, {"steps": steps, "data_fingerprint": fingerprint(pyramids)})

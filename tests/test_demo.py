@@ -31,8 +31,8 @@ def test_2d_radiographs_train_and_translate(tmp_path):
     import numpy as np
 
     from msgan.data.phantom import phantom_image
-    from msgan.demo import train_locally
     from msgan.distributed.prepare import training_pyramids
+    from msgan.train import train_locally
 
     cfg = tiny_config(
         **{

@@ -198,7 +198,7 @@ def run_training_job(
     train_src, holdout_src = prep.sources(cfg), prep.sources(cfg, holdout=True)
     if not train_src:
         raise ConfigError("no training volumes: set data.phantom.seeds or data.paths")
-    prep.check_shapes(cfg, train_src)  # bad data or config fails here, before Ray or any training starts
+    prep.check_shapes(cfg, [*train_src, *holdout_src])  # bad data or config fails here, before Ray or training
     ensure_ray(cfg)
     tracking = registry.tracking_uri()
     check_shared_storage(root, tracking, alive_nodes())

@@ -20,6 +20,7 @@ from msgan import storage
 from msgan.config import Config, ConfigError, from_dict
 from msgan.io.pyramids import pyramid_meta, write_pyramid
 from msgan.io.volume import Geometry
+from msgan.netrules import condition_channels
 from msgan.pyramid import Pyramid, build_pyramid
 from msgan.tiling import pyramid_shapes
 from msgan.train import check_scale_shape
@@ -66,7 +67,7 @@ def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
 def check_source(source: VolumeSource, cfg: Config) -> None:
     """A source the config can train on: an image-conditioned model (``condition`` with ``image``) trains on
     (source, target) pairs, which only 3D phantoms give so far. :class:`ConfigError` naming the source."""
-    if "image" in cfg.condition and (source.kind != "phantom" or cfg.dims != 3):
+    if "image" in condition_channels(cfg.condition) and (source.kind != "phantom" or cfg.dims != 3):
         what = "2D phantoms" if source.kind == "phantom" else f"{source.kind} data"
         raise ConfigError(
             f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs, which only 3D "
@@ -129,7 +130,7 @@ def held_out(cfg: Config) -> Iterator[HeldOut]:
 def _preprocessing(cfg: Config) -> dict[str, Any]:
     c = cfg.to_dict()
     out = {"dims": c["dims"], "num_scales": c["num_scales"], "intensity": c["intensity"], "edges": c["edges"]}
-    if "image" in cfg.condition:
+    if "image" in condition_channels(cfg.condition):
         out["pairs"] = True  # (source, target) stores differ from target-only ones
     return out
 
