@@ -179,3 +179,14 @@ def test_noise_below_the_window_does_not_pass_through():
     assert (src < cfg.low).mean() > 0.2
     out = output_units(window(src, cfg), cfg, source=src)
     assert out.min() >= cfg.low - 1e-3
+
+
+def test_a_cascade_saved_before_the_model_spec_still_loads_and_translates_the_same():
+    """tests/fixtures/cascade_v1: saved by the code of 2026-12-06; every later manifest format must load it."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "cascade_v1"
+    cascade = Cascade.load(fixture / "model")
+    y = cascade.translate(np.load(fixture / "input.npy"), tile=8)
+    np.testing.assert_allclose(y, np.load(fixture / "expected.npy"), rtol=0, atol=1e-3)  # HU
+    assert cascade.translate(np.load(fixture / "input.npy"), tile=5).shape == y.shape
