@@ -65,12 +65,14 @@ def resolve_local(path: str | os.PathLike[str]) -> Path:
 
 def resolve_storage(uri: str) -> str:
     """A storage setting (``s3://...``, ``file://...`` or a path) as :func:`msgan.storage.normalize_uri` makes it,
-    but with a relative path placed under :func:`home`."""
-    from msgan.storage import normalize_uri
-
+    but with a relative path placed under :func:`home`. (Written out here: settings imports nothing of msgan.)"""
     s = str(uri)
-    local = s[len("file://") :] if s.startswith("file://") else None if "://" in s else s
-    return normalize_uri(s if local is None else resolve_local(local))
+    if s.startswith("s3://"):
+        return s.rstrip("/")
+    if "://" in s and not s.startswith("file://"):
+        raise ValueError(f"storage URI scheme {s.split('://', 1)[0]!r}: only file:// and s3:// are supported")
+    local = s[len("file://") :] if s.startswith("file://") else s
+    return "file://" + str(resolve_local(local).resolve())
 
 
 def default_tracking_uri() -> str:
