@@ -28,16 +28,20 @@ import torch
 from torch import nn
 
 from msgan import __version__, storage
-from msgan.config import Config, from_dict
+from msgan.config import Config, ConfigError, spec_of
 from msgan.engine import array_writer, run_tiles, run_whole, tile_feed
 from msgan.memory import largest_tile
 from msgan.nets import HRGenerator, build_generator, count_parameters
 from msgan.pyramid import build_pyramid, output_units
+from msgan.spec import ModelSpec
 from msgan.storage import staged_dir
 from msgan.tiling import plan_core, tile_grid
 
 MANIFEST = "manifest.json"
-FORMAT = "msgan-cascade/1"
+FORMAT = "msgan-cascade/2"  # the model spec ("spec"), never the run settings
+FORMAT_V1 = "msgan-cascade/1"  # before the model spec: the whole config ("config"), still loaded
+FORMATS = (FORMAT, FORMAT_V1)
+_MODEL_KEY = {FORMAT: "spec", FORMAT_V1: "config"}  # where a format keeps the model's definition
 
 Progress = Callable[[int, int, int], None]  # (scale, tiles done, tiles total)
 
@@ -197,16 +201,22 @@ def read_model_file(path: str | Path, cap: int, where: str, what: str = "weights
 
 
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
-    """A cascade manifest's content, checked: a JSON object of this format whose ``weights`` list scales
-    0..n-1 in order, each with a plain ``file`` name (:func:`check_file_name`, no two alike) and a sha256."""
+    """A cascade manifest's content, checked: a JSON object of a known format (:data:`FORMATS`) holding the
+    model's definition (``spec``; ``config`` before :data:`FORMAT`), whose ``weights`` list scales 0..n-1 in
+    order, each with a plain ``file`` name (:func:`check_file_name`, no two alike) and a sha256."""
     try:
-        manifest = storage.json_object(raw, ("format", "config", "weights"))
+        content = storage.json_object(raw)
+        fmt = content.get("format")
+        if fmt is not None and fmt not in FORMATS:
+            raise CascadeError(f"{where}: format {str(fmt)[:80]!r}, expected one of {list(FORMATS)}")
+        model_key = _MODEL_KEY.get(str(fmt), "spec")  # the format is absent or known here
+        manifest = storage.json_object(raw, ("format", model_key, "weights"))
     except ValueError as err:
+        if isinstance(err, CascadeError):
+            raise
         raise CascadeError(f"{where}: malformed cascade manifest: {err}") from None
-    if manifest["format"] != FORMAT:
-        raise CascadeError(f"{where}: format {str(manifest['format'])[:80]!r}, expected {FORMAT!r}")
-    if not isinstance(manifest["config"], dict):
-        raise CascadeError(f"{where}: 'config' is a {type(manifest['config']).__name__}, expected an object")
+    if not isinstance(manifest[model_key], dict):
+        raise CascadeError(f"{where}: {model_key!r} is a {type(manifest[model_key]).__name__}, expected an object")
     if not isinstance(manifest.get("meta", {}), dict):
         raise CascadeError(f"{where}: 'meta' is a {type(manifest['meta']).__name__}, expected an object")
     weights = manifest["weights"]
@@ -253,6 +263,28 @@ def read_manifest_raw(folder: str | Path, label: str | None = None) -> tuple[byt
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """A cascade folder's manifest under the same rules :meth:`Cascade.load` applies (for ``msgan info``)."""
     return read_manifest_raw(folder)[1]
+
+
+def manifest_spec(manifest: Mapping[str, Any], where: str) -> ModelSpec:
+    """The model spec a checked manifest (:func:`parse_manifest`) holds: its ``spec``, or for a manifest of
+    :data:`FORMAT_V1` the spec's part of its ``config`` (its run settings are ignored, never carried on).
+    A :class:`CascadeError` naming ``where`` when it breaks a rule."""
+    try:
+        if manifest["format"] == FORMAT_V1:
+            return spec_of(manifest["config"])
+        return ModelSpec.from_dict(manifest["spec"])
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CascadeError(f"{where}: invalid {_MODEL_KEY[manifest['format']]} ({err})") from None
+
+
+def manifest_config(manifest: Mapping[str, Any], where: str) -> Config:
+    """The config a loaded cascade runs with: the manifest's spec (:func:`manifest_spec`) and default run
+    settings."""
+    spec = manifest_spec(manifest, where)
+    try:
+        return Config.from_spec(spec)
+    except ConfigError as err:  # a spec that breaks a rule only a whole config checks
+        raise CascadeError(f"{where}: invalid {_MODEL_KEY[manifest['format']]} ({err})") from None
 
 
 _TORCH_ADVICE = ("weights_only", "weights only load failed", "documentation", "file an issue", "add_safe_globals")
@@ -353,19 +385,28 @@ class Cascade:
             g.to(device)
         return self
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's definition (:meth:`msgan.config.Config.spec`), with the inference defaults of
+        :attr:`config` (a run's overrides included): what :meth:`save` writes."""
+        return self.config.spec()
+
     def manifest(self) -> dict[str, Any]:
-        cfg = self.config
+        """What ``manifest.json`` holds besides the weights: the spec and a summary of it (``msgan info``),
+        never the run settings (training, deployment, data paths, job)."""
+        spec = self.spec
+        values = spec.to_dict()
         return {
             "format": FORMAT,
             "code_version": __version__,
-            "dims": cfg.dims,
-            "num_scales": cfg.num_scales,
+            "dims": spec.dims,
+            "num_scales": spec.num_scales,
             "halos": self.halos,
-            "hr_patch": cfg.train.hr_patch,
-            "intensity": {"low": cfg.intensity.low, "high": cfg.intensity.high},
-            "edges": cfg.to_dict()["edges"],
+            "hr_patch": spec.hr_patch,
+            "intensity": {"low": spec.intensity.low, "high": spec.intensity.high},
+            "edges": values["edges"],
             "parameters": [count_parameters(g) for g in self.generators],
-            "config": cfg.to_dict(),
+            "spec": values,
             "meta": self.meta,
         }
 
@@ -412,10 +453,7 @@ class Cascade:
         d = Path(directory)
         _, manifest = read_manifest_raw(d, label)
         mwhere = _at(d, label, MANIFEST)
-        try:
-            cfg = from_dict(manifest["config"])
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise CascadeError(f"{mwhere}: invalid config ({err})") from None
+        cfg = manifest_config(manifest, mwhere)
         weights = manifest["weights"]
         if len(weights) != cfg.num_scales:
             raise CascadeError(f"{mwhere}: lists {len(weights)} weight files; its config has {cfg.num_scales} scales")

@@ -2,102 +2,63 @@
 
 Unknown keys are rejected with the valid ones listed, ``--set a.b=c`` overrides
 any field, and cross-field rules are checked at load time, before any work starts.
+
+A :class:`Config` is a model spec (:class:`msgan.spec.ModelSpec`: the networks, what they see, the intensity
+window, the inference defaults; saved with the weights) plus the run settings (seed, augmentation, training,
+deployment, data, job; passed beside the model, recorded in MLflow, never saved in the model artifact).
+:data:`SPEC_KEYS` says where each part of the spec lives in a config; ``Config.spec()`` and
+``Config.from_spec(spec, run)`` go between the two. Torch-free.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
 
-from msgan.netrules import ConditionKind, Dims, HRContext, NormKind, VoxelNorm, check_hr_options, patchgan_min_size
+from msgan.netrules import ConditionKind, Dims
+from msgan.spec import (
+    HR_PATCH,
+    ConfigError,
+    DiscriminatorConfig,
+    EdgeConfig,
+    HRGeneratorConfig,
+    InferenceDefaults,
+    IntensityConfig,
+    LRGeneratorConfig,
+    ModelSpec,
+    RuleError,
+    build,
+    plain,
+)
 
-
-class ConfigError(ValueError):
-    """A configuration value breaks a rule; the message names the key, value and rule."""
-
+__all__ = [
+    "SPEC_KEYS",
+    "AugmentConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DiscriminatorConfig",
+    "EdgeConfig",
+    "HRGeneratorConfig",
+    "InferenceConfig",
+    "IntensityConfig",
+    "JobConfig",
+    "LRGeneratorConfig",
+    "ModelSpec",
+    "PhantomDataConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_config",
+    "parse_overrides",
+]
 
 Device = Literal["auto", "gpu", "cpu"]  # auto: a GPU when the cluster has GPUs
-
-
-@dataclass(frozen=True)
-class IntensityConfig:
-    """Window (in input units, HU for CT) mapped linearly onto [-1, 1]; the networks see and make
-    values clipped to it.
-
-    ``outside`` says what a translation holds where the source lies outside the window:
-    ``clip``: the window's ends (the paper; bone above ``high`` comes out at ``high``);
-    ``source``: the full range is kept: the output is ``w * translated + (1 - w) * source``,
-    with ``w = 1`` inside and below the window falling smoothly (a half cosine) to 0 over ``blend``
-    window widths above it, so dense bone and metal pass through untranslated; below the window
-    (air and noise) the translation holds, clipped to ``low``.
-    """
-
-    low: float = -1024.0
-    high: float = 1024.0
-    outside: Literal["clip", "source"] = "clip"
-    blend: float = 0.05  # width of the blend above the window, in window widths
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """Edge images that condition every scale, extracted from the windowed image at that scale.
-
-    ``gradient``: magnitude of the Gaussian-smoothed gradient, squashed by ``tanh(g / scale)``.
-    ``canny``: SimpleITK's Canny detector on the smoothed image (binary edges).
-    """
-
-    method: Literal["gradient", "canny"] = "gradient"
-    sigma: float = 1.0  # Gaussian smoothing in voxels of the scale
-    scale: float = 0.15  # gradient magnitude (intensity units per voxel) that maps to tanh(1)
-    canny_lower: float = 0.05
-    canny_upper: float = 0.15
-
-
-@dataclass(frozen=True)
-class LRGeneratorConfig:
-    """U-Net on the whole low-resolution edge image (padded convolutions)."""
-
-    width: int = 32
-    depth: int = 4
-    norm: NormKind = "instance"
-    noise_channels: int = 0
-
-
-@dataclass(frozen=True)
-class HRGeneratorConfig:
-    """ResNet-block generator with valid convolutions: tile-exact by construction.
-
-    ``context``: ``upscaled`` feeds the previous scale upsampled x2 over the same
-    patch (the paper); ``wide`` feeds the previous scale at its own resolution over a
-    wider field of view through a coarse branch of ``context_layers`` valid convolutions.
-    ``norm`` must act voxel by voxel at inference (``batch`` or ``none``): a norm with
-    per-tile statistics would make the output depend on the tiling. ``none`` is the
-    default: in our runs batch norm's train/eval gap cost far more than it gave.
-    """
-
-    width: int = 32
-    num_blocks: int = 6
-    norm: VoxelNorm = "none"
-    context: HRContext = "upscaled"
-    context_layers: int = 4
-    residual: bool = True
-
-
-@dataclass(frozen=True)
-class DiscriminatorConfig:
-    """PatchGAN on (conditions, image)."""
-
-    width: int = 32
-    num_layers: int = 3
-    norm: NormKind = "instance"
+_INFERENCE = InferenceDefaults()
 
 
 @dataclass(frozen=True)
@@ -127,21 +88,22 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     gan_loss: Literal["lsgan", "bce"] = "lsgan"
     l1_weight: float = 100.0
-    hr_patch: int = 32  # output core of an HR training patch (voxels per side), even
+    hr_patch: int = HR_PATCH  # output core of an HR training patch (voxels per side), even; the spec's hr_patch
     foreground_threshold: float = -0.8  # window units; patches are centred on voxels above it
     checkpoint_every: int = 200
     log_every: int = 10
-    amp: bool = False  # bf16 autocast, used on CUDA devices only
+    amp: bool = _INFERENCE.amp  # bf16 autocast on CUDA, in training and at inference (the spec's inference.amp)
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Inference: the tile comes from a memory budget; the batch job's actor pool from the rest.
-    A registered model carries these; a batch job may override them (``--set inference.actors=8``)."""
+    """Inference: the tile comes from a memory budget; the batch job's actor pool from the rest. The model
+    carries ``memory_budget_mb`` and ``batch_size`` (its spec's inference defaults: they decide the bytes); the
+    actor pool and device are run settings. A batch job may override any (``--set inference.actors=8``)."""
 
-    memory_budget_mb: float = 2048.0  # peak of one forward pass (batch_size tiles); picks the tile size
-    batch_size: int = 1  # tiles per forward pass
+    memory_budget_mb: float = _INFERENCE.memory_budget_mb  # peak of one forward pass (batch_size tiles): the tile
+    batch_size: int = _INFERENCE.batch_size  # tiles per forward pass
     actors: int = 2  # Ray Data actors that hold the cascade
     cpus_per_actor: float = 0.5  # fractional on small machines: the read tasks need CPU too
     gpus_per_actor: float = 1.0  # used when the cluster has GPUs; 0.5 packs two actors per GPU
@@ -162,8 +124,8 @@ class DataConfig:
 
     source: Literal["phantom", "files"] = "phantom"
     phantom: PhantomDataConfig = field(default_factory=PhantomDataConfig)
-    paths: tuple[str, ...] = ()
-    holdout_paths: tuple[str, ...] = ()  # validation volumes (files); translated at the end of the job
+    paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})
+    holdout_paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})  # validation (files)
 
 
 @dataclass(frozen=True)
@@ -206,7 +168,8 @@ class Config:
     job: JobConfig = field(default_factory=JobConfig)
 
     def __post_init__(self) -> None:
-        _check_rules(self)
+        self.spec()  # the model's rules (msgan.spec), named by this config's keys
+        _check_run_rules(self)
 
     def steps_for(self, scale: int) -> int:
         """Training steps of ``scale``: ``train.steps_per_scale[scale]`` when given, else ``train.steps``."""
@@ -214,74 +177,112 @@ class Config:
         return per[scale] if per else self.train.steps
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with dotted-key overrides, e.g. ``cfg.replace(**{"train.steps": 5})``."""
         return from_dict(self.to_dict(), overrides=overrides)
 
+    def spec(self) -> ModelSpec:
+        """The model this config defines (:data:`SPEC_KEYS`): what a saved cascade carries."""
+        return spec_of(self.to_dict())
 
-# ----------------------------------------------------------------------------- rules
+    def run_settings(self) -> dict[str, Any]:
+        """Everything but the spec (plain values, nested by section): seed, augmentation, training,
+        deployment, data and job settings. ``Config.from_spec(cfg.spec(), cfg.run_settings()) == cfg``."""
+        tree = self.to_dict()
+        for path in SPEC_KEYS.values():
+            _pop_dotted(tree, path)
+        return tree
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, run: Mapping[str, Any] | None = None) -> Config:
+        """The config of ``spec`` with the run settings ``run`` (nested sections or dotted keys, as
+        :meth:`run_settings` gives them; defaults where absent). ``run`` may override the spec's inference
+        defaults (:data:`RUN_MAY_OVERRIDE`), never the model itself (a :class:`ConfigError` names the key)."""
+        tree: dict[str, Any] = {}
+        values = spec.to_dict()
+        for s, c in SPEC_KEYS.items():
+            _set_dotted(tree, c, _get_dotted(values, s))
+        over = _flatten(run or {})
+        if "data.phantom.shape" not in over:  # the default phantom, in the spec's dims
+            over["data.phantom.shape"] = list(PhantomDataConfig().shape[: spec.dims])
+        for key in over:
+            owner = next((c for c in SPEC_KEYS.values() if key == c or key.startswith(c + ".")), None)
+            if owner is not None and key not in RUN_MAY_OVERRIDE:
+                raise ConfigError(
+                    f"run setting {key}: belongs to the model spec ({owner}); a run may override only "
+                    f"{', '.join(RUN_MAY_OVERRIDE)}"
+                )
+        return from_dict(tree, overrides=over)
+
+
+# Where each part of the model spec lives in a config: spec path -> config path. Every other key of a
+# config is a run setting. Every field of ModelSpec appears here (tests/test_spec.py checks it).
+SPEC_KEYS: dict[str, str] = {
+    "dims": "dims",
+    "num_scales": "num_scales",
+    "condition": "condition",
+    "source_residual": "source_residual",
+    "intensity": "intensity",
+    "edges": "edges",
+    "lr_generator": "lr_generator",
+    "hr_generator": "hr_generator",
+    "discriminator": "discriminator",
+    "hr_patch": "train.hr_patch",
+    "inference.memory_budget_mb": "inference.memory_budget_mb",
+    "inference.batch_size": "inference.batch_size",
+    "inference.amp": "train.amp",
+}
+_CONFIG_KEY = {s: c for s, c in SPEC_KEYS.items() if s != c}
+# The spec's inference defaults, which a run may override (a batch job's --set inference.batch_size=4).
+RUN_MAY_OVERRIDE: tuple[str, ...] = ("inference.memory_budget_mb", "inference.batch_size", "train.amp")
+
+
+def spec_of(values: Mapping[str, Any]) -> ModelSpec:
+    """The model spec of a config's plain values (:data:`SPEC_KEYS`; defaults where a key is absent, every
+    other key ignored), checked; a broken rule names the config's key. A manifest of ``msgan-cascade/1``
+    held the whole config: its model is this."""
+    tree: dict[str, Any] = {}
+    for s, c in SPEC_KEYS.items():
+        try:
+            value = _get_dotted(values, c)
+        except (KeyError, TypeError, IndexError):
+            continue
+        _set_dotted(tree, s, value)
+    try:
+        return ModelSpec.from_dict(tree)
+    except RuleError as err:
+        raise err.renamed(_CONFIG_KEY.get(err.key, err.key)) from None
+
+
+def data_path_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of the settings that name data files (they may name patients): never logged, never saved
+    with a model. Marked ``metadata={"names_data": True}`` on their field."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("names_data"):
+            keys.append(prefix + f.name)
+        elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            keys.extend(data_path_keys(f.default_factory, f"{prefix}{f.name}."))
+    return tuple(keys)
+
+
+# ----------------------------------------------------------------------------- the run settings' rules
 
 
 def _require(ok: bool, key: str, value: object, rule: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r}: {rule}")
+        raise RuleError(key, value, rule)
 
 
-def _check_rules(cfg: Config) -> None:
-    """Every cross-field rule, in this order (the first broken one is reported)."""
-    _require(cfg.num_scales >= 1, "num_scales", cfg.num_scales, "must be >= 1 (the LR scale)")
-    _check_intensity(cfg.intensity)
-    _check_hr_options(cfg)
-    _check_edges(cfg.edges)
-    _check_network_sizes(cfg)
+def _check_run_rules(cfg: Config) -> None:
+    """Every rule of the run settings, in this order (the model's come first: :func:`msgan.spec.check_spec`)."""
     _check_augment(cfg.augment)
     _check_train(cfg)
     _check_inference(cfg.inference)
-    _check_patch_fits_discriminator(cfg)
     _check_job(cfg.job)
     _check_data(cfg)
-
-
-def _check_intensity(i: IntensityConfig) -> None:
-    _require(i.high > i.low, "intensity.high", i.high, f"must exceed intensity.low={i.low}")
-    _require(i.blend >= 0, "intensity.blend", i.blend, "must be >= 0 (window widths)")
-
-
-def _check_hr_options(cfg: Config) -> None:
-    """The HR generator's option rules (:func:`msgan.netrules.check_hr_options`, as the network applies them)."""
-    h = cfg.hr_generator
-    try:
-        check_hr_options(h.context, h.norm, h.residual, cfg.source_residual, cfg.condition)
-    except ValueError as err:
-        raise ConfigError(f"hr_generator (with condition={cfg.condition!r}, source_residual={cfg.source_residual}): "
-                          f"{err}") from None  # fmt: skip
-
-
-def _check_edges(e: EdgeConfig) -> None:
-    _require(e.sigma >= 0, "edges.sigma", e.sigma, "must be >= 0")
-    _require(e.scale > 0, "edges.scale", e.scale, "must be > 0")
-
-
-def _check_network_sizes(cfg: Config) -> None:
-    for name, section in (
-        ("lr_generator", cfg.lr_generator),
-        ("hr_generator", cfg.hr_generator),
-        ("discriminator", cfg.discriminator),
-    ):
-        _require(section.width >= 1, f"{name}.width", section.width, "must be >= 1")
-    _require(cfg.lr_generator.depth >= 0, "lr_generator.depth", cfg.lr_generator.depth, "must be >= 0")
-    _require(cfg.hr_generator.num_blocks >= 0, "hr_generator.num_blocks", cfg.hr_generator.num_blocks, "must be >= 0")
-    _require(
-        cfg.hr_generator.context_layers >= 1,
-        "hr_generator.context_layers",
-        cfg.hr_generator.context_layers,
-        "must be >= 1 (the wide branch needs one coarse voxel of margin)",
-    )
-    _require(
-        cfg.discriminator.num_layers >= 1, "discriminator.num_layers", cfg.discriminator.num_layers, "must be >= 1"
-    )
 
 
 def _check_augment(aug: AugmentConfig) -> None:
@@ -311,19 +312,11 @@ def _check_train(cfg: Config) -> None:
     _require(all(s >= 0 for s in t.steps_per_scale), "train.steps_per_scale", t.steps_per_scale, "must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    _require(
-        t.hr_patch >= 2 and t.hr_patch % 2 == 0,
-        "train.hr_patch",
-        t.hr_patch,
-        "must be even and >= 2 (tiles start on even voxels so the wide context stays aligned)",
-    )
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
 
 
 def _check_inference(inf: InferenceConfig) -> None:
-    _require(inf.memory_budget_mb > 0, "inference.memory_budget_mb", inf.memory_budget_mb, "must be > 0")
-    _require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "must be >= 1")
     _require(inf.actors >= 1, "inference.actors", inf.actors, "must be >= 1")
     _require(inf.cpus_per_actor > 0, "inference.cpus_per_actor", inf.cpus_per_actor, "must be > 0")
     _require(
@@ -331,20 +324,6 @@ def _check_inference(inf: InferenceConfig) -> None:
         "inference.gpus_per_actor",
         inf.gpus_per_actor,
         "must be a fraction of one GPU or a whole number of GPUs",
-    )
-
-
-def _check_patch_fits_discriminator(cfg: Config) -> None:
-    """An HR training patch must give the PatchGAN (:func:`msgan.netrules.patchgan_min_size`) one output."""
-    if cfg.num_scales <= 1:
-        return
-    need = patchgan_min_size(cfg.discriminator.num_layers)
-    _require(
-        cfg.train.hr_patch >= need,
-        "train.hr_patch",
-        cfg.train.hr_patch,
-        f"is smaller than the {need} voxels a PatchGAN with discriminator.num_layers="
-        f"{cfg.discriminator.num_layers} needs for one output; raise the patch or lower num_layers",
     )
 
 
@@ -368,76 +347,31 @@ def _check_data(cfg: Config) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
-T = TypeVar("T")
+
+def _get_dotted(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+def _pop_dotted(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    del node[leaf]
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if value is None:
-            value = {}
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        options = typing.get_args(tp)
-        if value not in options:
-            hint = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{key}={value!r}: must be one of {list(options)}{extra}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a string")
-        return value
-    return value
-
-
-def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    for key in values:
-        if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
-            extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"unknown key {prefix}{key!r}; valid keys here: {', '.join(names)}.{extra}")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in values.items()}
-    return cls(**kwargs)
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> dotted keys (lists and other values are leaves; dotted keys stay as given)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -463,10 +397,10 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def from_dict(values: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
-    tree = _plain(dict(values))
+    tree = plain(dict(values))
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
-    return _build(Config, tree)
+    return build(Config, tree)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:

@@ -4,8 +4,10 @@ The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default: a local sqlite sto
 driver creates the experiment, the job's parent run and one child run per scale; workers
 log into their child run by id (no active-run state), so a retried worker re-attaches
 instead of making a duplicate run. A finished job registers the cascade as one model version
-whose artifact is data only (every scale's weights + the manifest with their sha256) with the
-alias ``candidate``; loading it builds the networks with this installed msgan, weights only.
+whose artifact is data only (every scale's weights + the manifest with their sha256 and the model spec,
+never the run settings) with the alias ``candidate``; loading it builds the networks with this installed
+msgan, weights only. The run settings (training, deployment, job, the data's fingerprint) are the run's
+MLflow params and tags; a data path (it may name a patient) is logged as a count only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mlflow.entities.model_registry import ModelVersion
 from msgan import __version__, settings, storage
 from msgan.cascade import (
     FORMAT,
+    FORMATS,
     MANIFEST,
     MANIFEST_MAX_BYTES,
     WEIGHTS_MAX_BYTES,
@@ -37,6 +40,7 @@ from msgan.cascade import (
     parse_manifest,
     read_model_file,
 )
+from msgan.config import data_path_keys
 from msgan.redact import redact_text, redact_uri
 
 T = TypeVar("T")
@@ -129,10 +133,25 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def run_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A job's MLflow params: its config's plain values flattened to dotted keys, except the settings that
+    name data files (:func:`msgan.config.data_path_keys`: they may name patients), logged as
+    ``KEY.count`` (how many files) instead."""
+    hidden = set(data_path_keys())
+    params: dict[str, Any] = {}
+    for key, value in _flatten(config).items():
+        if key in hidden:
+            params[f"{key}.count"] = len(value) if isinstance(value, (list, tuple)) else 1
+        else:
+            params[key] = value
+    return params
+
+
 def job_runs(
     experiment: str, job: str, scales: int, config: Mapping[str, Any], artifact_root: str | None = None
 ) -> JobRuns:
-    """The job's parent run and one child run per scale, created once and found again on resubmission."""
+    """The job's parent run and one child run per scale, created once and found again on resubmission. The
+    parent's params are the job's ``config`` (:func:`run_params`: spec and run settings, no data path)."""
     uri = tracking_uri()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -149,7 +168,7 @@ def job_runs(
     parent = find("tags.`msgan.role` = 'parent'")
     if parent is None:
         parent = client.create_run(exp_id, run_name=job, tags={"msgan.job": job, "msgan.role": "parent"}).info.run_id
-        RunLogger(uri, parent).params(_flatten(config))
+        RunLogger(uri, parent).params(run_params(config))
         RunLogger(uri, parent).tags({"msgan.code_version": code_version()})
     children = {}
     for s in range(scales):
@@ -179,10 +198,14 @@ class ModelLoadError(CascadeError):
 
 
 def register_cascade(cascade: Cascade, run_id: str, name: str, alias: str = "candidate") -> str:
-    """Log the cascade (manifest + weights, nothing executable) into ``run_id``, register a new version of
-    ``name`` pointing at that artifact directory and point ``alias`` at it. Returns the version."""
+    """Log the cascade (manifest + weights, nothing executable; the manifest holds the model spec, never
+    the run settings) into ``run_id``, register a new version of ``name`` pointing at that artifact
+    directory and point ``alias`` at it. The run is tagged with the data fingerprint and code version the
+    cascade's meta names. Returns the version."""
     uri = tracking_uri()
     client = MlflowClient(uri)
+    model_tags = _model_tags(cascade)
+    RunLogger(uri, run_id).tags({k: v for k, v in model_tags.items() if k in _RUN_TAGS and v})
     with tempfile.TemporaryDirectory() as tmp:
         local = cascade.save(Path(tmp) / "cascade")
         digest = hashlib.sha256((local / MANIFEST).read_bytes()).hexdigest()
@@ -193,12 +216,15 @@ def register_cascade(cascade: Cascade, run_id: str, name: str, alias: str = "can
     except mlflow.exceptions.MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = _model_tags(cascade) | {FORMAT_TAG: FORMAT, MANIFEST_TAG: digest}
+    tags = model_tags | {FORMAT_TAG: FORMAT, MANIFEST_TAG: digest}
     version = _retry(
         lambda: client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
     )
     _retry(lambda: client.set_registered_model_alias(name, alias, version.version))
     return str(version.version)
+
+
+_RUN_TAGS = ("msgan.data_fingerprint", "msgan.code_version")
 
 
 def _model_tags(cascade: Cascade) -> dict[str, str]:
@@ -264,11 +290,11 @@ def _artifact_source(model_uri: str) -> tuple[str, str | None]:
         return model_uri.rstrip("/"), None
     mv = _model_version(model_uri)
     tags = mv.tags or {}
-    if tags.get(FORMAT_TAG) != FORMAT:
+    if tags.get(FORMAT_TAG) not in FORMATS:
         raise ModelLoadError(
             f"{model_uri} (version {mv.version}) is not an msgan cascade artifact: tag {FORMAT_TAG}="
-            f"{tags.get(FORMAT_TAG)!r}, expected {FORMAT!r} (versions logged as MLflow pyfunc models are not "
-            "loaded, since loading one runs code stored with it; register the cascade again)"
+            f"{tags.get(FORMAT_TAG)!r}, expected one of {list(FORMATS)} (versions logged as MLflow pyfunc models "
+            "are not loaded, since loading one runs code stored with it; register the cascade again)"
         )
     if not tags.get(MANIFEST_TAG):
         raise ModelLoadError(f"{model_uri} (version {mv.version}): no {MANIFEST_TAG} tag to check the manifest by")

@@ -190,3 +190,118 @@ def test_a_cascade_saved_before_the_model_spec_still_loads_and_translates_the_sa
     y = cascade.translate(np.load(fixture / "input.npy"), tile=8)
     np.testing.assert_allclose(y, np.load(fixture / "expected.npy"), rtol=0, atol=1e-3)  # HU
     assert cascade.translate(np.load(fixture / "input.npy"), tile=5).shape == y.shape
+
+
+# ----------------------------------------------------------------------------- the artifact holds the spec
+
+
+def _keys(tree):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _keys(v)
+
+
+def test_a_saved_model_holds_its_spec_and_inference_defaults_never_the_run_settings(tmp_path, rng):
+    import json
+
+    from msgan.config import Config
+
+    cfg = tiny_config(**{
+        "data.source": "files", "data.paths": ["/patients/doe-jane-1954/ct.nii.gz"],
+        "data.holdout_paths": ["/patients/roe-rick/ct.mha"], "job.storage": "s3://hospital-bucket/ward7",
+        "job.name": "jane-doe-kernel", "job.experiment": "ward7-exp", "inference.actors": 7,
+        "inference.device": "cpu", "train.steps": 11, "augment.noise_p": 0.5,
+        "inference.batch_size": 2, "inference.memory_budget_mb": 96.0, "train.amp": True,
+    })  # fmt: skip
+    c = Cascade.untrained(cfg, seed=1)
+    path = c.save(tmp_path / "model")
+    text = (path / "manifest.json").read_text()
+    manifest = json.loads(text)
+    assert manifest["format"] == "msgan-cascade/2" and "config" not in manifest
+    assert not {"train", "job", "data", "augment", "paths", "actors", "device"} & set(_keys(manifest))
+    for private in ("patients", "doe", "roe-rick", "hospital-bucket", "ward7", "jane", "s3://", ".nii"):
+        assert private not in text, private
+    assert manifest["spec"]["inference"] == {"memory_budget_mb": 96.0, "batch_size": 2, "amp": True}
+    keep = ("format", "code_version", "dims", "num_scales", "halos", "hr_patch", "parameters", "intensity", "meta")
+    assert all(k in manifest for k in keep)  # what `msgan info` prints
+    loaded = Cascade.load(path)
+    assert loaded.spec == c.spec == cfg.spec()
+    assert loaded.config == Config.from_spec(cfg.spec())  # the spec plus default run settings
+    assert loaded.config.inference.batch_size == 2 and loaded.config.train.amp is True
+    assert loaded.config.inference.actors == 2 and loaded.config.data.paths == () and loaded.config.train.steps != 11
+    image = rng.uniform(-1000, 500, size=(20, 18, 22)).astype(np.float32)
+    np.testing.assert_array_equal(c.translate(image), loaded.translate(image))
+
+
+def test_a_cascade_v1_folder_loads_as_its_spec_without_its_run_settings(tmp_path, rng):
+    """A manifest of msgan-cascade/1 held the whole config: its model part loads, its run settings do not."""
+    import json
+
+    from msgan.config import Config
+
+    cfg = tiny_config(**{"data.source": "files", "data.paths": ["/patients/x.nii"], "inference.batch_size": 2})
+    c = Cascade.untrained(cfg, seed=2)
+    path = c.save(tmp_path / "model")
+    m = json.loads((path / "manifest.json").read_text())
+    m["format"] = "msgan-cascade/1"
+    m["config"] = cfg.to_dict()
+    del m["spec"]
+    (path / "manifest.json").write_text(json.dumps(m))
+    loaded = Cascade.load(path)
+    assert loaded.spec == cfg.spec() and loaded.config == Config.from_spec(cfg.spec())
+    assert loaded.config.data.paths == () and loaded.config.inference.batch_size == 2
+    image = rng.uniform(-1000, 500, size=(20, 18, 22)).astype(np.float32)
+    np.testing.assert_array_equal(c.translate(image), loaded.translate(image))
+    m["config"]["train"]["hr_patch"] = 7
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CascadeError, match=r"model/manifest\.json: invalid config \(train\.hr_patch=7: must be even"):
+        Cascade.load(path)
+    m["config"]["train"]["hr_patch"] = 8
+    m["config"]["hr_generator"]["width"] = 1 << 16  # ~10^11 parameters: refused on the meta device, never built
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CascadeError, match=r"scale_1\.pt: the weights do not fit scale 1 of the manifest's config"):
+        Cascade.load(path)
+
+
+def test_the_cascade_v1_fixture_loads_with_its_spec():
+    from pathlib import Path
+
+    from msgan.config import Config
+
+    cascade = Cascade.load(Path(__file__).parent / "fixtures" / "cascade_v1" / "model")
+    spec = cascade.spec
+    assert (spec.num_scales, spec.condition, spec.source_residual, spec.hr_patch) == (3, "image+edges", True, 8)
+    assert spec.intensity.outside == "source" and spec.hr_generator.norm == "batch"
+    assert cascade.config == Config.from_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda m: m.update(format="msgan-cascade/9"),
+            r"format 'msgan-cascade/9', expected one of \['msgan-cascade/2'",
+        ),
+        (lambda m: m.pop("spec"), r"malformed cascade manifest: missing keys spec"),
+        (lambda m: m.update(spec=[1]), r"'spec' is a list, expected an object"),
+        (lambda m: m["spec"].update(hr_patch=15), r"invalid spec \(hr_patch=15: must be even"),
+        (lambda m: m["spec"].update(train={"steps": 1}), r"invalid spec \(unknown key 'train'"),
+        (
+            lambda m: m["spec"]["inference"].update(batch_size=0),
+            r"invalid spec \(inference\.batch_size=0: must be >= 1",
+        ),
+    ],
+)
+def test_a_manifest_with_a_bad_spec_is_refused_naming_the_file(tmp_path, tiny_cfg, edit, message):
+    import json
+
+    path = Cascade.untrained(tiny_cfg).save(tmp_path / "model")
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CascadeError, match=r"model/manifest\.json: .*" + message):
+        Cascade.load(path)

@@ -144,3 +144,22 @@ def test_network_rules_are_the_torch_free_ones():
     with pytest.raises(ValueError, match=r"condition='edge': must be one of \['edges', 'image', 'image\+edges'\]"):
         netrules.condition_channels("edge")
     assert [netrules.condition_channels(c) for c in netrules.CONDITIONS] == [("edges",), ("image",), ("image", "edges")]
+
+
+@pytest.mark.parametrize("condition", ["edges", "image+edges"])
+def test_the_model_spec_alone_defines_the_networks(condition):
+    """build_generator / build_discriminator read only the spec's part of a config: the spec a cascade saves
+    (msgan.spec.ModelSpec) builds the same networks as the config it came from."""
+    from msgan.config import Config
+    from msgan.nets import build_discriminator, build_generator
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(**{"condition": condition, "hr_generator.context": "wide", "train.steps": 3})
+    spec = cfg.spec()
+    for scale in range(cfg.num_scales):
+        for build in (build_generator, build_discriminator):
+            with torch.device("meta"):
+                a = {k: tuple(v.shape) for k, v in build(cfg, scale).state_dict().items()}
+                b = {k: tuple(v.shape) for k, v in build(spec, scale).state_dict().items()}
+                c = {k: tuple(v.shape) for k, v in build(Config.from_spec(spec), scale).state_dict().items()}
+            assert a == b == c and a

@@ -103,7 +103,9 @@ def _registered(tmp_path, name="safe", seed=2):
 def test_registered_cascade_is_weights_manifest_and_checksums(tracking, tmp_path, rng):
     cfg, _, mv, folder = _registered(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "scale_0.pt", "scale_1.pt"]
-    assert mv.tags[registry.FORMAT_TAG] == "msgan-cascade/1"
+    assert mv.tags[registry.FORMAT_TAG] == "msgan-cascade/2"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert "spec" in manifest and not {"config", "train", "job", "data"} & set(manifest)
     assert mv.tags[registry.MANIFEST_TAG] == hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
     assert registry.pin_model("models:/safe@candidate") == f"models:/safe/{mv.version}"
     assert registry.pin_model("/some/folder") == "/some/folder"
@@ -277,3 +279,45 @@ def test_default_tracking_store_is_the_settings_one(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/given/mlflow.db")
     assert registry.tracking_uri() == f"sqlite:///{tmp_path}/given/mlflow.db"
     assert not (tmp_path / "given").exists()  # a given store is used as given
+
+
+# ----------------------------------------------------------------------------- the spec in, the run settings out
+
+
+def test_a_model_registered_before_the_model_spec_still_loads(tracking, tmp_path):
+    """tests/fixtures/cascade_v1 (manifest format msgan-cascade/1, the whole config), registered as the old
+    code registered it: its artifact, the format tag and the manifest's sha256. The new code loads it and
+    translates the same."""
+    fixture = Path(__file__).parent / "fixtures" / "cascade_v1"
+    client = MlflowClient(tracking)
+    exp = client.create_experiment("old", artifact_location=f"file://{tmp_path}/old")
+    run_id = client.create_run(exp).info.run_id
+    client.log_artifacts(run_id, str(fixture / "model"), "cascade/0123456789abcdef")
+    client.create_registered_model("old-cascade")
+    digest = hashlib.sha256((fixture / "model" / "manifest.json").read_bytes()).hexdigest()
+    tags = {registry.FORMAT_TAG: "msgan-cascade/1", registry.MANIFEST_TAG: digest}
+    client.create_model_version("old-cascade", f"runs:/{run_id}/cascade/0123456789abcdef", run_id=run_id, tags=tags)
+    cascade = registry.load_cascade("models:/old-cascade/1")
+    assert cascade.spec.condition == "image+edges" and cascade.config.data == load_config(None).data
+    y = cascade.translate(np.load(fixture / "input.npy"), tile=8)
+    np.testing.assert_allclose(y, np.load(fixture / "expected.npy"), rtol=0, atol=1e-3)
+
+
+def test_run_settings_are_the_runs_params_and_tags_never_a_data_path(tracking, tmp_path):
+    paths = ["/patients/doe-jane/ct.nii.gz", "/patients/roe-rick/ct.nii.gz"]
+    over = {"data.source": "files", "data.paths": paths, "data.holdout_paths": ["/patients/x/ct.mha"]}
+    cfg = load_config(None, {**TINY, **over, "train.steps": 17, "inference.actors": 5})
+    runs = registry.job_runs("exp", "job-p", 2, cfg.to_dict())
+    cascade = Cascade.untrained(cfg, seed=2)
+    cascade.meta["data_fingerprint"] = "f00d"
+    registry.register_cascade(cascade, runs.parent, "params-test")
+    run = MlflowClient(tracking).get_run(runs.parent)
+    params = run.data.params
+    assert params["train.steps"] == "17" and params["inference.actors"] == "5" and params["job.experiment"] == "msgan"
+    assert params["data.paths.count"] == "2" and params["data.holdout_paths.count"] == "1"
+    assert "data.paths" not in params and not any("patients" in v for v in params.values())
+    assert run.data.tags["msgan.data_fingerprint"] == "f00d"
+    mv = MlflowClient(tracking).get_model_version("params-test", "1")
+    assert mv.tags["msgan.data_fingerprint"] == "f00d"
+    loaded = registry.load_cascade("models:/params-test/1")
+    assert loaded.spec == cfg.spec() and loaded.config.train.steps != 17 and loaded.config.data.paths == ()

@@ -286,7 +286,6 @@ def _register(
     version = tags.get("msgan.registered_version")
     if version is None:
         meta = {
-            "job": job,
             "steps": [o.summary["steps"] for o in outcomes if o.summary],
             "data_fingerprint": hashlib.sha256(json.dumps(sorted(fingerprints)).encode()).hexdigest()[:24],
             "volumes": fingerprints,

@@ -247,6 +247,6 @@ def test_weights_that_do_not_fit_the_config_are_refused(model):
 
 def test_a_config_declaring_a_huge_network_allocates_nothing(model):
     m = _manifest(model)
-    m["config"]["hr_generator"]["width"] = 1 << 16  # ~10^11 parameters: would exhaust memory if built
+    m["spec"]["hr_generator"]["width"] = 1 << 16  # ~10^11 parameters: would exhaust memory if built
     (model / "manifest.json").write_text(json.dumps(m))
     _refused(model, r"scale_1\.pt: the weights do not fit scale 1 of the manifest's config")
