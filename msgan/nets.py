@@ -25,6 +25,7 @@ from msgan.netrules import (
 
 if TYPE_CHECKING:
     from msgan.config import Config
+    from msgan.spec import ModelSpec
 
 # The networks' rules (conditions and channels, HR options, PatchGAN minimum) live in the torch-free
 # :mod:`msgan.netrules`, which the config checks at load; they are importable from here too.
@@ -398,8 +399,8 @@ def count_parameters(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------- construction from a config
 
 
-def build_generator(cfg: Config, scale: int) -> nn.Module:
-    """The generator of ``scale`` as the config describes it (scale 0: U-Net, else HR ResNet)."""
+def build_generator(cfg: Config | ModelSpec, scale: int) -> nn.Module:
+    """The generator of ``scale`` as the model spec (or a config) describes it (scale 0: U-Net, else HR ResNet)."""
     if scale == 0:
         g = cfg.lr_generator
         names = condition_channels(cfg.condition)
@@ -410,7 +411,7 @@ def build_generator(cfg: Config, scale: int) -> nn.Module:
                        condition=cfg.condition, source_residual=cfg.source_residual)  # fmt: skip
 
 
-def build_discriminator(cfg: Config, scale: int) -> PatchDiscriminator:
+def build_discriminator(cfg: Config | ModelSpec, scale: int) -> PatchDiscriminator:
     """PatchGAN on (conditions, image) for the generator of ``scale`` (see :func:`discriminator_channels`)."""
     d = cfg.discriminator
     return PatchDiscriminator(cfg.dims, discriminator_channels(scale, cfg.condition), d.width, d.num_layers, d.norm)
