@@ -56,15 +56,18 @@ def _needs(cascade: Cascade, n: int, tile: int | None = None) -> tuple[int, int,
 
 LOCAL = """
 import json, sys, torch
-from msgan import batch
+from msgan.cascade import Cascade
 from msgan.distributed.translate import current_rss, reset_peak_rss
 from msgan.memory import peak_host_bytes
+from msgan.volumes.local import translate_volume
+from msgan.volumes.pinning import with_overrides
+from msgan.volumes.tasks import volume_task
 torch.set_num_threads(1)
 root, model, tile = sys.argv[1], sys.argv[2], int(sys.argv[3]) or None
-cascade = batch.with_overrides(batch.Cascade.load(model), {"memory_budget_mb": 64})
-task = batch.volume_task(root + "/in/v.zarr", root + "/local", "bench/local")
+cascade = with_overrides(Cascade.load(model), {"memory_budget_mb": 64})
+task = volume_task(root + "/in/v.zarr", root + "/local", "bench/local")
 base = current_rss(); reset_peak_rss()
-batch.translate_volume(task, cascade, tile=tile)
+translate_volume(task, cascade, tile=tile)
 print(json.dumps({"base": base, "peak": peak_host_bytes()}))
 """
 
@@ -183,34 +186,37 @@ def trend(args: argparse.Namespace) -> None:
     """RSS of this process over the finest scale's tiles, one tile per forward (is anything kept per tile?)."""
     import torch
 
-    from msgan import batch
     from msgan.distributed.translate import current_rss, reset_peak_rss
     from msgan.memory import peak_host_bytes
+    from msgan.volumes.heap import bound_heap, release_memory
+    from msgan.volumes.staging import plan_volume, stage
+    from msgan.volumes.steps import run_scale0, scale_tiles
+    from msgan.volumes.tasks import volume_task
 
     torch.set_num_threads(1)
     if not args.glibc_default:
-        batch.bound_heap()
+        bound_heap()
     n, mib = args.size, 2**20
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         tmp = Path(d)
         _, cascade = _model(tmp, **{"inference.memory_budget_mb": 64})
         _volume(tmp, n, "v")
-        task = batch.volume_task(str(tmp / "in" / "v.zarr"), str(tmp / "out"), "bench/trend")
-        vplan = batch.plan_volume(task, cascade, args.tile)
-        batch.stage(task, cascade.config, vplan)
-        batch.run_scale0(task, cascade)
+        task = volume_task(str(tmp / "in" / "v.zarr"), str(tmp / "out"), "bench/trend")
+        vplan = plan_volume(task, cascade, args.tile)
+        stage(task, cascade.config, vplan)
+        run_scale0(task, cascade)
         for s in range(1, cascade.config.num_scales - 1):
-            batch.ScaleRunner(task, cascade, s).run(batch.tiles_of(vplan, s))
+            scale_tiles(task, cascade, s).run(vplan.tiles_of(s))
         s = cascade.config.num_scales - 1
-        tiles = batch.tiles_of(vplan, s)
-        runner = batch.ScaleRunner(task, cascade, s)
-        batch.release_memory()
+        tiles = vplan.tiles_of(s)
+        runner = scale_tiles(task, cascade, s)
+        release_memory()
         reset_peak_rss()
         print(f"{n}^3, finest scale, {len(tiles)} tiles of {args.tile}: RSS at start {current_rss() / mib:.0f} MiB")
         for i, t in enumerate(tiles):
             runner.run([t])
             if i % 25 == 0 or i == len(tiles) - 1:
-                batch.release_memory()
+                release_memory()
                 print(f"  tile {i + 1}: RSS {current_rss() / mib:.0f} MiB, peak {peak_host_bytes() / mib:.0f} MiB")
 
 
@@ -289,7 +295,7 @@ def main() -> None:
     t = sub.add_parser("trend")
     t.add_argument("--size", type=int, default=256)
     t.add_argument("--tile", type=int, default=48)
-    t.add_argument("--glibc-default", action="store_true", help="without batch.bound_heap (glibc's defaults)")
+    t.add_argument("--glibc-default", action="store_true", help="without heap.bound_heap (glibc's defaults)")
     t.add_argument("--tmp", default=None)
     o = sub.add_parser("overhead")
     o.add_argument("--size", type=int, default=128)

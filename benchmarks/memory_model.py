@@ -23,7 +23,7 @@ import sys
 CASE = """
 import json, sys
 import numpy as np, torch
-from msgan import batch
+from msgan.volumes.heap import bound_heap, release_memory
 from msgan.cascade import Cascade
 from msgan.config import load_config
 from msgan.distributed.translate import current_rss, reset_peak_rss
@@ -35,7 +35,7 @@ from msgan.tiling import tile_grid
 
 config, what, n, bs, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
-batch.bound_heap()
+bound_heap()
 cascade = Cascade.untrained(load_config(config, {}), seed=0)
 dims = cascade.config.dims
 rng = np.random.default_rng(0)
@@ -50,14 +50,14 @@ if what == "hr":
     feed, write = tile_feed(gen, arrays), array_writer(out)
     run_tiles(gen, tiles[:bs], feed, write, bs)  # warm-up: oneDNN primitives for this shape
     model = hr_inference_bytes(gen, n, dims, bs) - 4 * count_parameters(gen)
-    batch.release_memory(); base = current_rss(); reset_peak_rss()
+    release_memory(); base = current_rss(); reset_peak_rss()
     run_tiles(gen, tiles, feed, write, bs)
 else:
     gen = cascade.generators[0]
     arrays = {k: rng.uniform(-1, 1, (n,) * dims).astype(np.float32) for k in ("image", "edges")}
     run_whole(gen, arrays)
     model = forward_peak_bytes(gen, (1, len(gen.channels)) + (n,) * dims)
-    batch.release_memory(); base = current_rss(); reset_peak_rss()
+    release_memory(); base = current_rss(); reset_peak_rss()
     y = run_whole(gen, arrays)
 print(json.dumps({"measured": peak_host_bytes() - base, "model": model}))
 """
@@ -65,12 +65,12 @@ print(json.dumps({"measured": peak_host_bytes() - base, "model": model}))
 LAYER = """
 import json, sys, time, torch
 import torch.nn.functional as F
-from msgan import batch
+from msgan.volumes.heap import bound_heap, release_memory
 from msgan.distributed.translate import current_rss, reset_peak_rss
 from msgan.memory import peak_host_bytes, forward_peak_bytes
 from msgan.nets import conv
 cin, cout, side, layout = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-torch.set_num_threads(1); batch.bound_heap()
+torch.set_num_threads(1); bound_heap()
 c = conv(3, cin, cout, 3)
 x = torch.rand(1, cin, side, side, side)
 if layout == "channels_last":
@@ -84,7 +84,7 @@ def seconds(f):
 
 with torch.no_grad():
     c(x)
-    batch.release_memory(); base = current_rss(); reset_peak_rss()
+    release_memory(); base = current_rss(); reset_peak_rss()
     y = c(x)
     extra = peak_host_bytes() - base - y.numel() * 4
     ours = seconds(lambda: c(x))

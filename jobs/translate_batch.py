@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from msgan.redact import install
 
     install()  # every line printed from here on (errors, tracebacks, workers' output) has secrets masked
-    from msgan.batch import VolumeError
     from msgan.config import ConfigError, parse_overrides
+    from msgan.io.volume import VolumeError
 
     try:
         over = parse_overrides(args.overrides)

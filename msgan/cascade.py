@@ -17,7 +17,6 @@ import os
 import pickle
 import re
 import stat
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,37 +489,14 @@ class Cascade:
         """Run the cascade on named arrays per scale (LR first): ``image`` (the windowed source) and/or
         ``edges``, as the config's ``condition`` needs. ``outputs`` receive each scale's image (window
         units); numpy arrays are made when not given. Returns (outputs, timings)."""
-        cfg = self.config
-        if len(levels) != cfg.num_scales:
-            raise ValueError(f"{len(levels)} levels given; the cascade has {cfg.num_scales} scales")
-        shapes = []
-        for s, arrays in enumerate(levels):
-            named = [a for k, a in arrays.items() if k != "prev"]
-            if not named:
-                raise ValueError(f"level {s} holds no image or edges array")
-            shape = tuple(named[0].shape)
-            if len(shape) != cfg.dims:
-                raise ValueError(f"level {s} has shape {shape}; the cascade is {cfg.dims}D")
-            shapes.append(shape)
-        outs = list(outputs) if outputs is not None else [np.zeros(sh, np.float32) for sh in shapes]
-        stats: dict[str, Any] = {"scales": []}
-        t0 = time.perf_counter()
-        outs[0][...] = run_lr(self.generators[0], levels[0], device, cfg.train.amp)
-        stats["scales"].append({"scale": 0, "tiles": 1, "seconds": time.perf_counter() - t0})
-        for s in range(1, cfg.num_scales):
-            gen = self.generators[s]
-            assert isinstance(gen, HRGenerator)
-            core = tile if tile is not None else self.tile_size(s, shapes[s])
-            t0 = time.perf_counter()
+        from msgan.scale_loop import ArrayTarget, InProcess, run_cascade  # the one per-scale driver
 
-            def report(done: int, total: int, s: int = s) -> None:
-                if progress is not None:
-                    progress(s, done, total)
+        def core(scale: int, shape: tuple[int, ...]) -> int:
+            return tile if tile is not None else self.tile_size(scale, shape)
 
-            arrays = {**levels[s], "prev": outs[s - 1]}
-            n = run_scale(gen, arrays, outs[s], core, cfg.inference.batch_size, device, cfg.train.amp, report)
-            stats["scales"].append({"scale": s, "tiles": n, "tile": core, "seconds": time.perf_counter() - t0})
-        return outs, stats
+        target = ArrayTarget(levels, self.config, core, outputs)
+        scales = run_cascade(self.config.num_scales, InProcess(self, target, device), progress)
+        return target.outputs, {"scales": scales}
 
     def translate(
         self,

@@ -46,8 +46,8 @@ def cmd_new_model(args: argparse.Namespace) -> int:
 
 def cmd_translate(args: argparse.Namespace) -> int:
     from msgan import outputs
-    from msgan.batch import is_ours
     from msgan.io.volume import read_volume, write_volume
+    from msgan.volumes.tasks import is_ours
 
     if str(args.input).endswith(".zarr") and str(args.output).endswith(".zarr"):
         return _translate_store(args)
@@ -55,9 +55,9 @@ def cmd_translate(args: argparse.Namespace) -> int:
     exists = outputs.refuse_foreign(output, lambda u: is_ours(u) or outputs.is_msgan_volume(u), replace=args.replace)
     if exists and not args.replace:
         raise outputs.OutputError(f"{args.output}: exists (msgan's translation); pass --replace to replace it")
-    from msgan.batch import resolve_plan
+    from msgan.volumes.pinning import pin
 
-    cascade = resolve_plan(args.model).load(args.device)  # the one model-reference dispatch (registry or folder)
+    cascade = pin(args.model).load(args.device)  # the one model-reference dispatch (registry or folder)
     image, geom = read_volume(args.input)
     if image.ndim != cascade.config.dims:
         raise SystemExit(f"msgan: {args.input}: a {image.ndim}D image; the model translates {cascade.config.dims}D")
@@ -79,16 +79,18 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 def _translate_store(args: argparse.Namespace) -> int:
     """zarr to zarr: staged, tile by tile, constant memory; the output appears only when complete."""
-    from msgan import batch
+    from msgan.volumes.local import translate_volume
+    from msgan.volumes.pinning import pin
+    from msgan.volumes.tasks import check_output, volume_task
 
-    plan = batch.resolve_plan(args.model)  # the alias resolved once: what loads is what the manifest names
-    task = batch.volume_task(args.input, "", plan.model_id, output=args.output, run=plan.run)
-    batch.check_output(task, args.replace, args.replace)  # before loading anything: absent or msgan's own
-    cascade = plan.load(args.device)
+    pinned = pin(args.model)  # the alias resolved once: what loads is what the manifest names
+    task = volume_task(args.input, "", pinned.model_id, output=args.output, run=pinned.run)
+    check_output(task, args.replace, args.replace)  # before loading anything: absent or msgan's own
+    cascade = pinned.load(args.device)
     t0 = time.perf_counter()
     progress = None if args.quiet else Progress(sys.stderr)
     try:
-        manifest = batch.translate_volume(
+        manifest = translate_volume(
             task, cascade, args.device, tile=args.tile, progress=scale_progress(progress) if progress else None,
             replace=args.replace, volumes=args.replace,
         )  # fmt: skip

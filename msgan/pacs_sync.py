@@ -148,17 +148,17 @@ def _redacting(log: Log) -> Log:
 
 def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = print) -> SyncReport:
     """One pass: find, ingest, translate, export and push; returns what happened to each series."""
-    from msgan.batch import resolve_plan
     from msgan.distributed.translate import translate_batch
     from msgan.io.convert import export, ingest
     from msgan.io.dicom import DicomError
+    from msgan.volumes.pinning import pin
 
     t0 = time.perf_counter()
     log = _redacting(log)  # every line this pass logs, the batch's included
     client = client or DicomWebClient.from_env()
     root = storage.normalize_uri(cfg.storage)
     state = State(root)
-    plan = resolve_plan(cfg.model, cfg.inference)  # the alias resolved once: state, manifests, every task
+    plan = pin(cfg.model, cfg.inference)  # the alias resolved once: state, manifests, every task
     model = plan.model_id
     report = SyncReport(model=model)
     todo = _select(cfg, client, state, model, report)

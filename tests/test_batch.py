@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 import zarr
 
-from msgan import batch, storage
+from msgan import storage
 from msgan.cascade import Cascade
-from msgan.io.volume import Geometry, write_zarr
+from msgan.io.volume import Geometry, VolumeError, write_zarr
+from msgan.volumes import publishing, staging, steps
+from msgan.volumes.local import translate_volume
+from msgan.volumes.pinning import ModelError, pin
+from msgan.volumes.tasks import check_collisions, expand_inputs, is_published, volume_task
 from tests.conftest import randomize_batchnorm, s3_keys, tiny_config
 
 GEOM = Geometry((0.8, 0.8, 2.0), (-10.0, 5.0, 100.0), (1, 0, 0, 0, 0, 1, 0, -1, 0))
@@ -29,8 +33,8 @@ def _volume(tmp_path, name, shape=(37, 29, 41), seed=0):
 
 def test_staged_translation_equals_in_memory_cascade_byte_for_byte(tmp_path, cascade):
     img = _volume(tmp_path, "v1")
-    task = batch.volume_task(str(tmp_path / "in" / "v1.zarr"), str(tmp_path / "out"), "m/1")
-    manifest = batch.translate_volume(task, cascade, tile=12)
+    task = volume_task(str(tmp_path / "in" / "v1.zarr"), str(tmp_path / "out"), "m/1")
+    manifest = translate_volume(task, cascade, tile=12)
     out = zarr.open_group(str(tmp_path / "out" / "v1.zarr"), mode="r")
     assert out["0"][...].tobytes() == cascade.translate(img, tile=12).tobytes()
     assert [out[str(k)].shape for k in range(3)] == [(37, 29, 41), (19, 15, 21), (10, 8, 11)]
@@ -43,8 +47,8 @@ def test_staged_translation_equals_in_memory_cascade_byte_for_byte(tmp_path, cas
         == (manifest["checksum_sha256"])
     )
     assert not (tmp_path / "out" / ".staging").exists(), "staging cleaned up, its empty folder too"
-    assert batch.is_published(task) and manifest["status"] == "translated"
-    again = batch.translate_volume(batch.volume_task(task.input, str(tmp_path / "out"), "m/1"), cascade)
+    assert is_published(task) and manifest["status"] == "translated"
+    again = translate_volume(volume_task(task.input, str(tmp_path / "out"), "m/1"), cascade)
     assert again["status"] == "skipped" and again["checksum_sha256"] == manifest["checksum_sha256"]
 
 
@@ -52,8 +56,8 @@ def test_published_output_does_not_depend_on_tile(tmp_path, cascade):
     _volume(tmp_path, "v2", shape=(30, 22, 26))
     outs = []
     for tile in (6, 16):
-        task = batch.volume_task(str(tmp_path / "in" / "v2.zarr"), str(tmp_path / f"out{tile}"), "m/1")
-        batch.translate_volume(task, cascade, tile=tile)
+        task = volume_task(str(tmp_path / "in" / "v2.zarr"), str(tmp_path / f"out{tile}"), "m/1")
+        translate_volume(task, cascade, tile=tile)
         outs.append(zarr.open_group(str(tmp_path / f"out{tile}" / "v2.zarr"), mode="r")["0"][...])
     spread = float(outs[0].max() - outs[0].min())
     assert float(np.abs(outs[0] - outs[1]).max()) <= 1e-5 * spread, "tile sizes differ by float rounding only"
@@ -83,9 +87,9 @@ def test_bad_volume_fails_clearly_and_publishes_nothing(tmp_path, cascade, break
             del g["0"]
         else:
             del g.attrs["msgan"]
-    task = batch.volume_task(str(path), str(tmp_path / "out"), "m/1")
-    with pytest.raises(batch.VolumeError, match=message) as info:
-        batch.translate_volume(task, cascade)
+    task = volume_task(str(path), str(tmp_path / "out"), "m/1")
+    with pytest.raises(VolumeError, match=message) as info:
+        translate_volume(task, cascade)
     assert "bad.zarr" in str(info.value)
     assert not (tmp_path / "out" / "bad.zarr").exists()
     assert not any((tmp_path / "out" / ".staging").glob("*")), "staging removed after a failure"
@@ -93,24 +97,24 @@ def test_bad_volume_fails_clearly_and_publishes_nothing(tmp_path, cascade, break
 
 def test_unwritten_tile_blocks_publishing(tmp_path, cascade):
     _volume(tmp_path, "v3")
-    task = batch.volume_task(str(tmp_path / "in" / "v3.zarr"), str(tmp_path / "out"), "m/1")
-    plan = batch.plan_volume(task, cascade)
-    batch.stage(task, cascade.config, plan)
-    batch.run_scale0(task, cascade)
+    task = volume_task(str(tmp_path / "in" / "v3.zarr"), str(tmp_path / "out"), "m/1")
+    vplan = staging.plan_volume(task, cascade)
+    staging.stage(task, cascade.config, vplan)
+    steps.run_scale0(task, cascade)
     for s in (1, 2):
-        tiles = batch.tiles_of(plan, s)
-        batch.ScaleRunner(task, cascade, s).run(tiles[:-1] if s == 2 else tiles)  # one tile of the last scale lost
-    with pytest.raises(batch.VolumeError, match="unwritten voxels"):
-        batch.publish(task, {})
-    assert not batch.is_published(task)
+        tiles = vplan.tiles_of(s)
+        steps.scale_tiles(task, cascade, s).run(tiles[:-1] if s == 2 else tiles)  # one tile of the last scale lost
+    with pytest.raises(VolumeError, match="unwritten voxels"):
+        publishing.publish(task, {})
+    assert not is_published(task)
 
 
 def test_s3_volume_published_with_manifest_last(s3_bucket, tmp_path, cascade):
     img = np.random.default_rng(3).uniform(-1000, 500, (24, 20, 22)).astype(np.float32)
     src = f"s3://{s3_bucket}/in/v4.zarr"
     write_zarr(src, [img], GEOM, chunks=8)
-    task = batch.volume_task(src, f"s3://{s3_bucket}/out", "m/1")
-    batch.translate_volume(task, cascade)
+    task = volume_task(src, f"s3://{s3_bucket}/out", "m/1")
+    translate_volume(task, cascade)
     keys = s3_keys(s3_bucket, "out/")
     assert "out/v4.zarr/manifest.json" in keys and "out/v4.zarr/0/zarr.json" in keys
     assert not [k for k in keys if "/.staging/" in k], "staging removed from the bucket"
@@ -123,12 +127,12 @@ def test_expand_inputs(tmp_path):
     for n in ("a", "b"):
         _volume(tmp_path, n, shape=(8, 8, 8))
     (tmp_path / "in" / "notes.txt").write_text("x")
-    got = batch.expand_inputs([str(tmp_path / "in")])
+    got = expand_inputs([str(tmp_path / "in")])
     assert [u.rsplit("/", 1)[1] for u in got] == ["a.zarr", "b.zarr"]
-    with pytest.raises(batch.VolumeError, match=r"no \.zarr volumes"):
-        batch.expand_inputs([str(tmp_path)])
-    with pytest.raises(batch.VolumeError, match="neither"):
-        batch.expand_inputs([str(tmp_path / "missing")])
+    with pytest.raises(VolumeError, match=r"no \.zarr volumes"):
+        expand_inputs([str(tmp_path)])
+    with pytest.raises(VolumeError, match="neither"):
+        expand_inputs([str(tmp_path / "missing")])
 
 
 # ----------------------------------------------------------------------------- no silent wrong output
@@ -146,11 +150,9 @@ def _out(tmp_path, name, sub="out"):
 def test_output_of_another_model_is_translated_again_and_replaced(tmp_path, cascade, other_cascade):
     img = _volume(tmp_path, "v5", shape=(20, 18, 22))
     src = str(tmp_path / "in" / "v5.zarr")
-    batch.translate_volume(batch.volume_task(src, str(tmp_path / "out"), "m/1"), cascade)
+    translate_volume(volume_task(src, str(tmp_path / "out"), "m/1"), cascade)
     logged = []
-    manifest = batch.translate_volume(
-        batch.volume_task(src, str(tmp_path / "out"), "m/2"), other_cascade, log=logged.append
-    )
+    manifest = translate_volume(volume_task(src, str(tmp_path / "out"), "m/2"), other_cascade, log=logged.append)
     assert manifest["status"] == "re-translated" and manifest["previous_model"] == "m/1"
     assert "re-translated: model m/1 -> m/2" in logged
     on_disk = json.loads((tmp_path / "out" / "v5.zarr" / "manifest.json").read_text())
@@ -162,12 +164,12 @@ def test_output_of_another_model_is_translated_again_and_replaced(tmp_path, casc
 def test_failed_retranslation_keeps_the_old_output(tmp_path, cascade, other_cascade):
     _volume(tmp_path, "v6", shape=(20, 18, 22))
     src = tmp_path / "in" / "v6.zarr"
-    first = batch.translate_volume(batch.volume_task(str(src), str(tmp_path / "out"), "m/1"), cascade)
+    first = translate_volume(volume_task(str(src), str(tmp_path / "out"), "m/1"), cascade)
     before = _out(tmp_path, "v6")
     chunk = sorted(p for p in (src / "0" / "c").rglob("*") if p.is_file())[0]
     chunk.unlink()  # the input is now incomplete
-    with pytest.raises(batch.VolumeError, match="never written"):
-        batch.translate_volume(batch.volume_task(str(src), str(tmp_path / "out"), "m/2"), other_cascade)
+    with pytest.raises(VolumeError, match="never written"):
+        translate_volume(volume_task(str(src), str(tmp_path / "out"), "m/2"), other_cascade)
     assert json.loads((tmp_path / "out" / "v6.zarr" / "manifest.json").read_text())["model"] == "m/1"
     np.testing.assert_array_equal(_out(tmp_path, "v6"), before)
     assert first["status"] == "translated"
@@ -176,47 +178,45 @@ def test_failed_retranslation_keeps_the_old_output(tmp_path, cascade, other_casc
 def test_missing_input_chunk_is_an_error_naming_volume_and_chunk(tmp_path, cascade):
     _volume(tmp_path, "holes", shape=(20, 18, 22))
     (tmp_path / "in" / "holes.zarr" / "0" / "c" / "0" / "0" / "0").unlink()
-    task = batch.volume_task(str(tmp_path / "in" / "holes.zarr"), str(tmp_path / "out"), "m/1")
-    with pytest.raises(batch.VolumeError, match=r"holes\.zarr.*never written \(first: c/0/0/0\)"):
-        batch.translate_volume(task, cascade)
+    task = volume_task(str(tmp_path / "in" / "holes.zarr"), str(tmp_path / "out"), "m/1")
+    with pytest.raises(VolumeError, match=r"holes\.zarr.*never written \(first: c/0/0/0\)"):
+        translate_volume(task, cascade)
     assert not (tmp_path / "out" / "holes.zarr").exists()
 
 
 def test_corrupt_input_chunk_is_an_error_naming_volume_and_chunk(tmp_path, cascade):
     write_zarr(tmp_path / "in" / "bad.zarr", [np.full((20, 18, 22), 40.0, np.float32)], GEOM, chunks=8)
     (tmp_path / "in" / "bad.zarr" / "0" / "c" / "1" / "0" / "2").write_bytes(b"not zstd at all" * 8)
-    task = batch.volume_task(str(tmp_path / "in" / "bad.zarr"), str(tmp_path / "out"), "m/1")
-    with pytest.raises(batch.VolumeError, match=r"bad\.zarr: chunk c/1/0/2 of array '0' cannot be read"):
-        batch.translate_volume(task, cascade)
+    task = volume_task(str(tmp_path / "in" / "bad.zarr"), str(tmp_path / "out"), "m/1")
+    with pytest.raises(VolumeError, match=r"bad\.zarr: chunk c/1/0/2 of array '0' cannot be read"):
+        translate_volume(task, cascade)
     assert not (tmp_path / "out" / "bad.zarr").exists()
     assert not any((tmp_path / "out" / ".staging").glob("*"))
 
 
 def test_malformed_output_manifest_is_a_clear_error(tmp_path, cascade):
     _volume(tmp_path, "v7", shape=(12, 12, 12))
-    task = batch.volume_task(str(tmp_path / "in" / "v7.zarr"), str(tmp_path / "out"), "m/1")
+    task = volume_task(str(tmp_path / "in" / "v7.zarr"), str(tmp_path / "out"), "m/1")
     (tmp_path / "out" / "v7.zarr").mkdir(parents=True)
     (tmp_path / "out" / "v7.zarr" / "manifest.json").write_text(json.dumps({"volume": "v7"}))
-    with pytest.raises(batch.VolumeError, match=r"v7\.zarr/manifest\.json: malformed manifest: missing keys model"):
-        batch.translate_volume(task, cascade)
+    with pytest.raises(VolumeError, match=r"v7\.zarr/manifest\.json: malformed manifest: missing keys model"):
+        translate_volume(task, cascade)
 
 
 def test_malformed_model_manifest_is_a_clear_error(tmp_path, cascade):
     folder = cascade.save(tmp_path / "model")
     (folder / "manifest.json").write_text(json.dumps({"format": "msgan-cascade/1"}))
-    with pytest.raises(
-        batch.ModelError, match=r"model/manifest\.json: malformed cascade manifest: missing keys config"
-    ):
-        batch.resolve_plan(str(folder))
+    with pytest.raises(ModelError, match=r"model/manifest\.json: malformed cascade manifest: missing keys config"):
+        pin(str(folder))
 
 
 def test_os_error_is_one_clear_line_and_nothing_is_published(tmp_path, cascade):
     _volume(tmp_path, "v8", shape=(12, 12, 12))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / ".staging").write_text("a file where the staging folder goes")
-    task = batch.volume_task(str(tmp_path / "in" / "v8.zarr"), str(tmp_path / "out"), "m/1")
-    with pytest.raises(batch.VolumeError, match=r"v8: .*\.staging.*nothing published"):
-        batch.translate_volume(task, cascade)
+    task = volume_task(str(tmp_path / "in" / "v8.zarr"), str(tmp_path / "out"), "m/1")
+    with pytest.raises(VolumeError, match=r"v8: .*\.staging.*nothing published"):
+        translate_volume(task, cascade)
     assert not (tmp_path / "out" / "v8.zarr").exists()
     assert not (tmp_path / "out" / ".leases" / "v8.zarr.json").exists(), "lease released"
 
@@ -230,9 +230,9 @@ def test_full_disk_is_one_clear_line_and_nothing_is_published(tmp_path, cascade)
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(out)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk")
     try:
-        task = batch.volume_task(str(tmp_path / "in" / "v9.zarr"), str(out), "m/1")
-        with pytest.raises(batch.VolumeError, match="No space left on device") as info:
-            batch.translate_volume(task, cascade)
+        task = volume_task(str(tmp_path / "in" / "v9.zarr"), str(out), "m/1")
+        with pytest.raises(VolumeError, match="No space left on device") as info:
+            translate_volume(task, cascade)
         assert "\n" not in str(info.value) and "nothing published" in str(info.value)
         assert not (out / "v9.zarr").exists() and not any((out / ".staging").glob("*"))
     finally:
@@ -247,12 +247,12 @@ def test_another_run_holding_the_lease_is_refused_its_retry_is_not(tmp_path, cas
 
     _volume(tmp_path, "v10", shape=(12, 12, 12))
     src, out = str(tmp_path / "in" / "v10.zarr"), str(tmp_path / "out")
-    first = batch.volume_task(src, out, "m/1", run="runA")
+    first = volume_task(src, out, "m/1", run="runA")
     lease.acquire(first.lease, first.output)  # run A is busy with it
-    with pytest.raises(batch.VolumeError, match=r"another run is publishing it.*run runA \(host"):
-        batch.translate_volume(batch.volume_task(src, out, "m/1", run="runB"), cascade)
+    with pytest.raises(VolumeError, match=r"another run is publishing it.*run runA \(host"):
+        translate_volume(volume_task(src, out, "m/1", run="runB"), cascade)
     assert not (tmp_path / "out" / "v10.zarr").exists()
-    manifest = batch.translate_volume(batch.volume_task(src, out, "m/1", run="runA"), cascade)  # a retry of run A
+    manifest = translate_volume(volume_task(src, out, "m/1", run="runA"), cascade)  # a retry of run A
     assert manifest["run"] == "runA" and not lease.holds(first.lease)
 
 
@@ -261,12 +261,12 @@ def test_staging_is_per_run_and_dead_runs_staging_is_swept(tmp_path, cascade):
 
     _volume(tmp_path, "v11", shape=(12, 12, 12))
     src, out = str(tmp_path / "in" / "v11.zarr"), str(tmp_path / "out")
-    a, b = batch.volume_task(src, out, "m/1", run="r1"), batch.volume_task(src, out, "m/1", run="r2")
+    a, b = volume_task(src, out, "m/1", run="r1"), volume_task(src, out, "m/1", run="r2")
     assert a.staging != b.staging
     for t in (a, b):
-        batch.stage(t, cascade.config, batch.plan_volume(t, cascade))
+        staging.stage(t, cascade.config, staging.plan_volume(t, cascade))
     lease.acquire(b.lease, b.output)  # r2 is alive, r1 was killed
-    removed = batch.sweep_staging(storage.normalize_uri(tmp_path / "out"))
+    removed = publishing.sweep_staging(storage.normalize_uri(tmp_path / "out"))
     assert removed == [a.staging]
     assert storage.exists(b.staging) and not storage.exists(a.staging)
 
@@ -277,14 +277,14 @@ def test_publish_exchanges_the_old_output_for_the_new(tmp_path):
         d.mkdir(parents=True)
         (d / "f").write_text(text)
     (dest / "only-old").write_text("x")
-    batch._replace_dir(new, dest)
+    publishing.replace_dir(new, dest)
     assert (dest / "f").read_text() == "new" and not (dest / "only-old").exists() and not new.exists()
 
 
 def test_two_inputs_for_one_output_are_refused(tmp_path):
-    tasks = [batch.volume_task(str(tmp_path / d / "v.zarr"), str(tmp_path / "out"), "m/1") for d in ("a", "b")]
-    with pytest.raises(batch.VolumeError, match=r"2 inputs map to one output .*out/v\.zarr: .*a/v\.zarr, .*b/v\.zarr"):
-        batch.check_collisions(tasks)
+    tasks = [volume_task(str(tmp_path / d / "v.zarr"), str(tmp_path / "out"), "m/1") for d in ("a", "b")]
+    with pytest.raises(VolumeError, match=r"2 inputs map to one output .*out/v\.zarr: .*a/v\.zarr, .*b/v\.zarr"):
+        check_collisions(tasks)
 
 
 # ----------------------------------------------------------------------------- the pinned plan
@@ -292,10 +292,10 @@ def test_two_inputs_for_one_output_are_refused(tmp_path):
 
 def test_folder_plan_refuses_a_cascade_changed_after_pinning(tmp_path, cascade, other_cascade):
     folder = cascade.save(tmp_path / "model")
-    plan = batch.resolve_plan(str(folder), {"batch_size": 3})
+    plan = pin(str(folder), {"batch_size": 3})
     assert plan.model_id.startswith("model/") and plan.load().config.inference.batch_size == 3
     other_cascade.save(folder, replace=True)
-    with pytest.raises(batch.ModelError, match="changed since this batch pinned it"):
+    with pytest.raises(ModelError, match="changed since this batch pinned it"):
         plan.load()
 
 
@@ -311,11 +311,11 @@ def test_plan_pins_the_registry_version_the_alias_named(tmp_path, monkeypatch, c
         registry.register_cascade(c, client.create_run(exp).info.run_id, "pinned", alias="champion")
     registry.promote("pinned", "1", "champion")
     img = _volume(tmp_path, "v12", shape=(20, 18, 22))
-    plan = batch.resolve_plan("models:/pinned@champion")
+    plan = pin("models:/pinned@champion")
     assert plan.model == "models:/pinned/1" and plan.model_id == "pinned/1"
     registry.promote("pinned", "2", "champion")  # promoted while the batch runs
-    task = batch.volume_task(str(tmp_path / "in" / "v12.zarr"), str(tmp_path / "out"), plan.model_id, run=plan.run)
-    manifest = batch.translate_volume(task, plan.load())
+    task = volume_task(str(tmp_path / "in" / "v12.zarr"), str(tmp_path / "out"), plan.model_id, run=plan.run)
+    manifest = translate_volume(task, plan.load())
     assert manifest["model"] == "pinned/1"
     np.testing.assert_allclose(_out(tmp_path, "v12"), cascade.translate(img), atol=1e-5 * 1024)
 
@@ -324,8 +324,8 @@ def test_a_chunk_equal_to_the_fill_value_is_stored_and_not_mistaken_for_a_missin
     img = np.random.default_rng(4).uniform(-1000, 500, (20, 18, 22)).astype(np.float32)
     img[:8, :8, :8] = 0.0  # an MR-like empty background chunk equals zarr's default fill value
     write_zarr(tmp_path / "in" / "mr.zarr", [img], GEOM, chunks=8)
-    task = batch.volume_task(str(tmp_path / "in" / "mr.zarr"), str(tmp_path / "out"), "m/1")
-    assert batch.translate_volume(task, cascade)["status"] == "translated"
+    task = volume_task(str(tmp_path / "in" / "mr.zarr"), str(tmp_path / "out"), "m/1")
+    assert translate_volume(task, cascade)["status"] == "translated"
 
 
 def test_outside_the_window_outputs_blend_to_the_source_as_in_memory(tmp_path):
@@ -333,8 +333,8 @@ def test_outside_the_window_outputs_blend_to_the_source_as_in_memory(tmp_path):
     img = np.random.default_rng(5).uniform(-1000, 500, (20, 18, 22)).astype(np.float32)
     img[4:12, 4:12, 4:12] = 3000.0  # metal: far above the window
     write_zarr(tmp_path / "in" / "metal.zarr", [img], GEOM)
-    task = batch.volume_task(str(tmp_path / "in" / "metal.zarr"), str(tmp_path / "out"), "m/1")
-    batch.translate_volume(task, c)
+    task = volume_task(str(tmp_path / "in" / "metal.zarr"), str(tmp_path / "out"), "m/1")
+    translate_volume(task, c)
     out = _out(tmp_path, "metal")
     np.testing.assert_allclose(out, c.translate(img), atol=1e-5 * 4000)
     assert float(np.abs(out[6:10, 6:10, 6:10] - 3000.0).max()) < 1.0, "the metal passes through"
@@ -351,8 +351,8 @@ def test_outside_the_window_outputs_blend_to_the_source_as_in_memory(tmp_path):
 def test_image_conditioned_cascade_translates_staged_byte_for_byte(tmp_path, options):
     c = Cascade.untrained(tiny_config(**options), seed=4)
     img = _volume(tmp_path, "cond", shape=(21, 18, 20))
-    task = batch.volume_task(str(tmp_path / "in" / "cond.zarr"), str(tmp_path / "out"), "m/1")
-    batch.translate_volume(task, c, tile=8)
+    task = volume_task(str(tmp_path / "in" / "cond.zarr"), str(tmp_path / "out"), "m/1")
+    translate_volume(task, c, tile=8)
     assert _out(tmp_path, "cond").tobytes() == c.translate(img, tile=8).tobytes()
 
 
@@ -375,10 +375,10 @@ def test_s3_retranslation_replaces_the_output_and_the_manifest_names_what_is_the
     img = np.random.default_rng(6).uniform(-1000, 500, (16, 14, 18)).astype(np.float32)
     src = f"s3://{s3_bucket}/in/v.zarr"
     write_zarr(src, [img], GEOM, chunks=8)
-    batch.translate_volume(batch.volume_task(src, f"s3://{s3_bucket}/out", "m/1"), cascade, tile=8)
+    translate_volume(volume_task(src, f"s3://{s3_bucket}/out", "m/1"), cascade, tile=8)
     many = len(s3_keys(s3_bucket, "out/v.zarr/"))
-    task = batch.volume_task(src, f"s3://{s3_bucket}/out", "m/2")
-    manifest = batch.translate_volume(task, other_cascade, tile=16)  # fewer, larger chunks than before
+    task = volume_task(src, f"s3://{s3_bucket}/out", "m/2")
+    manifest = translate_volume(task, other_cascade, tile=16)  # fewer, larger chunks than before
     keys = s3_keys(s3_bucket, "out/v.zarr/")
     assert manifest["status"] == "re-translated" and manifest["objects"] == len(keys) < many
     store, opts = storage.zarr_store(task.output)
@@ -406,6 +406,41 @@ def test_job_with_a_malformed_model_manifest_exits_with_one_line_naming_the_file
 def test_tile_actor_loads_the_pinned_plan_with_its_overrides(tmp_path, cascade):
     from msgan.distributed.translate import TileWorker
 
-    plan = batch.resolve_plan(str(cascade.save(tmp_path / "model")), {"batch_size": 3})
+    plan = pin(str(cascade.save(tmp_path / "model")), {"batch_size": 3})
     worker = TileWorker(plan, [], {}, scale=1, gpus=0.0, threads=1)  # what Ray Data constructs, once per actor
     assert worker.cascade.config.inference.batch_size == 3, "the batch's override reaches the actor"
+
+
+# ----------------------------------------------------------------------------- the volume plan and the one loop
+
+
+def test_volume_plan_is_typed_round_trips_through_staging_and_a_bad_one_is_named(tmp_path, cascade):
+    _volume(tmp_path, "v13", shape=(20, 18, 22))
+    task = volume_task(str(tmp_path / "in" / "v13.zarr"), str(tmp_path / "out"), "m/1")
+    vplan = staging.plan_volume(task, cascade, tile=8)
+    assert vplan.shapes[-1] == (20, 18, 22) and vplan.tiles == (0, 8, 8) and vplan.num_scales == 3
+    assert vplan.geometry == GEOM and vplan.source["patient"] == "p1"
+    assert staging.VolumePlan.from_dict(json.loads(json.dumps(vplan.to_dict()))) == vplan, "JSON and back"
+    staging.stage(task, cascade.config, vplan)
+    assert staging.VolumePlan.staged(task) == vplan, "the staged attribute holds the same plan"
+    assert [len(b) for b in vplan.batches(2, 4)] == [4] * 6 + [3] and len(vplan.tiles_of(2)) == 27
+    zarr.open_group(str(tmp_path / "out" / ".staging" / f"v13-{task.run}" / "inputs.zarr"), mode="r+").attrs["plan"] = {
+        "shapes": [[5, 5, 6]],
+        "tiles": [0, 8],
+        "geometry": GEOM.as_dict(),
+    }
+    with pytest.raises(VolumeError, match=r"v13: staged plan: not a volume plan \(ValueError: shapes, tiles"):
+        publishing.publish(task, {})
+    assert not (tmp_path / "out" / "v13.zarr").exists()
+
+
+def test_local_translation_runs_every_scale_through_the_one_loop(tmp_path, cascade):
+    _volume(tmp_path, "v14", shape=(20, 18, 22))
+    task = volume_task(str(tmp_path / "in" / "v14.zarr"), str(tmp_path / "out"), "m/1")
+    seen: list[tuple[int, int, int]] = []
+    lines: list[str] = []
+    manifest = translate_volume(task, cascade, tile=8, progress=lambda *a: seen.append(a), log=lines.append)
+    assert seen[:2] == [(0, 0, 1), (0, 1, 1)] and {s: (d, n) for s, d, n in seen} == {0: (1, 1), 1: (8, 8), 2: (27, 27)}
+    timings = manifest["timings"]
+    assert [(t["scale"], t["tiles"], t.get("tile")) for t in timings] == [(0, 1, None), (1, 8, 8), (2, 27, 8)]
+    assert [line.split(" in ")[0] for line in lines] == ["  scale 1: 8 tiles of 8", "  scale 2: 27 tiles of 8"]

@@ -36,14 +36,14 @@ def test_forward_peak_follows_what_is_alive():
 HR_PASS = """
 import json, sys
 import numpy as np, torch
-from msgan import batch
+from msgan.volumes.heap import bound_heap, release_memory
 from msgan.distributed.translate import current_rss, reset_peak_rss
 from msgan.engine import array_writer, run_tiles, tile_feed
 from msgan.memory import hr_inference_bytes, peak_host_bytes
 from msgan.nets import HRGenerator, count_parameters
 from msgan.tiling import tile_grid
 torch.set_num_threads(1)
-batch.bound_heap()
+bound_heap()
 gen = HRGenerator(3, width=16, num_blocks=2, norm_kind="none", residual=False, condition="image+edges")
 core, bs = 40, 2
 rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ arrays["prev"] = rng.uniform(-1, 1, (core,) * 3).astype(np.float32)
 tiles, out = tile_grid(grid, core), np.zeros(grid, np.float32)
 feed, write = tile_feed(gen, arrays), array_writer(out)
 run_tiles(gen, tiles[:bs], feed, write, bs)
-batch.release_memory(); base = current_rss(); reset_peak_rss()
+release_memory(); base = current_rss(); reset_peak_rss()
 run_tiles(gen, tiles, feed, write, bs)
 print(json.dumps([peak_host_bytes() - base, hr_inference_bytes(gen, core, 3, bs) - 4 * count_parameters(gen)]))
 """

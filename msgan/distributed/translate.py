@@ -1,15 +1,16 @@
 """Ray Data: cascaded batch translation of many large volumes in object storage.
 
-Per batch, on the driver: one :class:`~msgan.batch.InferencePlan` (the model pinned to a version,
+Per batch, on the driver: one :class:`~msgan.volumes.pinning.PinnedModel` (the model pinned to a version,
 the overrides, the run id), the output of every input (two inputs for one output are refused
 before any work), which outputs are done (by this version: skipped; by another: translated
-again), a lease per output, and each volume's tile plan. Then: stage every volume (a Ray task
-each: windowed image + edge pyramid, block by block), scale 0 (a task per volume on its whole
-LR edge image), and for each HR scale one Ray Data dataset whose rows are the scale's fixed tile
-batches of *all* volumes, mapped onto a pool of actors that each load the pinned cascade once;
-the dataset's end is the barrier between scales. Tiles read their inputs from zarr and write
-their core into their own output chunk: only descriptors and small records pass through the
-object store. A failing volume is reported with its error and never published; the others go on.
+again), a lease per output, and each volume's :class:`~msgan.volumes.staging.VolumePlan`. Then: stage every
+volume (a Ray task each: windowed image + edge pyramid, block by block), and run the one per-scale loop
+(:func:`msgan.scale_loop.run_cascade`) with :class:`RayRunner`: scale 0 as a task per volume on its whole LR
+edge image, and each HR scale as one Ray Data dataset whose rows are the scale's fixed tile batches of *all*
+volumes, mapped onto a pool of actors that each load the pinned cascade once; the dataset's end is the
+barrier between scales. Tiles read their inputs from zarr and write their core into their own output chunk:
+only descriptors and small records pass through the object store. A failing volume is reported with its
+error and never published; the others go on.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from msgan import batch as vb
 from msgan import lease, storage
 from msgan.cascade import Cascade
+from msgan.io.volume import VolumeError
 from msgan.memory import peak_host_bytes
+from msgan.scale_loop import Progress, ScaleTiles, Tick, run_cascade
+from msgan.volumes import publishing, steps
+from msgan.volumes.heap import HEAP_MMAP_THRESHOLD, bound_heap, release_memory
+from msgan.volumes.pinning import PinnedModel, pin
+from msgan.volumes.staging import VolumePlan, plan_volume, stage
+from msgan.volumes.tasks import VolumeTask, check_collisions, check_output, expand_inputs, parent_of, volume_task
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 10.0  # one progress line per interval (and one at the end of each scale)
@@ -34,13 +41,13 @@ PROGRESS_EVERY_S = 10.0  # one progress line per interval (and one at the end of
 # a worker that ran a staging task) with few malloc arenas, so their memory is theirs and stays flat.
 ACTOR_ENV = {
     "MALLOC_ARENA_MAX": "2",
-    "MALLOC_MMAP_THRESHOLD_": str(vb.HEAP_MMAP_THRESHOLD),  # see batch.bound_heap: set before the process starts
+    "MALLOC_MMAP_THRESHOLD_": str(HEAP_MMAP_THRESHOLD),  # see heap.bound_heap: set before the process starts
     "MSGAN_WORKER": "tile-actor",
 }
 
 
-def _task(d: dict[str, Any]) -> vb.VolumeTask:
-    return vb.VolumeTask(**d)
+def _task(d: dict[str, Any]) -> VolumeTask:
+    return VolumeTask(**d)
 
 
 def _device(gpus: float) -> str:
@@ -78,24 +85,24 @@ def _stage(task: dict[str, Any], config: dict[str, Any], vplan: dict[str, Any]) 
     from msgan.config import from_dict
 
     try:
-        vb.stage(_task(task), from_dict(config), vplan)
+        stage(_task(task), from_dict(config), VolumePlan.from_dict(vplan))
         return {"ok": True}
     except Exception as err:  # reported per volume; the batch goes on
-        vb.discard(_task(task))
+        publishing.discard(_task(task))
         return {"error": _error(err)}
 
 
-def _scale0(task: dict[str, Any], plan: vb.InferencePlan, gpus: float) -> dict[str, Any]:
+def _scale0(task: dict[str, Any], model: PinnedModel, gpus: float) -> dict[str, Any]:
     try:
         device = _device(gpus)
-        return {"seconds": vb.run_scale0(_task(task), plan.load(device), device)}
+        return {"seconds": steps.run_scale0(_task(task), model.load(device), device)}
     except Exception as err:
         return {"error": _error(err)}
 
 
 def _publish(task: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     try:
-        return {"manifest": vb.publish(_task(task), info)}
+        return {"manifest": publishing.publish(_task(task), info)}
     except Exception as err:
         return {"error": _error(err)}
 
@@ -105,9 +112,9 @@ class TileWorker:
 
     def __init__(
         self,
-        plan: vb.InferencePlan,
+        model: PinnedModel,
         tasks: list[dict[str, Any]],
-        plans: dict[int, dict[str, Any]],
+        vplans: dict[int, dict[str, Any]],
         scale: int,
         gpus: float,
         threads: int,
@@ -115,18 +122,18 @@ class TileWorker:
         import torch
 
         self.hwm_inherited = peak_host_bytes()  # what this process had peaked at before it became this actor
-        vb.bound_heap()
+        bound_heap()
         reset_peak_rss()
         self.rss_start = current_rss()
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = _device(gpus)
-        self.cascade = plan.load(self.device)
+        self.cascade = model.load(self.device)
         self.tasks = [_task(t) for t in tasks]
         self.scale = scale
         bs = max(1, self.cascade.config.inference.batch_size)
-        self.batches = {v: vb.plan_batches(p, scale, bs) for v, p in plans.items()}
-        self.runners: dict[int, vb.ScaleRunner] = {}  # per volume: its arrays opened once
+        self.batches = {v: VolumePlan.from_dict(p).batches(scale, bs) for v, p in vplans.items()}
+        self.runners: dict[int, ScaleTiles] = {}  # per volume: its arrays opened once
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vols, counts, errors, seconds = [], [], [], []
@@ -136,7 +143,7 @@ class TileWorker:
             t0 = time.perf_counter()
             try:
                 if v not in self.runners:
-                    self.runners[v] = vb.ScaleRunner(self.tasks[v], self.cascade, self.scale)
+                    self.runners[v] = steps.scale_tiles(self.tasks[v], self.cascade, self.scale)
                 self.runners[v].run(tiles, self.device)
                 err = ""
             except Exception as e:  # an error stays with its volume instead of aborting the dataset
@@ -145,7 +152,7 @@ class TileWorker:
             counts.append(0 if err else len(tiles))
             errors.append(err)
             seconds.append(time.perf_counter() - t0)
-        vb.release_memory()
+        release_memory()
         return {
             "volume": np.array(vols, dtype=np.int64),
             "tiles": np.array(counts, dtype=np.int64),
@@ -222,13 +229,13 @@ def _gpus_per_actor(cascade: Cascade) -> float:
     return 0.0
 
 
-def _screen(tasks: list[vb.VolumeTask], report: BatchReport) -> list[vb.VolumeTask]:
+def _screen(tasks: list[VolumeTask], report: BatchReport) -> list[VolumeTask]:
     """Before Ray starts: drop what this version already published (skipped) and outputs that are not msgan's
     (refused, named); :func:`_claim` checks again under each lease."""
     todo = []
     for t in tasks:
         try:
-            previous = vb.check_output(t)
+            previous = check_output(t)
         except (ValueError, OSError) as err:
             report.failed[t.name] = str(err)
             continue
@@ -240,18 +247,18 @@ def _screen(tasks: list[vb.VolumeTask], report: BatchReport) -> list[vb.VolumeTa
 
 
 def _claim(
-    tasks: list[vb.VolumeTask], cascade: Cascade, plan: vb.InferencePlan, report: BatchReport, log: Log
-) -> tuple[list[vb.VolumeTask], dict[int, dict[str, Any]]]:
-    """Skip what this version published, lease the rest, plan their tiles. Returns (tasks, plans)."""
-    todo: list[vb.VolumeTask] = []
+    tasks: list[VolumeTask], cascade: Cascade, model: PinnedModel, report: BatchReport, log: Log
+) -> tuple[list[VolumeTask], dict[int, VolumePlan]]:
+    """Skip what this version published, lease the rest, plan them. Returns (tasks, volume plans by index)."""
+    todo: list[VolumeTask] = []
     for t in tasks:
         try:
-            previous = vb.check_output(t)  # absent, or msgan's own output: anything else is refused
+            previous = check_output(t)  # absent, or msgan's own output: anything else is refused
             if previous is not None and previous["model"] == t.model:
                 report.skipped.append(t.name)
                 continue
             lease.acquire(t.lease, t.output)
-            previous = vb.check_output(t)  # another run may have published it meanwhile
+            previous = check_output(t)  # another run may have published it meanwhile
             if previous is not None and previous["model"] == t.model:
                 lease.release(t.lease)
                 report.skipped.append(t.name)
@@ -263,14 +270,14 @@ def _claim(
             report.retranslated[t.name] = f"{previous['model']} -> {t.model}"
             log(f"  {t.name}: published by {previous['model']}; re-translating with {t.model}")
         todo.append(t)
-    plans: dict[int, dict[str, Any]] = {}
+    vplans: dict[int, VolumePlan] = {}
     for i, t in enumerate(todo):
         try:
-            plans[i] = vb.plan_volume(t, cascade, plan.tile)
-        except (vb.VolumeError, OSError) as err:
+            vplans[i] = plan_volume(t, cascade, model.tile)
+        except (VolumeError, OSError) as err:
             report.failed[t.name] = str(err)
             lease.release(t.lease)
-    return todo, plans
+    return todo, vplans
 
 
 def check_shared(inputs: Sequence[str], out_prefix: str) -> None:
@@ -289,31 +296,31 @@ def check_shared(inputs: Sequence[str], out_prefix: str) -> None:
 def translate_batch(
     inputs: Sequence[str],
     out_prefix: str,
-    model: str | vb.InferencePlan,
+    model: str | PinnedModel,
     overrides: dict[str, Any] | None = None,
     log: Log = print,
     tile: int | None = None,
     progress_every: float = PROGRESS_EVERY_S,
-    progress: vb.Progress | None = None,
+    progress: Progress | None = None,
 ) -> BatchReport:
     """Translate every input volume not yet published under ``out_prefix`` by this model version.
-    ``model``: a reference (its alias is resolved here, once) or a plan a caller already resolved.
+    ``model``: a reference (its alias is resolved here, once) or a model a caller already pinned.
     Progress: ``progress(scale, tiles done, total)`` when given (e.g. a bar on a terminal), else a line
     through ``log`` every ``progress_every`` seconds and at the end of each scale."""
     from msgan.distributed.pipeline import ensure_ray
 
     t_start = time.perf_counter()
-    # the one resolution of the alias in this batch (unless the caller resolved it)
-    plan = model if isinstance(model, vb.InferencePlan) else vb.resolve_plan(model, overrides, tile)
-    cascade = plan.load()
-    report = BatchReport(model=plan.model_id, run=plan.run)
+    # the one resolution of the alias in this batch (unless the caller pinned it)
+    pinned = model if isinstance(model, PinnedModel) else pin(model, overrides, tile)
+    cascade = pinned.load()
+    report = BatchReport(model=pinned.model_id, run=pinned.run)
     all_tasks = []
-    for uri in vb.expand_inputs(inputs):
+    for uri in expand_inputs(inputs):
         try:
-            all_tasks.append(vb.volume_task(uri, out_prefix, plan.model_id, run=plan.run))
+            all_tasks.append(volume_task(uri, out_prefix, pinned.model_id, run=pinned.run))
         except ValueError as err:  # an output that is the input, or a symlink leaving its folder: this volume only
             report.failed[uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")] = str(err)
-    vb.check_collisions(all_tasks)  # before any work
+    check_collisions(all_tasks)  # before any work
     all_tasks = _screen(all_tasks, report)
     if not all_tasks:  # nothing to translate: no Ray started
         log(f"[1/4] 0 volumes to translate ({len(report.skipped)} already published, {len(report.failed)} refused)")
@@ -321,19 +328,19 @@ def translate_batch(
         return report
     ensure_ray(cascade.config)
     check_shared(inputs, out_prefix)  # before any work: every node must reach the inputs and outputs
-    for parent in sorted({vb.parent_of(t.output) for t in all_tasks}):
-        for gone in vb.sweep_staging(parent):
+    for parent in sorted({parent_of(t.output) for t in all_tasks}):
+        for gone in publishing.sweep_staging(parent):
             log(f"  removed stale staging {gone}")
-    tasks: list[vb.VolumeTask] = []
+    tasks: list[VolumeTask] = []
     try:
         with lease.Heartbeat([t.lease for t in all_tasks]):  # from the first lease on, another host sees us alive
-            tasks, plans = _claim(all_tasks, cascade, plan, report, log)
+            tasks, vplans = _claim(all_tasks, cascade, pinned, report, log)
             log(
-                f"[1/4] {len(plans)} volumes to translate with {plan.model_id} (run {plan.run}), "
+                f"[1/4] {len(vplans)} volumes to translate with {pinned.model_id} (run {pinned.run}), "
                 f"{len(report.skipped)} already published, {len(report.failed)} refused"
             )
-            if plans:
-                _run(tasks, plans, cascade, plan, report, log, progress_every, progress)
+            if vplans:
+                _run(RayRunner(tasks, vplans, cascade, pinned, report, log, progress_every), progress)
     finally:
         for t in tasks or all_tasks:
             lease.release(t.lease)
@@ -344,16 +351,19 @@ def translate_batch(
 
 
 @dataclass
-class _Run:
-    """One batch's volumes on Ray, step by step: stage, scale 0, each HR scale, publish. A volume that fails
-    a step is reported, its staging discarded and its lease released; the others go on."""
+class RayRunner:
+    """Where the tiles of one batch's volumes run on Ray (a :class:`msgan.scale_loop.Runner`): scale 0 as a
+    task per volume, each HR scale as a Ray Data dataset on an actor pool; with the steps around the loop
+    (stage, publish). A volume that fails a step is reported, its staging discarded and its lease released;
+    the others go on."""
 
-    tasks: list[vb.VolumeTask]
-    plans: dict[int, dict[str, Any]]
+    tasks: list[VolumeTask]
+    vplans: dict[int, VolumePlan]
     cascade: Cascade
-    plan: vb.InferencePlan
+    model: PinnedModel
     report: BatchReport
     log: Log
+    progress_every: float = PROGRESS_EVERY_S
     env: dict[str, str] = field(default_factory=storage.env_for_workers)  # storage settings for every worker
 
     def __post_init__(self) -> None:
@@ -364,8 +374,8 @@ class _Run:
 
     def fail(self, i: int, why: str) -> None:
         self.report.failed[self.tasks[i].name] = why
-        self.plans.pop(i, None)
-        vb.discard(self.tasks[i])
+        self.vplans.pop(i, None)
+        publishing.discard(self.tasks[i])
         lease.release(self.tasks[i].lease)
 
     def _each(
@@ -375,7 +385,7 @@ class _Run:
         import ray
 
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2, **self.remote_args)(fn)
-        order = list(self.plans)
+        order = list(self.vplans)
         results = ray.get([remote.remote(self.task_dicts[i], *args(i)) for i in order])
         for i, r in zip(order, results, strict=True):
             if "error" in r:
@@ -384,41 +394,58 @@ class _Run:
 
     def stage(self) -> None:
         config = self.cascade.config.to_dict()
-        self._each(_stage, 1, 0, lambda i: (config, self.plans[i]))
+        self._each(_stage, 1, 0, lambda i: (config, self.vplans[i].to_dict()))
 
-    def scale0(self) -> None:
-        t0 = time.perf_counter()
-        self._each(_scale0, self.inf.cpus_per_actor, self.gpus, lambda i: (self.plan, self.gpus))
-        self.report.scales.append(
-            {"scale": 0, "tiles": len(self.plans), "seconds": time.perf_counter() - t0,
-             "voxels": sum(int(np.prod(p["shapes"][0])) for p in self.plans.values())}
-        )  # fmt: skip
+    def scale0(self) -> dict[str, Any]:
+        self._each(_scale0, self.inf.cpus_per_actor, self.gpus, lambda i: (self.model, self.gpus))
+        n, gpus = self.cascade.config.num_scales, self.gpus or "no"
+        self.log(f"[3/4] HR scales 1..{n - 1}: tiles of all volumes on {self.inf.actors} actors ({gpus} GPU each)")
+        return {"tiles": len(self.vplans), "voxels": sum(p.voxels(0) for p in self.vplans.values())}
 
-    def hr_scale(self, s: int, progress_every: float, progress: vb.Progress | None) -> bool:
-        """Scale ``s``'s tiles of every volume as one Ray Data dataset on the actor pool; False when none is left."""
-        import ray
-
-        inf, bs = self.inf, max(1, self.inf.batch_size)
+    def hr_scale(self, s: int, tick: Tick | None) -> dict[str, Any] | None:
+        """Scale ``s``'s tiles of every volume as one Ray Data dataset on the actor pool; None when none is left."""
         for t in self.tasks:
             lease.refresh(t.lease)
-        items = [
-            {"volume": i, "batch": b} for i, p in self.plans.items() for b in range(len(vb.plan_batches(p, s, bs)))
-        ]
+        bs = max(1, self.inf.batch_size)
+        items = [{"volume": i, "batch": b} for i, p in self.vplans.items() for b in range(len(p.batches(s, bs)))]
         if not items:
-            return False
-        total = sum(len(vb.tiles_of(p, s)) for p in self.plans.values())
-        t0 = time.perf_counter()
+            return None
+        total = sum(len(p.tiles_of(s)) for p in self.vplans.values())
+        voxels = sum(p.voxels(s) for p in self.vplans.values())
+        lines = ProgressLines(self.log, s, total, len(self.vplans), self.progress_every)
+        tiles, rss, rss0, hwm0, pids = 0, 0, 0, 0, set()
+        for row in self._dataset(s, items).iter_rows():  # the barrier: scale s+1 starts when scale s is written
+            v = int(row["volume"])
+            rss, rss0 = max(rss, int(row["peak_rss"])), max(rss0, int(row["start_rss"]))
+            hwm0 = max(hwm0, int(row["inherited_hwm"]))
+            pids.add(int(row["pid"]))
+            if row["error"] and v in self.vplans:
+                self.fail(v, f"scale {s}: {row['error']}")
+            tiles += int(row["tiles"])
+            if tick is not None:
+                tick(tiles, total)
+            else:
+                lines.add(int(row["tiles"]))
+        self.report.tiles_computed += tiles
+        return {"tiles": tiles, "actor_peak_rss": rss, "actor_start_rss": rss0, "actor_inherited_hwm": hwm0,
+                "actors_seen": len(pids), "voxels": voxels}  # fmt: skip
+
+    def _dataset(self, s: int, items: list[dict[str, int]]) -> Any:
+        """Rows (volume, batch) of scale ``s`` mapped onto a pool of :class:`TileWorker` actors."""
+        import ray
+
+        inf = self.inf
         worker_args = {
-            "plan": self.plan,
+            "model": self.model,
             "tasks": self.task_dicts,
-            "plans": {i: {"shapes": p["shapes"], "tiles": p["tiles"]} for i, p in self.plans.items()},
+            "vplans": {i: p.to_dict() for i, p in self.vplans.items()},
             "scale": s,
             "gpus": self.gpus,
             "threads": max(1, int(inf.cpus_per_actor)) if self.gpus == 0 else 0,
         }
         actor_env = {"env_vars": {**self.env, **ACTOR_ENV}} if ACTOR_ENV else self.remote_args.get("runtime_env")
         blocks = max(1, min(len(items), inf.actors * 4))  # rows of a block share a task: overhead amortised
-        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             TileWorker,
             fn_constructor_kwargs=worker_args,
             compute=ray.data.ActorPoolStrategy(size=inf.actors),
@@ -427,53 +454,19 @@ class _Run:
             num_gpus=self.gpus,
             runtime_env=actor_env,  # Ray Data restarts dead actors and retries their tiles
         )
-        lines = ProgressLines(self.log, s, total, len(self.plans), progress_every)
-        tiles, rss, rss0, hwm0, pids = 0, 0, 0, 0, set()
-        for row in ds.iter_rows():  # the barrier: scale s+1 starts when every tile of scale s is written
-            v = int(row["volume"])
-            rss, rss0 = max(rss, int(row["peak_rss"])), max(rss0, int(row["start_rss"]))
-            hwm0 = max(hwm0, int(row["inherited_hwm"]))
-            pids.add(int(row["pid"]))
-            if row["error"] and v in self.plans:
-                self.fail(v, f"scale {s}: {row['error']}")
-            tiles += int(row["tiles"])
-            if progress is not None:
-                progress(s, tiles, total)
-            else:
-                lines.add(int(row["tiles"]))
-        self.report.tiles_computed += tiles
-        self.report.scales.append(
-            {"scale": s, "tiles": tiles, "seconds": time.perf_counter() - t0, "actor_peak_rss": rss,
-             "actor_start_rss": rss0, "actor_inherited_hwm": hwm0, "actors_seen": len(pids),
-             "voxels": sum(int(np.prod(p["shapes"][s])) for p in self.plans.values())}
-        )  # fmt: skip
-        return True
 
     def publish(self) -> None:
-        info = {"timings": self.report.scales, "model_uri": self.plan.model}
+        info = {"timings": self.report.scales, "model_uri": self.model.model}
         for r in self._each(_publish, self.inf.cpus_per_actor, 0, lambda i: (info,)).values():
             self.report.published.append(r["manifest"])
 
 
-def _run(
-    tasks: list[vb.VolumeTask],
-    plans: dict[int, dict[str, Any]],
-    cascade: Cascade,
-    plan: vb.InferencePlan,
-    report: BatchReport,
-    log: Log,
-    progress_every: float,
-    progress: vb.Progress | None,
-) -> None:
-    run = _Run(tasks, plans, cascade, plan, report, log)
-    n = cascade.config.num_scales
+def _run(run: RayRunner, progress: Progress | None) -> None:
+    """Stage every volume, the one per-scale loop on Ray, publish."""
+    n = run.cascade.config.num_scales
     run.stage()
-    log(f"[2/4] staged {len(plans)} volumes (edges at {n} scales); scale 0 on each whole LR image")
-    run.scale0()
-    log(f"[3/4] HR scales 1..{n - 1}: tiles of all volumes on {run.inf.actors} actors ({run.gpus or 'no'} GPU each)")
-    for s in range(1, n):
-        if not run.hr_scale(s, progress_every, progress):
-            break
-    log(f"[4/4] publishing {len(plans)} volumes")
+    run.log(f"[2/4] staged {len(run.vplans)} volumes (edges at {n} scales); scale 0 on each whole LR image")
+    run.report.scales.extend(run_cascade(n, run, progress))
+    run.log(f"[4/4] publishing {len(run.vplans)} volumes")
     run.publish()
-    log(f"  volumes: {len(report.published)} published, {len(report.failed)} failed")
+    run.log(f"  volumes: {len(run.report.published)} published, {len(run.report.failed)} failed")

@@ -64,8 +64,9 @@ def _read(uri: str, level: str = "0") -> np.ndarray:
 def test_distributed_equals_local_bytes_for_any_actor_count_rerun_skips_new_model_retranslates(
     tmp_path, ray_local, model
 ):
-    from msgan import batch
     from msgan.distributed.translate import translate_batch
+    from msgan.volumes.local import translate_volume
+    from msgan.volumes.tasks import volume_task
 
     path, cascade = model
     images = _inputs(tmp_path / "in")
@@ -76,8 +77,8 @@ def test_distributed_equals_local_bytes_for_any_actor_count_rerun_skips_new_mode
     for name, img in images.items():
         out = _read(storage.normalize_uri(tmp_path / "out" / f"{name}.zarr"))
         assert float(np.abs(out - cascade.translate(img)).max()) < 1e-5 * 1024  # window units -> HU
-        task = batch.volume_task(str(tmp_path / "in" / f"{name}.zarr"), str(tmp_path / "local"), report.model)
-        batch.translate_volume(task, cascade)
+        task = volume_task(str(tmp_path / "in" / f"{name}.zarr"), str(tmp_path / "local"), report.model)
+        translate_volume(task, cascade)
         local = _read(task.output)
         assert out.tobytes() == local.tobytes(), f"{name}: 2 actors differ from the local path"
         assert _read(storage.normalize_uri(tmp_path / "out1" / f"{name}.zarr")).tobytes() == local.tobytes()
@@ -101,8 +102,8 @@ def test_distributed_equals_local_bytes_for_any_actor_count_rerun_skips_new_mode
 
 
 def test_two_inputs_for_one_output_are_refused_before_any_work(tmp_path, model):
-    from msgan.batch import VolumeError
     from msgan.distributed.translate import translate_batch
+    from msgan.io.volume import VolumeError
 
     path, _ = model
     for d in ("x", "y"):

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from msgan import batch, lease, outputs, storage
+from msgan import lease, outputs, storage
 from msgan.cli import main
 from msgan.io.volume import VolumeError, read_level, read_volume, write_volume
+from msgan.volumes.local import translate_volume
+from msgan.volumes.tasks import volume_task
 from tests.hostile.conftest import GEOM, small_volume, snapshot
 
 # ----------------------------------------------------------------------------- outputs never destroy
@@ -105,8 +107,8 @@ def test_our_own_output_of_another_model_is_replaced_by_translate_only_with_the_
 ):
     small_volume(tmp_path / "in.zarr")
     out = tmp_path / "out.zarr"
-    task = batch.volume_task(str(tmp_path / "in.zarr"), "", "other/1", output=str(out))
-    batch.translate_volume(task, hostile_cascade)  # msgan's own output, of another model version
+    task = volume_task(str(tmp_path / "in.zarr"), "", "other/1", output=str(out))
+    translate_volume(task, hostile_cascade)  # msgan's own output, of another model version
     assert _cli("translate", str(tmp_path / "in.zarr"), str(out), "--model", hostile_model, "--quiet") == 2
     assert "other/1" in capsys.readouterr().err
     assert json.loads((out / "manifest.json").read_text())["model"] == "other/1"
@@ -120,9 +122,9 @@ def test_batch_refuses_a_foreign_output_and_goes_on(tmp_path, hostile_cascade):
     out = tmp_path / "out" / "in.zarr"
     out.mkdir(parents=True)
     (out / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')  # a zarr store, not ours
-    task = batch.volume_task(str(tmp_path / "in.zarr"), str(tmp_path / "out"), "m/1")
+    task = volume_task(str(tmp_path / "in.zarr"), str(tmp_path / "out"), "m/1")
     with pytest.raises(outputs.OutputError, match="not an output msgan published"):
-        batch.translate_volume(task, hostile_cascade)
+        translate_volume(task, hostile_cascade)
     assert os.listdir(out) == ["zarr.json"]
 
 
@@ -306,10 +308,12 @@ def test_rerun_after_kill_9_needs_no_hand(tmp_path, hostile_model):
     small_volume(tmp_path / "in.zarr", shape=(24, 24, 24))
     out = tmp_path / "out" / "in.zarr"
     code = (
-        "import sys, time\nfrom msgan import batch\nplan = batch.resolve_plan(sys.argv[1])\nc = plan.load()\n"
-        "t = batch.volume_task(sys.argv[2], '', plan.model_id, output=sys.argv[3], run='killed')\n"
+        "import sys, time\nfrom msgan.volumes.pinning import pin\n"
+        "from msgan.volumes.staging import plan_volume, stage\n"
+        "from msgan.volumes.tasks import volume_task\nplan = pin(sys.argv[1])\nc = plan.load()\n"
+        "t = volume_task(sys.argv[2], '', plan.model_id, output=sys.argv[3], run='killed')\n"
         "from msgan import lease\nlease.acquire(t.lease, t.output)\n"
-        "batch.stage(t, c.config, batch.plan_volume(t, c))\nprint('staged', flush=True)\ntime.sleep(60)\n"
+        "stage(t, c.config, plan_volume(t, c))\nprint('staged', flush=True)\ntime.sleep(60)\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, hostile_model, str(tmp_path / "in.zarr"), str(out)],
