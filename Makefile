@@ -30,6 +30,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check msgan tests benchmarks jobs
 	$(BIN)/ruff format --check msgan tests benchmarks jobs
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 test: lint
 	$(BIN)/python -m pytest

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(report.summary())
     if args.report:
-        from msgan import outputs
+        from msgan.io import outputs
         from msgan.redact import redact_text
         from msgan.storage import local_path, staged_file
 

@@ -421,7 +421,7 @@ class Cascade:
             except (CascadeError, OSError):
                 ours = False
             if not ours or not replace:
-                from msgan.outputs import OutputError, describe
+                from msgan.io.outputs import OutputError, describe
                 from msgan.storage import normalize_uri
 
                 raise OutputError(

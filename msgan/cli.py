@@ -45,7 +45,7 @@ def cmd_new_model(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from msgan import outputs
+    from msgan.io import outputs
     from msgan.io.volume import read_volume, write_volume
     from msgan.volumes.tasks import is_ours
 
@@ -123,7 +123,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     truth = thorax_phantom(shape, spacing, args.seed)
     vol = truth if args.kernel == "truth" else reconstruct(truth, (args.kernel,), seed=args.seed + 7919)[args.kernel]
     geom = phantom_geometry(shape, spacing)
-    from msgan import outputs
+    from msgan.io import outputs
 
     output = outputs.resolve_output(args.output)
     exists = outputs.refuse_foreign(output, outputs.is_msgan_volume, replace=args.replace)
@@ -205,7 +205,7 @@ def cmd_pacs_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from msgan import outputs
+    from msgan.io import outputs
     from msgan.io.volume import ZARR_SUFFIXES, read_volume, suffix_of
     from msgan.preview import default_output, preview_volume, save_columns
 
@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_sub_parser(common))
 
+    _add_model_commands(sub)
+    _add_data_commands(sub)
+    return p
+
+
+def _add_model_commands(sub: Any) -> None:
+    """Subcommands that make, train, run and promote models."""
     d = sub.add_parser("demo", help="end-to-end local demo: train on phantoms, translate, score, plot")
     _config_args(d)
     d.set_defaults(config="configs/demo.yaml" if Path("configs/demo.yaml").is_file() else None)
@@ -297,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alias", default="champion", help="alias to move (default champion)")
     pr.set_defaults(func=cmd_promote)
 
+
+def _add_data_commands(sub: Any) -> None:
+    """Subcommands that move images in and out (DICOM, PACS), look at them, and check the set-up."""
     ig = sub.add_parser("ingest", help="DICOM folder (one or more series) or NIfTI/MHA -> OME-Zarr volume(s)")
     ig.add_argument("source", help="folder of DICOM files (searched recursively), or a NIfTI/MHA/NRRD file")
     ig.add_argument("output", help="OUT.zarr for one series; a folder (OUT/<SeriesInstanceUID>.zarr) for several")
@@ -344,7 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a cascade's manifest summary")
     i.add_argument("model", help="cascade folder")
     i.set_defaults(func=cmd_info)
-    return p
 
 
 def _replace_arg(p: argparse.ArgumentParser, what: str) -> None:

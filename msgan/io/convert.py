@@ -259,7 +259,7 @@ def export(
     ReferringPhysicianName) are checked again against their VR (the volume's attributes may have been edited): too
     long or with control characters is refused, never truncated; descriptions are truncated to 64 characters with a
     note in :attr:`Exported.notes`."""
-    from msgan import outputs
+    from msgan.io import outputs
 
     arr, geom, meta = read_level(volume, 0)  # the one reader: a VolumeError (a ValueError) naming the volume
     if fmt == "nifti":

@@ -210,7 +210,7 @@ def write_zarr(
     direction cosines). Local paths are written to a staging folder and renamed when complete;
     on ``s3://`` the msgan attributes, which readers require, are written last. Without ``replace`` an
     existing destination is refused (:class:`FileExistsError`), never removed; callers decide whether
-    what is there is theirs to replace (:mod:`msgan.outputs`)."""
+    what is there is theirs to replace (:mod:`msgan.io.outputs`)."""
     name = str(path).rstrip("/").rsplit("/", 1)[-1]
     ome = ome_attrs([lv.shape for lv in levels], geometry, name)
     meta = {"geometry": geometry.as_dict(), **(attrs or {})}

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from msgan import lease, outputs, storage
+from msgan import lease, storage
+from msgan.io import outputs
 from msgan.io.volume import VolumeError, ome_attrs, open_group
 from msgan.volumes.staging import RUN_FILE, VolumePlan, array
 from msgan.volumes.tasks import MANIFEST, PUBLISHING, VolumeTask, is_ours, parent_of

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from msgan import lease, outputs, storage
+from msgan import lease, storage
+from msgan.io import outputs
 from msgan.io.volume import VolumeError
 
 MANIFEST = "manifest.json"
@@ -126,7 +127,7 @@ def check_output(task: VolumeTask, replace: bool = True, volumes: bool = False) 
     """Before any work: the output is absent, or msgan's own (its manifest, returned). Another model
     version's output is replaced only with ``replace`` (the batch job's rule; ``msgan translate`` asks for
     ``--replace``), a zarr volume msgan wrote without a manifest only with ``volumes`` (``--replace``);
-    anything else there is refused, never emptied (:class:`msgan.outputs.OutputError`)."""
+    anything else there is refused, never emptied (:class:`msgan.io.outputs.OutputError`)."""
 
     def ours(uri: str) -> bool:
         return is_ours(uri) or (volumes and outputs.is_msgan_volume(uri))

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from msgan import lease, outputs, storage
+from msgan import lease, storage
 from msgan.cli import main
+from msgan.io import outputs
 from msgan.io.volume import VolumeError, read_level, read_volume, write_volume
 from msgan.volumes.local import translate_volume
 from msgan.volumes.tasks import volume_task
