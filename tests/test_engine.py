@@ -190,3 +190,16 @@ def test_translation_is_bit_reproducible_across_processes(tmp_path):
     assert here.tobytes() == there.tobytes(), "two runs with the same input, model and tile differ"
     other = twin_translation(12)
     assert float(np.abs(here - other).max()) <= 1e-5 * float(here.max() - here.min())
+
+
+def test_networks_engine_memory_model_and_scale_loop_import_with_torch_and_numpy_alone():
+    """A GPU machine with only torch (and numpy) can run them: no dask, zarr, SimpleITK, Ray or MLflow."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import msgan.nets, msgan.engine, msgan.memory, msgan.scale_loop, msgan.tiling\n"
+        "print([m for m in ('dask', 'zarr', 'SimpleITK', 'ray', 'mlflow', 'scipy', 'skimage') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -394,7 +394,7 @@ def test_job_with_a_malformed_model_manifest_exits_with_one_line_naming_the_file
     folder = cascade.save(tmp_path / "model")
     (folder / "manifest.json").write_text(json.dumps({"format": "msgan-cascade/1", "weights": []}))
     _volume(tmp_path, "v", shape=(12, 12, 12))
-    job = Path(__file__).resolve().parents[1] / "jobs" / "translate_batch.py"
+    job = Path(__file__).resolve().parents[2] / "jobs" / "translate_batch.py"
     args = ["--model", str(folder), "--inputs", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
     out = subprocess.run([sys.executable, str(job), *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
