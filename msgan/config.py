@@ -204,7 +204,7 @@ class Config:
         values = spec.to_dict()
         for s, c in SPEC_KEYS.items():
             _set_dotted(tree, c, _get_dotted(values, s))
-        over = _flatten(run or {})
+        over = flatten(run or {})
         if "data.phantom.shape" not in over:  # the default phantom, in the spec's dims
             over["data.phantom.shape"] = list(PhantomDataConfig().shape[: spec.dims])
         for key in over:
@@ -363,12 +363,12 @@ def _pop_dotted(tree: dict[str, Any], dotted: str) -> None:
     del node[leaf]
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested sections -> dotted keys (lists and other values are leaves; dotted keys stay as given)."""
     out: dict[str, Any] = {}
     for k, v in values.items():
         if isinstance(v, Mapping):
-            out |= _flatten(v, f"{prefix}{k}.")
+            out |= flatten(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -40,7 +40,7 @@ from msgan.cascade import (
     parse_manifest,
     read_model_file,
 )
-from msgan.config import data_path_keys
+from msgan.config import data_path_keys, flatten
 from msgan.redact import redact_text, redact_uri
 
 T = TypeVar("T")
@@ -123,23 +123,13 @@ class JobRuns:
     children: dict[int, str]
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """A job's MLflow params: its config's plain values flattened to dotted keys, except the settings that
     name data files (:func:`msgan.config.data_path_keys`: they may name patients), logged as
     ``KEY.count`` (how many files) instead."""
     hidden = set(data_path_keys())
     params: dict[str, Any] = {}
-    for key, value in _flatten(config).items():
+    for key, value in flatten(config).items():
         if key in hidden:
             params[f"{key}.count"] = len(value) if isinstance(value, (list, tuple)) else 1
         else:
