@@ -238,7 +238,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     from msgan.cascade import read_manifest
 
     manifest = read_manifest(args.model)  # the folder's confinement rules: a plain, capped JSON file
-    keep = ("format", "code_version", "dims", "num_scales", "halos", "hr_patch", "parameters", "intensity", "meta")
+    keep = (
+        "format",
+        "code_version",
+        "dims",
+        "num_scales",
+        "halos",
+        "hr_patch",
+        "parameters",
+        "intensity",
+        "spec",
+        "meta",
+    )
     print(json.dumps({k: manifest.get(k) for k in keep}, indent=2))
     return 0
 

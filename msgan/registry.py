@@ -345,13 +345,16 @@ def _checked_manifest(path: Path, digest: str | None, model_uri: str) -> dict[st
 
 
 def load_cascade(model_uri: str, device: str = "cpu") -> Cascade:
-    """A cascade from ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN/PATH`` or a folder.
+    """A cascade from ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN/PATH`` (a folder loads
+    through :func:`msgan.volumes.pinning.pin`, the one dispatch of model references).
 
     Registry references download only the manifest and the weight files it lists, check the manifest
     against the registered sha256 and every weight against the manifest, and build the networks with
     this installed msgan (weights only). :class:`ModelLoadError` names the model and what is wrong."""
     if not model_uri.startswith(("models:/", "runs:/")):
-        return _load_dir(Path(model_uri), device, None)
+        raise ModelLoadError(
+            f"{model_uri}: not a registry reference (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/)"
+        )
     source, digest = _artifact_source(model_uri)
     listing = _listing(source, model_uri)
     with tempfile.TemporaryDirectory(prefix="msgan-model-") as tmp:

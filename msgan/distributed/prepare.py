@@ -90,7 +90,7 @@ def source_pyramid(source: VolumeSource, cfg: Config) -> tuple[Pyramid, Geometry
 
     check_source(source, cfg)
     image, geom = load_source(source, cfg)
-    if "image" not in cfg.condition:
+    if "image" not in condition_channels(cfg.condition):
         return build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges), geom, tuple(image.shape)
     other = phantom_image(cfg.data.phantom.shape, int(source.ref), "sharp" if source.kernel == "soft" else "soft")
     pyr = build_pair_pyramid(other, image, cfg.num_scales, cfg.intensity, cfg.edges)

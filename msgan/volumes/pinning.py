@@ -53,10 +53,15 @@ class PinnedModel:
             )
 
 
+RUN_KEYS = {"amp": "train.amp"}  # inference overrides whose config key lives elsewhere (the spec's inference.amp)
+
+
 def with_overrides(cascade: Cascade, overrides: dict[str, Any]) -> Cascade:
-    """``cascade`` with the inference settings ``overrides`` (keys without the ``inference.`` prefix)."""
+    """``cascade`` with the inference settings ``overrides`` (keys without the ``inference.`` prefix; ``amp`` is
+    the spec's ``inference.amp``, a config's ``train.amp``)."""
     if overrides:
-        cascade.config = cascade.config.replace(**{f"inference.{k}": v for k, v in overrides.items()})
+        keys = {RUN_KEYS.get(k, f"inference.{k}"): v for k, v in overrides.items()}
+        cascade.config = cascade.config.replace(**keys)
     return cascade
 
 

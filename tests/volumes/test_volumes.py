@@ -444,3 +444,11 @@ def test_local_translation_runs_every_scale_through_the_one_loop(tmp_path, casca
     timings = manifest["timings"]
     assert [(t["scale"], t["tiles"], t.get("tile")) for t in timings] == [(0, 1, None), (1, 8, 8), (2, 27, 8)]
     assert [line.split(" in ")[0] for line in lines] == ["  scale 1: 8 tiles of 8", "  scale 2: 27 tiles of 8"]
+
+
+def test_a_batch_may_override_the_inference_defaults_amp_included(tmp_path, cascade):
+    from msgan.volumes.pinning import pin
+
+    folder = cascade.save(tmp_path / "model")
+    loaded = pin(str(folder), {"amp": True, "batch_size": 5}).load()
+    assert loaded.config.train.amp is True and loaded.config.inference.batch_size == 5
