@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 
 from msgan import storage
+from msgan.io import outputs
 from msgan.io.dicom import (
     ENHANCED,
     DicomError,
@@ -33,8 +34,6 @@ from msgan.io.uids import check_uid, shown
 from msgan.io.volume import (
     ITK_SUFFIXES,
     ZARR_SUFFIXES,
-    VolumeError,
-    open_group,
     read_foreign_zarr,
     read_level,
     read_volume,
@@ -50,24 +49,6 @@ class IngestReport:
     errors: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
-
-
-def _is_msgan_volume(uri: str) -> bool:
-    """A zarr group with the ``msgan`` attribute holding geometry: what ingest writes, and may replace."""
-    try:
-        meta = open_group(uri, "r").attrs.get("msgan")
-    except (VolumeError, OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and isinstance(meta.get("geometry"), dict)
-
-
-def _what_is_there(fs: Any, path: str) -> str:
-    """A short description of what a path holds, for a refusal."""
-    if fs.isfile(path):
-        return "a file"
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return f"a folder holding {len(names)} entries ({listed})" if names else "an empty folder"
 
 
 def _local(uri: str) -> Path | None:
@@ -86,18 +67,9 @@ def _destination(
     when it is an msgan volume (a zarr group whose ``msgan`` attribute holds geometry) and ``replace`` is true;
     anything else there (a folder of other files, a file, a zarr msgan did not write) is refused, never deleted.
     The destination may not be the source (or hold it), and may not be a symlink that leaves its parent folder."""
-    raw = str(out)
-    zarr_named = single and raw.rstrip("/").lower().endswith(ZARR_SUFFIXES)
-    if not storage.is_s3(raw):  # the path as given, before symlinks are resolved
-        local = Path(raw[len("file://") :] if raw.startswith("file://") else raw).expanduser().absolute()
-        link = local if zarr_named else storage.local_path(storage.normalize_uri(raw)) / f"{name}.zarr"
-        if link.is_symlink() and link.resolve().parent != link.parent.resolve():
-            raise ValueError(
-                f"{link}: is a symlink to {link.resolve()}, outside its folder {link.parent}; ingest replaces its "
-                f"destination whole and will not follow it: give a real path"
-            )
-    dest = storage.normalize_uri(out)
-    uri = dest if zarr_named else storage.join(dest, f"{name}.zarr")
+    zarr_named = single and str(out).rstrip("/").lower().endswith(ZARR_SUFFIXES)
+    # the path as given: a symlink leaving its folder is refused, one inside it followed
+    uri = outputs.resolve_output(out if zarr_named else storage.join(storage.normalize_uri(out), f"{name}.zarr"))
     here, src = _local(uri), _local(storage.normalize_uri(source)) if source is not None else None
     if src is not None and here is not None and _inside(src, here):
         raise ValueError(
@@ -106,11 +78,10 @@ def _destination(
         )
     if source is not None and storage.is_s3(source) and storage.normalize_uri(source).rstrip("/") == uri.rstrip("/"):
         raise ValueError(f"{uri}: is the input {source}; give an output path apart from the input")
-    fs, path = storage.filesystem(uri)
-    if fs.exists(path):
-        if not _is_msgan_volume(uri):
+    if outputs.exists(uri):
+        if not outputs.is_msgan_volume(uri):
             raise ValueError(
-                f"{uri}: exists and is not a zarr store msgan wrote ({_what_is_there(fs, path)}); ingest replaces "
+                f"{uri}: exists and is not a zarr store msgan wrote ({outputs.describe(uri)}); ingest replaces "
                 f"its destination whole, so it will not delete it: give a new *.zarr path or a folder to put "
                 f"<name>.zarr in"
             )
@@ -259,7 +230,6 @@ def export(
     ReferringPhysicianName) are checked again against their VR (the volume's attributes may have been edited): too
     long or with control characters is refused, never truncated; descriptions are truncated to 64 characters with a
     note in :attr:`Exported.notes`."""
-    from msgan.io import outputs
 
     arr, geom, meta = read_level(volume, 0)  # the one reader: a VolumeError (a ValueError) naming the volume
     if fmt == "nifti":

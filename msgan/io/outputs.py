@@ -30,6 +30,10 @@ def _local(uri: str) -> Path | None:
     return None if storage.is_s3(uri) else storage.local_path(uri)
 
 
+def _listed(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def describe(uri: str) -> str:
     """What is at ``uri`` now, in a few words (for refusals)."""
     path = _local(uri)
@@ -40,16 +44,12 @@ def describe(uri: str) -> str:
         except OSError:
             found = []
         names = sorted(p[len(key.rstrip("/")) + 1 :] for p in found)
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        return f"a prefix holding {len(names)} object(s) ({shown})" if names else "an object"
+        return f"a prefix holding {len(names)} object(s) ({_listed(names)})" if names else "an object"
     if path.is_symlink():
         return f"a symlink to {os.readlink(path)}"
     if path.is_dir():
         names = sorted(p.name for p in path.iterdir())
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        return f"a folder holding {len(names)} entr{'y' if len(names) == 1 else 'ies'}" + (
-            f" ({shown})" if names else ""
-        )
+        return f"a folder holding {len(names)} entries ({_listed(names)})" if names else "an empty folder"
     if path.is_file():
         return f"a file of {path.stat().st_size} bytes"
     return "something that is not a file or folder"
@@ -83,7 +83,7 @@ def resolve_output(output: str | os.PathLike[str], inputs: Sequence[str | os.Pat
         target = Path(os.path.realpath(path))
         if target.parent != Path(os.path.realpath(path.parent)):
             raise OutputError(
-                f"{output}: is a symlink to {target}, outside its own folder {path.parent}; msgan does not write "
+                f"{output}: is a symlink to {target}, outside its folder {path.parent}; msgan does not write "
                 "through it (give the real path)"
             )
         uri = storage.normalize_uri(target)
