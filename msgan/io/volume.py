@@ -13,7 +13,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -305,20 +305,24 @@ def check_declared(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> in
         raise VolumeError(str(err)) from err
 
 
-def _chunk_index(stored: str, arr: zarr.Array, grid: Sequence[int]) -> tuple[int, ...] | None:
-    """The chunk index a stored key names (None when it names no chunk of ``arr``): parsed by the array's
-    own key encoding (``c/0/1/2``, ``0.1.2``, ...) without listing the declared keys."""
+def _chunk_index_parser(arr: zarr.Array, grid: Sequence[int]) -> Callable[[str], tuple[int, ...] | None]:
+    """The chunk index a stored key names (None when it names no chunk of ``arr``), parsed by the array's
+    own key encoding (``c/0/1/2``, ``0.1.2``, ...), worked out once per array, without listing the declared keys."""
     n = len(grid)
     zero = arr.metadata.encode_chunk_key((0,) * n)
     body = "0" + (zero[-2] + "0") * (n - 1) if n > 1 else "0"
     prefix, sep = zero[: len(zero) - len(body)], (zero[-2] if n > 1 else "/")
-    if not stored.startswith(prefix):
-        return None
-    parts = stored[len(prefix) :].split(sep)
-    if len(parts) != n or not all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts):
-        return None
-    index = tuple(int(p) for p in parts)
-    return index if all(i < g for i, g in zip(index, grid, strict=True)) else None
+
+    def parse(stored: str) -> tuple[int, ...] | None:
+        if not stored.startswith(prefix):
+            return None
+        parts = stored[len(prefix) :].split(sep)
+        if len(parts) != n or not all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts):
+            return None
+        index = tuple(int(p) for p in parts)
+        return index if all(i < g for i, g in zip(index, grid, strict=True)) else None
+
+    return parse
 
 
 def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None:
@@ -334,12 +338,10 @@ def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None
     base_uri = storage.join(storage.normalize_uri(uri), key) if key else storage.normalize_uri(uri)
     present: set[tuple[int, ...]] = set()
     stored = 0
+    chunk_index = _chunk_index_parser(arr, grid)
 
-    def count(rel: str, size: int) -> None:
+    def count(rel: str, index: tuple[int, ...], size: int) -> None:
         nonlocal stored
-        index = _chunk_index(rel, arr, grid)
-        if index is None:
-            return
         if size > unit_bytes + unit_bytes // 8 + 2**20:  # codecs never grow data that much; zarr reads it whole
             raise VolumeError(
                 f"{uri}: chunk {rel} of array '{key}' stores {size} bytes for {unit_bytes} bytes of voxels; refused"
@@ -352,17 +354,20 @@ def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None
         base = path.rstrip("/") + "/"
         listing = fs.find(base, detail=True) if fs.exists(path) else {}
         for p, info in listing.items():
-            count(p[len(base) :], int(info.get("size") or 0))
+            index = chunk_index(p[len(base) :])
+            if index is not None:
+                count(p[len(base) :], index, int(info.get("size") or 0))
     else:
         root = storage.local_path(base_uri)
         for dirpath, dirnames, filenames in os.walk(root):  # os.walk never follows symlinked folders
             for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, root).replace(os.sep, "/")
-                index = _chunk_index(rel, arr, grid)
+                index = chunk_index(rel)
                 if index is None:
                     continue
-                mode = os.lstat(full).st_mode
+                st = os.lstat(full)
+                mode = st.st_mode
                 if not stat.S_ISREG(mode):
                     kind = (
                         "a symlink" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
@@ -371,7 +376,7 @@ def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None
                         f"{uri}: chunk {rel} of array '{key}' is {kind}; a volume's chunks are regular files "
                         "(refused: it could read another file or block forever)"
                     )
-                count(rel, os.lstat(full).st_size)
+                count(rel, index, st.st_size)
     if len(present) >= declared:
         try:  # every chunk stored, but do they hold what the shape declares? (a decompression bomb does not)
             limits.check_ratio(math.prod(arr.shape) * _itemsize(arr), stored, f"{uri}: array '{key}'")
@@ -442,9 +447,10 @@ def read_level(
         raise VolumeError(f"{uri}: {err}") from err
     if geom.dims != arr.ndim:
         raise VolumeError(f"{uri}: geometry is {geom.dims}D, array '{key}' is {arr.ndim}D")
-    check_declared(uri, key, arr)
     if complete:
-        check_stored(uri, key, arr)
+        check_stored(uri, key, arr)  # declared sizes first, then every chunk
+    else:
+        check_declared(uri, key, arr)
     return arr, geom, dict(meta)
 
 
