@@ -32,6 +32,7 @@ from msgan.engine import array_writer, run_tiles, run_whole, tile_feed
 from msgan.memory import largest_tile
 from msgan.nets import HRGenerator, build_generator, count_parameters
 from msgan.pyramid import build_pyramid, output_units
+from msgan.scale_loop import Progress  # (scale, tiles done, tiles total)
 from msgan.spec import ModelSpec
 from msgan.storage import staged_dir
 from msgan.tiling import plan_core, tile_grid
@@ -41,8 +42,6 @@ FORMAT = "msgan-cascade/2"  # the model spec ("spec"), never the run settings
 FORMAT_V1 = "msgan-cascade/1"  # before the model spec: the whole config ("config"), still loaded
 FORMATS = (FORMAT, FORMAT_V1)
 _MODEL_KEY = {FORMAT: "spec", FORMAT_V1: "config"}  # where a format keeps the model's definition
-
-Progress = Callable[[int, int, int], None]  # (scale, tiles done, tiles total)
 
 
 def run_lr(gen: nn.Module, lr: Any, device: str | torch.device = "cpu", amp: bool = False) -> np.ndarray:

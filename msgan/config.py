@@ -34,6 +34,7 @@ from msgan.spec import (
     RuleError,
     build,
     plain,
+    require,
 )
 
 __all__ = [
@@ -271,11 +272,6 @@ def data_path_keys(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- the run settings' rules
 
 
-def _require(ok: bool, key: str, value: object, rule: str) -> None:
-    if not ok:
-        raise RuleError(key, value, rule)
-
-
 def _check_run_rules(cfg: Config) -> None:
     """Every rule of the run settings, in this order (the model's come first: :func:`msgan.spec.check_spec`)."""
     _check_augment(cfg.augment)
@@ -288,11 +284,11 @@ def _check_run_rules(cfg: Config) -> None:
 def _check_augment(aug: AugmentConfig) -> None:
     for name in ("noise_p", "blur_p", "resolution_p", "edge_noise_p"):
         p = getattr(aug, name)
-        _require(0.0 <= p <= 1.0, f"augment.{name}", p, "is a probability in [0, 1]")
+        require(0.0 <= p <= 1.0, f"augment.{name}", p, "is a probability in [0, 1]")
     for name in ("noise_std", "blur_sigma", "resolution_factor", "edge_noise_std"):
         lo, hi = getattr(aug, name)
-        _require(0 <= lo <= hi, f"augment.{name}", (lo, hi), "must be a range [min, max] with 0 <= min <= max")
-    _require(
+        require(0 <= lo <= hi, f"augment.{name}", (lo, hi), "must be a range [min, max] with 0 <= min <= max")
+    require(
         aug.resolution_factor[0] >= 1.0,
         "augment.resolution_factor",
         aug.resolution_factor,
@@ -302,24 +298,24 @@ def _check_augment(aug: AugmentConfig) -> None:
 
 def _check_train(cfg: Config) -> None:
     t = cfg.train
-    _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
-    _require(
+    require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
+    require(
         not t.steps_per_scale or len(t.steps_per_scale) == cfg.num_scales,
         "train.steps_per_scale",
         t.steps_per_scale,
         f"needs one entry per scale (num_scales={cfg.num_scales}) or none",
     )
-    _require(all(s >= 0 for s in t.steps_per_scale), "train.steps_per_scale", t.steps_per_scale, "must be >= 0")
-    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-    _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    _require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
-    _require(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    require(all(s >= 0 for s in t.steps_per_scale), "train.steps_per_scale", t.steps_per_scale, "must be >= 0")
+    require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+    require(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
 
 
 def _check_inference(inf: InferenceConfig) -> None:
-    _require(inf.actors >= 1, "inference.actors", inf.actors, "must be >= 1")
-    _require(inf.cpus_per_actor > 0, "inference.cpus_per_actor", inf.cpus_per_actor, "must be > 0")
-    _require(
+    require(inf.actors >= 1, "inference.actors", inf.actors, "must be >= 1")
+    require(inf.cpus_per_actor > 0, "inference.cpus_per_actor", inf.cpus_per_actor, "must be > 0")
+    require(
         0 < inf.gpus_per_actor <= 1 or inf.gpus_per_actor == int(inf.gpus_per_actor),
         "inference.gpus_per_actor",
         inf.gpus_per_actor,
@@ -328,21 +324,21 @@ def _check_inference(inf: InferenceConfig) -> None:
 
 
 def _check_job(j: JobConfig) -> None:
-    _require(j.workers_per_scale >= 1, "job.workers_per_scale", j.workers_per_scale, "must be >= 1")
-    _require(j.cpus_per_worker > 0, "job.cpus_per_worker", j.cpus_per_worker, "must be > 0")
-    _require(j.max_failures >= -1, "job.max_failures", j.max_failures, "must be >= 0, or -1 for unlimited")
-    _require(bool(j.registered_model), "job.registered_model", j.registered_model, "must not be empty")
+    require(j.workers_per_scale >= 1, "job.workers_per_scale", j.workers_per_scale, "must be >= 1")
+    require(j.cpus_per_worker > 0, "job.cpus_per_worker", j.cpus_per_worker, "must be > 0")
+    require(j.max_failures >= -1, "job.max_failures", j.max_failures, "must be >= 0, or -1 for unlimited")
+    require(bool(j.registered_model), "job.registered_model", j.registered_model, "must not be empty")
 
 
 def _check_data(cfg: Config) -> None:
     d = cfg.data
-    _require(
+    require(
         len(d.phantom.shape) == cfg.dims, "data.phantom.shape", d.phantom.shape, f"must have dims={cfg.dims} entries"
     )
     if d.source == "files":
-        _require(len(d.paths) > 0, "data.paths", d.paths, "must list at least one file when data.source=files")
+        require(len(d.paths) > 0, "data.paths", d.paths, "must list at least one file when data.source=files")
     else:
-        _require(len(d.phantom.seeds) > 0, "data.phantom.seeds", d.phantom.seeds, "must list at least one seed")
+        require(len(d.phantom.seeds) > 0, "data.phantom.seeds", d.phantom.seeds, "must list at least one seed")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -182,34 +182,35 @@ class ModelSpec:
 # ----------------------------------------------------------------------------- the networks' rules
 
 
-def _require(ok: bool, key: str, value: object, rule: str) -> None:
+def require(ok: bool, key: str, value: object, rule: str) -> None:
+    """Raise :class:`RuleError` (``key``, ``value``, ``rule``) unless ``ok``."""
     if not ok:
         raise RuleError(key, value, rule)
 
 
 def check_spec(spec: ModelSpec) -> None:
     """Every rule of a spec, in this order (the first broken one is reported)."""
-    _require(spec.num_scales >= 1, "num_scales", spec.num_scales, "must be >= 1 (the LR scale)")
-    _require(spec.dims in (2, 3), "dims", spec.dims, "must be 2 or 3")
+    require(spec.num_scales >= 1, "num_scales", spec.num_scales, "must be >= 1 (the LR scale)")
+    require(spec.dims in (2, 3), "dims", spec.dims, "must be 2 or 3")
     _check_intensity(spec.intensity)
     _check_hr_options(spec)
     _check_edges(spec.edges)
     _check_network_sizes(spec)
-    _require(
+    require(
         spec.hr_patch >= 2 and spec.hr_patch % 2 == 0,
         "hr_patch",
         spec.hr_patch,
         "must be even and >= 2 (tiles start on even voxels so the wide context stays aligned)",
     )
     inf = spec.inference
-    _require(inf.memory_budget_mb > 0, "inference.memory_budget_mb", inf.memory_budget_mb, "must be > 0")
-    _require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "must be >= 1")
+    require(inf.memory_budget_mb > 0, "inference.memory_budget_mb", inf.memory_budget_mb, "must be > 0")
+    require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "must be >= 1")
     _check_patch_fits_discriminator(spec)
 
 
 def _check_intensity(i: IntensityConfig) -> None:
-    _require(i.high > i.low, "intensity.high", i.high, f"must exceed intensity.low={i.low}")
-    _require(i.blend >= 0, "intensity.blend", i.blend, "must be >= 0 (window widths)")
+    require(i.high > i.low, "intensity.high", i.high, f"must exceed intensity.low={i.low}")
+    require(i.blend >= 0, "intensity.blend", i.blend, "must be >= 0 (window widths)")
 
 
 def _check_hr_options(spec: ModelSpec) -> None:
@@ -223,8 +224,8 @@ def _check_hr_options(spec: ModelSpec) -> None:
 
 
 def _check_edges(e: EdgeConfig) -> None:
-    _require(e.sigma >= 0, "edges.sigma", e.sigma, "must be >= 0")
-    _require(e.scale > 0, "edges.scale", e.scale, "must be > 0")
+    require(e.sigma >= 0, "edges.sigma", e.sigma, "must be >= 0")
+    require(e.scale > 0, "edges.scale", e.scale, "must be > 0")
 
 
 def _check_network_sizes(spec: ModelSpec) -> None:
@@ -233,16 +234,16 @@ def _check_network_sizes(spec: ModelSpec) -> None:
         ("hr_generator", spec.hr_generator),
         ("discriminator", spec.discriminator),
     ):
-        _require(section.width >= 1, f"{name}.width", section.width, "must be >= 1")
-    _require(spec.lr_generator.depth >= 0, "lr_generator.depth", spec.lr_generator.depth, "must be >= 0")
-    _require(spec.hr_generator.num_blocks >= 0, "hr_generator.num_blocks", spec.hr_generator.num_blocks, "must be >= 0")
-    _require(
+        require(section.width >= 1, f"{name}.width", section.width, "must be >= 1")
+    require(spec.lr_generator.depth >= 0, "lr_generator.depth", spec.lr_generator.depth, "must be >= 0")
+    require(spec.hr_generator.num_blocks >= 0, "hr_generator.num_blocks", spec.hr_generator.num_blocks, "must be >= 0")
+    require(
         spec.hr_generator.context_layers >= 1,
         "hr_generator.context_layers",
         spec.hr_generator.context_layers,
         "must be >= 1 (the wide branch needs one coarse voxel of margin)",
     )
-    _require(
+    require(
         spec.discriminator.num_layers >= 1, "discriminator.num_layers", spec.discriminator.num_layers, "must be >= 1"
     )
 
@@ -252,7 +253,7 @@ def _check_patch_fits_discriminator(spec: ModelSpec) -> None:
     if spec.num_scales <= 1:
         return
     need = patchgan_min_size(spec.discriminator.num_layers)
-    _require(
+    require(
         spec.hr_patch >= need,
         "hr_patch",
         spec.hr_patch,
