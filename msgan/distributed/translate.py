@@ -249,16 +249,13 @@ def _screen(tasks: list[VolumeTask], report: BatchReport) -> list[VolumeTask]:
 def _claim(
     tasks: list[VolumeTask], cascade: Cascade, model: PinnedModel, report: BatchReport, log: Log
 ) -> tuple[list[VolumeTask], dict[int, VolumePlan]]:
-    """Skip what this version published, lease the rest, plan them. Returns (tasks, volume plans by index)."""
+    """Lease what :func:`_screen` left, check it again under the lease (skip what this version published
+    meanwhile), plan it. Returns (tasks, volume plans by index)."""
     todo: list[VolumeTask] = []
     for t in tasks:
         try:
-            previous = check_output(t)  # absent, or msgan's own output: anything else is refused
-            if previous is not None and previous["model"] == t.model:
-                report.skipped.append(t.name)
-                continue
             lease.acquire(t.lease, t.output)
-            previous = check_output(t)  # another run may have published it meanwhile
+            previous = check_output(t)  # under the lease: another run may have published it since _screen
             if previous is not None and previous["model"] == t.model:
                 lease.release(t.lease)
                 report.skipped.append(t.name)

@@ -95,32 +95,30 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------- what an output may be
 
 
-def read_manifest(task: VolumeTask) -> dict[str, Any] | None:
-    """The published output's manifest, None when unpublished; a malformed one is a :class:`VolumeError`."""
-    uri = storage.join(task.output, MANIFEST)
+def _json_at(output: str, name: str, keys: Sequence[str]) -> dict[str, Any] | None:
+    """``<output>/<name>`` as a JSON object holding ``keys``; None when absent. A malformed one is a
+    :class:`VolumeError`: the output is then nobody's to replace."""
+    uri = storage.join(output, name)
     if not storage.exists(uri):
         return None
     try:
-        return storage.json_object(storage.read_bytes(uri), MANIFEST_KEYS)
+        return storage.json_object(storage.read_bytes(uri), keys)
     except ValueError as err:
-        raise VolumeError(f"{uri}: malformed manifest: {err}; remove {task.output} to translate it again") from err
+        raise VolumeError(
+            f"{uri}: malformed manifest: {err}; {output} is not replaced: check it and remove it yourself "
+            "to translate it again"
+        ) from err
+
+
+def read_manifest(task: VolumeTask) -> dict[str, Any] | None:
+    """The published output's manifest, None when unpublished; a malformed one is a :class:`VolumeError`."""
+    return _json_at(task.output, MANIFEST, MANIFEST_KEYS)
 
 
 def is_ours(output: str) -> bool:
     """Whether ``output`` is msgan's own translation: published (its manifest) or caught mid-publish on
     ``s3://`` (the marker written before an old manifest is removed). Only such an output is ever replaced."""
-    for name in (MANIFEST, PUBLISHING):
-        uri = storage.join(output, name)
-        if storage.exists(uri):
-            try:
-                storage.json_object(storage.read_bytes(uri), MANIFEST_KEYS if name == MANIFEST else ("run",))
-            except ValueError as err:
-                raise VolumeError(
-                    f"{uri}: malformed manifest: {err}; {output} is not replaced: check it and remove it yourself "
-                    "to translate it again"
-                ) from err
-            return True
-    return False
+    return _json_at(output, MANIFEST, MANIFEST_KEYS) is not None or _json_at(output, PUBLISHING, ("run",)) is not None
 
 
 def check_output(task: VolumeTask, replace: bool = True, volumes: bool = False) -> dict[str, Any] | None:
@@ -128,12 +126,12 @@ def check_output(task: VolumeTask, replace: bool = True, volumes: bool = False) 
     version's output is replaced only with ``replace`` (the batch job's rule; ``msgan translate`` asks for
     ``--replace``), a zarr volume msgan wrote without a manifest only with ``volumes`` (``--replace``);
     anything else there is refused, never emptied (:class:`msgan.io.outputs.OutputError`)."""
+    previous = read_manifest(task)  # read once: it decides both whose the output is and which model made it
 
     def ours(uri: str) -> bool:
-        return is_ours(uri) or (volumes and outputs.is_msgan_volume(uri))
+        return previous is not None or is_ours(uri) or (volumes and outputs.is_msgan_volume(uri))
 
     outputs.refuse_foreign(task.output, ours, hint="; a translation goes to a new path or to msgan's own output")
-    previous = read_manifest(task)
     if previous is not None and previous["model"] != task.model and not replace:
         raise outputs.OutputError(
             f"{task.output}: holds msgan's translation by {previous['model']}; pass --replace to replace it with "
