@@ -79,8 +79,6 @@ _CRED_HINTS = ("pass", "pwd", "secret", "token", "key", "x-amz")  # one of them 
 
 # environment variables whose whole value is a secret, beyond the secret settings (the compose stack's own)
 SECRET_VARIABLES = (
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_TOKEN",
     "POSTGRES_PASSWORD",
     "MINIO_ROOT_USER",
     "MINIO_ROOT_PASSWORD",
@@ -99,6 +97,7 @@ _IDENTITY_SUFFIXES = ("_USER", "_USERNAME", "_ACCESS_KEY_ID")
 _lock = threading.Lock()
 _registered: set[tuple[str, bool]] = set()  # (value, is identity)
 _registered_pairs: set[tuple[str, str]] = set()
+_registered_version = 0  # bumped by add_credentials: part of the key of the cached secrets
 
 
 def _secret_names() -> list[str]:
@@ -113,7 +112,9 @@ def _is_identity(name: str) -> bool:
 def add_credentials(user: str | None = None, password: str | None = None, *, token: str | None = None) -> None:
     """Make :func:`redact_text` mask these credentials from now on, in this process (a client given them
     directly, not through the environment, calls this)."""
+    global _registered_version
     with _lock:
+        _registered_version += 1
         if user:
             _registered.add((user, True))
         for value in (password, token):
@@ -123,29 +124,37 @@ def add_credentials(user: str | None = None, password: str | None = None, *, tok
             _registered_pairs.add((user, password))
 
 
-def _held(environ: Any = None) -> tuple[frozenset[tuple[str, bool]], frozenset[tuple[str, str]]]:
-    """Every secret this process holds: (value, is identity) and (user, password) pairs."""
-    env = os.environ if environ is None else environ
+def _watched() -> tuple[str, ...]:
+    """The environment variables that may hold a secret: secret settings, Basic pairs, URIs with userinfo."""
+    return (*_secret_names(), *(n for pair in BASIC_PAIRS for n in pair), *URI_VARIABLES)
+
+
+def _held() -> tuple[frozenset[tuple[str, bool]], frozenset[tuple[str, str]]]:
+    """Every secret this process holds: (value, is identity) and (user, password) pairs. Worked out again
+    only when a watched variable or a registered credential changed (this runs on every line written)."""
+    names = _watched()
+    return _held_for(names, tuple(os.environ.get(n) for n in names), _registered_version)
+
+
+@functools.lru_cache(maxsize=8)
+def _held_for(
+    names: tuple[str, ...], seen: tuple[str | None, ...], version: int
+) -> tuple[frozenset[tuple[str, bool]], frozenset[tuple[str, str]]]:
+    env = {n: v for n, v in zip(names, seen, strict=True) if v}
     values = {(env[n], _is_identity(n)) for n in _secret_names() if env.get(n)}
     pairs = {(env[u], env[p]) for u, p in BASIC_PAIRS if env.get(u) and env.get(p)}
     for name in URI_VARIABLES:
         for m in _USERINFO.finditer(env.get(name, "")):
             user, secret = m["user"], m["secret"]
-            for u, s in {(user, secret), (unquote(user), unquote(secret))}:
-                values.add((s, False))
+            for u, sec in {(user, secret), (unquote(user), unquote(secret))}:
+                values.add((sec, False))
                 if u:
                     values.add((u, True))
-                    pairs.add((u, s))
+                    pairs.add((u, sec))
     with _lock:
         values |= _registered
         pairs |= _registered_pairs
     return frozenset(values), frozenset(pairs)
-
-
-def secret_values(environ: dict[str, str] | None = None) -> list[str]:
-    """The secrets in ``environ`` (default: this process's) whose plain form is masked, longest first."""
-    values, _ = _held(environ)
-    return sorted({v for v, ident in values if _plain_masked(v, ident)}, key=len, reverse=True)
 
 
 def _plain_masked(value: str, identity: bool) -> bool:
