@@ -15,6 +15,7 @@ it again; another run is refused while the holder lives. Whether it lives:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -60,6 +61,7 @@ def _process_start(pid: int) -> float | None:
         return -1.0
 
 
+@functools.cache
 def _namespace() -> str:
     """This machine's boot and PID namespace: two containers that share a hostname (host networking) but not
     their PIDs differ here, so a pid is judged only inside the namespace that recorded it."""
@@ -72,17 +74,24 @@ def _namespace() -> str:
     return "|".join(parts)
 
 
+@functools.lru_cache(maxsize=4)
+def _own_start(pid: int) -> float | None:
+    """This process's start time (keyed by pid: a forked child is another process)."""
+    return _process_start(pid)
+
+
 def _body(run: str) -> bytes:
     pid = os.getpid()
     return json.dumps(
         {"run": run, "time": time.time(), "host": socket.gethostname(), "ns": _namespace(), "pid": pid,
-         "started": _process_start(pid)}
+         "started": _own_start(pid)}
     ).encode()  # fmt: skip
 
 
 def alive(info: dict[str, Any], ttl_s: float = DEFAULT_TTL_S) -> bool:
     """Whether the holder named by a lease's content still runs (see the module's rules)."""
-    same_ns = info.get("ns", _namespace()) == _namespace()  # leases written before "ns" existed: same host, same ns
+    ns = _namespace()
+    same_ns = info.get("ns", ns) == ns  # leases written before "ns" existed: same host, same ns
     if info.get("host") == socket.gethostname() and same_ns and isinstance(info.get("pid"), int):
         started = _process_start(int(info["pid"]))
         if started is None:

@@ -7,6 +7,7 @@ zarr, pyarrow for Ray Train's ``storage_filesystem``, boto3 for conditional writ
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -156,23 +157,25 @@ def read_bytes(uri: str, limit: int = SMALL_FILE_BYTES) -> bytes:
     return bytes(fs.cat_file(path))
 
 
-def _temp_tag() -> str:
-    """``.tmp-HOST-PID-``: the start of every temporary name beside an output, so a later run can tell whose it is."""
+@functools.cache
+def _host() -> str:
+    """This host's name as it may stand in a file name."""
     import socket
 
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
-    return f".tmp-{host}-{os.getpid()}-"
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
+
+
+def _temp_tag() -> str:
+    """``.tmp-HOST-PID-``: the start of every temporary name beside an output, so a later run can tell whose it is."""
+    return f".tmp-{_host()}-{os.getpid()}-"
 
 
 def sweep_temporaries(folder: Path, name: str) -> None:
     """Remove temporaries for ``name`` in ``folder`` left by killed processes of this host (a pid that no longer
     runs); another host's, or a live process's, are left alone."""
-    import socket
-
     import psutil
 
-    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
-    pattern = re.compile(rf"\.tmp-{re.escape(host)}-(\d+)-(?:[a-z0-9_]+-)?{re.escape(name)}$")
+    pattern = re.compile(rf"\.tmp-{re.escape(_host())}-(\d+)-(?:[a-z0-9_]+-)?{re.escape(name)}$")
     try:
         entries = list(folder.iterdir())
     except OSError:
