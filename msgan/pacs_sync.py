@@ -64,7 +64,7 @@ class SyncReport:
         ]
         # redacted part by part (a reason may quote a PACS's echo of our request; a UID is kept as it is)
         lines += [f"  {_scrub(src)} -> {_scrub(dst)}" for src, dst in self.translated.items()]
-        lines += [f"  SKIPPED {_scrub(src)}: {_scrub(why)}" for src, why in self.skipped.items()]
+        lines += [f"  SKIPPED {_scrub(src)}: {why}" for src, why in self.skipped.items()]  # why: redacted by skip()
         return "\n".join(lines)
 
     def skip(self, series: str, reason: str) -> str:
