@@ -183,7 +183,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pacs_sync(args: argparse.Namespace) -> int:
     from msgan.pacs_sync import SyncConfig, run_once
-    from msgan.settings import resolve_storage
+    from msgan.storage import resolve_storage
 
     cfg = SyncConfig(
         model=args.model,

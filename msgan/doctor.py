@@ -120,7 +120,7 @@ def check_ray() -> Check:
 def check_storage(uri: str) -> Check:
     """Write, read back and remove a small probe object under ``uri``."""
     try:
-        root = storage.normalize_uri(settings.resolve_storage(uri))
+        root = storage.resolve_storage(uri)
     except ValueError as err:
         return Check("storage", False, str(err))
     probe = storage.join(root, f".msgan-doctor-{uuid.uuid4().hex[:12]}")

@@ -63,18 +63,6 @@ def resolve_local(path: str | os.PathLike[str]) -> Path:
     return p if p.is_absolute() else home() / p
 
 
-def resolve_storage(uri: str) -> str:
-    """A storage setting (``s3://...``, ``file://...`` or a path) as :func:`msgan.storage.normalize_uri` makes it,
-    but with a relative path placed under :func:`home`. (Written out here: settings imports nothing of msgan.)"""
-    s = str(uri)
-    if s.startswith("s3://"):
-        return s.rstrip("/")
-    if "://" in s and not s.startswith("file://"):
-        raise ValueError(f"storage URI scheme {s.split('://', 1)[0]!r}: only file:// and s3:// are supported")
-    local = s[len("file://") :] if s.startswith("file://") else s
-    return "file://" + str(resolve_local(local).resolve())
-
-
 def default_tracking_uri() -> str:
     """The MLflow store when ``MLFLOW_TRACKING_URI`` is not set: sqlite under :func:`home`."""
     return f"sqlite:///{home() / DEFAULT_DB}"

@@ -39,6 +39,16 @@ def normalize_uri(uri: str | os.PathLike[str]) -> str:
     return "file://" + str(Path(s).expanduser().resolve())
 
 
+def resolve_storage(uri: str) -> str:
+    """A storage setting (``s3://...``, ``file://...`` or a path) as :func:`normalize_uri` makes it, but with a
+    relative path placed under ``MSGAN_HOME`` (:func:`msgan.settings.resolve_local`), never the working directory."""
+    from msgan.settings import resolve_local
+
+    s = str(uri)
+    local = s[len("file://") :] if s.startswith("file://") else None if "://" in s else s
+    return normalize_uri(s if local is None else resolve_local(local))
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 

@@ -1,6 +1,6 @@
 import pytest
 
-from msgan import settings
+from msgan import settings, storage
 
 
 @pytest.fixture
@@ -13,13 +13,13 @@ def home(tmp_path, monkeypatch):
 
 def test_relative_paths_resolve_under_msgan_home_not_the_working_directory(home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # as `ray job submit --working-dir` does, into a temporary package folder
-    assert settings.resolve_storage("runs/storage") == f"file://{home}/runs/storage"
-    assert settings.resolve_storage("file://runs/x") == f"file://{home}/runs/x"
-    assert settings.resolve_storage("/abs/store") == "file:///abs/store"
-    assert settings.resolve_storage("s3://bucket/p/") == "s3://bucket/p"
+    assert storage.resolve_storage("runs/storage") == f"file://{home}/runs/storage"
+    assert storage.resolve_storage("file://runs/x") == f"file://{home}/runs/x"
+    assert storage.resolve_storage("/abs/store") == "file:///abs/store"
+    assert storage.resolve_storage("s3://bucket/p/") == "s3://bucket/p"
     assert settings.default_tracking_uri() == f"sqlite:///{home}/runs/mlflow.db"
     with pytest.raises(ValueError, match="only file:// and s3://"):
-        settings.resolve_storage("gs://b/p")
+        storage.resolve_storage("gs://b/p")
 
 
 def test_default_home_is_in_the_user_folder(monkeypatch, tmp_path):

@@ -193,7 +193,7 @@ def run_training_job(
     from msgan import registry
 
     t_start = time.perf_counter()
-    root = storage.normalize_uri(settings.resolve_storage(cfg.job.storage))
+    root = storage.resolve_storage(cfg.job.storage)
     out_root = settings.resolve_local(workdir)
     train_src, holdout_src = prep.sources(cfg), prep.sources(cfg, holdout=True)
     if not train_src:
