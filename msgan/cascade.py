@@ -208,7 +208,8 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         if fmt is not None and fmt not in FORMATS:
             raise CascadeError(f"{where}: format {str(fmt)[:80]!r}, expected one of {list(FORMATS)}")
         model_key = _MODEL_KEY.get(str(fmt), "spec")  # the format is absent or known here
-        manifest = storage.json_object(raw, ("format", model_key, "weights"))
+        storage.require_keys(content, ("format", model_key, "weights"))
+        manifest = content
     except ValueError as err:
         if isinstance(err, CascadeError):
             raise

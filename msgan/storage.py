@@ -118,7 +118,10 @@ def read_local_small(path: str | os.PathLike[str], limit: int = SMALL_FILE_BYTES
             raise OSError(
                 errno.EFBIG, f"{st.st_size} bytes, above the {limit} a metadata file may hold; refused", str(path)
             )
-        return f.read(limit + 1)[:limit]
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"grew beyond the {limit} bytes this file may hold while read; refused", str(path))
+    return data
 
 
 def read_text(uri: str, limit: int = SMALL_FILE_BYTES) -> str:
@@ -149,10 +152,15 @@ def json_object(raw: str | bytes, keys: Sequence[str] = ()) -> dict[str, Any]:
         raise ValueError(f"not valid JSON ({err})") from err
     if not isinstance(content, dict):
         raise ValueError(f"not a JSON object (a {type(content).__name__})")
+    require_keys(content, keys)
+    return content
+
+
+def require_keys(content: dict[str, Any], keys: Sequence[str]) -> None:
+    """A ValueError ``missing keys ...`` unless ``content`` holds every one of ``keys``."""
     missing = [k for k in keys if k not in content]
     if missing:
         raise ValueError(f"missing keys {', '.join(missing)}")
-    return content
 
 
 def read_bytes(uri: str, limit: int = SMALL_FILE_BYTES) -> bytes:
