@@ -32,7 +32,7 @@ from msgan.engine import array_writer, run_tiles, run_whole, tile_feed
 from msgan.memory import largest_tile
 from msgan.nets import HRGenerator, build_generator, count_parameters
 from msgan.pyramid import build_pyramid, output_units
-from msgan.scale_loop import Progress  # (scale, tiles done, tiles total)
+from msgan.scale_loop import Progress, check_same_shape  # Progress: (scale, tiles done, tiles total)
 from msgan.spec import ModelSpec
 from msgan.storage import staged_dir
 from msgan.tiling import plan_core, tile_grid
@@ -64,9 +64,7 @@ def run_scale(
     """One HR scale, tile by tile: reads the named ``arrays`` (``prev`` = scale i-1, ``image`` /
     ``edges`` at scale i), writes every core into ``out`` (numpy, zarr). Returns the number of tiles."""
     shape = tuple(out.shape)
-    for name, a in arrays.items():
-        if name != "prev" and tuple(a.shape) != shape:
-            raise ValueError(f"output shape {shape} differs from array {name!r}'s {tuple(a.shape)}")
+    check_same_shape(arrays, shape)
     tiles = tile_grid(shape, core)
     return run_tiles(gen, tiles, tile_feed(gen, arrays), array_writer(out), batch_size, device, amp, progress)
 

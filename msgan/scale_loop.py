@@ -37,6 +37,13 @@ Tick = Callable[[int, int], None]  # (tiles done, tiles total) of one scale
 Log = Callable[[str], None]
 
 
+def check_same_shape(arrays: Mapping[str, Any], shape: tuple[int, ...]) -> None:
+    """A scale's named input arrays (``prev`` aside) have its output's shape."""
+    for name, a in arrays.items():
+        if name != "prev" and tuple(a.shape) != shape:
+            raise ValueError(f"output shape {shape} differs from array {name!r}'s {tuple(a.shape)}")
+
+
 class Target(Protocol):
     """Where a cascade's outputs go, and the named arrays each scale reads."""
 
@@ -179,10 +186,7 @@ class ArrayTarget:
     def inputs(self, scale: int) -> Mapping[str, Any]:
         if scale == 0:
             return self.levels[0]
-        shape = tuple(self.outputs[scale].shape)
-        for name, a in self.levels[scale].items():
-            if name != "prev" and tuple(a.shape) != shape:
-                raise ValueError(f"output shape {shape} differs from array {name!r}'s {tuple(a.shape)}")
+        check_same_shape(self.levels[scale], tuple(self.outputs[scale].shape))
         return {**self.levels[scale], "prev": self.outputs[scale - 1]}
 
     def core(self, scale: int) -> int:
