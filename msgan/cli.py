@@ -52,9 +52,9 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if str(args.input).endswith(".zarr") and str(args.output).endswith(".zarr"):
         return _translate_store(args)
     output = outputs.resolve_output(args.output, [args.input])  # before any work: never the input, never elsewhere
-    exists = outputs.refuse_foreign(output, lambda u: is_ours(u) or outputs.is_msgan_volume(u), replace=args.replace)
-    if exists and not args.replace:
-        raise outputs.OutputError(f"{args.output}: exists (msgan's translation); pass --replace to replace it")
+    outputs.refuse_unless_replace(
+        output, lambda u: is_ours(u) or outputs.is_msgan_volume(u), args.replace, "msgan's translation"
+    )
     from msgan.volumes.pinning import pin
 
     cascade = pin(args.model).load(args.device)  # the one model-reference dispatch (registry or folder)
@@ -126,9 +126,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from msgan.io import outputs
 
     output = outputs.resolve_output(args.output)
-    exists = outputs.refuse_foreign(output, outputs.is_msgan_volume, replace=args.replace)
-    if exists and not args.replace:
-        raise outputs.OutputError(f"{args.output}: exists (a volume msgan wrote); pass --replace to replace it")
+    outputs.refuse_unless_replace(output, outputs.is_msgan_volume, args.replace, "a volume msgan wrote")
     write_volume(args.output, np.asarray(vol, dtype=np.float32), geom, replace=args.replace)
     print(f"wrote {args.kernel} phantom seed {args.seed} {shape} spacing {spacing} mm to {args.output}")
     return 0
@@ -212,9 +210,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     target = outputs.resolve_output(
         args.output or default_output(args.volume), [args.volume, *filter(None, [args.source])]
     )
-    exists = outputs.refuse_foreign(target, lambda _: False, replace=args.replace)
-    if exists and not args.replace:
-        raise outputs.OutputError(f"{target}: exists; pass --replace to replace it")
+    outputs.refuse_unless_replace(target, lambda _: False, args.replace)
     if suffix_of(args.volume) in ZARR_SUFFIXES:
         where = preview_volume(args.volume, args.output or default_output(args.volume), args.source)
     else:

@@ -116,6 +116,13 @@ def refuse_foreign(
     )
 
 
+def refuse_unless_replace(uri: str, ours: Callable[[str], bool], replace: bool, what: str = "") -> None:
+    """A command's single output: absent, or replaced only with ``--replace`` and only when it is ``ours`` or a
+    single file (:func:`refuse_foreign`); ``what`` says what is there, for the refusal."""
+    if refuse_foreign(uri, ours, replace=replace) and not replace:
+        raise OutputError(f"{uri}: exists{f' ({what})' if what else ''}; pass --replace to replace it")
+
+
 def is_msgan_volume(uri: str) -> bool:
     """Whether ``uri`` is a zarr volume msgan wrote (its ``msgan`` attribute holds a geometry): what
     ``--replace`` may replace besides a published translation."""
