@@ -111,6 +111,14 @@ class CascadeError(ValueError):
     file and the rule it breaks."""
 
 
+class ManifestChangedError(CascadeError):
+    """A pinned cascade's manifest no longer has the hash it was pinned with."""
+
+    def __init__(self, got: str, pinned: str) -> None:
+        super().__init__(f"manifest sha256 {got[:12]}, pinned {pinned[:12]}")
+        self.got, self.pinned = got, pinned
+
+
 class CascadeNotFoundError(CascadeError, FileNotFoundError):
     """The folder holds no ``manifest.json``."""
 
@@ -442,14 +450,23 @@ class Cascade:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu", label: str | None = None) -> Cascade:
+    def load(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        label: str | None = None,
+        manifest_sha256: str | None = None,
+    ) -> Cascade:
         """The cascade saved in ``directory``, checked as untrusted input (:func:`read_manifest_raw`,
         :func:`read_model_file`, sha256 before torch sees a byte, weights only). Every refusal is a
         :class:`CascadeError` naming the file (``label: file`` when ``label`` is given, e.g. a registry URI
-        whose artifact was downloaded into a temporary folder)."""
+        whose artifact was downloaded into a temporary folder). With ``manifest_sha256`` (a pinned model) the
+        manifest bytes read must have that hash (:class:`ManifestChangedError`): what loads is what was pinned."""
         d = Path(directory)
-        _, manifest = read_manifest_raw(d, label)
+        raw, manifest = read_manifest_raw(d, label)
         mwhere = _at(d, label, MANIFEST)
+        if manifest_sha256 is not None and (got := hashlib.sha256(raw).hexdigest()) != manifest_sha256:
+            raise ManifestChangedError(got, manifest_sha256)
         cfg = manifest_config(manifest, mwhere)
         weights = manifest["weights"]
         if len(weights) != cfg.num_scales:

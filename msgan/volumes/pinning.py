@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from msgan import lease
-from msgan.cascade import Cascade, CascadeError, read_manifest_raw
+from msgan.cascade import Cascade, CascadeError, ManifestChangedError, read_manifest_raw
 
 
 class ModelError(ValueError):
@@ -36,21 +36,15 @@ class PinnedModel:
 
             cascade = load_cascade(self.model, str(device))
         else:
-            self._check_pinned()
-            try:
-                cascade = Cascade.load(self.model, device)  # checks every weight file against the manifest
+            try:  # the manifest bytes it reads must be the pinned ones; every weight file is checked against them
+                cascade = Cascade.load(self.model, device, manifest_sha256=self.digest)
+            except ManifestChangedError as err:
+                raise ModelError(
+                    f"{self.model}: the cascade changed since this batch pinned it ({err}); rerun the batch"
+                ) from None
             except CascadeError as err:
                 raise ModelError(str(err)) from None
-            self._check_pinned()  # the same manifest before and after: what loaded is what was pinned
         return with_overrides(cascade, self.overrides)
-
-    def _check_pinned(self) -> None:
-        digest, _ = _folder_manifest(self.model)
-        if self.digest is not None and digest != self.digest:
-            raise ModelError(
-                f"{self.model}: the cascade changed since this batch pinned it "
-                f"(manifest sha256 {digest[:12]}, pinned {self.digest[:12]}); rerun the batch"
-            )
 
 
 RUN_KEYS = {"amp": "train.amp"}  # inference overrides whose config key lives elsewhere (the spec's inference.amp)
