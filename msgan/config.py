@@ -116,17 +116,31 @@ class PhantomDataConfig:
     shape: tuple[int, ...] = (64, 64, 64)
     seeds: tuple[int, ...] = (1, 2, 3, 4)  # one training volume per seed
     kernel: Literal["soft", "sharp"] = "soft"
-    holdout_seeds: tuple[int, ...] = (1000,)  # validation; the job translates their sharp kernel
+    validation_seeds: tuple[int, ...] = (1000,)  # scored while training (and translated at the end without holdout)
+    holdout_seeds: tuple[int, ...] = ()  # translated and scored at the end of the job only
+
+
+Align = Literal["none", "rigid", "affine"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training volumes: synthetic phantoms, or image files (NIfTI/MHA) by path or glob."""
+    """Training volumes: synthetic phantoms; image files or DICOM folders by path or glob (targets alone:
+    ``condition: edges``); or (source, target) pairs named by a pairs manifest (``pairs``: a CSV with
+    columns ``source,target[,split][,patient]``, local or ``s3://``; :mod:`msgan.data.pairs`).
 
-    source: Literal["phantom", "files"] = "phantom"
+    Three splits everywhere: training volumes; ``validation`` ones, scored while training (tuning); ``holdout``
+    ones, translated and scored at the end of the job only. ``align`` says how a pair's target is put onto
+    its source's grid: ``none`` (the same acquisition: the same grid, or resampled physically onto it),
+    ``rigid`` or ``affine`` (separate acquisitions: registered by mutual information, :mod:`msgan.align`)."""
+
+    source: Literal["phantom", "files", "pairs"] = "phantom"
     phantom: PhantomDataConfig = field(default_factory=PhantomDataConfig)
     paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})
-    holdout_paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})  # validation (files)
+    validation_paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})
+    holdout_paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})
+    pairs: str = field(default="", metadata={"names_data": True})
+    align: Align = "none"
 
 
 @dataclass(frozen=True)
@@ -337,6 +351,8 @@ def _check_data(cfg: Config) -> None:
     )
     if d.source == "files":
         require(len(d.paths) > 0, "data.paths", d.paths, "must list at least one file when data.source=files")
+    elif d.source == "pairs":
+        require(bool(d.pairs), "data.pairs", d.pairs, "must name a pairs manifest (CSV) when data.source=pairs")
     else:
         require(len(d.phantom.seeds) > 0, "data.phantom.seeds", d.phantom.seeds, "must list at least one seed")
 

@@ -110,6 +110,48 @@ def score_against_truth(
 
 
 @dataclass(frozen=True)
+class PairScores:
+    """A translation against a pair's target, without phantom labels: SSIM and PSNR in the model's window
+    (window units), MAE and RMSE in the image's own units (HU for CT), all inside the target's body and the
+    pair's valid voxels (``voxels`` of them)."""
+
+    ssim: float
+    psnr: float
+    mae: float
+    rmse: float
+    voxels: int
+
+
+def score_pair(
+    cfg: Config,
+    image: np.ndarray,
+    ours: np.ndarray,
+    truth: np.ndarray,
+    valid: np.ndarray | None,
+    spacing: Sequence[float],
+    png: Path,
+) -> tuple[PairScores, PairScores]:
+    """The input and ours against a pair's target (all three in the same units, on the same grid), inside
+    the target's body (:func:`body_mask` of the windowed target) and ``valid``; a preview PNG of (input,
+    ours, target). A pair with no scorable voxel scores NaN."""
+    w = {k: window(v, cfg.intensity) for k, v in (("input", image), ("ours", ours), ("truth", truth))}
+    mask = body_mask(w["truth"])
+    if valid is not None:
+        mask &= np.asarray(valid, dtype=bool)
+    n = int(mask.sum())
+
+    def one(pred: np.ndarray, pred_w: np.ndarray) -> PairScores:
+        if n == 0:
+            return PairScores(float("nan"), float("nan"), float("nan"), float("nan"), 0)
+        err = mse(pred, truth, mask)
+        return PairScores(ssim(pred_w, w["truth"], 2.0, mask), psnr(pred_w, w["truth"], 2.0, mask),
+                          mae(pred, truth, mask), float(np.sqrt(err)), n)  # fmt: skip
+
+    save_columns(png, {"input": w["input"], "ours": w["ours"], "target": w["truth"]}, spacing, (-1.0, 1.0))
+    return one(np.asarray(image, np.float32), w["input"]), one(np.asarray(ours, np.float32), w["ours"])
+
+
+@dataclass(frozen=True)
 class PairedTest:
     mean_difference: float  # mean of a - b
     t: float

@@ -76,14 +76,23 @@ class DiscriminatorLoss(NamedTuple):
     fake: torch.Tensor
 
 
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean absolute error over the valid voxels (all when ``valid`` is None; 0 when none is valid)."""
+    if valid is None:
+        return F.l1_loss(pred, target)
+    return ((pred - target).abs() * valid).sum() / valid.sum().clamp_min(1.0)
+
+
 # ----------------------------------------------------------------------------- data
 
 
 @dataclass
 class ScaleData:
     """What one scale trains on, per volume: the target image at this scale, its conditions (edges; the
-    source image for image-conditioned models), the previous scale's target image (HR only) and a
-    foreground mask on the LR grid. Arrays may be numpy or zarr."""
+    source image for image-conditioned models), the previous scale's target image (HR only), a
+    foreground mask on the LR grid (where patches are centred) and, for pairs with voxels that must not
+    train (outside their overlap or a field of view), the valid voxels at this scale (``valid``: one array or
+    None per volume; empty when every voxel of every volume is valid). Arrays may be numpy or zarr."""
 
     scale: int
     images: list[Any]
@@ -91,6 +100,7 @@ class ScaleData:
     prev_images: list[Any]
     masks_lr: list[np.ndarray]
     sources: list[Any] = field(default_factory=list)
+    valid: list[Any] = field(default_factory=list)
 
     @classmethod
     def from_pyramids(cls, pyramids: Sequence[Pyramid], scale: int, foreground_threshold: float) -> ScaleData:
@@ -102,14 +112,32 @@ class ScaleData:
         paired = [p.sources is not None for p in pyramids]
         if any(paired) and not all(paired):
             raise ValueError(f"{paired.count(False)} of {len(pyramids)} pyramids have no source images; pairs only")
+        masked = any(p.masks is not None for p in pyramids)
+        masks_lr = []
+        for p in pyramids:
+            fg = foreground_mask(np.asarray(p.images[0]), foreground_threshold)
+            if p.masks is not None:  # patches are centred where the voxels may train
+                fg &= np.asarray(p.masks[0], dtype=bool)
+            masks_lr.append(fg)
         return cls(
             scale=scale,
             images=[p.images[scale] for p in pyramids],
             edges=[p.edges[scale] for p in pyramids],
             prev_images=[p.images[scale - 1] for p in pyramids] if scale > 0 else [],
-            masks_lr=[foreground_mask(np.asarray(p.images[0]), foreground_threshold) for p in pyramids],
+            masks_lr=masks_lr,
             sources=[p.sources[scale] for p in pyramids if p.sources is not None],
+            valid=[p.masks[scale] if p.masks is not None else None for p in pyramids] if masked else [],
         )
+
+    def valid_region(self, v: int, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
+        """Volume ``v``'s valid voxels in the box ``[start, stop)`` at this scale, as float32 0/1 (all ones
+        when the volume has no mask)."""
+        shape = tuple(b - a for a, b in zip(start, stop, strict=True))
+        mask = self.valid[v] if self.valid else None
+        if mask is None:
+            return np.ones(shape, dtype=np.float32)
+        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        return np.asarray(mask[box], dtype=np.float32)
 
     def arrays(self, v: int) -> dict[str, Any]:
         """The named arrays of volume ``v`` a generator reads (see :mod:`msgan.engine`)."""
@@ -126,6 +154,7 @@ class Batch(NamedTuple):
     coarse: torch.Tensor | None  # wide context (B, 1, ...) or None
     cond: torch.Tensor  # discriminator conditions over the core (B, Ccond, core, ...)
     target: torch.Tensor  # (B, 1, core, ...)
+    valid: torch.Tensor | None = None  # (B, 1, core, ...) 0/1: voxels that may enter a loss; None: all
 
 
 def _stack(items: list[np.ndarray]) -> torch.Tensor:
@@ -161,7 +190,10 @@ def sample_lr_batch(
         idx = idx[:1]
     xs = _stack([feed_box(gen, data.arrays(i), corruptions=_corruptions(gen, rng, aug)).x for i in idx])
     target = _stack([np.asarray(data.images[i])[None] for i in idx])
-    return Batch(xs, None, xs, target)
+    valid = None
+    if data.valid:
+        valid = _stack([data.valid_region(i, [0] * data.images[i].ndim, data.images[i].shape)[None] for i in idx])
+    return Batch(xs, None, xs, target, valid)
 
 
 def sample_hr_batch(
@@ -170,7 +202,7 @@ def sample_hr_batch(
     """Patches centred in the foreground, built by the inference feed (:func:`msgan.engine.feed_box`)
     with the training corruptions."""
     _check_paired(data, gen)
-    xs, coarse, conds, targets = [], [], [], []
+    xs, coarse, conds, targets, valid = [], [], [], [], []
     for _ in range(batch_size):
         v = int(rng.integers(len(data.images)))
         shape = tuple(data.images[v].shape)
@@ -179,6 +211,8 @@ def sample_hr_batch(
         f = feed_box(gen, data.arrays(v), start, stop, _corruptions(gen, rng, aug))
         x = torch.from_numpy(f.x)[None]  # (1, C, P + 2h, ...)
         targets.append(read_region(data.images[v], start, stop)[None])
+        if data.valid:
+            valid.append(data.valid_region(v, start, stop)[None])
         xs.append(x[0])
         if f.coarse is not None:
             coarse.append(torch.from_numpy(f.coarse))
@@ -188,6 +222,7 @@ def sample_hr_batch(
         torch.stack(coarse) if coarse else None,
         torch.stack(conds),
         _stack(targets),
+        _stack(valid) if valid else None,
     )
 
 
@@ -315,8 +350,12 @@ class ScaleTrainer:
         b = self.sample_batch()
         x, cond, target = (v.to(self.device) for v in (b.x, b.cond, b.target))
         coarse = b.coarse.to(self.device) if b.coarse is not None else None
+        valid = b.valid.to(self.device) if b.valid is not None else None
         with self._autocast():
             fake = self._g(x, coarse) if isinstance(self.generator, HRGenerator) else self._g(x)
+            if valid is not None:  # outside the valid voxels real and fake are one constant: no signal, no gradient
+                target = target * valid - (1.0 - valid)
+                fake = fake * valid - (1.0 - valid)
             d_real = self._d(torch.cat([cond, target], 1))
             d_fake = self._d(torch.cat([cond, fake.detach()], 1))
             dl_real, dl_fake = self.gan_loss(d_real, True), self.gan_loss(d_fake, False)
@@ -326,7 +365,7 @@ class ScaleTrainer:
         self.opt_d.step()
         with self._autocast():
             g_gan = self.gan_loss(self._d(torch.cat([cond, fake], 1)), True)
-            g_l1 = F.l1_loss(fake.float(), target)
+            g_l1 = masked_l1(fake.float(), target, valid)
             g_loss = GeneratorLoss(g_gan + self.cfg.train.l1_weight * g_l1, g_gan, g_l1)
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.total.backward()
@@ -394,8 +433,13 @@ class ScaleTrainer:
             with self._autocast():
                 y = self.generator(x, coarse) if isinstance(self.generator, HRGenerator) else self.generator(x)
             pred, truth = y.float().cpu().numpy()[0, 0], b.target.numpy()[0, 0]
-            l1s.append(float(np.abs(pred - truth).mean()))
-            ssims.append(ssim(pred, truth, data_range=2.0, sigma=1.0))
+            mask = b.valid.numpy()[0, 0] > 0.5 if b.valid is not None else None
+            if mask is not None and not mask.any():
+                continue  # nothing of this sample may be scored
+            l1s.append(float(np.abs(pred - truth)[mask].mean() if mask is not None else np.abs(pred - truth).mean()))
+            ssims.append(ssim(pred, truth, data_range=2.0, mask=mask, sigma=1.0))
+        if not l1s:
+            return {"val_l1": float("nan"), "val_ssim": float("nan")}
         return {"val_l1": float(np.mean(l1s)), "val_ssim": float(np.mean(ssims))}
 
     # -- checkpoints
@@ -452,10 +496,12 @@ class ScaleTrainer:
 
 
 def fingerprint(pyramids: Sequence[Pyramid]) -> str:
-    """Content hash of the training data (every level of every pyramid)."""
+    """Content hash of the training data (every level of every pyramid: images, edges, a pair's sources and
+    valid voxels; outside the valid voxels a prepared pair holds a constant, so what lies there never
+    enters it)."""
     h = hashlib.sha256()
     for p in pyramids:
-        for a in (*p.images, *p.edges):
+        for a in (*p.images, *p.edges, *(p.sources or ()), *(p.masks or ())):
             arr = np.ascontiguousarray(a, dtype=np.float32)
             h.update(str(arr.shape).encode())
             h.update(arr.tobytes())

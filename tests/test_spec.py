@@ -129,4 +129,45 @@ def test_a_2d_spec_makes_a_config_with_default_run_settings():
 
 
 def test_data_paths_are_marked():
-    assert data_path_keys() == ("data.paths", "data.holdout_paths")
+    assert data_path_keys() == ("data.paths", "data.validation_paths", "data.holdout_paths", "data.pairs")
+
+
+# ----------------------------------------------------------------------------- intensity normalisation (MR)
+
+
+@pytest.mark.parametrize(
+    ("intensity", "message"),
+    [
+        ({"percentiles": [0.0, 99.0]}, r"^intensity\.percentiles=\[0\.0, 99\.0\]: must be \[low, high\] with 0 < low"),
+        ({"percentiles": [5.0, 100.0]}, r"^intensity\.percentiles=\[5\.0, 100\.0\]: must be"),
+        ({"percentiles": [99.0, 1.0]}, r"^intensity\.percentiles=\[99\.0, 1\.0\]: must be"),
+        ({"percentiles": [1.0]}, r"intensity\.percentiles=\[1\.0\]: expected a list of 2 values"),
+        ({"normalize": "zscore"}, r"intensity\.normalize='zscore': must be one of \['none', 'percentile'\]"),
+        ({"normalize": "percentile", "outside": "source"}, r"^intensity\.outside='source': must be 'clip' with "
+                                                           r"intensity\.normalize='percentile'"),
+    ],
+)  # fmt: skip
+def test_the_normalisation_rules_are_checked_at_construction(intensity, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelSpec.from_dict({"intensity": intensity})
+
+
+def test_a_percentile_normalised_spec_round_trips_and_a_config_loads_it_from_yaml(tmp_path):
+    (tmp_path / "mr.yaml").write_text(
+        "intensity:\n  normalize: percentile\n  percentiles: [0.5, 99.5]\n  low: -200\n  high: 1400\n"
+    )
+    spec = load_config(tmp_path / "mr.yaml").spec()
+    assert spec.intensity.normalize == "percentile" and spec.intensity.percentiles == (0.5, 99.5)
+    values = spec.to_dict()
+    assert values["intensity"]["percentiles"] == [0.5, 99.5]
+    assert ModelSpec.from_dict(values) == spec
+
+
+def test_a_spec_saved_before_the_normalisation_keys_loads_as_none():
+    """A ``msgan-cascade/2`` manifest written before ``intensity.normalize`` existed: its window is in the
+    input's own units (HU)."""
+    old = ModelSpec().to_dict()
+    del old["intensity"]["normalize"], old["intensity"]["percentiles"]
+    assert set(old["intensity"]) == {"low", "high", "outside", "blend"}
+    spec = ModelSpec.from_dict(old)
+    assert spec.intensity.normalize == "none" and spec == ModelSpec()

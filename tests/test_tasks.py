@@ -97,7 +97,7 @@ def test_task_configs_load_for_ours_and_edges(name):
 
     ours = task_config(name, 128, False, [])
     assert ours_pending(ours) is None and "image" in ours.condition and ours.intensity.outside == "source"
-    assert ours.data.phantom.seeds == SEEDS["train"] and ours.data.phantom.holdout_seeds == SEEDS["validation"]
+    assert ours.data.phantom.seeds == SEEDS["train"] and ours.data.phantom.validation_seeds == SEEDS["validation"]
     paper = edges_config(ours)
     assert (paper.condition, paper.source_residual, paper.intensity.outside) == ("edges", False, "clip")
     assert task_config(name, 32, True, []).num_scales == 2  # the smoke size

@@ -184,3 +184,64 @@ def test_image_conditioned_training_reads_pairs_from_prepared_stores(tmp_path):
     trainer = ScaleTrainer(cfg, 2, ScaleData.from_pyramids([back], 2, cfg.train.foreground_threshold))
     assert np.isfinite(trainer.train_step().loss_g)
     assert len(sources(cfg)) == 1
+
+
+def _masked_pair(garbage: float, valid_half: bool = True):
+    """A (source, target) pair pyramid whose target holds ``garbage`` where the mask says invalid."""
+    from msgan.data.phantom import kernel_pair
+    from msgan.pyramid import build_pair_pyramid
+
+    cfg = _cfg(**{"condition": "image+edges", "source_residual": True, "hr_generator.residual": False})
+    soft, sharp = kernel_pair((24, 24, 24), 1)
+    valid = np.ones(soft.shape, bool)
+    if valid_half:
+        valid[:, :, :10] = False  # outside the overlap
+    target = np.where(valid, soft, garbage).astype(np.float32)
+    return cfg, build_pair_pyramid(sharp, target, 3, cfg.intensity, cfg.edges, valid=valid)
+
+
+@pytest.mark.parametrize("scale", [0, 2])
+def test_voxels_outside_the_valid_mask_never_enter_a_loss(scale):
+    """Two pairs that differ only outside their valid voxels train to the very same weights (generator and
+    discriminator): nothing there reaches the L1 loss, the discriminator or the patch sampling. Without
+    the mask they do not."""
+    cfg, a = _masked_pair(-1000.0)
+    _, b = _masked_pair(900.0)
+    assert a.masks is not None and not a.masks[0].all() and a.masks[0].any()
+    runs = []
+    for pyr in (a, b):
+        data = ScaleData.from_pyramids([pyr], scale, cfg.train.foreground_threshold)
+        if scale > 0:  # the previous scale is an input (not a loss): the same for both, as a prepared pair's is
+            data.prev_images = [a.images[scale - 1]]
+        trainer = ScaleTrainer(cfg, scale, data)
+        trainer.fit(3)
+        runs.append(_params(trainer))
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=0, atol=0, msg=k)
+    unmasked = []
+    for pyr in (a, b):
+        data = ScaleData.from_pyramids([pyr], scale, cfg.train.foreground_threshold)
+        data.valid = []
+        if scale > 0:
+            data.prev_images = [a.images[scale - 1]]
+        trainer = ScaleTrainer(cfg, scale, data)
+        trainer.fit(3)
+        unmasked.append(_params(trainer))
+    assert any(not torch.equal(unmasked[0][k], unmasked[1][k]) for k in unmasked[0])
+
+
+def test_masks_survive_the_prepared_store_and_coarse_voxels_need_every_fine_one(tmp_path):
+    from msgan.io.pyramids import open_pyramid, write_pyramid
+    from msgan.io.volume import Geometry
+
+    cfg, pyr = _masked_pair(0.0)
+    assert not pyr.masks[2][:, :, :10].any() and pyr.masks[2][:, :, 10:].all()
+    assert not pyr.masks[1][:, :, 4].any() and pyr.masks[1][:, :, 5:].all()  # fine 8, 9 invalid; 10, 11 valid
+    assert not pyr.masks[0][:, :, 2].any() and pyr.masks[0][:, :, 3:].all()  # fine 8-11 hold invalid ones
+    write_pyramid(str(tmp_path / "p.zarr"), pyr, Geometry.identity(3), {"shape": [24, 24, 24]})
+    back = open_pyramid(str(tmp_path / "p.zarr"))
+    for s in range(3):
+        np.testing.assert_array_equal(np.asarray(back.masks[s], bool), pyr.masks[s])
+    data = ScaleData.from_pyramids([back], 2, cfg.train.foreground_threshold)
+    batch = ScaleTrainer(cfg, 2, data).sample_batch()
+    assert batch.valid is not None and batch.valid.shape == batch.target.shape

@@ -151,16 +151,19 @@ def summary_table(outcomes: list[ScaleOutcome]) -> str:
     return "\n".join(rows)
 
 
-def translate_holdout(cascade: Cascade, cfg: Config, out_dir: Path, log: Log) -> list[dict[str, Any]]:
-    """Translate each held-out volume; phantoms are scored against their truth
-    (:func:`msgan.metrics.score_against_truth`, as the demo scores)."""
+def translate_holdout(
+    cascade: Cascade, cfg: Config, out_dir: Path, log: Log, volumes: list[prep.VolumeSource] | None = None
+) -> list[dict[str, Any]]:
+    """Translate each end-of-job volume (:func:`msgan.distributed.prepare.end_of_job` unless ``volumes``);
+    phantoms are scored against their truth (:func:`msgan.metrics.score_against_truth`, as the demo scores),
+    pairs against their target inside its body and the pair's overlap (:func:`msgan.metrics.score_pair`)."""
     from msgan.io.volume import write_volume
-    from msgan.metrics import score_against_truth
+    from msgan.metrics import score_against_truth, score_pair
     from msgan.preview import save_columns
 
     results = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for held in prep.held_out(cfg):
+    for held in prep.held_out(cfg, volumes):
         t0 = time.perf_counter()
         ours = cascade.translate(held.image)
         seconds = time.perf_counter() - t0
@@ -171,6 +174,16 @@ def translate_holdout(cascade: Cascade, cfg: Config, out_dir: Path, log: Log) ->
         if held.truth is None:
             save_columns(png, {"input": held.image, "ours": ours}, spacing)
             log(f"      {held.label}: translated in {seconds:.1f}s")
+        elif held.valid is not None or held.scored_input is not None:  # a pair: no phantom labels
+            image = held.scored_input if held.scored_input is not None else held.image
+            p_in, p_ours = score_pair(cfg, image, ours, held.truth, held.valid, spacing, png)
+            entry["input"], entry["ours"] = p_in.__dict__, p_ours.__dict__
+            entry["alignment"] = held.alignment
+            log(
+                f"      {held.label}: SSIM input {p_in.ssim:.4f} -> ours {p_ours.ssim:.4f}, PSNR {p_in.psnr:.2f} -> "
+                f"{p_ours.psnr:.2f} dB, MAE {p_in.mae:.1f} -> {p_ours.mae:.1f}, RMSE {p_in.rmse:.1f} -> "
+                f"{p_ours.rmse:.1f} (image units, body and overlap; {seconds:.1f}s)"
+            )
         else:
             s_in, s_ours = score_against_truth(cfg, held.image, ours, held.truth, spacing, png)
             entry["input"], entry["ours"] = s_in.__dict__, s_ours.__dict__
@@ -180,6 +193,14 @@ def translate_holdout(cascade: Cascade, cfg: Config, out_dir: Path, log: Log) ->
             )
         entry["png"] = str(png)
         results.append(entry)
+    scored = [h for h in results if "ours" in h]
+    if len(scored) > 1:
+        keys = [k for k in scored[0]["ours"] if k != "voxels"]
+        mean = {side: {k: float(np.nanmean([h[side][k] for h in scored])) for k in keys} for side in ("input", "ours")}
+        log(
+            f"      mean of {len(scored)}: "
+            + ", ".join(f"{k} {mean['input'][k]:.4g} -> {mean['ours'][k]:.4g}" for k in keys)
+        )
     return results
 
 
@@ -195,25 +216,29 @@ def run_training_job(
     t_start = time.perf_counter()
     root = storage.resolve_storage(cfg.job.storage)
     out_root = settings.resolve_local(workdir)
-    train_src, holdout_src = prep.sources(cfg), prep.sources(cfg, holdout=True)
+    train_src, val_src = prep.sources(cfg), prep.sources(cfg, "validation")
+    end_kind, end_src = prep.end_of_job(cfg)
     if not train_src:
-        raise ConfigError("no training volumes: set data.phantom.seeds or data.paths")
-    prep.check_shapes(cfg, [*train_src, *holdout_src])  # bad data or config fails here, before Ray or training
+        raise ConfigError("no training volumes: set data.phantom.seeds, data.paths or data.pairs")
+    # bad data or config fails here, before Ray or training; a pair used twice is checked once
+    prep.check_shapes(cfg, list(dict.fromkeys([*train_src, *val_src, *end_src])))
     ensure_ray(cfg)
     tracking = registry.tracking_uri()
     check_shared_storage(root, tracking, alive_nodes())
     log(f"storage {root}")
     log(f"MLflow  {redact_uri(tracking)}")
     log(f"outputs {out_root}")
-    volumes, val_volumes = _prepare_volumes(cfg, train_src, holdout_src, root, log)
+    prepared, val_prepared = _prepare_volumes(cfg, train_src, val_src, root, log)
+    volumes, val_volumes = [p["uri"] for p in prepared], [p["uri"] for p in val_prepared]
     fingerprints = [Path(u).stem for u in volumes]
     job = job_name(cfg, fingerprints)
     runs = registry.job_runs(cfg.job.experiment, job, cfg.num_scales, cfg.to_dict(), artifact_root=root)
-    outcomes = _train_scales(cfg, job, volumes, val_volumes, root, runs, log, progress)
     parent = registry.RunLogger(runs.tracking_uri, runs.parent)
+    _record_data(cfg, prepared + val_prepared, parent)
+    outcomes = _train_scales(cfg, job, volumes, val_volumes, root, runs, log, progress)
     version, model_uri = _register(cfg, job, root, fingerprints, outcomes, parent, log)
-    out_dir = out_root / job / "holdout"
-    holdout = _translate_holdout_of(model_uri, cfg, out_dir, parent, log)
+    out_dir = out_root / job / end_kind
+    holdout = _translate_holdout_of(model_uri, cfg, out_dir, parent, log, end_kind, end_src)
     seconds = time.perf_counter() - t_start
     log(f"done in {console.fmt_seconds(seconds)}. Outputs: {out_dir}")
     for h in holdout:
@@ -223,17 +248,37 @@ def run_training_job(
 
 
 def _prepare_volumes(
-    cfg: Config, train_src: list[Any], holdout_src: list[Any], root: str, log: Log
-) -> tuple[list[str], list[str]]:
-    """Step 1: the pyramids of every training and held-out volume under ``root`` (reused when there).
-    Returns (training volume URIs, held-out volume URIs)."""
-    log(f"[1/4] preparing {len(train_src)} training + {len(holdout_src)} held-out volumes under {root}/pyramids")
-    prepared = prep.prepare(cfg, train_src + holdout_src, root)
+    cfg: Config, train_src: list[Any], val_src: list[Any], root: str, log: Log
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Step 1: the pyramids of every training and validation volume under ``root`` (reused when there).
+    Returns what :func:`msgan.distributed.prepare.prepare` says of each (training, validation)."""
+    log(f"[1/4] preparing {len(train_src)} training + {len(val_src)} validation volumes under {root}/pyramids")
+    prepared = prep.prepare(cfg, train_src + val_src, root)
     n_new = sum(p["prepared"] for p in prepared)
     log(f"      {n_new} prepared, {len(prepared) - n_new} already there (same content fingerprint)")
-    volumes = [p["uri"] for p in prepared[: len(train_src)]]
-    val_volumes = [p["uri"] for p in prepared[len(train_src) :]]
-    return volumes, val_volumes
+    for src, p in zip(train_src + val_src, prepared, strict=True):
+        a = p.get("alignment")
+        if a is not None:
+            how = "same grid" if a["same_grid"] and a["method"] == "none" else f"{a['method']}"
+            log(f"      {src.label}: {how}, overlap {a['overlap']:.0%}, residual {a['residual']:.4f}")
+    return prepared[: len(train_src)], prepared[len(train_src) :]
+
+
+def _record_data(cfg: Config, prepared: list[dict[str, Any]], parent: RunLogger) -> None:
+    """What the job trained on, in MLflow as tags and metrics of the parent run (never a patient path): the
+    pairs manifest's fingerprint and the alignment setting, each pair's alignment residual and overlap by
+    its CSV row (the metric's step)."""
+    if cfg.data.source != "pairs":
+        return
+    from msgan.data.pairs import pairs_fingerprint
+
+    if "msgan.pairs_fingerprint" in parent.client.get_run(parent.run_id).data.tags:
+        return  # a resubmitted job: recorded the first time
+    parent.tags({"msgan.pairs_fingerprint": pairs_fingerprint(cfg.data.pairs), "msgan.align": cfg.data.align})
+    for p in prepared:
+        a, row = p.get("alignment"), int(p["source"].get("row", 0))
+        if a is not None:
+            parent.metrics({"align_residual": a["residual"], "align_overlap": a["overlap"]}, step=row)
 
 
 def _train_scales(
@@ -300,18 +345,32 @@ def _register(
 
 
 def _translate_holdout_of(
-    model_uri: str, cfg: Config, out_dir: Path, parent: RunLogger, log: Log
+    model_uri: str,
+    cfg: Config,
+    out_dir: Path,
+    parent: RunLogger,
+    log: Log,
+    kind: str = "holdout",
+    volumes: list[prep.VolumeSource] | None = None,
 ) -> list[dict[str, Any]]:
-    """Step 4: translate the held-out volumes with the registered model; their scores and pictures go to
-    the job's parent run."""
+    """Step 4: translate the end-of-job volumes (``kind``: the held-out ones, or the validation ones when the
+    config holds none out) with the registered model; their scores (per volume and the mean, as
+    ``<kind>_<metric>`` and ``<kind>_mean_<metric>``) and pictures go to the job's parent run."""
     from msgan import registry
 
-    log(f"[4/4] translating held-out volumes with {model_uri}")
+    what = "held-out" if kind == "holdout" else "validation (no held-out volumes named)"
+    log(f"[4/4] translating {what} volumes with {model_uri}")
     loaded = registry.load_cascade(model_uri)
-    holdout = translate_holdout(loaded, cfg, out_dir, log)
+    holdout = translate_holdout(loaded, cfg, out_dir, log, volumes)
+    scored = []
     for i, h in enumerate(holdout):
         if "ours" in h:
-            parent.metrics({f"holdout_{k}": v for k, v in h["ours"].items() if np.isfinite(v)}, step=i)
+            finite = {k: float(v) for k, v in h["ours"].items() if np.isfinite(v)}
+            parent.metrics({f"{kind}_{k}": v for k, v in finite.items()}, step=i)
+            scored.append(finite)
         if "png" in h:
-            parent.artifact(h["png"], "holdout")
+            parent.artifact(h["png"], kind)
+    if scored:
+        keys = sorted(set.intersection(*(set(s) for s in scored)))
+        parent.metrics({f"{kind}_mean_{k}": float(np.mean([s[k] for s in scored])) for k in keys}, step=0)
     return holdout

@@ -21,74 +21,166 @@ from msgan.config import Config, ConfigError, from_dict
 from msgan.io.pyramids import pyramid_meta, write_pyramid
 from msgan.io.volume import Geometry
 from msgan.netrules import condition_channels
-from msgan.pyramid import Pyramid, build_pyramid
+from msgan.pyramid import Pyramid, build_pyramid, mask_pyramid
 from msgan.tiling import pyramid_shapes
 from msgan.train import check_scale_shape
 
 PHANTOM_RECIPE = "thorax-1"  # bump when the phantom generator changes what a seed makes
 
 
+SPLITS = ("train", "validation", "holdout")
+
+
 @dataclass(frozen=True)
 class VolumeSource:
-    """A training or validation volume: a phantom (seed + kernel), an image file, or a DICOM series folder."""
+    """A training, validation or held-out volume: a phantom (seed + kernel), an image file, a DICOM series
+    folder, or a (source, target) pair of a pairs manifest (``ref`` the source, ``target`` the target,
+    ``row`` its line in the CSV)."""
 
-    kind: str  # "phantom" | "file" | "dicom"
-    ref: str  # seed or path
+    kind: str  # "phantom" | "file" | "dicom" | "pair"
+    ref: str  # seed or path (a pair's source)
     kernel: str = ""
+    target: str = ""
+    row: int = 0
+    manifest: str = ""  # a pair's CSV, for its label
 
     @property
     def label(self) -> str:
-        return f"phantom seed {self.ref}" if self.kind == "phantom" else self.ref
+        if self.kind == "phantom":
+            return f"phantom seed {self.ref}"
+        if self.kind == "pair":
+            return f"{Path(self.manifest).name} row {self.row}"
+        return self.ref
 
 
-def sources(cfg: Config, holdout: bool = False) -> list[VolumeSource]:
-    """Training (or held-out) volumes named by the config; missing files, and sources that cannot give what
-    the config trains on (:func:`check_source`), fail here, before any work."""
+def sources(cfg: Config, split: str = "train") -> list[VolumeSource]:
+    """The volumes of one split (``train``, ``validation`` or ``holdout``) named by the config; missing
+    files, a refused pairs manifest and sources that cannot give what the config trains on
+    (:func:`check_source`) fail here, before any work."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: must be one of {list(SPLITS)}")
     d = cfg.data
+    out: list[VolumeSource]
     if d.source == "phantom":
-        seeds = d.phantom.holdout_seeds if holdout else d.phantom.seeds
-        out = [VolumeSource("phantom", str(s), "soft" if holdout else d.phantom.kernel) for s in seeds]
-        for src in out:
-            check_source(src, cfg)
-        return out
-    patterns = d.holdout_paths if holdout else d.paths
-    out = []
-    for pat in patterns:
-        matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
-        if not matches or not all(Path(m).exists() for m in matches):
-            key = "data.holdout_paths" if holdout else "data.paths"
-            raise ConfigError(f"{key}: {pat!r} matches no readable file or DICOM folder")
-        out += [VolumeSource("dicom" if Path(m).is_dir() else "file", m) for m in matches]
+        seeds = {"train": d.phantom.seeds, "validation": d.phantom.validation_seeds, "holdout": d.phantom.holdout_seeds}
+        kernel = d.phantom.kernel if split == "train" else "soft"
+        out = [VolumeSource("phantom", str(s), kernel) for s in seeds[split]]
+    elif d.source == "pairs":
+        from msgan.data.pairs import read_pairs
+
+        out = [
+            VolumeSource("pair", p.source, target=p.target, row=p.row, manifest=d.pairs)
+            for p in read_pairs(d.pairs)
+            if p.split == split
+        ]
+        if split == "train" and not out:
+            raise ConfigError(f"data.pairs: {d.pairs} names no training pair (split train, the default)")
+    else:
+        key = {"train": "data.paths", "validation": "data.validation_paths", "holdout": "data.holdout_paths"}[split]
+        patterns = {"train": d.paths, "validation": d.validation_paths, "holdout": d.holdout_paths}[split]
+        out = []
+        for pat in patterns:
+            matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
+            if not matches or not all(Path(m).exists() for m in matches):
+                raise ConfigError(f"{key}: {pat!r} matches no readable file or DICOM folder")
+            out += [VolumeSource("dicom" if Path(m).is_dir() else "file", m) for m in matches]
     for src in out:
         check_source(src, cfg)
     return out
 
 
+def end_of_job(cfg: Config) -> tuple[str, list[VolumeSource]]:
+    """What the job translates and scores at its end: the held-out volumes, or, when the config names none,
+    the validation ones (labelled as such: their scores also steered nothing, but they are not held out)."""
+    held = sources(cfg, "holdout")
+    return ("holdout", held) if held else ("validation", sources(cfg, "validation"))
+
+
 def check_source(source: VolumeSource, cfg: Config) -> None:
     """A source the config can train on: an image-conditioned model (``condition`` with ``image``) trains on
-    (source, target) pairs, which only 3D phantoms give so far. :class:`ConfigError` naming the source."""
-    if "image" in condition_channels(cfg.condition) and (source.kind != "phantom" or cfg.dims != 3):
-        what = "2D phantoms" if source.kind == "phantom" else f"{source.kind} data"
+    (source, target) pairs: a pairs manifest (``data.source: pairs``) or 3D phantoms (the other kernel's
+    reconstruction of the same acquisition). :class:`ConfigError` naming the source."""
+    if "image" in condition_channels(cfg.condition) and source.kind in ("file", "dicom"):
         raise ConfigError(
-            f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs, which only 3D "
-            f"phantoms have so far; use condition=edges for {what}"
+            f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs: name them in a pairs "
+            f"manifest (data.source: pairs, data.pairs: PAIRS.csv; see `msgan find-pairs`), or use "
+            f"condition=edges to train on target images alone"
+        )
+    if "image" in condition_channels(cfg.condition) and source.kind == "phantom" and cfg.dims != 3:
+        raise ConfigError(
+            f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs, which 2D phantoms do "
+            f"not give; write the pairs as files and name them in a pairs manifest (data.source: pairs)"
         )
 
 
-def training_pyramids(cfg: Config, holdout: bool = False) -> list[Pyramid]:
-    """In-memory pyramids of the config's training (or held-out) volumes: the local path of ``msgan train``
-    and ``msgan demo`` reads the very sources the Ray job prepares (phantoms, files, DICOM folders)."""
-    return [source_pyramid(s, cfg)[0] for s in sources(cfg, holdout)]
+def training_pyramids(cfg: Config, split: str = "train") -> list[Pyramid]:
+    """In-memory pyramids of the config's training (or validation) volumes: the local path of ``msgan train``
+    and ``msgan demo`` reads the very sources the Ray job prepares (phantoms, files, DICOM folders, pairs)."""
+    return [source_pyramid(s, cfg)[0] for s in sources(cfg, split)]
+
+
+@dataclass(frozen=True)
+class PreparedPair:
+    """A pair made ready to train: the source (physical units), the target on the source's grid, the valid
+    voxels (inside both fields of view and the pair's overlap) and how the target got there."""
+
+    source: np.ndarray  # normalised when the model normalises (the units of ``target``)
+    target: np.ndarray
+    valid: np.ndarray
+    geometry: Geometry
+    alignment: dict[str, Any]
+    raw_source: np.ndarray  # as read: what a translation takes
+
+
+def prepared_pair(source: VolumeSource, cfg: Config) -> PreparedPair:
+    """Read both sides of a pair, refuse what cannot train (:func:`msgan.data.pairs.check_pair`), put the
+    target onto the source's grid by ``data.align`` (:func:`msgan.align.align_pair`) and, for a model with
+    a per-volume normalisation, normalise each side by its own body's percentiles."""
+    from msgan import normalize
+    from msgan.align import AlignError, align_pair
+    from msgan.data.pairs import Pair, check_pair, read_side
+
+    pair = Pair(row=source.row, source=source.ref, target=source.target, split="", patient="")
+    check = check_pair(pair, cfg.dims)
+    if not check.usable:
+        raise ConfigError(f"{source.label}: {'; '.join(check.problems)}")
+    src, src_info = read_side(source.ref)
+    tgt, tgt_info = read_side(source.target)
+    try:
+        aligned = align_pair(
+            src, src_info.geometry, tgt, tgt_info.geometry, method=cfg.data.align,
+            source_padding=src_info.padding, target_padding=tgt_info.padding,
+            modality=src_info.modality or tgt_info.modality, label=source.label,
+        )  # fmt: skip
+    except AlignError as err:
+        raise ConfigError(str(err)) from None
+    target = np.asarray(aligned.target, dtype=np.float32)
+    raw = src = np.asarray(src, dtype=np.float32)
+    scaling = normalize.scaling_of(src, cfg.intensity)
+    if scaling is not None:
+        src = normalize.apply(src, scaling, cfg.intensity)
+        target_scaling = normalize.scaling_of(np.where(aligned.valid, target, np.nan), cfg.intensity)
+        target = normalize.apply(target, target_scaling, cfg.intensity)
+    target = np.where(aligned.valid, target, np.float32(cfg.intensity.low)).astype(np.float32)
+    alignment = {
+        "method": aligned.method, "same_grid": bool(aligned.same_grid), "overlap": float(aligned.overlap),
+        "residual": float(aligned.residual), "transform": [float(v) for v in aligned.transform],
+        "seconds": float(aligned.seconds),
+    }  # fmt: skip
+    return PreparedPair(np.asarray(src, dtype=np.float32), target, aligned.valid, src_info.geometry, alignment, raw)
 
 
 def source_pyramid(source: VolumeSource, cfg: Config) -> tuple[Pyramid, Geometry, tuple[int, ...]]:
     """The training pyramid of one source, its geometry and shape: the target alone, or a (source, target)
-    pair when the generators read the source image (``condition`` with ``image``; 3D phantoms: the other
-    kernel's reconstruction of the same acquisition is the source)."""
+    pair when the generators read the source image (``condition`` with ``image``): a manifest's pair (its
+    valid voxels masked), or for 3D phantoms the other kernel's reconstruction of the same acquisition."""
     from msgan.data.phantom import phantom_image
     from msgan.pyramid import build_pair_pyramid
 
     check_source(source, cfg)
+    if source.kind == "pair":
+        ready = prepared_pair(source, cfg)
+        return pair_pyramid(ready, cfg), ready.geometry, tuple(ready.source.shape)
     image, geom = load_source(source, cfg)
     if "image" not in condition_channels(cfg.condition):
         return build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges), geom, tuple(image.shape)
@@ -97,23 +189,46 @@ def source_pyramid(source: VolumeSource, cfg: Config) -> tuple[Pyramid, Geometry
     return pyr, geom, tuple(image.shape)
 
 
+def pair_pyramid(ready: PreparedPair, cfg: Config) -> Pyramid:
+    """The training pyramid of a prepared pair, its valid voxels masked at every scale: (source, target)
+    when the generators read the source image, else the target alone (``condition: edges``)."""
+    from msgan.pyramid import build_pair_pyramid
+
+    if "image" not in condition_channels(cfg.condition):
+        pyr = build_pyramid(ready.target, cfg.num_scales, cfg.intensity, cfg.edges)
+        pyr.masks = mask_pyramid(ready.valid, cfg.num_scales)
+        return pyr
+    return build_pair_pyramid(ready.source, ready.target, cfg.num_scales, cfg.intensity, cfg.edges, valid=ready.valid)
+
+
 @dataclass(frozen=True)
 class HeldOut:
-    """A held-out volume to translate at the end of a job: its input and, for phantoms, the truth."""
+    """A volume to translate at the end of a job: its input, its truth when there is one (a phantom's, or a
+    pair's target on the input's grid) and the voxels the truth is valid on (a pair's overlap; None: all)."""
 
     label: str
     stem: str  # file-name stem for its outputs
     image: np.ndarray
     geometry: Geometry
     truth: np.ndarray | None
+    valid: np.ndarray | None = None
+    alignment: dict[str, Any] | None = None
+    scored_input: np.ndarray | None = None  # the input in the truth's units (a normalised pair), for its score
 
 
-def held_out(cfg: Config) -> Iterator[HeldOut]:
-    """The held-out volumes, one at a time: a 3D phantom's sharp-kernel reconstruction with its soft-kernel
-    truth, a 2D phantom radiograph (its own truth: generated from its edges), or a file without truth."""
+def held_out(cfg: Config, volumes: Sequence[VolumeSource] | None = None) -> Iterator[HeldOut]:
+    """The end-of-job volumes (:func:`end_of_job` unless ``volumes`` are given), one at a time: a 3D
+    phantom's sharp-kernel reconstruction with its soft-kernel truth, a 2D phantom radiograph (its own truth:
+    generated from its edges), a pair's source with its target, or a file without truth."""
     from msgan.data.phantom import kernel_pair, phantom_geometry, radiograph
 
-    for src in sources(cfg, holdout=True):
+    for src in end_of_job(cfg)[1] if volumes is None else volumes:
+        if src.kind == "pair":
+            ready = prepared_pair(src, cfg)
+            stem = f"row{src.row}_{Path(src.ref.rstrip('/')).name.split('.')[0]}"
+            yield HeldOut(src.label, stem, ready.raw_source, ready.geometry, ready.target, ready.valid,
+                          ready.alignment, ready.source)  # fmt: skip
+            continue
         if src.kind != "phantom":
             image, geom = load_source(src, cfg)
             yield HeldOut(src.label, Path(src.ref).name.split(".")[0], image, geom, None)
@@ -132,22 +247,37 @@ def _preprocessing(cfg: Config) -> dict[str, Any]:
     out = {"dims": c["dims"], "num_scales": c["num_scales"], "intensity": c["intensity"], "edges": c["edges"]}
     if "image" in condition_channels(cfg.condition):
         out["pairs"] = True  # (source, target) stores differ from target-only ones
+    if cfg.data.source == "pairs":
+        out["align"] = cfg.data.align
+        out["normalize"] = c["intensity"].get("normalize", "none")
     return out
 
 
 def fingerprint(source: VolumeSource, cfg: Config) -> str:
+    """The content fingerprint of a prepared store: every setting that shapes it plus the bytes of its
+    source (both sides of a pair, in order)."""
     h = hashlib.sha256(json.dumps(_preprocessing(cfg), sort_keys=True).encode())
     if source.kind == "phantom":
         h.update(json.dumps([PHANTOM_RECIPE, source.ref, source.kernel, list(cfg.data.phantom.shape)]).encode())
         return h.hexdigest()[:24]
-    files = (
-        sorted(p for p in Path(source.ref).rglob("*") if p.is_file()) if source.kind == "dicom" else [Path(source.ref)]
-    )
-    for path in files:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+    for k, ref in enumerate([source.ref, source.target] if source.kind == "pair" else [source.ref]):
+        h.update(f"side {k}".encode())
+        _hash_content(h, ref)
     return h.hexdigest()[:24]
+
+
+def _hash_content(h: Any, ref: str) -> None:
+    """Feed ``h`` every file of ``ref`` (a file, a folder or an ``s3://`` prefix), in name order, each with
+    its path relative to ``ref`` (a renamed member changes the fingerprint; the folder's own name does not)."""
+    fs, root = storage.filesystem(storage.normalize_uri(ref))
+    root = root.rstrip("/")
+    files = sorted(fs.find(root)) if fs.isdir(root) else [root]  # find lists files only
+    for path in files:
+        rel = path[len(root) :].lstrip("/")
+        h.update(f"\0{rel}\0".encode())
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
 
 
 def load_source(source: VolumeSource, cfg: Config) -> tuple[Any, Geometry]:
@@ -182,10 +312,17 @@ def prepare_one(source: VolumeSource, config: dict[str, Any], root: str) -> dict
     uri = storage.join(root, "pyramids", f"{fp}.zarr")
     meta = pyramid_meta(uri)
     if meta is not None:
-        return {"uri": uri, "prepared": False, "shape": meta["shape"], "source": asdict(source)}
-    pyr, geom, shape = source_pyramid(source, cfg)
-    write_pyramid(uri, pyr, geom, {"fingerprint": fp, "source": asdict(source), "shape": list(shape)})
-    return {"uri": uri, "prepared": True, "shape": list(shape), "source": asdict(source)}
+        out = {"uri": uri, "prepared": False, "shape": meta["shape"], "source": asdict(source)}
+        return out | ({"alignment": meta["alignment"]} if "alignment" in meta else {})
+    extra: dict[str, Any] = {}
+    if source.kind == "pair":  # the alignment is recorded with the prepared data (and by the job in MLflow)
+        ready = prepared_pair(source, cfg)
+        pyr, geom, shape = pair_pyramid(ready, cfg), ready.geometry, tuple(ready.source.shape)
+        extra["alignment"] = ready.alignment
+    else:
+        pyr, geom, shape = source_pyramid(source, cfg)
+    write_pyramid(uri, pyr, geom, {"fingerprint": fp, "source": asdict(source), "shape": list(shape), **extra})
+    return {"uri": uri, "prepared": True, "shape": list(shape), "source": asdict(source), **extra}
 
 
 def prepare(cfg: Config, volumes: Sequence[VolumeSource], root: str, use_ray: bool = True) -> list[dict[str, Any]]:
@@ -206,6 +343,10 @@ def source_shape(source: VolumeSource, cfg: Config) -> tuple[int, ...]:
     :class:`ConfigError` when it cannot be read or has not ``dims`` axes."""
     if source.kind == "phantom":
         size = tuple(cfg.data.phantom.shape)
+    elif source.kind == "pair":
+        from msgan.data.pairs import side_info
+
+        size = tuple(side_info(source.ref).shape)
     elif source.kind == "dicom":
         size = tuple(_read_dicom(source.ref)[0].shape)
     else:
@@ -228,7 +369,27 @@ def check_shapes(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
     """The pre-flight of every training path, before any work starts: each source is one the config can
     train on (:func:`check_source`) and every scale of it fits the patch and the discriminator
     (:func:`msgan.train.check_scale_shape`, the rule :class:`~msgan.train.ScaleTrainer` applies)."""
+    check_pairs(cfg, [v for v in volumes if v.kind == "pair"])
     for src in volumes:
         check_source(src, cfg)
         for s, shape in enumerate(pyramid_shapes(source_shape(src, cfg), cfg.num_scales)):
             check_scale_shape(cfg, s, shape, src.label)
+
+
+def check_pairs(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
+    """Every pair checked (:func:`msgan.data.pairs.check_pair`: readable sides, one patient, one modality,
+    overlap) before any work; one :class:`ConfigError` lists every unusable pair with its row and reasons."""
+    if not volumes:
+        return
+    from msgan.data.pairs import Pair, check_pair
+
+    bad = []
+    for v in volumes:
+        check = check_pair(Pair(row=v.row, source=v.ref, target=v.target, split="", patient=""), cfg.dims)
+        if not check.usable:
+            bad.append(f"{v.label}: {'; '.join(check.problems)}")
+    if bad:
+        raise ConfigError(
+            f"{len(bad)} of {len(volumes)} pairs cannot train (nothing was prepared; `msgan check-pairs` lists "
+            "every pair):\n  " + "\n  ".join(bad)
+        )

@@ -6,6 +6,9 @@ Layout of ``<uri>`` (``.zarr``)::
     zarr.json        attributes: msgan = {geometry, source, fingerprint, num_scales, complete}
     image/0..n-1     windowed image, level 0 = finest = scale n-1
     edges/0..n-1     edge image per level
+    source/0..n-1    a training pair's windowed source image per level
+    valid/0..n-1     a pair's valid voxels per level (uint8: inside the overlap and both fields of view);
+                     absent when every voxel is valid
 
 ``complete`` is set last: a store without it was interrupted and is prepared again.
 """
@@ -35,15 +38,18 @@ def write_pyramid(uri: str, pyramid: Pyramid, geometry: Geometry, meta: dict[str
     groups = [("image", pyramid.images), ("edges", pyramid.edges)]
     if pyramid.sources is not None:  # a training pair: the source image per scale too
         groups.append(("source", pyramid.sources))
+    if pyramid.masks is not None:  # voxels that must not train
+        groups.append(("valid", pyramid.masks))
     for name, levels in groups:
         g = root.create_group(name)
         finest_first = list(reversed(levels))
+        dtype = "uint8" if name == "valid" else "float32"
         for k, lv in enumerate(finest_first):
             ch = tuple(min(chunks, s) for s in lv.shape)
             arr = g.create_array(
-                str(k), shape=lv.shape, dtype="float32", chunks=ch, dimension_names=dimension_names(lv.ndim)
+                str(k), shape=lv.shape, dtype=dtype, chunks=ch, dimension_names=dimension_names(lv.ndim)
             )
-            arr[...] = np.asarray(lv, dtype=np.float32)
+            arr[...] = np.asarray(lv, dtype=dtype)
         g.attrs["ome"] = ome_attrs([lv.shape for lv in finest_first], geometry, name)
     root.attrs["msgan"] = {**meta, "geometry": geometry.as_dict(), "num_scales": n, "complete": True}
 
@@ -83,4 +89,5 @@ def open_pyramid(uri: str, scales: Iterable[int] | None = None, cache_bytes: int
     images = [level("image", s) if s in wanted else None for s in range(n)]
     edges = [level("edges", s) if s in wanted else None for s in range(n)]
     sources = [level("source", s) if s in wanted else None for s in range(n)] if "source" in root else None
-    return Pyramid(images=images, edges=edges, sources=sources)  # type: ignore[arg-type]
+    masks = [level("valid", s) if s in wanted else None for s in range(n)] if "valid" in root else None
+    return Pyramid(images=images, edges=edges, sources=sources, masks=masks)  # type: ignore[arg-type]
