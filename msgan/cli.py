@@ -224,6 +224,41 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_pairs(args: argparse.Namespace) -> int:
+    from msgan.data.pairs import PairsError, check_pairs, describe, read_pairs
+
+    try:
+        pairs = read_pairs(args.pairs)
+    except PairsError as err:  # the manifest itself is refused: one line naming the row, exit 2
+        from msgan.redact import redact_text
+
+        print(f"msgan check-pairs: {redact_text(str(err))}", file=sys.stderr)
+        return 2
+    checks = check_pairs(pairs, args.dims)
+    for c in checks:
+        print(describe(c))
+    bad = [c for c in checks if not c.usable]
+    per_split = ", ".join(
+        f"{split} {n}"
+        for split in ("train", "validation", "holdout")
+        if (n := sum(c.pair.split == split for c in checks))
+    )
+    resample = sum(c.usable and not c.same_grid and not c.different_frames for c in checks)
+    align = sum(c.usable and c.different_frames for c in checks)
+    print(
+        f"{len(checks)} pair(s) ({per_split}): {len(checks) - len(bad)} usable, {len(bad)} unusable"
+        + (f" (rows {', '.join(str(c.pair.row) for c in bad)})" if bad else "")
+        + f"; {resample} to resample onto the source grid, {align} needing data.align"
+    )
+    return 1 if bad else 0
+
+
+def cmd_find_pairs(args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module("msgan.find_pairs").run(args))
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from msgan.doctor import doctor
 
@@ -358,9 +393,41 @@ def _add_data_commands(sub: Any) -> None:
     dr.add_argument("--gpu", choices=["auto", "gpu"], default="auto", help="gpu: a missing GPU is a failure")
     dr.set_defaults(func=cmd_doctor)
 
+    cp = sub.add_parser("check-pairs", help="check a pairs.csv: one line per pair (sizes, spacing, overlap, problems)")
+    cp.add_argument("pairs", help="pairs CSV (path or s3://): columns source,target[,split][,patient]")
+    cp.add_argument("--dims", type=int, choices=[2, 3], default=None, help="the model's dimensionality, if known")
+    cp.set_defaults(func=cmd_check_pairs)
+
+    _add_find_pairs(sub)
+
     i = sub.add_parser("info", help="print a cascade's manifest summary")
     i.add_argument("model", help="cascade folder")
     i.set_defaults(func=cmd_info)
+
+
+def _add_find_pairs(sub: Any) -> None:
+    """``find-pairs`` (msgan.find_pairs: its own arguments and run); absent while that module is."""
+    import importlib
+
+    help_ = "harvest (source, target) pairs from DICOM folders or a PACS into a pairs.csv"
+    try:
+        module = importlib.import_module("msgan.find_pairs")
+    except ModuleNotFoundError as err:
+        if err.name == "msgan.find_pairs":
+            return  # not part of this installation
+        missing = str(err)  # a dependency of find_pairs: the command says so when run; the others still work
+        fp = sub.add_parser("find-pairs", help=f"{help_} (unavailable: {missing})")
+        fp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+        def unavailable(args: argparse.Namespace) -> int:
+            print(f"msgan find-pairs: unavailable here ({missing})", file=sys.stderr)
+            return 1
+
+        fp.set_defaults(func=unavailable)
+        return
+    fp = sub.add_parser("find-pairs", help=help_)
+    module.add_arguments(fp)
+    fp.set_defaults(func=cmd_find_pairs)
 
 
 def _replace_arg(p: argparse.ArgumentParser, what: str) -> None:

@@ -346,9 +346,13 @@ def _check_job(j: JobConfig) -> None:
 
 def _check_data(cfg: Config) -> None:
     d = cfg.data
-    require(
-        len(d.phantom.shape) == cfg.dims, "data.phantom.shape", d.phantom.shape, f"must have dims={cfg.dims} entries"
-    )
+    if d.source == "phantom":  # the phantom section is read only when phantoms train
+        require(
+            len(d.phantom.shape) == cfg.dims,
+            "data.phantom.shape",
+            d.phantom.shape,
+            f"must have dims={cfg.dims} entries",
+        )
     if d.source == "files":
         require(len(d.paths) > 0, "data.paths", d.paths, "must list at least one file when data.source=files")
     elif d.source == "pairs":

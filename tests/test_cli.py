@@ -24,9 +24,10 @@ def test_help_lists_subcommands():
         "phantom",
         "train",
         "promote",
+        "check-pairs",
         "ingest",
         "export",
-        "pacs-sync",
+        "pacs-sync", "check-pairs",
         "info",
     ):
         assert cmd in out.stdout
@@ -119,3 +120,73 @@ def test_train_reads_the_jobs_data_sources_dicom_folders_included(tmp_path, caps
             "--set", "data.source=files", "--set", paths, str(tmp_path / "m")]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
     assert (tmp_path / "m" / "manifest.json").is_file()
+
+
+def _pairs_folder(tmp_path):
+    """Small volumes: a, b, d, e on one grid, c far away from them."""
+    eye = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    for name, origin in (("a.nii.gz", 0.0), ("b.mha", 0.0), ("c.nii.gz", 500.0), ("d.nii.gz", 0.0), ("e.mha", 0.0)):
+        write_volume(tmp_path / name, np.zeros((6, 8, 10), np.float32), Geometry((1.0, 1.0, 2.0), (origin, 0, 0), eye))
+    return tmp_path
+
+
+def test_check_pairs_prints_a_line_per_pair_and_exits_by_what_it_found(tmp_path, capsys):
+    folder = _pairs_folder(tmp_path)
+    good = folder / "good.csv"
+    good.write_text("source,target,split\na.nii.gz,b.mha,train\nd.nii.gz,e.mha,holdout\n")
+    assert main(["check-pairs", str(good), "--dims", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("row 2    train      source 10x8x6 @ 1x1x2 mm  target 10x8x6 @ 1x1x2 mm  same grid")
+    assert out[0].endswith("overlap 100%  ok") and out[1].startswith("row 3    holdout")
+    assert out[2] == (
+        "2 pair(s) (train 1, holdout 1): 2 usable, 0 unusable; 0 to resample onto the source grid, 0 needing data.align"
+    )
+
+    bad = folder / "bad.csv"
+    bad.write_text("source,target\na.nii.gz,b.mha\nc.nii.gz,a.nii.gz\n")
+    assert main(["check-pairs", str(bad)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("row 3 ") and out[1].endswith("resample  overlap 0%  UNUSABLE: no physical overlap")
+    assert out[2].startswith("2 pair(s) (train 2): 1 usable, 1 unusable (rows 3)")
+    assert main(["check-pairs", str(good), "--dims", "2"]) == 1
+    assert "UNUSABLE: source is 3D, the model is 2D" in capsys.readouterr().out
+
+
+def test_check_pairs_refuses_a_bad_manifest_in_one_line(tmp_path, capsys):
+    folder = _pairs_folder(tmp_path)
+    (folder / "p.csv").write_text("source,target,kernel\na.nii.gz,b.mha,B70f\n")
+    assert main(["check-pairs", str(folder / "p.csv")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"msgan check-pairs: {folder / 'p.csv'} row 1: unknown column 'kernel'")
+    assert main(["check-pairs", str(folder / "none.csv")]) == 2
+    assert "none.csv: no such pairs file" in capsys.readouterr().err
+
+
+def test_find_pairs_is_wired_to_its_module_when_there_is_one(monkeypatch, capsys):
+    import argparse
+    import types
+
+    from msgan.cli import build_parser
+
+    seen = {}
+    stub = types.ModuleType("msgan.find_pairs")
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("dicom_dir")
+        parser.add_argument("--out", required=True)
+
+    def run(args: argparse.Namespace) -> int:
+        seen.update(dicom_dir=args.dicom_dir, out=args.out)
+        return 3
+
+    stub.add_arguments, stub.run = add_arguments, run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "msgan.find_pairs", stub)
+    assert main(["find-pairs", "studies", "--out", "pairs.csv"]) == 3
+    assert seen == {"dicom_dir": "studies", "out": "pairs.csv"}
+    monkeypatch.setitem(sys.modules, "msgan.find_pairs", None)  # the module is not there (yet): no command
+    assert "find-pairs" not in build_parser().format_help()
+    assert "check-pairs" in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        main(["find-pairs", "studies"])
+    assert "invalid choice: 'find-pairs'" in capsys.readouterr().err
