@@ -31,6 +31,7 @@ from msgan.config import Config, ConfigError, spec_of
 from msgan.engine import array_writer, run_tiles, run_whole, tile_feed
 from msgan.memory import largest_tile
 from msgan.nets import HRGenerator, build_generator, count_parameters
+from msgan.normalize import Scaling, apply, scaling_of
 from msgan.pyramid import build_pyramid, output_units
 from msgan.scale_loop import Progress, check_same_shape  # Progress: (scale, tiles done, tiles total)
 from msgan.spec import ModelSpec
@@ -408,7 +409,11 @@ class Cascade:
             "num_scales": spec.num_scales,
             "halos": self.halos,
             "hr_patch": spec.hr_patch,
-            "intensity": {"low": spec.intensity.low, "high": spec.intensity.high},
+            "intensity": {
+                "low": spec.intensity.low,
+                "high": spec.intensity.high,
+                "normalize": spec.intensity.normalize,
+            },
             "edges": values["edges"],
             "parameters": [count_parameters(g) for g in self.generators],
             "spec": values,
@@ -501,9 +506,10 @@ class Cascade:
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
     ) -> tuple[list[Any], dict[str, Any]]:
-        """Run the cascade on named arrays per scale (LR first): ``image`` (the windowed source) and/or
-        ``edges``, as the config's ``condition`` needs. ``outputs`` receive each scale's image (window
-        units); numpy arrays are made when not given. Returns (outputs, timings)."""
+        """Run the cascade on named arrays per scale (LR first): ``image`` (the windowed source, normalised
+        first when the spec says so: :meth:`levels`) and/or ``edges``, as the config's ``condition`` needs.
+        ``outputs`` receive each scale's image (window units); numpy arrays are made when not given. Returns
+        (outputs, timings)."""
         from msgan.scale_loop import ArrayTarget, InProcess, run_cascade  # the one per-scale driver
 
         def core(scale: int, shape: tuple[int, ...]) -> int:
@@ -513,19 +519,38 @@ class Cascade:
         scales = run_cascade(self.config.num_scales, InProcess(self, target, device), progress)
         return target.outputs, {"scales": scales}
 
+    def scaling_of(self, image: Any, name: str = "image") -> Scaling | None:
+        """The source's intensity scaling by this model's spec (:func:`msgan.normalize.scaling_of`: None when
+        ``intensity.normalize`` is ``none``); every inference path computes it from the same strided sample."""
+        return scaling_of(image, self.config.intensity, name)
+
+    def levels(
+        self, image: np.ndarray, scaling: Scaling | None = None
+    ) -> tuple[list[dict[str, np.ndarray]], np.ndarray, Scaling | None]:
+        """What :meth:`translate_arrays` reads for a raw image (input units): the named arrays per scale (LR
+        first), the image in the units the window is in (normalised by ``scaling``, else by the image's own
+        :meth:`scaling_of`, when the spec says so; else the image itself) and that scaling."""
+        cfg = self.config
+        if image.ndim != cfg.dims:
+            raise ValueError(f"image has {image.ndim} dimensions {image.shape}; the cascade is {cfg.dims}D")
+        if scaling is None:
+            scaling = self.scaling_of(image)
+        x = apply(image, scaling, cfg.intensity)
+        pyr = build_pyramid(x, cfg.num_scales, cfg.intensity, cfg.edges)
+        return [{"image": im, "edges": e} for im, e in zip(pyr.images, pyr.edges, strict=True)], x, scaling
+
     def translate(
         self,
         image: np.ndarray,
         tile: int | None = None,
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
+        scaling: Scaling | None = None,
     ) -> np.ndarray:
-        """Translate a raw image (HU for CT) held in memory; returns the finest scale in input units
-        (outside the intensity window as ``intensity.outside`` says)."""
-        cfg = self.config
-        if image.ndim != cfg.dims:
-            raise ValueError(f"image has {image.ndim} dimensions {image.shape}; the cascade is {cfg.dims}D")
-        pyr = build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges)
-        levels = [{"image": im, "edges": e} for im, e in zip(pyr.images, pyr.edges, strict=True)]
+        """Translate a raw image (HU for CT) held in memory; returns the finest scale in input units (outside
+        the intensity window as ``intensity.outside`` says). With ``intensity.normalize: percentile`` the image
+        is first normalised by ``scaling`` (default: its own, :meth:`scaling_of`) and the result is in the
+        target domain's normalised units (:mod:`msgan.normalize`)."""
+        levels, x, _ = self.levels(image, scaling)
         outs, _ = self.translate_arrays(levels, tile=tile, device=device, progress=progress)
-        return output_units(outs[-1], cfg.intensity, source=image)
+        return output_units(outs[-1], self.config.intensity, source=x)

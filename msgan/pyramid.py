@@ -149,11 +149,14 @@ def downsample2_chunked(x: da.Array) -> da.Array:
 @dataclass
 class Pyramid:
     """Windowed image and edges at every scale, LR (scale 0) first. A training pair also holds the
-    windowed source image per scale (``sources``; the edges are then the source's, as at inference)."""
+    windowed source image per scale (``sources``; the edges are then the source's, as at inference) and,
+    when some voxels must not train (outside the pair's overlap or a scanner's field of view), a boolean
+    mask of the valid voxels per scale (``masks``; None: every voxel is valid)."""
 
     images: list[np.ndarray]
     edges: list[np.ndarray]
     sources: list[np.ndarray] | None = None
+    masks: list[np.ndarray] | None = None
 
     @property
     def num_scales(self) -> int:
@@ -186,14 +189,33 @@ def build_pyramid(image: np.ndarray, num_scales: int, intensity: IntensityConfig
     return Pyramid(images=images, edges=[np.asarray(edges_chunked(im, edge_cfg).compute()) for im in images])
 
 
+def mask_pyramid(valid: np.ndarray, num_scales: int) -> list[np.ndarray]:
+    """Valid-voxel masks per scale, LR first: a coarse voxel is valid only when every fine voxel of its
+    x2 block is (odd axes repeat their last voxel, as :func:`downsample2` does)."""
+    levels = [np.asarray(valid, dtype=bool)]
+    for _ in range(num_scales - 1):
+        levels.append(downsample2(levels[-1].astype(np.float32)) >= 1.0)
+    return levels[::-1]
+
+
 def build_pair_pyramid(
-    source: np.ndarray, target: np.ndarray, num_scales: int, intensity: IntensityConfig, edge_cfg: EdgeConfig
+    source: np.ndarray,
+    target: np.ndarray,
+    num_scales: int,
+    intensity: IntensityConfig,
+    edge_cfg: EdgeConfig,
+    valid: np.ndarray | None = None,
 ) -> Pyramid:
-    """The pyramid of a training pair (raw units): the target's images, the source's images and edges."""
+    """The pyramid of a training pair (raw units): the target's images, the source's images and edges, and
+    with ``valid`` (a boolean array on the pair's grid) the valid-voxel masks per scale."""
     if np.shape(source) != np.shape(target):
         raise ValueError(f"source {np.shape(source)} and target {np.shape(target)} of a pair differ in shape")
+    if valid is not None and np.shape(valid) != np.shape(source):
+        raise ValueError(f"valid mask {np.shape(valid)} and the pair {np.shape(source)} differ in shape")
     src = build_pyramid(source, num_scales, intensity, edge_cfg)
-    return Pyramid(images=image_pyramid(window(target, intensity), num_scales), edges=src.edges, sources=src.images)
+    masks = mask_pyramid(valid, num_scales) if valid is not None else None
+    images = image_pyramid(window(target, intensity), num_scales)
+    return Pyramid(images=images, edges=src.edges, sources=src.images, masks=masks)
 
 
 def foreground_mask(image_lr: np.ndarray, threshold: float) -> np.ndarray:

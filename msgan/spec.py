@@ -63,12 +63,20 @@ class IntensityConfig:
     with ``w = 1`` inside and below the window falling smoothly (a half cosine) to 0 over ``blend``
     window widths above it, so dense bone and metal pass through untranslated; below the window
     (air and noise) the translation holds, clipped to ``low``.
+
+    ``normalize`` says what units the window is in. ``none``: the input's own (HU for CT: a fixed
+    scale). ``percentile`` (data without a fixed scale, MR): every volume, source and target alike,
+    is first mapped linearly so that the ``percentiles`` [low, high] of its body become 0 and 1000
+    "normalised units" (:mod:`msgan.normalize`), at training and at inference; the window is then in
+    normalised units and so is a translation. Needs ``outside: clip``.
     """
 
     low: float = -1024.0
     high: float = 1024.0
     outside: Literal["clip", "source"] = "clip"
     blend: float = 0.05  # width of the blend above the window, in window widths
+    normalize: Literal["none", "percentile"] = "none"
+    percentiles: tuple[float, float] = (1.0, 99.0)  # of the body; mapped onto 0 and 1000 normalised units
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,20 @@ def check_spec(spec: ModelSpec) -> None:
 def _check_intensity(i: IntensityConfig) -> None:
     require(i.high > i.low, "intensity.high", i.high, f"must exceed intensity.low={i.low}")
     require(i.blend >= 0, "intensity.blend", i.blend, "must be >= 0 (window widths)")
+    p_low, p_high = i.percentiles
+    require(
+        0.0 < p_low < p_high < 100.0,
+        "intensity.percentiles",
+        list(i.percentiles),
+        "must be [low, high] with 0 < low < high < 100 (percentiles of the body)",
+    )
+    require(
+        i.normalize == "none" or i.outside == "clip",
+        "intensity.outside",
+        i.outside,
+        f"must be 'clip' with intensity.normalize={i.normalize!r}: a translation is in normalised units, "
+        "a source passed through would keep its own",
+    )
 
 
 def _check_hr_options(spec: ModelSpec) -> None:

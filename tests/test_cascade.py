@@ -305,3 +305,72 @@ def test_a_manifest_with_a_bad_spec_is_refused_naming_the_file(tmp_path, tiny_cf
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CascadeError, match=r"model/manifest\.json: .*" + message):
         Cascade.load(path)
+
+
+# ----------------------------------------------------------------------------- data without a fixed scale (MR)
+
+MR_OPTIONS = {
+    "condition": "image+edges",
+    "source_residual": True,
+    "hr_generator.residual": False,
+    "intensity.normalize": "percentile",
+    "intensity.low": -200.0,
+    "intensity.high": 1400.0,
+}
+
+
+def _mr(shape, seed=0):
+    from tests.test_normalize import mr_like
+
+    return mr_like(shape, seed)
+
+
+def test_a_normalised_model_translates_a_volume_the_same_at_any_gain_and_offset():
+    from msgan.normalize import apply
+
+    c = Cascade.untrained(tiny_config(**MR_OPTIONS), seed=2)
+    a = _mr((22, 20, 24))
+    b = (a * 5.0 + 120.0).astype(np.float32)  # another scanner's scale
+    ya, yb = c.translate(a, tile=8), c.translate(b, tile=8)
+    np.testing.assert_allclose(ya, yb, rtol=0, atol=1e-5 * 1600)
+    scaling = c.scaling_of(a)
+    assert scaling is not None and c.scaling_of(b) != scaling
+    assert c.translate(a, tile=8, scaling=scaling).tobytes() == ya.tobytes(), "its own scaling by default"
+    normalised = apply(a, scaling, c.config.intensity)
+    body = (slice(5, 17), slice(5, 16), slice(5, 19))
+    assert np.abs(yb[body] - normalised[body]).mean() < 200.0, "out in normalised units"
+    assert np.abs(yb[body] - b[body]).mean() > 1000.0, "not in the input's"
+    ct = Cascade.untrained(tiny_config(**{**MR_OPTIONS, "intensity.normalize": "none"}), seed=2)
+    assert ct.scaling_of(a) is None
+    assert not np.allclose(ct.translate(a, tile=8), ct.translate(b, tile=8), atol=1.0), "without it: scale-bound"
+
+
+def test_a_flat_volume_is_refused_by_a_normalised_model():
+    c = Cascade.untrained(tiny_config(**MR_OPTIONS), seed=2)
+    with pytest.raises(ValueError, match=r"image: flat volume"):
+        c.translate(np.zeros((16, 16, 16), np.float32))
+
+
+def test_a_normalised_model_saves_its_rule_and_an_older_v2_manifest_loads_as_unnormalised(tmp_path, tiny_cfg, rng):
+    import json
+
+    c = Cascade.untrained(tiny_config(**MR_OPTIONS), seed=2)
+    path = c.save(tmp_path / "mr")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["spec"]["intensity"]["normalize"] == "percentile"
+    assert manifest["spec"]["intensity"]["percentiles"] == [1.0, 99.0]
+    assert manifest["intensity"]["normalize"] == "percentile"
+    img = _mr((20, 18, 22))
+    assert Cascade.load(path).translate(img).tobytes() == c.translate(img).tobytes()
+
+    ct = Cascade.untrained(tiny_cfg, seed=1)
+    old = ct.save(tmp_path / "ct")
+    m = json.loads((old / "manifest.json").read_text())
+    for key in ("normalize", "percentiles"):  # a msgan-cascade/2 manifest written before these keys
+        del m["spec"]["intensity"][key]
+    m["intensity"].pop("normalize")
+    (old / "manifest.json").write_text(json.dumps(m))
+    loaded = Cascade.load(old)
+    assert loaded.config.intensity.normalize == "none" and loaded.spec == ct.spec
+    image = rng.uniform(-1000, 500, size=(20, 18, 22)).astype(np.float32)
+    assert loaded.translate(image).tobytes() == ct.translate(image).tobytes()

@@ -82,3 +82,20 @@ def test_levels_that_do_not_fit_the_cascade_are_named():
         ArrayTarget(levels[:2], c.config, lambda s, shape: 8)
     with pytest.raises(ValueError, match="level 1 holds no image or edges array"):
         ArrayTarget([levels[0], {}, levels[2]], c.config, lambda s, shape: 8)
+
+
+def test_a_normalised_source_through_the_loop_equals_the_cascade_byte_for_byte():
+    from msgan.normalize import apply
+    from tests.test_normalize import mr_like
+
+    c = Cascade.untrained(tiny_config(**{"condition": "image", "intensity.normalize": "percentile",
+                                         "intensity.low": -200.0, "intensity.high": 1400.0}), seed=4)  # fmt: skip
+    img = (mr_like((23, 19, 21)) * 0.03 + 7.0).astype(np.float32)  # a scanner's arbitrary scale
+    levels, normalised, scaling = c.levels(img)
+    assert scaling == c.scaling_of(img) and normalised.tobytes() == apply(img, scaling, c.config.intensity).tobytes()
+    raw = build_pyramid(img, c.config.num_scales, c.config.intensity, c.config.edges)
+    assert not np.array_equal(levels[-1]["image"], raw.images[-1]), "the window sees normalised values"
+    target = ArrayTarget(levels, c.config, lambda s, shape: 8)
+    run_cascade(c.config.num_scales, InProcess(c, target))
+    want = c.translate(img, tile=8)
+    assert output_units(target.outputs[-1], c.config.intensity, normalised).tobytes() == want.tobytes()

@@ -163,6 +163,7 @@ def translate_holdout(
 
     results = []
     out_dir.mkdir(parents=True, exist_ok=True)
+    units = "normalised units" if cfg.intensity.normalize != "none" else "image units: HU for CT"
     for held in prep.held_out(cfg, volumes):
         t0 = time.perf_counter()
         ours = cascade.translate(held.image)
@@ -182,7 +183,7 @@ def translate_holdout(
             log(
                 f"      {held.label}: SSIM input {p_in.ssim:.4f} -> ours {p_ours.ssim:.4f}, PSNR {p_in.psnr:.2f} -> "
                 f"{p_ours.psnr:.2f} dB, MAE {p_in.mae:.1f} -> {p_ours.mae:.1f}, RMSE {p_in.rmse:.1f} -> "
-                f"{p_ours.rmse:.1f} (image units, body and overlap; {seconds:.1f}s)"
+                f"{p_ours.rmse:.1f} ({units}, body and overlap; {seconds:.1f}s)"
             )
         else:
             s_in, s_ours = score_against_truth(cfg, held.image, ours, held.truth, spacing, png)

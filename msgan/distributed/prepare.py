@@ -156,10 +156,10 @@ def prepared_pair(source: VolumeSource, cfg: Config) -> PreparedPair:
         raise ConfigError(str(err)) from None
     target = np.asarray(aligned.target, dtype=np.float32)
     raw = src = np.asarray(src, dtype=np.float32)
-    scaling = normalize.scaling_of(src, cfg.intensity)
-    if scaling is not None:
+    scaling = normalize.scaling_of(src, cfg.intensity, f"{source.label} source")
+    if scaling is not None:  # each side by its own body's percentiles (the target's as it was acquired)
         src = normalize.apply(src, scaling, cfg.intensity)
-        target_scaling = normalize.scaling_of(np.where(aligned.valid, target, np.nan), cfg.intensity)
+        target_scaling = normalize.scaling_of(tgt, cfg.intensity, f"{source.label} target")
         target = normalize.apply(target, target_scaling, cfg.intensity)
     target = np.where(aligned.valid, target, np.float32(cfg.intensity.low)).astype(np.float32)
     alignment = {
@@ -183,6 +183,11 @@ def source_pyramid(source: VolumeSource, cfg: Config) -> tuple[Pyramid, Geometry
         return pair_pyramid(ready, cfg), ready.geometry, tuple(ready.source.shape)
     image, geom = load_source(source, cfg)
     if "image" not in condition_channels(cfg.condition):
+        from msgan import normalize
+
+        scaling = normalize.scaling_of(image, cfg.intensity, source.label)
+        if scaling is not None:
+            image = normalize.apply(image, scaling, cfg.intensity)
         return build_pyramid(image, cfg.num_scales, cfg.intensity, cfg.edges), geom, tuple(image.shape)
     other = phantom_image(cfg.data.phantom.shape, int(source.ref), "sharp" if source.kernel == "soft" else "soft")
     pyr = build_pair_pyramid(other, image, cfg.num_scales, cfg.intensity, cfg.edges)
@@ -244,12 +249,15 @@ def held_out(cfg: Config, volumes: Sequence[VolumeSource] | None = None) -> Iter
 
 def _preprocessing(cfg: Config) -> dict[str, Any]:
     c = cfg.to_dict()
-    out = {"dims": c["dims"], "num_scales": c["num_scales"], "intensity": c["intensity"], "edges": c["edges"]}
+    intensity = dict(c["intensity"])
+    if intensity.get("normalize", "none") == "none":  # stores prepared before normalisation existed keep their names
+        intensity.pop("normalize", None)
+        intensity.pop("percentiles", None)
+    out = {"dims": c["dims"], "num_scales": c["num_scales"], "intensity": intensity, "edges": c["edges"]}
     if "image" in condition_channels(cfg.condition):
         out["pairs"] = True  # (source, target) stores differ from target-only ones
     if cfg.data.source == "pairs":
         out["align"] = cfg.data.align
-        out["normalize"] = c["intensity"].get("normalize", "none")
     return out
 
 

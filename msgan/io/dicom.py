@@ -67,6 +67,7 @@ IDENTIFIERS = (
     "BodyPartExamined", "KVP", "SOPClassUID", "SpecificCharacterSet", "ReferringPhysicianName", "PatientPosition",
     "Laterality", "ImageType", "InstitutionName", "ScanningSequence", "SequenceVariant", "ScanOptions",
     "MRAcquisitionType", "RepetitionTime", "EchoTime", "EchoTrainLength", "MagneticFieldStrength",
+    "PixelPaddingValue", "RescaleSlope", "RescaleIntercept",  # a pair's field of view (msgan.data.pairs)
 )  # fmt: skip
 # What a derived image carries over from its source, by module (PS3.3): Patient and General Study (the same
 # patient and study), General Equipment, and the acquisition attributes of the CT/MR Image modules.

@@ -21,6 +21,7 @@ import zarr
 from msgan import lease, storage
 from msgan.io import outputs
 from msgan.io.volume import VolumeError, ome_attrs, open_group
+from msgan.normalize import NORMALISED_UNITS
 from msgan.volumes.staging import RUN_FILE, VolumePlan, array
 from msgan.volumes.tasks import MANIFEST, PUBLISHING, VolumeTask, is_ours, parent_of
 
@@ -86,7 +87,10 @@ def publish(task: VolumeTask, info: dict[str, Any], volumes: bool = False) -> di
     digest = checksum(result, vplan.num_scales, task.name)
     result.attrs["ome"] = ome_attrs(list(vplan.shapes[::-1]), vplan.geometry, task.name)  # finest first
     source = {k: v for k, v in vplan.source.items() if k != "geometry"}
-    result.attrs["msgan"] = {"geometry": vplan.geometry.as_dict(), "source": source, "translated_by": task.model}
+    attrs: dict[str, Any] = {"geometry": vplan.geometry.as_dict(), "source": source, "translated_by": task.model}
+    if vplan.scaling is not None:  # the values are in the target domain's normalised units (msgan.normalize)
+        attrs["intensity"] = {"units": NORMALISED_UNITS, "source_scaling": vplan.scaling.to_dict()}
+    result.attrs["msgan"] = attrs
     from msgan.preview import PREVIEW, preview_volume  # source beside result, published with the volume
 
     preview_volume(task.result_uri, storage.join(task.result_uri, PREVIEW), source=task.input)
@@ -99,6 +103,7 @@ def publish(task: VolumeTask, info: dict[str, Any], volumes: bool = False) -> di
         "shape": list(vplan.shapes[-1]),
         "tiles": list(vplan.tiles),
         "checksum_sha256": digest,
+        **({} if vplan.scaling is None else {"source_scaling": vplan.scaling.to_dict()}),
         "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **info,
     }

@@ -5,7 +5,7 @@ from msgan import storage
 from msgan.config import ConfigError
 from msgan.distributed import prepare as prep
 from msgan.io.pyramids import open_pyramid
-from msgan.io.volume import Geometry, write_volume
+from msgan.io.volume import Geometry, read_volume, write_volume
 from tests.conftest import tiny_config
 from tests.dicom_data import OBLIQUE, write_ct_series
 
@@ -69,3 +69,43 @@ def test_dicom_series_with_other_dims_is_refused_before_work(tmp_path):
     cfg = tiny_config(**{"dims": 2, "data.phantom.shape": [64, 64], "data.source": "files", "data.paths": paths})
     with pytest.raises(ConfigError, match=r"s1: a 3D image; the config trains 2D \(dims\)"):
         prep.check_shapes(cfg, prep.sources(cfg))
+
+
+def _mr_pairs(root, gains=((1.0, 0.0), (3.5, 120.0))):
+
+    from tests.test_normalize import mr_like
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["source,target,split"]
+    for k, (gain, offset) in enumerate(gains):
+        t1 = mr_like((24, 24, 24), seed=0)  # one anatomy on two scanners
+        t2 = (1400.0 - t1) * (t1 > 100)  # another contrast of the same anatomy: dark and bright swapped
+        write_volume(root / f"t1_{k}.nii.gz", (t1 * gain + offset).astype(np.float32), Geometry.identity(3))
+        write_volume(root / f"t2_{k}.nii.gz", (t2 * 2 * gain).astype(np.float32), Geometry.identity(3))
+        lines.append(f"t1_{k}.nii.gz,t2_{k}.nii.gz,train")
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return root / "pairs.csv"
+
+
+def test_mr_pairs_normalise_each_side_and_two_scanners_give_the_same_pyramids(tmp_path):
+    """intensity.normalize=percentile: a T1 -> T2 pair set trains, each side normalised by its own body, so a
+    pair on another scanner's scale prepares to the same windowed images (and a CT window would not)."""
+    from msgan.train import train_locally
+
+    pairs = _mr_pairs(tmp_path / "mr")
+    over = {
+        "condition": "image+edges", "source_residual": True, "hr_generator.residual": False,
+        "intensity.normalize": "percentile", "intensity.low": -200.0, "intensity.high": 1400.0,
+        "data.source": "pairs", "data.pairs": str(pairs), "num_scales": 2, "train.steps": 2,
+    }  # fmt: skip
+    cfg = tiny_config(**over)
+    a, b = prep.training_pyramids(cfg)
+    for s in range(cfg.num_scales):
+        np.testing.assert_allclose(a.sources[s], b.sources[s], atol=2e-3)
+        np.testing.assert_allclose(a.images[s], b.images[s], atol=2e-3)
+    cascade = train_locally(cfg, [a, b], log=lambda _: None)
+    out = cascade.translate(read_volume(str(tmp_path / "mr" / "t1_1.nii.gz"))[0])
+    assert np.isfinite(out).all() and out.shape == (24, 24, 24)
+    ct = tiny_config(**(over | {"intensity.normalize": "none"}))
+    a, b = prep.training_pyramids(ct)
+    assert np.abs(a.sources[-1] - b.sources[-1]).max() > 0.1

@@ -184,7 +184,10 @@ def test_missing_input_chunk_is_an_error_naming_volume_and_chunk(tmp_path, casca
     assert not (tmp_path / "out" / "holes.zarr").exists()
 
 
-def test_corrupt_input_chunk_is_an_error_naming_volume_and_chunk(tmp_path, cascade):
+@pytest.mark.parametrize("normalize", ["none", "percentile"])
+def test_corrupt_input_chunk_is_an_error_naming_volume_and_chunk(tmp_path, cascade, normalize):
+    if normalize == "percentile":  # the plan reads a strided sample of the input to normalise it
+        cascade = Cascade.untrained(tiny_config(**MR_OPTIONS), seed=4)
     write_zarr(tmp_path / "in" / "bad.zarr", [np.full((20, 18, 22), 40.0, np.float32)], GEOM, chunks=8)
     (tmp_path / "in" / "bad.zarr" / "0" / "c" / "1" / "0" / "2").write_bytes(b"not zstd at all" * 8)
     task = volume_task(str(tmp_path / "in" / "bad.zarr"), str(tmp_path / "out"), "m/1")
@@ -407,7 +410,7 @@ def test_tile_actor_loads_the_pinned_plan_with_its_overrides(tmp_path, cascade):
     from msgan.distributed.translate import TileWorker
 
     plan = pin(str(cascade.save(tmp_path / "model")), {"batch_size": 3})
-    worker = TileWorker(plan, [], {}, scale=1, gpus=0.0, threads=1)  # what Ray Data constructs, once per actor
+    worker = TileWorker(plan, [], {}, scale=1, gpus=0.0, cpus=1.0, actors=1)  # what Ray Data constructs, once per actor
     assert worker.cascade.config.inference.batch_size == 3, "the batch's override reaches the actor"
 
 
@@ -452,3 +455,51 @@ def test_a_batch_may_override_the_inference_defaults_amp_included(tmp_path, casc
     folder = cascade.save(tmp_path / "model")
     loaded = pin(str(folder), {"amp": True, "batch_size": 5}).load()
     assert loaded.config.train.amp is True and loaded.config.inference.batch_size == 5
+
+
+# ----------------------------------------------------------------------------- data without a fixed scale (MR)
+
+MR_OPTIONS = {"condition": "image+edges", "source_residual": True, "hr_generator.residual": False,
+              "intensity.normalize": "percentile", "intensity.low": -200.0, "intensity.high": 1400.0}  # fmt: skip
+
+
+def test_a_normalised_volume_translates_staged_byte_for_byte_and_records_its_scaling(tmp_path):
+    from msgan.normalize import Scaling
+    from tests.test_normalize import mr_like
+
+    c = Cascade.untrained(tiny_config(**MR_OPTIONS), seed=4)
+    img = (mr_like((21, 18, 20), seed=2) * 2.5 + 40.0).astype(np.float32)
+    write_zarr(tmp_path / "in" / "t1.zarr", [img], GEOM, chunks=8)
+    task = volume_task(str(tmp_path / "in" / "t1.zarr"), str(tmp_path / "out"), "m/1")
+    vplan = staging.plan_volume(task, c, tile=8)
+    assert vplan.scaling == c.scaling_of(img), "one strided sample: the zarr input's scaling is the array's"
+    assert staging.VolumePlan.from_dict(json.loads(json.dumps(vplan.to_dict()))) == vplan, "to Ray and back"
+    manifest = translate_volume(task, c, tile=8)
+    assert _out(tmp_path, "t1").tobytes() == c.translate(img, tile=8).tobytes()
+    attrs = zarr.open_group(str(tmp_path / "out" / "t1.zarr"), mode="r").attrs["msgan"]
+    assert Scaling.from_dict(attrs["intensity"]["source_scaling"]) == vplan.scaling
+    assert attrs["intensity"]["units"].startswith("normalised")
+    assert Scaling.from_dict(manifest["source_scaling"]) == vplan.scaling
+
+
+def test_a_ct_volume_plan_and_output_hold_no_scaling(tmp_path, cascade):
+    _volume(tmp_path, "ct", shape=(20, 18, 22))
+    task = volume_task(str(tmp_path / "in" / "ct.zarr"), str(tmp_path / "out"), "m/1")
+    assert staging.plan_volume(task, cascade, tile=8).scaling is None
+    manifest = translate_volume(task, cascade, tile=8)
+    assert "source_scaling" not in manifest
+    assert "intensity" not in zarr.open_group(str(tmp_path / "out" / "ct.zarr"), mode="r").attrs["msgan"]
+
+
+def test_a_flat_volume_is_refused_by_name_before_staging_and_a_plan_of_another_model_is_refused(tmp_path, cascade):
+    c = Cascade.untrained(tiny_config(**MR_OPTIONS), seed=4)
+    write_zarr(tmp_path / "in" / "flat.zarr", [np.full((20, 18, 22), 3.0, np.float32)], GEOM)
+    task = volume_task(str(tmp_path / "in" / "flat.zarr"), str(tmp_path / "out"), "m/1")
+    with pytest.raises(VolumeError, match=r"flat\.zarr: flat volume \(every sampled voxel is 3\)"):
+        translate_volume(task, c)
+    assert not (tmp_path / "out" / "flat.zarr").exists() and not (tmp_path / "out" / ".staging").exists()
+    _volume(tmp_path, "v", shape=(20, 18, 22))
+    task = volume_task(str(tmp_path / "in" / "v.zarr"), str(tmp_path / "out"), "m/1")
+    ct_plan = staging.plan_volume(task, cascade, tile=8)
+    with pytest.raises(VolumeError, match=r"v\.zarr: the volume plan has no intensity scaling; the model's "):
+        staging.stage(task, c.config, ct_plan)
