@@ -54,7 +54,7 @@ def test_image_condition_on_files_is_refused_before_ray(tmp_path, monkeypatch):
     )
     assert not ray.is_initialized()
     lines: list[str] = []
-    with pytest.raises(ConfigError, match=rf"{vol}: condition=.image. trains on \(source, target\) pairs: name them in a pairs manifest"):
+    with pytest.raises(ConfigError, match=rf"{vol}: condition=.image. trains on \(source, target\) pairs: name them"):
         run_training_job(cfg, log=lines.append, workdir=tmp_path / "out")
     assert not ray.is_initialized(), "Ray was started for a configuration that cannot train"
     assert lines == [] and not store.exists() and not (tmp_path / "out").exists()
