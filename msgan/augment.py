@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msgan.config import AugmentConfig
 from msgan.nets import linear_mode
+
+if TYPE_CHECKING:  # the annotation only: the tile engine imports without yaml (benchmarks/gpu_check.py)
+    from msgan.config import AugmentConfig
 
 
 @dataclass(frozen=True)
