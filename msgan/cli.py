@@ -12,6 +12,7 @@ from typing import Any
 
 from msgan.config import ConfigError, load_config
 from msgan.console import Progress, quiet, run_entry, scale_progress, set_verbose
+from msgan.io import patterns
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -189,6 +190,7 @@ def cmd_pacs_sync(args: argparse.Namespace) -> int:
         modality=args.modality,
         kernel=args.kernel,
         description=args.description,
+        match=tuple(args.match),
         study_date=args.study_date,
         push=not args.no_push,
         export_prefix=args.export,
@@ -370,6 +372,10 @@ def _add_data_commands(sub: Any) -> None:
     ps.add_argument("--modality", default="CT")
     ps.add_argument("--kernel", default=None, help="regex on ConvolutionKernel, e.g. 'B[6-9]0f'")
     ps.add_argument("--description", default=None, help="regex on SeriesDescription")
+    ps.add_argument(
+        "--match", action="append", default=[], metavar="KEYWORD=REGEX",
+        help="series filter in the syntax of find-pairs (repeatable; all must match): " + patterns.HELP,
+    )  # fmt: skip
     ps.add_argument("--study-date", default=None, help="DICOM date range, e.g. 20260101-")
     ps.add_argument("--no-push", action="store_true", help="do not store results back into the PACS")
     ps.add_argument("--export", default=None, help="also write results under this folder")

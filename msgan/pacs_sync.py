@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from msgan import storage
+from msgan.io import patterns
 from msgan.io.pacs import DicomWebClient, PacsError, SeriesInfo
 from msgan.io.uids import is_uid, shown, uid_problem
 from msgan.redact import redact_text
@@ -37,8 +38,9 @@ class SyncConfig:
     model: str  # models:/NAME@ALIAS or a cascade folder
     storage: str = "runs/pacs"  # state, ingested and translated volumes (file:// or s3://)
     modality: str = "CT"
-    kernel: str | None = None  # regex on ConvolutionKernel, e.g. "B[6-9]0f"
-    description: str | None = None  # regex on SeriesDescription
+    kernel: str | None = None  # regex searched in ConvolutionKernel (any of its values, case counts), e.g. "B[6-9]0f"
+    description: str | None = None  # regex searched in SeriesDescription (case counts)
+    match: tuple[str, ...] = ()  # Keyword=REGEX patterns (msgan.io.patterns, as find-pairs): every one must match
     study_date: str | None = None  # DICOM date range, e.g. "20260101-"
     push: bool = True  # store the derived series back into the PACS
     export_prefix: str | None = None  # also write outputs here (local folder)
@@ -110,8 +112,39 @@ class State:
         storage.write_text(self.uri, json.dumps(self.data, indent=1))
 
 
+# What a QIDO-RS result says of a series (msgan.io.pacs.SeriesInfo); a pattern on anything else needs its metadata.
+QIDO_KEYWORDS = ("SeriesDescription", "Modality", "StudyDate", "PatientID", "SeriesInstanceUID", "StudyInstanceUID")
+
+
+def filters(cfg: SyncConfig) -> list[patterns.Pattern]:
+    """The series filter of ``cfg`` as patterns (:mod:`msgan.io.patterns`): ``kernel`` and ``description`` with
+    their own rule (searched, case counts), ``match`` in the shared ``Keyword=REGEX`` syntax; a bad one is refused
+    (a :class:`~msgan.io.patterns.PatternError` naming it) before anything is asked of the PACS."""
+    found = [*patterns.parse_all(cfg.match)]
+    if cfg.description:
+        found.append(patterns.legacy("SeriesDescription", cfg.description))
+    if cfg.kernel:
+        found.append(patterns.legacy("ConvolutionKernel", cfg.kernel))
+    return found
+
+
+def qido_values(s: SeriesInfo) -> dict[str, str]:
+    """The attributes of a QIDO-RS result that patterns may look at before any metadata is fetched."""
+    return {
+        "SeriesDescription": s.description,
+        "Modality": s.modality,
+        "StudyDate": s.study_date,
+        "PatientID": s.patient_id,
+        "SeriesInstanceUID": s.series_uid,
+        "StudyInstanceUID": s.study_uid,
+    }
+
+
 def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, report: SyncReport) -> list[SeriesInfo]:
     ours = state.derived()
+    wanted = filters(cfg)
+    early = [p for p in wanted if p.keyword in QIDO_KEYWORDS]
+    late = [p for p in wanted if p.keyword not in QIDO_KEYWORDS]
     todo = []
     for s in client.find_series(cfg.modality, cfg.study_date):
         uids = {"SeriesInstanceUID": s.series_uid, "StudyInstanceUID": s.study_uid}
@@ -121,7 +154,7 @@ def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, r
             continue
         if s.series_uid in ours or s.description.startswith("msgan "):
             continue  # our own derived series
-        if cfg.description and not re.search(cfg.description, s.description):
+        if not patterns.matches_all(early, qido_values(s)):
             continue
         done = state.entry(s.series_uid)
         if done is not None:
@@ -131,10 +164,10 @@ def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, r
             if done.get("status") == "failed" and not cfg.retry_failed:
                 report.already += 1
                 continue
-        if cfg.kernel:
+        if late:  # the first instance's attributes (WADO-RS metadata); a multi-valued one matches by any value
             meta = client.series_metadata(s.study_uid, s.series_uid)
-            kernel = meta[0].get("00181210", {}).get("Value", [""])[0] if meta else ""
-            if not re.search(cfg.kernel, str(kernel)):
+            values = patterns.json_values(meta[0], patterns.keywords(late)) if meta else {}
+            if not patterns.matches_all(late, values):
                 continue
         todo.append(s)
         if cfg.limit and len(todo) >= cfg.limit:
@@ -154,6 +187,7 @@ def run_once(cfg: SyncConfig, client: DicomWebClient | None = None, log: Log = p
     from msgan.volumes.pinning import pin
 
     t0 = time.perf_counter()
+    filters(cfg)  # a bad pattern is refused before the PACS or the model is touched
     log = _redacting(log)  # every line this pass logs, the batch's included
     client = client or DicomWebClient.from_env()
     root = storage.normalize_uri(cfg.storage)

@@ -144,3 +144,37 @@ def test_pacs_pass_with_a_2d_model_translates_a_radiograph(empty_orthanc, ray_lo
     source = read_series([tmp_path / "dx"]).volumes[0]
     assert back.geometry.allclose(source.geometry) and np.isfinite(back.image).all()
     assert_valid_dicom(got)
+
+
+def test_the_filters_match_any_kernel_value_and_take_the_shared_pattern_syntax(empty_orthanc, tmp_path):
+    """kernel/description keep their rule (searched, case counts), now on any value of a multi-valued kernel;
+    ``match`` takes find-pairs' Keyword=REGEX patterns; a bad pattern is refused before the PACS is asked."""
+    from msgan import storage
+    from msgan.io.patterns import PatternError
+    from msgan.pacs_sync import State, SyncReport, _select
+
+    client = DicomWebClient(empty_orthanc["url"], empty_orthanc["user"], empty_orthanc["password"])
+    siemens, siemens_uid, _ = write_ct_series(tmp_path / "siemens", seed=31, kernel="Br64d", series_name="f-siemens")
+    for f in siemens:
+        ds = pydicom.dcmread(f)
+        ds.ConvolutionKernel = ["Br64d", "3"]
+        ds.save_as(f)
+    client.store(siemens)
+    soft, soft_uid, _ = write_ct_series(tmp_path / "soft", seed=32, kernel="B30f", series_name="f-soft")
+    client.store(soft)
+
+    def selected(**kw):
+        cfg = SyncConfig(model="unused", storage=str(tmp_path / "store"), **kw)
+        state = State(storage.normalize_uri(cfg.storage))
+        return {s.series_uid for s in _select(cfg, client, state, "m", SyncReport())}
+
+    assert selected() == {siemens_uid, soft_uid}
+    assert selected(kernel="^3$") == {siemens_uid}  # the kernel's second value (only the first was looked at before)
+    assert selected(kernel="Br6") == {siemens_uid} and selected(kernel="br6") == set()  # searched; case counts
+    assert selected(description="B30") == {soft_uid}
+    assert selected(match=("ConvolutionKernel=br64D",)) == {siemens_uid}  # whole value, any case
+    assert selected(match=("ConvolutionKernel=br64",)) == set()
+    assert selected(match=("SeriesDescription=thorax .*", "ConvolutionKernel=B30F")) == {soft_uid}
+    with pytest.raises(PatternError, match="'Kernel=B30f'"):
+        run_once(SyncConfig(model="unused", storage=str(tmp_path / "store"), match=("Kernel=B30f",)), client)
+    assert not (tmp_path / "store").exists()

@@ -240,7 +240,7 @@ def _limit(check: Callable[..., Any], *args: Any) -> Any:
         raise SizeError(str(err)) from err
 
 
-def _check_deflated(path: Path) -> None:
+def check_deflated(path: Path) -> None:
     """A deflated file (Deflated Explicit VR Little Endian) inflates its whole dataset in memory when pydicom (or
     GDCM) reads it. Before that, the stream is inflated here in bounded pieces: the header in front of the pixel
     data is parsed and its declared size checked, the inflated total is held to the deflate ratio rule and to what
@@ -288,7 +288,7 @@ def _check_deflated(path: Path) -> None:
 def _read_header(path: Path) -> Dataset:
     """The dataset (pixels deferred), or a DicomError saying why this file is not a usable image."""
     try:
-        _check_deflated(path)
+        check_deflated(path)
         ds = pydicom.dcmread(path, defer_size="1 KB")
     except DicomError:
         raise
