@@ -27,7 +27,7 @@ def test_help_lists_subcommands():
         "check-pairs",
         "ingest",
         "export",
-        "pacs-sync", "check-pairs",
+        "pacs-sync",
         "info",
     ):
         assert cmd in out.stdout
