@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,12 +80,17 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def check_shared_storage(root: str, tracking: str, nodes: int) -> None:
-    """Storage and the MLflow store must be reachable from every node: on a multi-node cluster a node-local
-    path fails here, before any work, unless MSGAN_SHARED_PATHS marks it as a shared mount."""
+def check_shared_storage(root: str, tracking: str, nodes: int, volumes: Sequence[prep.VolumeSource] = ()) -> None:
+    """Storage, the MLflow store and the data the Ray tasks read (a pair's sides: preparation runs on any
+    node) must be reachable from every node: on a multi-node cluster a node-local path fails here, before
+    any work, unless MSGAN_SHARED_PATHS marks it as a shared mount."""
     try:
         settings.check_reachable_from_all_nodes("job.storage", root, nodes)
         settings.check_reachable_from_all_nodes("the MLflow store", tracking, nodes)
+        for v in volumes:
+            if v.kind == "pair":
+                settings.check_reachable_from_all_nodes(f"{v.label}: source", v.ref, nodes)
+                settings.check_reachable_from_all_nodes(f"{v.label}: target", v.target, nodes)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -225,7 +230,7 @@ def run_training_job(
     prep.check_shapes(cfg, list(dict.fromkeys([*train_src, *val_src, *end_src])))
     ensure_ray(cfg)
     tracking = registry.tracking_uri()
-    check_shared_storage(root, tracking, alive_nodes())
+    check_shared_storage(root, tracking, alive_nodes(), [*train_src, *val_src])
     log(f"storage {root}")
     log(f"MLflow  {redact_uri(tracking)}")
     log(f"outputs {out_root}")

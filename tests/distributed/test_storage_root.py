@@ -34,6 +34,13 @@ def test_local_storage_on_a_two_node_cluster_fails_fast_unless_marked_shared(tmp
         assert not (tmp_path / "home" / "store").exists() and not lines  # nothing started, nothing written
         monkeypatch.setenv("MSGAN_SHARED_PATHS", str(tmp_path))  # an NFS mount every node has
         check_shared_storage(f"file://{tmp_path}/home/store", f"sqlite:///{tmp_path}/mlflow.db", alive_nodes())
+        from msgan.distributed.prepare import VolumeSource
+
+        pair = VolumeSource("pair", "/scratch/ct/s.nii.gz", target=f"{tmp_path}/t.nii.gz", row=2, manifest="pairs.csv")
+        with pytest.raises(ConfigError, match=r"pairs.csv row 2: source /scratch/ct/s.nii.gz is a local path"):
+            check_shared_storage(f"file://{tmp_path}/s", f"sqlite:///{tmp_path}/m.db", alive_nodes(), [pair])
+        shared = VolumeSource("pair", f"{tmp_path}/s.nii.gz", target="s3://bucket/t.zarr", row=3, manifest="p.csv")
+        check_shared_storage(f"file://{tmp_path}/s", f"sqlite:///{tmp_path}/m.db", alive_nodes(), [shared])
     finally:
         ray.shutdown()
         cluster.shutdown()
