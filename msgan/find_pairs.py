@@ -660,6 +660,11 @@ def find_pairs(
     root = outputs.resolve_output(storage.resolve_storage(storage_uri or DEFAULT_STORAGE), inputs)
     if out is None and not dry_run:
         raise ValueError("find-pairs: --out PAIRS.csv is needed (it may be left out with --dry-run only)")
+    if out is not None and storage.is_s3(str(out)) and not storage.is_s3(root):
+        raise ValueError(
+            f"find-pairs: --out {out} is in the object store but --storage {root} is local: a manifest from the "
+            "object store may not name local files (msgan.data.pairs refuses them); give an s3:// --storage too"
+        )
     csv_uri = check_manifest_output(out, inputs, replace) if out is not None else None
     key = pseudonym_key(key_file) if csv_uri is not None and not dry_run else b""
     result = FindResult(storage=root, dry_run=dry_run)

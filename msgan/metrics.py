@@ -136,8 +136,11 @@ def score_pair(
     ours, target). A pair with no scorable voxel scores NaN."""
     w = {k: window(v, cfg.intensity) for k, v in (("input", image), ("ours", ours), ("truth", truth))}
     mask = body_mask(w["truth"])
-    if valid is not None:
-        mask &= np.asarray(valid, dtype=bool)
+    if valid is not None:  # outside the valid voxels every image holds the target's value: SSIM's windows
+        inside = np.asarray(valid, dtype=bool)  # that reach across the overlap's edge see nothing from there
+        mask &= inside
+        for k in ("input", "ours"):
+            w[k] = np.where(inside, w[k], w["truth"])
     n = int(mask.sum())
 
     def one(pred: np.ndarray, pred_w: np.ndarray) -> PairScores:

@@ -436,6 +436,8 @@ class ScaleTrainer:
             mask = b.valid.numpy()[0, 0] > 0.5 if b.valid is not None else None
             if mask is not None and not mask.any():
                 continue  # nothing of this sample may be scored
+            if mask is not None:  # outside the valid voxels the prediction is the target: SSIM's windows see nothing
+                pred = np.where(mask, pred, truth)
             l1s.append(float(np.abs(pred - truth)[mask].mean() if mask is not None else np.abs(pred - truth).mean()))
             ssims.append(ssim(pred, truth, data_range=2.0, mask=mask, sigma=1.0))
         if not l1s:
@@ -496,15 +498,18 @@ class ScaleTrainer:
 
 
 def fingerprint(pyramids: Sequence[Pyramid]) -> str:
-    """Content hash of the training data (every level of every pyramid: images, edges, a pair's sources and
-    valid voxels; outside the valid voxels a prepared pair holds a constant, so what lies there never
-    enters it)."""
+    """Content hash of the training data: every level of every pyramid (images, edges, a pair's sources and
+    valid voxels), each level zero outside its valid voxels, so what lies there never enters it."""
     h = hashlib.sha256()
     for p in pyramids:
-        for a in (*p.images, *p.edges, *(p.sources or ()), *(p.masks or ())):
-            arr = np.ascontiguousarray(a, dtype=np.float32)
-            h.update(str(arr.shape).encode())
-            h.update(arr.tobytes())
+        masks: Sequence[Any] = p.masks if p.masks is not None else [None] * p.num_scales
+        for levels in (p.images, p.edges, p.sources or (), p.masks or ()):
+            for s, a in enumerate(levels):
+                arr = np.ascontiguousarray(a, dtype=np.float32)
+                if masks[s] is not None:
+                    arr = np.where(np.asarray(masks[s], dtype=bool), arr, np.float32(0.0))
+                h.update(str(arr.shape).encode())
+                h.update(arr.tobytes())
     return h.hexdigest()
 
 

@@ -230,6 +230,8 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         fp.find_pairs(dicom, SOURCE, TARGET, out=tmp_path / "p.csv", holdout=1.5)
     with pytest.raises(ValueError, match="no such folder"):
         fp.find_pairs(tmp_path / "nowhere", SOURCE, TARGET, out=tmp_path / "p.csv")
+    with pytest.raises(ValueError, match=r"--out s3://bucket/p.csv is in the object store but --storage .* is local"):
+        fp.find_pairs(dicom, SOURCE, TARGET, out="s3://bucket/p.csv", storage_uri=str(tmp_path / "vols"))
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "home").exists()
 
 

@@ -171,3 +171,24 @@ def test_hold_out_scoring_lives_in_metrics(tmp_path, rng):
     body = truth > -1024.0
     assert s_in.mae == pytest.approx(np.abs(noisy[body] - truth[body]).mean() / 1024.0, rel=1e-5)
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_pair_scores_see_nothing_outside_the_valid_voxels(tmp_path):
+    """score_pair: a translation equal to the target inside the pair's valid voxels scores SSIM 1 and MAE 0,
+    whatever lies outside them (SSIM's windows reaching across the overlap's edge included)."""
+    from msgan.io.volume import Geometry
+    from msgan.metrics import score_pair
+    from tests.conftest import tiny_config
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0.0, 200.0, (24, 24, 24)).astype(np.float32)
+    valid = np.zeros(truth.shape, bool)
+    valid[:, :, 8:] = True
+    ours = np.where(valid, truth, 900.0).astype(np.float32)
+    cfg = tiny_config()
+    spacing = Geometry.identity(3).numpy_spacing()
+    s_in, s_ours = score_pair(cfg, truth + 50.0, ours, truth, valid, spacing, tmp_path / "p.png")
+    assert s_ours.ssim == pytest.approx(1.0) and s_ours.mae == 0.0 and s_ours.voxels == int(valid.sum())
+    assert s_in.mae == pytest.approx(50.0, rel=1e-4) and s_in.ssim < 1.0
+    _, unmasked = score_pair(cfg, truth, ours, truth, None, spacing, tmp_path / "q.png")
+    assert unmasked.ssim < 0.99 and unmasked.mae > 0

@@ -234,13 +234,15 @@ def run_training_job(
     log(f"storage {root}")
     log(f"MLflow  {redact_uri(tracking)}")
     log(f"outputs {out_root}")
-    prepared, val_prepared = _prepare_volumes(cfg, train_src, val_src, root, log)
+    # held-out pairs are read, checked and aligned in step 1 too: a bad one fails before training, not after
+    held_pairs = [v for v in end_src if v.kind == "pair" and v not in (*train_src, *val_src)]
+    prepared, val_prepared, held_prepared = _prepare_volumes(cfg, train_src, val_src, held_pairs, root, log)
     volumes, val_volumes = [p["uri"] for p in prepared], [p["uri"] for p in val_prepared]
     fingerprints = [Path(u).stem for u in volumes]
     job = job_name(cfg, fingerprints)
     runs = registry.job_runs(cfg.job.experiment, job, cfg.num_scales, cfg.to_dict(), artifact_root=root)
     parent = registry.RunLogger(runs.tracking_uri, runs.parent)
-    _record_data(cfg, prepared + val_prepared, parent)
+    _record_data(cfg, prepared + val_prepared + held_prepared, parent)
     outcomes = _train_scales(cfg, job, volumes, val_volumes, root, runs, log, progress)
     version, model_uri = _register(cfg, job, root, fingerprints, outcomes, parent, log)
     out_dir = out_root / job / end_kind
@@ -254,20 +256,24 @@ def run_training_job(
 
 
 def _prepare_volumes(
-    cfg: Config, train_src: list[Any], val_src: list[Any], root: str, log: Log
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Step 1: the pyramids of every training and validation volume under ``root`` (reused when there).
-    Returns what :func:`msgan.distributed.prepare.prepare` says of each (training, validation)."""
-    log(f"[1/4] preparing {len(train_src)} training + {len(val_src)} validation volumes under {root}/pyramids")
-    prepared = prep.prepare(cfg, train_src + val_src, root)
+    cfg: Config, train_src: list[Any], val_src: list[Any], held: list[Any], root: str, log: Log
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Step 1: the pyramids of every training and validation volume, and of the held-out pairs (so that
+    each is read, checked and aligned before any training), under ``root`` (reused when there). Returns
+    what :func:`msgan.distributed.prepare.prepare` says of each (training, validation, held-out)."""
+    more = f" + {len(held)} held-out pairs" if held else ""
+    log(f"[1/4] preparing {len(train_src)} training + {len(val_src)} validation volumes{more} under {root}/pyramids")
+    everything = train_src + val_src + held
+    prepared = prep.prepare(cfg, everything, root)
     n_new = sum(p["prepared"] for p in prepared)
     log(f"      {n_new} prepared, {len(prepared) - n_new} already there (same content fingerprint)")
-    for src, p in zip(train_src + val_src, prepared, strict=True):
+    for src, p in zip(everything, prepared, strict=True):
         a = p.get("alignment")
         if a is not None:
             how = "same grid" if a["same_grid"] and a["method"] == "none" else f"{a['method']}"
             log(f"      {src.label}: {how}, overlap {a['overlap']:.0%}, residual {a['residual']:.4f}")
-    return prepared[: len(train_src)], prepared[len(train_src) :]
+    n, m = len(train_src), len(train_src) + len(val_src)
+    return prepared[:n], prepared[n:m], prepared[m:]
 
 
 def _record_data(cfg: Config, prepared: list[dict[str, Any]], parent: RunLogger) -> None:
@@ -370,8 +376,9 @@ def _translate_holdout_of(
     holdout = translate_holdout(loaded, cfg, out_dir, log, volumes)
     scored = []
     for i, h in enumerate(holdout):
-        if "ours" in h:
+        if "ours" in h:  # ours as <kind>_<metric>, the input itself beside it as <kind>_input_<metric>
             finite = {k: float(v) for k, v in h["ours"].items() if np.isfinite(v)}
+            finite |= {f"input_{k}": float(v) for k, v in h["input"].items() if np.isfinite(v)}
             parent.metrics({f"{kind}_{k}": v for k, v in finite.items()}, step=i)
             scored.append(finite)
         if "png" in h:

@@ -106,6 +106,11 @@ def check_source(source: VolumeSource, cfg: Config) -> None:
             f"manifest (data.source: pairs, data.pairs: PAIRS.csv; see `msgan find-pairs`), or use "
             f"condition=edges to train on target images alone"
         )
+    if source.kind == "phantom" and cfg.intensity.normalize != "none":
+        raise ConfigError(
+            f"{source.label}: intensity.normalize={cfg.intensity.normalize!r} is for data without a fixed scale "
+            "(MR); phantoms are CT in HU: train a normalised model on pairs or files"
+        )
     if "image" in condition_channels(cfg.condition) and source.kind == "phantom" and cfg.dims != 3:
         raise ConfigError(
             f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs, which 2D phantoms do "
@@ -227,16 +232,16 @@ def held_out(cfg: Config, volumes: Sequence[VolumeSource] | None = None) -> Iter
     generated from its edges), a pair's source with its target, or a file without truth."""
     from msgan.data.phantom import kernel_pair, phantom_geometry, radiograph
 
-    for src in end_of_job(cfg)[1] if volumes is None else volumes:
+    for i, src in enumerate(end_of_job(cfg)[1] if volumes is None else volumes):
+        # output names never carry a file name of the user's (it may name a patient; the pictures go to MLflow)
         if src.kind == "pair":
             ready = prepared_pair(src, cfg)
-            stem = f"row{src.row}_{Path(src.ref.rstrip('/')).name.split('.')[0]}"
-            yield HeldOut(src.label, stem, ready.raw_source, ready.geometry, ready.target, ready.valid,
+            yield HeldOut(src.label, f"row{src.row}", ready.raw_source, ready.geometry, ready.target, ready.valid,
                           ready.alignment, ready.source)  # fmt: skip
             continue
         if src.kind != "phantom":
             image, geom = load_source(src, cfg)
-            yield HeldOut(src.label, Path(src.ref).name.split(".")[0], image, geom, None)
+            yield HeldOut(src.label, f"volume{i + 1}", image, geom, None)
             continue
         shape, seed = cfg.data.phantom.shape, int(src.ref)
         geom = phantom_geometry(shape)
@@ -385,19 +390,30 @@ def check_shapes(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
 
 
 def check_pairs(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
-    """Every pair checked (:func:`msgan.data.pairs.check_pair`: readable sides, one patient, one modality,
-    overlap) before any work; one :class:`ConfigError` lists every unusable pair with its row and reasons."""
-    if not volumes:
+    """When any of ``volumes`` is a pair, every pair of the manifest, in every split, is checked before any
+    work (:func:`msgan.data.pairs.check_pairs`: readable sides, one patient, one modality, overlap, and one
+    patient in one split, by the ``patient`` column or the DICOM PatientID), and sides in different frames of
+    reference need ``data.align: rigid`` or ``affine``. One :class:`ConfigError` lists every unusable pair
+    with its row and reasons."""
+    if not any(v.kind == "pair" for v in volumes):
         return
-    from msgan.data.pairs import Pair, check_pair
+    from msgan.data.pairs import check_pairs as check_manifest
+    from msgan.data.pairs import read_pairs
 
+    name = Path(cfg.data.pairs).name
+    checks = check_manifest(read_pairs(cfg.data.pairs), cfg.dims)
     bad = []
-    for v in volumes:
-        check = check_pair(Pair(row=v.row, source=v.ref, target=v.target, split="", patient=""), cfg.dims)
-        if not check.usable:
-            bad.append(f"{v.label}: {'; '.join(check.problems)}")
+    for c in checks:
+        problems = list(c.problems)
+        if c.different_frames and cfg.data.align == "none":
+            problems.append(
+                "its two sides lie in different frames of reference, so their coordinates say nothing of each "
+                "other: set data.align: rigid (or affine) to register them"
+            )
+        if problems:
+            bad.append(f"{name} row {c.pair.row}: {'; '.join(problems)}")
     if bad:
         raise ConfigError(
-            f"{len(bad)} of {len(volumes)} pairs cannot train (nothing was prepared; `msgan check-pairs` lists "
+            f"{len(bad)} of {len(checks)} pairs cannot train (nothing was prepared; `msgan check-pairs` lists "
             "every pair):\n  " + "\n  ".join(bad)
         )

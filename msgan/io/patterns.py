@@ -101,7 +101,7 @@ def _walk(items: Any, inside_repeat: bool, text: str, count: list[int]) -> None:
             _walk(sub, inside_repeat, text, count)
 
 
-def _compile(text: str, regex: str, flags: int) -> re.Pattern[str]:
+def _compile(text: str, regex: str, flags: int, counted: bool = True) -> re.Pattern[str]:
     if not regex:
         raise PatternError(
             f"{text!r}: empty regular expression after '='; to match an attribute that is present but empty, "
@@ -120,7 +120,7 @@ def _compile(text: str, regex: str, flags: int) -> re.Pattern[str]:
         raise PatternError(f"{text!r}: nested too deeply to be a usable regular expression") from None
     count = [0, 0]
     _walk(parsed.data if hasattr(parsed, "data") else parsed, False, text, count)
-    if count[0] > MAX_REPEATS or count[1] > MAX_ALTERNATIONS:
+    if counted and (count[0] > MAX_REPEATS or count[1] > MAX_ALTERNATIONS):
         raise PatternError(
             f"{text!r}: {count[0]} repetitions (*, +, ?, {{m,n}}) and {count[1]} alternations (|); a pattern may "
             f"have at most {MAX_REPEATS} and {MAX_ALTERNATIONS} (each one multiplies the work on a long value)"
@@ -164,7 +164,10 @@ class Pattern:
     def __post_init__(self) -> None:
         check_keyword(self.keyword, str(self))
         flags = re.IGNORECASE if self.ignore_case else 0
-        object.__setattr__(self, "_compiled", _compile(str(self), self.regex, flags | re.DOTALL))
+        # pacs-sync's older settings (search) keep what they accepted before: no count of repetitions (nested
+        # ones are still refused; values stay capped at MAX_VALUE_CHARS)
+        compiled = _compile(str(self), self.regex, flags | re.DOTALL, counted=not self.search)
+        object.__setattr__(self, "_compiled", compiled)
 
     def __str__(self) -> str:
         return f"{self.keyword}={self.regex}"

