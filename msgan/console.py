@@ -38,7 +38,12 @@ def set_verbose(on: bool) -> None:
     _VERBOSE[0] = bool(on)
 
 
-QUIET_LOGGERS = ("ray", "ray.train", "ray.data", "ray.tune", "mlflow", "alembic", "urllib3", "botocore", "s3fs")
+QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "mlflow", "alembic", "urllib3", "botocore", "s3fs")
+# Ray Data configures its own logger when imported (a session log file at DEBUG, a console handler at INFO,
+# not propagating): :func:`ray_data_console` turns down only its console side.
+RAY_DATA_LOGGER = "ray.data"
+# Ray Data's warnings about a choice we made on purpose (progress bars off when piped): never worth a line
+RAY_DATA_NOISE = ("Progress bars disabled", "Progress bars for operators disabled")
 
 
 def is_tty(stream: TextIO | None = None) -> bool:
@@ -237,10 +242,33 @@ def quiet(verbose: bool = False) -> None:
 
 
 def ray_data_progress(verbose: bool = False) -> None:
-    """Ray Data's own progress bars on a terminal (or with ``verbose``) only: piped, they are noise."""
+    """Ray Data's own progress bars on a terminal (or with ``verbose``) only: piped, they are noise. Its
+    console lines (:func:`ray_data_console`) follow ``verbose`` too."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = verbose or is_tty(sys.stderr)
+    ray_data_console(verbose)
+
+
+class _RayDataNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(RAY_DATA_NOISE)
+
+
+def ray_data_console(verbose: bool = False) -> None:
+    """Ray Data's console lines at WARNING unless ``verbose`` (each dataset's "Starting execution",
+    "Execution plan" and "Dataset ... finished" are INFO; our own progress lines say the same), without its
+    notes about the progress bars we turned off. Only the console handlers change: Ray Data's session log
+    files (``ray-data.log``) keep every line. Call after ``import ray.data`` (which sets those handlers up)."""
+    logger = logging.getLogger(RAY_DATA_LOGGER)
+    for handler in logger.handlers:
+        if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+            continue  # a file: keeps everything
+        handler.setLevel(logging.INFO if verbose else logging.WARNING)
+        for f in [f for f in handler.filters if isinstance(f, _RayDataNoise)]:
+            handler.removeFilter(f)
+        if not verbose:
+            handler.addFilter(_RayDataNoise())
 
 
 def ray_init_kwargs(verbose: bool = False) -> dict[str, Any]:

@@ -133,3 +133,30 @@ def test_verbose_forwards_ray_workers_and_logs():
 
     assert ray_init_kwargs(False) == {"log_to_driver": False, "logging_level": logging.WARNING}
     assert ray_init_kwargs(True) == {"log_to_driver": True, "logging_level": logging.INFO}
+
+
+def test_ray_data_console_lines_only_with_verbose_and_its_log_file_keeps_them():
+    import logging
+
+    import ray.data  # noqa: F401  (sets up Ray Data's own logger: a session file and a console handler)
+
+    from msgan.console import ray_data_console
+
+    logger = logging.getLogger("ray.data")
+    [handler] = [h for h in logger.handlers if type(h).__name__ == "PlainRayHandler"]  # Ray Data's console
+    out = io.StringIO()
+    old = handler.setStream(out)
+    try:
+        ray_data_console(verbose=False)
+        logger.info("Execution plan of Dataset d_0: InputDataBuffer[Input] -> ActorPoolMapOperator")
+        logger.warning("Progress bars disabled. To enable, set ...")
+        logger.warning("a block failed")
+        text = out.getvalue()
+        assert "Execution plan" not in text and "Progress bars" not in text and "a block failed" in text, text
+        assert logger.isEnabledFor(logging.INFO), "the session log file still gets Ray Data's INFO lines"
+        ray_data_console(verbose=True)
+        logger.info("Dataset d_0 execution finished in 1.0 seconds")
+        assert "execution finished" in out.getvalue()
+    finally:
+        ray_data_console(verbose=False)
+        handler.setStream(old)

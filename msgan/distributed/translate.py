@@ -74,6 +74,40 @@ def current_rss() -> int:
         return 0
 
 
+def _process_start() -> float:
+    """When this process started (wall clock, seconds since the epoch); now when unknown."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:
+        return time.time()
+
+
+def cpu_threads(cpus: float, actors: int, node_cpus: int) -> int:
+    """Torch threads of a CPU tile actor: the node's CPUs shared by the pool's actors that can sit on it
+    (``actors``, at most as many as ``cpus`` each fit), never fewer than its own reservation. Ray's
+    fractional ``cpus`` is a scheduling share, not a limit: one actor of 0.5 CPU on a 2-core machine has both
+    cores to itself, as ``msgan translate`` does (1 thread there made scale 2 take 1.9x as long)."""
+    fit = int(node_cpus // cpus) if cpus > 0 else actors
+    sharing = max(1, min(actors, fit))
+    return max(1, int(cpus), node_cpus // sharing)
+
+
+def node_cpus() -> int:
+    """CPUs Ray gives the node this process runs on (its own count when Ray does not say)."""
+    import ray
+
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == here and node.get("Alive"):
+                return max(1, int(node.get("Resources", {}).get("CPU", 0)))
+    except Exception:  # not in a Ray worker, or the GCS did not answer: the process's own view
+        pass
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
@@ -92,9 +126,13 @@ def _stage(task: dict[str, Any], config: dict[str, Any], vplan: dict[str, Any]) 
         return {"error": _error(err)}
 
 
-def _scale0(task: dict[str, Any], model: PinnedModel, gpus: float) -> dict[str, Any]:
+def _scale0(task: dict[str, Any], model: PinnedModel, gpus: float, cpus: float, at_once: int) -> dict[str, Any]:
     try:
         device = _device(gpus)
+        if device == "cpu":  # the U-Net on the whole LR grid: the node's cores shared by the volumes at once
+            import torch
+
+            torch.set_num_threads(cpu_threads(cpus, at_once, node_cpus()))
         return {"seconds": steps.run_scale0(_task(task), model.load(device), device)}
     except Exception as err:
         return {"error": _error(err)}
@@ -117,7 +155,8 @@ class TileWorker:
         vplans: dict[int, dict[str, Any]],
         scale: int,
         gpus: float,
-        threads: int,
+        cpus: float,
+        actors: int,
     ) -> None:
         import torch
 
@@ -125,15 +164,18 @@ class TileWorker:
         bound_heap()
         reset_peak_rss()
         self.rss_start = current_rss()
-        if threads > 0:
-            torch.set_num_threads(threads)
         self.device = _device(gpus)
+        self.threads = cpu_threads(cpus, actors, node_cpus()) if self.device == "cpu" else 0
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.cascade = model.load(self.device)
         self.tasks = [_task(t) for t in tasks]
         self.scale = scale
         bs = max(1, self.cascade.config.inference.batch_size)
         self.batches = {v: VolumePlan.from_dict(p).batches(scale, bs) for v, p in vplans.items()}
         self.runners: dict[int, ScaleTiles] = {}  # per volume: its arrays opened once
+        self.ready = time.time()  # wall clock: the cascade loaded (the process started at _process_start())
+        self.startup = self.ready - _process_start()  # spawn, imports, cascade: what a scale's pool pays first
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vols, counts, errors, seconds = [], [], [], []
@@ -162,6 +204,9 @@ class TileWorker:
             "start_rss": np.full(len(vols), self.rss_start, dtype=np.int64),
             "inherited_hwm": np.full(len(vols), self.hwm_inherited, dtype=np.int64),
             "pid": np.full(len(vols), os.getpid(), dtype=np.int64),
+            "ready": np.full(len(vols), self.ready, dtype=np.float64),
+            "startup": np.full(len(vols), self.startup, dtype=np.float64),
+            "threads": np.full(len(vols), self.threads, dtype=np.int64),
         }
 
 
@@ -177,6 +222,7 @@ class BatchReport:
     retranslated: dict[str, str] = field(default_factory=dict)  # volume -> "model A -> B"
     failed: dict[str, str] = field(default_factory=dict)  # volume -> error
     scales: list[dict[str, Any]] = field(default_factory=list)  # per scale: tiles, voxels, seconds
+    steps: dict[str, float] = field(default_factory=dict)  # seconds: ray (start/connect), stage, publish
     tiles_computed: int = 0
     seconds: float = 0.0
 
@@ -188,6 +234,8 @@ class BatchReport:
         for s in self.scales:
             rate = s["voxels"] / s["seconds"] / 1e6 if s["seconds"] > 0 else 0.0
             rss = f"  actor peak RSS {s['actor_peak_rss'] / 2**20:.0f} MiB" if s.get("actor_peak_rss") else ""
+            if s.get("actors_seen"):
+                rss += f", ready after {s['actor_ready_after']:.1f}s, {s['threads'] or 'GPU'} threads"
             lines.append(
                 f"  scale {s['scale']}: {s['tiles']:>6} tiles {s['voxels'] / 1e6:9.2f} Mvox {s['seconds']:7.1f}s "
                 f"{rate:8.3f} Mvox/s{rss}"
@@ -323,7 +371,9 @@ def translate_batch(
         log(f"[1/4] 0 volumes to translate ({len(report.skipped)} already published, {len(report.failed)} refused)")
         report.seconds = time.perf_counter() - t_start
         return report
+    t_ray = time.perf_counter()
     ensure_ray(cascade.config)
+    report.steps["ray"] = time.perf_counter() - t_ray
     check_shared(inputs, out_prefix)  # before any work: every node must reach the inputs and outputs
     for parent in sorted({parent_of(t.output) for t in all_tasks}):
         for gone in publishing.sweep_staging(parent):
@@ -394,7 +444,8 @@ class RayRunner:
         self._each(_stage, 1, 0, lambda i: (config, self.vplans[i].to_dict()))
 
     def scale0(self) -> dict[str, Any]:
-        self._each(_scale0, self.inf.cpus_per_actor, self.gpus, lambda i: (self.model, self.gpus))
+        cpus, at_once = self.inf.cpus_per_actor, len(self.vplans)
+        self._each(_scale0, cpus, self.gpus, lambda i: (self.model, self.gpus, cpus, at_once))
         n, gpus = self.cascade.config.num_scales, self.gpus or "no"
         self.log(f"[3/4] HR scales 1..{n - 1}: tiles of all volumes on {self.inf.actors} actors ({gpus} GPU each)")
         return {"tiles": len(self.vplans), "voxels": sum(p.voxels(0) for p in self.vplans.values())}
@@ -411,8 +462,13 @@ class RayRunner:
         voxels = sum(p.voxels(s) for p in self.vplans.values())
         lines = ProgressLines(self.log, s, total, len(self.vplans), self.progress_every)
         tiles, rss, rss0, hwm0, pids = 0, 0, 0, 0, set()
+        busy, ready, startup, threads = 0.0, float("inf"), 0.0, 0
+        t0 = time.time()
         for row in self._dataset(s, items).iter_rows():  # the barrier: scale s+1 starts when scale s is written
             v = int(row["volume"])
+            busy += float(row["seconds"])
+            ready, startup = min(ready, float(row["ready"])), max(startup, float(row["startup"]))
+            threads = max(threads, int(row["threads"]))
             rss, rss0 = max(rss, int(row["peak_rss"])), max(rss0, int(row["start_rss"]))
             hwm0 = max(hwm0, int(row["inherited_hwm"]))
             pids.add(int(row["pid"]))
@@ -425,7 +481,9 @@ class RayRunner:
                 lines.add(int(row["tiles"]))
         self.report.tiles_computed += tiles
         return {"tiles": tiles, "actor_peak_rss": rss, "actor_start_rss": rss0, "actor_inherited_hwm": hwm0,
-                "actors_seen": len(pids), "voxels": voxels}  # fmt: skip
+                "actors_seen": len(pids), "voxels": voxels, "busy_seconds": busy,
+                "actor_ready_after": max(0.0, ready - t0) if pids else 0.0, "actor_startup": startup,
+                "threads": threads}  # fmt: skip
 
     def _dataset(self, s: int, items: list[dict[str, int]]) -> Any:
         """Rows (volume, batch) of scale ``s`` mapped onto a pool of :class:`TileWorker` actors."""
@@ -438,7 +496,8 @@ class RayRunner:
             "vplans": {i: p.to_dict() for i, p in self.vplans.items()},
             "scale": s,
             "gpus": self.gpus,
-            "threads": max(1, int(inf.cpus_per_actor)) if self.gpus == 0 else 0,
+            "cpus": inf.cpus_per_actor,
+            "actors": inf.actors,
         }
         actor_env = {"env_vars": {**self.env, **ACTOR_ENV}} if ACTOR_ENV else self.remote_args.get("runtime_env")
         blocks = max(1, min(len(items), inf.actors * 4))  # rows of a block share a task: overhead amortised
@@ -461,9 +520,13 @@ class RayRunner:
 def _run(run: RayRunner, progress: Progress | None) -> None:
     """Stage every volume, the one per-scale loop on Ray, publish."""
     n = run.cascade.config.num_scales
+    t0 = time.perf_counter()
     run.stage()
+    run.report.steps["stage"] = time.perf_counter() - t0
     run.log(f"[2/4] staged {len(run.vplans)} volumes (edges at {n} scales); scale 0 on each whole LR image")
     run.report.scales.extend(run_cascade(n, run, progress))
     run.log(f"[4/4] publishing {len(run.vplans)} volumes")
+    t0 = time.perf_counter()
     run.publish()
+    run.report.steps["publish"] = time.perf_counter() - t0
     run.log(f"  volumes: {len(run.report.published)} published, {len(run.report.failed)} failed")

@@ -84,6 +84,9 @@ def test_distributed_equals_local_bytes_for_any_actor_count_rerun_skips_new_mode
         assert _read(storage.normalize_uri(tmp_path / "out1" / f"{name}.zarr")).tobytes() == local.tobytes()
     tiles = report.tiles_computed
     assert tiles == sum(s["tiles"] for s in report.scales[1:]) > 20
+    # the node's 2 CPUs shared by the pool: 2 actors run 1 torch thread each, 1 actor both cores (as in-process)
+    assert [s["threads"] for s in report.scales[1:]] == [1, 1] and [s["threads"] for s in one.scales[1:]] == [2, 2]
+    assert set(one.steps) == {"ray", "stage", "publish"} and all(s["busy_seconds"] > 0 for s in one.scales[1:])
     assert "Mvox/s" in report.summary()
     manifest = json.loads((tmp_path / "out" / "a.zarr" / "manifest.json").read_text())
     assert manifest["model"] == report.model and manifest["model_uri"] == str(Path(path).resolve())
@@ -99,6 +102,44 @@ def test_distributed_equals_local_bytes_for_any_actor_count_rerun_skips_new_mode
     assert f"re-translated b: model {report.model} -> {new.model}" in new.summary()
     assert any("scale 2:" in line and "tiles/s" in line and "ETA" in line for line in lines), lines
     assert json.loads((tmp_path / "out" / "b.zarr" / "manifest.json").read_text())["model"] == new.model
+
+
+def test_cpu_threads_share_the_node_among_the_actors_that_fit_on_it():
+    from msgan.distributed.translate import cpu_threads
+
+    assert cpu_threads(0.5, 1, 2) == 2  # one actor: the whole node, as msgan translate
+    assert cpu_threads(0.5, 2, 2) == 1
+    assert cpu_threads(0.5, 8, 2) == 1  # more actors than cores: never 0
+    assert cpu_threads(0.5, 8, 16) == 2
+    assert cpu_threads(4, 8, 16) == 4  # 4 of 8 actors fit on the node: its reservation each
+    assert cpu_threads(2, 1, 1) == 2  # never below its own reservation
+
+
+def test_batch_job_console_hides_ray_data_info_lines_unless_verbose(tmp_path, model):
+    """The piped console of ``jobs/translate_batch.py``: our progress lines, not Ray Data's per-dataset
+    "Starting execution" / "Execution plan" / "Dataset ... finished" lines (nor its progress-bar notes);
+    ``--verbose`` shows them (they are still in Ray Data's session log)."""
+    import subprocess
+    import sys
+
+    path, _ = model
+    write_zarr(tmp_path / "in" / "v.zarr", [np.zeros((20, 20, 20), np.float32)], GEOM)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(repo)}  # its own Ray
+
+    def console(*extra: str) -> str:
+        cmd = [sys.executable, str(repo / "jobs" / "translate_batch.py"), "--model", path, "--inputs",
+               str(tmp_path / "in"), "--set", "inference.actors=1", *extra]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout + r.stderr
+
+    quiet = console("--output", str(tmp_path / "out"))
+    assert "[4/4] publishing 1 volumes" in quiet and "scale 2:" in quiet, quiet
+    for noise in ("Execution plan", "execution finished", "Starting execution", "Progress bars disabled"):
+        assert noise not in quiet, quiet
+    verbose = console("--output", str(tmp_path / "out-verbose"), "--verbose")
+    assert "Execution plan" in verbose and "execution finished" in verbose, verbose  # what quiet hides
 
 
 def test_two_inputs_for_one_output_are_refused_before_any_work(tmp_path, model):
