@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 
+LOCAL_WORKER_START_TIMEOUT_S = 600  # Ray Train's worker-group start timeout on a local cluster (Ray's default: 60)
+
+
 class JobFailed(RuntimeError):
     """Some scales did not finish; resubmitting the job resumes them from their checkpoints."""
 
@@ -65,6 +68,10 @@ def ensure_ray(cfg: Config | None = None, verbose: bool | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
         return
+    # A busy single machine (every scale, the data tasks and the user's own work on a few cores) may take more
+    # than Ray Train's default 60 s to start a scale's worker: the scale then failed outright. The local
+    # cluster inherits this process's environment; a setting the user made wins.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(LOCAL_WORKER_START_TIMEOUT_S))
     env = storage.env_for_workers()
     ray.init(
         address="local",
