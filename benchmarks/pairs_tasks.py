@@ -483,9 +483,10 @@ def check_grid(image: np.ndarray, geom: Geometry, want: Geometry, shape: Sequenc
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def row_methods(row: str, smoke: bool) -> tuple[tuple[str, int], ...]:
+def row_methods(row: str, smoke: bool, only: tuple[str, ...] = ()) -> tuple[tuple[str, int], ...]:
     methods = ROWS[row].methods
-    return methods[:1] if smoke else methods
+    methods = methods[:1] if smoke else methods
+    return tuple(m for m in methods if not only or m[0] in only)
 
 
 def score_row(row: str, args: argparse.Namespace, results: Results, work: Path, seeds: dict[str, tuple[int, ...]],
@@ -503,7 +504,7 @@ def score_row(row: str, args: argparse.Namespace, results: Results, work: Path, 
     extra = [*(f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in SMOKE.items())] if args.smoke else []
     extra += list(args.set)
     heldout = list(seeds["heldout"])
-    methods = row_methods(row, args.smoke)
+    methods = row_methods(row, args.smoke, tuple(args.methods or ()))
     todo = [m for m, _ in methods if not all(results.done(row, m, s) for s in heldout)]
     if not todo and all(results.done(row, "input", s) for s in heldout):
         log(f"  {row}: every method x {len(heldout)} held-out volumes already scored")
@@ -614,6 +615,8 @@ def main() -> None:
     p.add_argument("--shape", type=int, default=128)
     p.add_argument("--smoke", action="store_true", help=f"32^3, tiny training, rows {list(SMOKE_ROWS)}, few seeds")
     p.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="default: every row")
+    p.add_argument("--methods", nargs="+", default=None, choices=["ours", "ours_seed1"],
+                   help="only these trainings (default: both; e.g. `ours` of every row first)")  # fmt: skip
     p.add_argument("--workdir", default=None, help="default runs/pairs-tasks (smoke: runs/pairs-tasks-smoke)")
     p.add_argument("--out", default=None, help="default docs/results/pairs_tasks.json (smoke: in the workdir)")
     p.add_argument("--reference", default=str(ROOT / "docs" / "results" / "tasks.json"),

@@ -54,21 +54,22 @@ def test_job_trains_on_pairs_and_scores_the_holdout_pair(tmp_path, job_env):
     proc = run_job(cfg, job_env, tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert "2 training + 1 validation volumes" in out
+    assert "2 training + 1 validation volumes + 1 held-out pairs" in out  # held-out ones checked before training
     assert "pairs.csv row 3: resample" in out or "pairs.csv row 4: none" in out, out
     assert "translating held-out volumes" in out
     assert "pairs.csv row 5: SSIM input" in out and "body and overlap" in out
     # prepared stores keep each pair's valid voxels; subject 2's padding is outside them
     stores = list((storage / "pyramids").glob("*.zarr"))
-    assert len(stores) == 3
-    assert sum((s / "valid").exists() for s in stores) == 3
+    assert len(stores) == 4
+    assert sum((s / "valid").exists() for s in stores) == 4
     client = MlflowClient(job_env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("test")
     parent = next(r for r in client.search_runs([exp.experiment_id]) if "msgan.pairs_fingerprint" in r.data.tags)
     assert parent.data.tags["msgan.align"] == "none"
     assert "holdout_mean_ssim" in parent.data.metrics and "align_residual" in parent.data.metrics
     history = client.get_metric_history(parent.info.run_id, "align_overlap")
-    assert sorted(m.step for m in history) == [2, 3, 4]
+    assert sorted(m.step for m in history) == [2, 3, 4, 5]
+    assert "holdout_input_ssim" in parent.data.metrics
     # no patient path in the registered model
     version = client.get_model_version("tiny", "1")
     art = Path(client.download_artifacts(version.run_id, "", str(tmp_path / "dl")))
