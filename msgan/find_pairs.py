@@ -240,6 +240,9 @@ def _series_from(uid: str, members: list[tuple[Path | None, dict[str, list[str]]
         problems.append("PatientID holds several values")
     if problems:
         s.problem = "; ".join(problems)
+        # what stands in console lines and grouping keys is printable: an invalid UID is shown, never echoed
+        s.study_uid, s.series_uid = shown(s.study_uid), shown(s.series_uid)
+        s.frame_uid = shown(s.frame_uid) if s.frame_uid else s.frame_uid
     return s
 
 
@@ -489,13 +492,24 @@ def pseudonym_key(path: str | os.PathLike[str] | None = None, create: bool = Tru
     where = Path(path) if path is not None else home() / KEY_FILE
     if create and not where.exists() and not where.is_symlink():
         where.parent.mkdir(parents=True, exist_ok=True)
+        # written whole under a private name, then linked into place: a second process never reads it half-written
+        tmp = where.with_name(f".{where.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
         try:
-            fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.link(tmp, where)
         except FileExistsError:
-            pass  # made by another process meanwhile: read it
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
+            pass  # made by another process meanwhile: read that one
+        finally:
+            tmp.unlink()
+    if path is None and where.exists() and not where.is_symlink():
+        st = where.stat()  # the default key: its owner's alone (an explicit --pseudonym-key is the user's choice)
+        if st.st_mode & 0o077 or st.st_uid != os.geteuid():
+            raise ValueError(
+                f"{where}: the pseudonym key must belong to you and be readable by you alone (chmod 600 {where}): "
+                f"anyone who can read it can turn pseudonyms back into PatientIDs"
+            )
     try:
         text = storage.read_local_small(where, limit=1024).decode("ascii", errors="replace").strip()
     except OSError as err:
@@ -558,10 +572,30 @@ def _ingest_side(s: Series, uri: str, replace: bool, client: Any) -> None:
         else:  # a study folder mixes series: the ingest sees this series' files only
             for k, f in enumerate(s.files):
                 os.symlink(os.path.abspath(f), Path(tmp) / f"{k:06d}.dcm")
+        _keep_own_instances(Path(tmp), s)
         report = ingest(tmp, uri, replace=replace)
     if s.series_uid not in report.written:
         why = report.errors.get(s.series_uid) or "; ".join(report.errors.values()) or "no image series in its files"
         raise ValueError(why)
+    if storage.normalize_uri(report.written[s.series_uid]) != storage.normalize_uri(uri):
+        raise ValueError(f"its volume was written to {report.written[s.series_uid]}, not {uri}")
+
+
+def _keep_own_instances(folder: Path, s: Series) -> None:
+    """Only the instances the search found stay for the ingest: a file of another series, or an instance the
+    search did not list (a PACS answering with more than was asked, a folder changed since it was read), is
+    dropped, so the ingest writes this one series and nothing else at its place."""
+    from msgan.io.dicom import DicomError
+
+    wanted = set(s.instances)
+    for f in sorted(folder.iterdir()):
+        try:  # the header rules of the search (deflated files held to the size caps first)
+            values = _read_header(f, ["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows"])
+            series, instance = _one(values, "SeriesInstanceUID"), _one(values, "SOPInstanceUID")
+        except DicomError:  # not a DICOM image: the ingest has nothing to take from it
+            series, instance = "", ""
+        if series != s.series_uid or (wanted and instance not in wanted):
+            f.unlink()
 
 
 # --------------------------------------------------------------------------------------------------- manifest

@@ -320,3 +320,36 @@ def test_volumes_in_s3_are_named_by_their_uris_in_the_manifest(s3_bucket, tmp_pa
     again = fp.find_pairs(dicom, SOURCE, TARGET, out=out, storage_uri=f"s3://{s3_bucket}/pairs", replace=True,
                           log=lambda _: None)  # fmt: skip
     assert again.reused == 2 and again.ingested == 0
+
+
+def test_only_the_searched_instances_reach_the_ingest(tmp_path):
+    """A fetch that brings more than was asked (a PACS answering with another series' instances, a folder
+    changed since it was read): the other series' files and unlisted instances are dropped before the ingest,
+    so the volume written is this series alone, at its own place."""
+    import pydicom
+
+    dicom = tmp_path / "dicom"
+    uids = write_study(dicom / "a", "PAT-A", 1)
+    files = sorted((dicom / "a").iterdir())
+    mine = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == uids["B70f"]]
+    listed = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in mine[:-1])
+    series = fp.Series(study_uid="1.2.3", series_uid=uids["B70f"], frame_uid="", patient_id="", instances=listed)
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    for k, f in enumerate(files):  # every file of the study, both series
+        shutil.copy(f, fetched / f"{k}.dcm")
+    (fetched / "junk.txt").write_text("not dicom")
+    fp._keep_own_instances(fetched, series)
+    kept = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(fetched.iterdir())]
+    assert len(kept) == len(listed) and {d.SeriesInstanceUID for d in kept} == {uids["B70f"]}
+    assert sorted(str(d.SOPInstanceUID) for d in kept) == listed
+
+
+def test_the_default_pseudonym_key_must_be_its_owners_alone(home):
+    key = fp.pseudonym_key()
+    assert len(key) == 32 and (home / "pseudonym.key").stat().st_mode & 0o777 == 0o600
+    assert not [p for p in home.iterdir() if p.name.startswith(".pseudonym")]  # no temporary left
+    assert fp.pseudonym_key() == key  # the same key on every run
+    (home / "pseudonym.key").chmod(0o644)
+    with pytest.raises(ValueError, match="must belong to you and be readable by you alone"):
+        fp.pseudonym_key()

@@ -156,6 +156,11 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _no_constant(name: str) -> Any:
+    """JSON's ``NaN`` / ``Infinity`` are not DICOM JSON: an answer holding them is refused, not read as numbers."""
+    raise ValueError(f"{name} is not a DICOM JSON value")
+
+
 def series_info(item: Any) -> SeriesInfo:
     """One QIDO-RS result as :class:`SeriesInfo`; a value of the wrong type reads as empty (a UID that is not a
     string becomes ``""``, which the caller's UID check refuses)."""
@@ -164,7 +169,7 @@ def series_info(item: Any) -> SeriesInfo:
     n = _first(item, "NumberOfSeriesRelatedInstances")
     try:
         instances = int(n) if n is not None else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         instances = None
     return SeriesInfo(
         study_uid=_text(_first(item, "StudyInstanceUID")),
@@ -310,7 +315,9 @@ class DicomWebClient:
         if not raw.strip():
             return None
         try:
-            return json.loads(bytes(raw))
+            return json.loads(bytes(raw), parse_constant=_no_constant)
+        except RecursionError:
+            raise PacsError(f"PACS {self.shown_url}: {what} answered JSON nested too deeply to read; refused") from None
         except ValueError as err:
             start = redact_text(bytes(raw[:4096]).decode("utf-8", errors="replace"))[:60]  # redacted, then cut
             raise PacsError(

@@ -262,6 +262,8 @@ def test_a_server_whose_results_never_end_hits_the_page_cap(server):
         (b'[{"0020000E": {"Value": ["1.2.3"]}}, {"trunc', "not JSON"),
         (b'{"error": "nope"}', "not a list of DICOM JSON objects"),
         (b'["1.2.3", 7]', "not a list of DICOM JSON objects"),
+        (b'[{"00201209": {"Value": [Infinity]}}]', r"not JSON \(ValueError\)"),  # not DICOM JSON: no crash
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
     ],
 )
 def test_garbage_json_from_qido_is_a_named_error(server, answer, error):
