@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -133,6 +134,29 @@ class TrainingConsole:
         elif kind == "done":
             self.progress.update(scale, int(item["step"]), at=item.get("t"))
             self.progress.say(f"{label} done: {item['step']} steps in {console.fmt_seconds(item['seconds'])}")
+
+
+def fit_local_cluster(cfg: Config, log: Log) -> Config:
+    """On a local cluster training on CPUs, every scale's workers must fit at once (all scales train at the same
+    time; one left waiting for a CPU fails when Ray Train's start timeout runs out): when ``job.cpus_per_worker``
+    asks for more CPUs than the machine has, the reservation is shared out (a reservation only: each worker's
+    threads are ``train.threads``). A cluster named by RAY_ADDRESS may autoscale: its settings are kept."""
+    import ray
+
+    from msgan.distributed.train import use_gpu
+
+    if os.environ.get("RAY_ADDRESS") or use_gpu(cfg):
+        return cfg
+    workers = cfg.num_scales * cfg.job.workers_per_scale
+    total = float(ray.cluster_resources().get("CPU", 0))
+    if total <= 0 or workers * cfg.job.cpus_per_worker <= total:
+        return cfg
+    share = math.floor(100 * total / workers) / 100
+    log(
+        f"      {workers} workers x job.cpus_per_worker={cfg.job.cpus_per_worker:g} do not fit this machine's "
+        f"{total:g} CPUs at once: each reserves {share:g} instead"
+    )
+    return cfg.replace(**{"job.cpus_per_worker": share})
 
 
 def job_name(cfg: Config, fingerprints: list[str]) -> str:
@@ -312,6 +336,7 @@ def _train_scales(
 ) -> list[ScaleOutcome]:
     """Step 2: every scale at once on Ray, shown on the console; raises :class:`JobFailed` if any failed."""
     log(f"[2/4] training {cfg.num_scales} scales at once as job {job!r} (MLflow run {runs.parent})")
+    cfg = fit_local_cluster(cfg, log)
     board = console.ProgressBoard()
     view = TrainingConsole(cfg, log, progress)
     stop = board.follow(view.handle)

@@ -328,7 +328,8 @@ class ScaleOutcome:
     error: str | None = None
 
 
-def _use_gpu(cfg: Config) -> bool:
+def use_gpu(cfg: Config) -> bool:
+    """Whether the scales train on GPUs (``job.device``; ``auto``: when the cluster has one)."""
     if cfg.job.device != "auto":
         return cfg.job.device == "gpu"
     import ray
@@ -398,7 +399,7 @@ def train_all_scales(
     """Launch every (unfinished) scale at once, one TorchTrainer each; wait for all. Workers send their
     progress to ``board`` (a :class:`msgan.console.ProgressBoard` handle) when one is given."""
     run_root = storage.join(storage_root, "runs", job)
-    use_gpu = _use_gpu(cfg)
+    gpu = use_gpu(cfg)
     todo = list(range(cfg.num_scales)) if scales is None else list(scales)
     specs = [
         {
@@ -415,7 +416,7 @@ def train_all_scales(
         for s in todo
     ]
     with ThreadPoolExecutor(max_workers=len(specs)) as pool:
-        return list(pool.map(lambda sp: run_scale(sp, cfg, job, use_gpu), specs))
+        return list(pool.map(lambda sp: run_scale(sp, cfg, job, gpu), specs))
 
 
 def load_generator(cfg: Config, run_root: str, scale: int) -> torch.nn.Module:

@@ -75,3 +75,26 @@ def test_ray_worker_trains_and_resumes_like_the_local_loop(tmp_path, ray_local):
     assert (second.summary["resumed_from"], second.summary["attempt"], second.summary["steps"]) == (6, 2, 9)
     assert read_json(storage.join(scale_root(run_root, 1), "status.json"))["step"] == 9
     _assert_same_weights(load_generator(_cfg(9), run_root, 1), local.generator)
+
+
+@pytest.mark.slow
+def test_a_local_cluster_shares_its_cpus_out_so_every_scale_starts_at_once(monkeypatch):
+    """Three scales x 1 CPU each on a 2-CPU local cluster would leave one scale waiting (and failing at Ray
+    Train's start timeout): the reservation is shared out; a cluster named by RAY_ADDRESS keeps its setting."""
+    import ray
+
+    from msgan.distributed.pipeline import fit_local_cluster
+    from tests.ray_procs import short_temp_dir
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = tiny_config(**{"num_scales": 3, "job.cpus_per_worker": 1.0, "job.device": "cpu"})
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(short_temp_dir()), log_to_driver=False)
+    try:
+        lines: list[str] = []
+        fitted = fit_local_cluster(cfg, lines.append)
+        assert fitted.job.cpus_per_worker == 0.66 and "each reserves 0.66 instead" in lines[0]
+        assert fit_local_cluster(cfg.replace(**{"job.cpus_per_worker": 0.5}), lines.append).job.cpus_per_worker == 0.5
+        monkeypatch.setenv("RAY_ADDRESS", "ray://elsewhere:10001")
+        assert fit_local_cluster(cfg, lines.append).job.cpus_per_worker == 1.0
+    finally:
+        ray.shutdown()
