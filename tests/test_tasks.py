@@ -122,3 +122,13 @@ def test_training_jobs_never_reuse_weights_of_another_config(tmp_path):
     (tmp_path / "ours" / "scale_0.pt").write_bytes(b"unrecorded")
     (tmp_path / "ours" / "scale_0.json").unlink()
     assert [j["scale"] for j in training_jobs("low-dose", {"ours": cfg}, ["ours"], shape, tmp_path)][:1] == [0]
+
+
+def test_the_unpaired_split_keeps_every_subject_on_one_side():
+    from msgan.data.tasks import UNPAIRED_METHODS, UNPAIRED_SEEDS
+
+    sources, targets = set(UNPAIRED_SEEDS["train_sources"]), set(UNPAIRED_SEEDS["train_targets"])
+    assert not sources & targets and sources | targets == set(SEEDS["train"])
+    assert UNPAIRED_SEEDS["heldout"] == SEEDS["heldout"] and len(UNPAIRED_SEEDS["heldout"]) == 8
+    assert not (sources | targets) & set(UNPAIRED_SEEDS["validation"] + UNPAIRED_SEEDS["heldout"])
+    assert UNPAIRED_METHODS[-2:] == ("ours", "paired") and "cyclegan" in UNPAIRED_METHODS

@@ -46,6 +46,21 @@ SEEDS: dict[str, tuple[int, ...]] = {
     "validation": (201, 202, 203, 204),
     "heldout": (301, 302, 303, 304, 305, 306, 307, 308),
 }  # fixed before any run; never reuse a held-out seed for fitting or tuning
+# Training without pairs (issue 22), fixed in a commit before any run or tuning: the training sources come
+# from subjects 101-104 and the training targets from subjects 105-108, so no subject is on both sides (an
+# unpaired method never sees an input with its own target); validation 201-204 may be used as pairs, for
+# choosing hyperparameters only, the same for every method; held-out 301-308 are scored against their targets
+# with the task tables' metrics. Methods: input, linear (radial filter from the ratio of the mean power spectra
+# of the source and target training sets, no pairs), nlm_tuned (noise level from the source images alone),
+# edges (the paper), cyclegan (3D patch CycleGAN, ResNet generators), ours (unpaired), paired (the task tables'
+# ours rows: the upper bound).
+UNPAIRED_SEEDS: dict[str, tuple[int, ...]] = {
+    "train_sources": (101, 102, 103, 104),
+    "train_targets": (105, 106, 107, 108),
+    "validation": SEEDS["validation"],
+    "heldout": SEEDS["heldout"],
+}
+UNPAIRED_METHODS = ("input", "linear", "nlm_tuned", "edges", "cyclegan", "ours", "paired")
 METRIC_WINDOW = (-1024.0, 1024.0)  # HU onto [-1, 1] for SSIM / PSNR: part of the tasks, not of any model's window
 TASK_PHANTOM = PhantomOptions(dense_bone=True, metal=False, emphysema=True, aorta=True)
 DOSE_FACTOR = (4.0, 10.0)  # low-dose: noise variance of the input = k x the target's
