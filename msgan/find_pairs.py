@@ -275,17 +275,6 @@ def read_folder(
     return [_series_from(uid, members) for uid, members in groups.items()], skipped
 
 
-def _qido_values(s: Any) -> dict[str, str]:
-    return {
-        "SeriesDescription": s.description,
-        "Modality": s.modality,
-        "StudyDate": s.study_date,
-        "PatientID": s.patient_id,
-        "SeriesInstanceUID": s.series_uid,
-        "StudyInstanceUID": s.study_uid,
-    }
-
-
 def _may_match(side: Sequence[Pattern], qido: Mapping[str, str]) -> bool:
     """Whether a series may match ``side``: no pattern on what QIDO-RS told already fails."""
     return all(p.matches(qido) for p in side if p.keyword in QIDO_KEYWORDS)
@@ -321,7 +310,7 @@ def read_pacs(
         if s.description.startswith("msgan "):
             ignored[s.series_uid] = "an msgan output (a translation), never a training image"
             continue
-        qido = _qido_values(s)
+        qido = s.values()
         if _may_match(source, qido) or _may_match(target, qido):
             candidates.append(s)
         else:

@@ -128,18 +128,6 @@ def filters(cfg: SyncConfig) -> list[patterns.Pattern]:
     return found
 
 
-def qido_values(s: SeriesInfo) -> dict[str, str]:
-    """The attributes of a QIDO-RS result that patterns may look at before any metadata is fetched."""
-    return {
-        "SeriesDescription": s.description,
-        "Modality": s.modality,
-        "StudyDate": s.study_date,
-        "PatientID": s.patient_id,
-        "SeriesInstanceUID": s.series_uid,
-        "StudyInstanceUID": s.study_uid,
-    }
-
-
 def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, report: SyncReport) -> list[SeriesInfo]:
     ours = state.derived()
     wanted = filters(cfg)
@@ -154,7 +142,7 @@ def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, r
             continue
         if s.series_uid in ours or s.description.startswith("msgan "):
             continue  # our own derived series
-        if not patterns.matches_all(early, qido_values(s)):
+        if not patterns.matches_all(early, s.values()):
             continue
         done = state.entry(s.series_uid)
         if done is not None:

@@ -51,6 +51,18 @@ class SeriesInfo:
     patient_id: str
     instances: int | None
 
+    def values(self) -> dict[str, str]:
+        """The attributes of this QIDO-RS result that patterns may look at before any metadata is fetched
+        (find-pairs and pacs-sync alike)."""
+        return {
+            "SeriesDescription": self.description,
+            "Modality": self.modality,
+            "StudyDate": self.study_date,
+            "PatientID": self.patient_id,
+            "SeriesInstanceUID": self.series_uid,
+            "StudyInstanceUID": self.study_uid,
+        }
+
 
 def _first(item: dict[str, Any], tag: str) -> Any:
     value = _values(item, TAGS.get(tag, tag))
