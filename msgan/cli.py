@@ -134,14 +134,17 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from msgan.distributed.prepare import check_shapes, sources, training_pyramids
+    from msgan.distributed.prepare import check_shapes, sources, training_pyramids, unpaired_pyramids
     from msgan.train import fingerprint, train_locally
 
     cfg = load_config(args.config, args.overrides)
-    check_shapes(cfg, sources(cfg))  # the job's sources and checks: phantoms, files and DICOM folders
-    pyramids = training_pyramids(cfg)
-    cascade = train_locally(cfg, pyramids, progress=Progress())
-    cascade.meta["data_fingerprint"] = fingerprint(pyramids)
+    check_shapes(cfg, sources(cfg))  # the job's sources and checks: phantoms, files, DICOM folders, pairs, sets
+    if cfg.train.objective == "unpaired":  # the target set trains, the source set feeds scale 0 and the fit
+        source_set, pyramids = unpaired_pyramids(cfg)
+    else:
+        source_set, pyramids = [], training_pyramids(cfg)
+    cascade = train_locally(cfg, pyramids, progress=Progress(), sources=source_set)
+    cascade.meta["data_fingerprint"] = fingerprint([*pyramids, *source_set])
     print(f"wrote {cascade.save(args.out_dir, replace=args.replace)}")
     return 0
 

@@ -53,6 +53,7 @@ __all__ = [
     "ModelSpec",
     "PhantomDataConfig",
     "TrainConfig",
+    "UnpairedConfig",
     "from_dict",
     "load_config",
     "parse_overrides",
@@ -81,6 +82,25 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class UnpairedConfig:
+    """Training without pairs (``train.objective: unpaired``; docs/translation.md, "Without pairs"). Scale 0
+    learns the translation on whole low-resolution images, cycle-consistently (a second U-Net maps back, an
+    unconditional PatchGAN per domain); every HR scale trains on target images alone, with a source
+    synthesized from each target patch by the forward model fitted on the two sets (:mod:`msgan.forward_model`)
+    and, with probability ``remap_p``, the patch's intensity levels remapped before it, so the generator takes
+    levels from the previous scale and detail from the source. Window units throughout."""
+
+    cycle_weight: float = 10.0  # scale 0: |F(G(s)) - s| + |G(F(t)) - t| (Zhu et al.)
+    identity_weight: float = 5.0  # scale 0: |G(D(t)) - t|, the synthesized pair (D: the fitted forward model)
+    remap_p: float = 0.5  # HR: probability that a synthesized source's levels are remapped
+    remap_bumps: int = 3  # Gaussian bumps added to the intensity curve per remap
+    remap_amplitude: float = 0.3  # a bump's height is drawn from [-a, a] (0.3: about 300 HU in a 2048 HU window)
+    remap_width: tuple[float, float] = (0.03, 0.1)  # a bump's width (standard deviation) is drawn in this range
+    remap_centres: tuple[float, float] = (-0.3, 0.6)  # a bump's centre is drawn in this range (soft tissue, blood)
+    noise: bool = True  # add the forward model's noise (off: its filter alone)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000
     steps_per_scale: tuple[int, ...] = ()  # one entry per scale (LR first) overrides `steps`
@@ -95,6 +115,8 @@ class TrainConfig:
     log_every: int = 10
     amp: bool = _INFERENCE.amp  # bf16 autocast on CUDA, in training and at inference (the spec's inference.amp)
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    objective: Literal["paired", "unpaired"] = "paired"  # unpaired: no (source, target) pairs (UnpairedConfig)
+    unpaired: UnpairedConfig = field(default_factory=UnpairedConfig)
 
 
 @dataclass(frozen=True)
@@ -126,20 +148,26 @@ Align = Literal["none", "rigid", "affine"]
 @dataclass(frozen=True)
 class DataConfig:
     """Training volumes: synthetic phantoms; image files or DICOM folders by path or glob (targets alone:
-    ``condition: edges``); or (source, target) pairs named by a pairs manifest (``pairs``: a CSV with
-    columns ``source,target[,split][,patient]``, local or ``s3://``; :mod:`msgan.data.pairs`).
+    ``condition: edges``); (source, target) pairs named by a pairs manifest (``pairs``: a CSV with
+    columns ``source,target[,split][,patient]``, local or ``s3://``; :mod:`msgan.data.pairs`); or, without
+    pairs (``unpaired``, for ``train.objective: unpaired``), a set of source images and a set of target images
+    (``sources`` and ``targets``: each a CSV with columns ``image[,split][,patient]`` or a folder of images;
+    :mod:`msgan.data.images`), scored on the validation and held-out pairs of ``pairs`` when it is given (its
+    rows ``validation`` or ``holdout``; training on pairs and images together is not supported yet).
 
     Three splits everywhere: training volumes; ``validation`` ones, scored while training (tuning); ``holdout``
     ones, translated and scored at the end of the job only. ``align`` says how a pair's target is put onto
     its source's grid: ``none`` (the same acquisition: the same grid, or resampled physically onto it),
     ``rigid`` or ``affine`` (separate acquisitions: registered by mutual information, :mod:`msgan.align`)."""
 
-    source: Literal["phantom", "files", "pairs"] = "phantom"
+    source: Literal["phantom", "files", "pairs", "unpaired"] = "phantom"
     phantom: PhantomDataConfig = field(default_factory=PhantomDataConfig)
     paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})
     validation_paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})
     holdout_paths: tuple[str, ...] = field(default=(), metadata={"names_data": True})
     pairs: str = field(default="", metadata={"names_data": True})
+    sources: str = field(default="", metadata={"names_data": True})  # unpaired: the source domain's images
+    targets: str = field(default="", metadata={"names_data": True})  # unpaired: the target domain's images
     align: Align = "none"
 
 
@@ -324,6 +352,23 @@ def _check_train(cfg: Config) -> None:
     require(t.lr > 0, "train.lr", t.lr, "must be > 0")
     require(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
     require(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    u = t.unpaired
+    for name in ("cycle_weight", "identity_weight", "remap_amplitude"):
+        require(getattr(u, name) >= 0, f"train.unpaired.{name}", getattr(u, name), "must be >= 0")
+    require(0.0 <= u.remap_p <= 1.0, "train.unpaired.remap_p", u.remap_p, "is a probability in [0, 1]")
+    require(u.remap_bumps >= 0, "train.unpaired.remap_bumps", u.remap_bumps, "must be >= 0")
+    for name in ("remap_width", "remap_centres"):
+        lo, hi = getattr(u, name)
+        require(lo <= hi, f"train.unpaired.{name}", (lo, hi), "must be a range [min, max] with min <= max")
+    require(u.remap_width[0] > 0, "train.unpaired.remap_width", u.remap_width, "must be > 0")
+    if t.objective == "unpaired":
+        require(
+            "image" in cfg.condition.split("+"),
+            "train.objective",
+            t.objective,
+            f"trains a model that reads the source image (condition image or image+edges); condition={cfg.condition} "
+            "(edges alone) trains on target images without pairs already",
+        )
 
 
 def _check_inference(inf: InferenceConfig) -> None:
@@ -357,8 +402,32 @@ def _check_data(cfg: Config) -> None:
         require(len(d.paths) > 0, "data.paths", d.paths, "must list at least one file when data.source=files")
     elif d.source == "pairs":
         require(bool(d.pairs), "data.pairs", d.pairs, "must name a pairs manifest (CSV) when data.source=pairs")
+    elif d.source == "unpaired":
+        for key in ("sources", "targets"):
+            require(
+                bool(getattr(d, key)),
+                f"data.{key}",
+                getattr(d, key),
+                "must name an image set (a CSV with the column image, or a folder of images) when data.source=unpaired",
+            )
+        require(
+            d.sources != d.targets,
+            "data.targets",
+            d.targets,
+            "names the same set as data.sources; training without pairs needs two sets",
+        )
     else:
         require(len(d.phantom.seeds) > 0, "data.phantom.seeds", d.phantom.seeds, "must list at least one seed")
+    # the manifests are read by the job before any work (a config names them before they exist)
+    unpaired = cfg.train.objective == "unpaired"
+    require(
+        unpaired == (d.source == "unpaired"),
+        "data.source" if unpaired else "train.objective",
+        d.source if unpaired else cfg.train.objective,
+        "must be unpaired when train.objective=unpaired (data.sources and data.targets: the two sets of images)"
+        if unpaired
+        else "must be unpaired when data.source=unpaired (training without pairs)",
+    )
 
 
 # ----------------------------------------------------------------------------- loading

@@ -58,9 +58,13 @@ def needed_arrays(gen: Any) -> tuple[str, ...]:
 
 
 def _fine_shape(gen: Any, arrays: Arrays) -> tuple[int, ...]:
+    """The grid of the generator's own scale: its first fine array's, else ``arrays["grid"]``'s (an array
+    on that grid, given when every fine channel is made by the caller: ``feed_box``'s ``regions``)."""
     for name in needed_arrays(gen):
-        if name != "prev":
+        if name != "prev" and name in arrays:
             return tuple(arrays[name].shape)
+    if "grid" in arrays:
+        return tuple(arrays["grid"].shape)
     raise ValueError(f"generator channels {needed_arrays(gen)} name no array at its own scale")
 
 
@@ -76,6 +80,7 @@ def feed_box(
     start: Sequence[int] | None = None,
     stop: Sequence[int] | None = None,
     corruptions: Mapping[str, Corruption] | None = None,
+    regions: Mapping[str, np.ndarray] | None = None,
 ) -> Feed:
     """The inputs of ``gen`` for the output box ``[start, stop)`` (default: the whole grid).
 
@@ -83,16 +88,19 @@ def feed_box(
 
     Fine channels cover the box grown by the generator's halo; ``prev`` is upsampled x2 onto it
     (``upscaled`` context) or read at its own resolution over the wide context box. Training passes
-    ``corruptions`` per array name (applied to the whole region read); inference passes none.
+    ``corruptions`` per array name (applied to the whole region read); inference passes none. ``regions``
+    gives fine channels already made for this box's input box (the box grown by the halo), by name, instead
+    of reading them from ``arrays``: training without pairs synthesizes the source this way.
     """
-    missing = [n for n in needed_arrays(gen) if n not in arrays]
+    made = dict(regions or {})
+    missing = [n for n in needed_arrays(gen) if n not in arrays and n not in made]
     if missing:
         raise ValueError(
             f"the generator reads arrays {list(needed_arrays(gen))}; missing {missing} (given: {sorted(arrays)})"
         )
     shape = _fine_shape(gen, arrays)
     for name in needed_arrays(gen):
-        if name != "prev" and tuple(arrays[name].shape) != shape:
+        if name != "prev" and name in arrays and tuple(arrays[name].shape) != shape:
             raise ValueError(f"array {name!r} has shape {tuple(arrays[name].shape)}; the scale's grid is {shape}")
     start = [0] * len(shape) if start is None else list(start)
     stop = list(shape) if stop is None else list(stop)
@@ -103,6 +111,10 @@ def feed_box(
     for name in getattr(gen, "channels", ("edges",)):
         if name == "prev":
             region = upsample_region(arrays["prev"], shape, in0, in1)
+        elif name in made:
+            region = np.asarray(made[name], dtype=np.float32)
+            if region.shape != tuple(b - a for a, b in zip(in0, in1, strict=True)):
+                raise ValueError(f"region {name!r} has shape {region.shape}; the input box {in0}..{in1} needs its size")
         else:
             region = np.asarray(read_region(arrays[name], in0, in1), dtype=np.float32)
         channels.append(_corrupted(region, cor.get(name)))

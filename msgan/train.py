@@ -26,13 +26,15 @@ from torch import nn
 
 from msgan import storage
 from msgan.augment import Augmenter, Corruption
-from msgan.config import Config, ConfigError, from_dict
+from msgan.config import Config, ConfigError, EdgeConfig, UnpairedConfig, from_dict
 from msgan.engine import Feed, autocast, feed_box
+from msgan.forward_model import ForwardModel
+from msgan.forward_model import fit as fit_forward_model
 from msgan.metrics import ssim
 from msgan.netrules import patchgan_min_size
-from msgan.nets import HRGenerator, build_discriminator, build_generator, crop
-from msgan.pyramid import Pyramid, foreground_mask
-from msgan.tiling import read_region, sample_patch_starts, upsample_region
+from msgan.nets import HRGenerator, PatchDiscriminator, build_discriminator, build_generator, crop
+from msgan.pyramid import Pyramid, edge_depth, edges, foreground_mask
+from msgan.tiling import input_box, read_region, sample_patch_starts, upsample_region
 
 if TYPE_CHECKING:
     from msgan.cascade import Cascade
@@ -86,6 +88,55 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | No
 # ----------------------------------------------------------------------------- data
 
 
+def remap_levels(x: np.ndarray, rng: np.random.Generator, u: UnpairedConfig) -> np.ndarray:
+    """``x`` (window units) through a random smooth intensity curve: the identity plus ``u.remap_bumps``
+    Gaussian bumps (centre, width and signed height drawn from ``u``'s ranges). Voxel-wise, so it changes
+    the levels of whole tissues (blood 40 -> 300 HU, or back) and never where anything is."""
+    y = np.asarray(x, dtype=np.float32).copy()
+    for _ in range(u.remap_bumps):
+        c = rng.uniform(*u.remap_centres)
+        w = rng.uniform(*u.remap_width)
+        a = rng.uniform(-u.remap_amplitude, u.remap_amplitude)
+        y += np.float32(a) * np.exp(-((x - np.float32(c)) ** 2) / np.float32(2.0 * w * w)).astype(np.float32)
+    return y
+
+
+@dataclass(frozen=True)
+class Synthesizer:
+    """Without pairs, the source of a target region: the region (levels remapped with probability
+    ``unpaired.remap_p``) through the forward model fitted on the two sets at this scale, clipped to the
+    window, and its edges, computed on the region grown by every filter's reach so a box sees what the whole
+    volume would give (:meth:`ForwardModel.margin`, :func:`msgan.pyramid.edge_depth`)."""
+
+    forward: ForwardModel
+    unpaired: UnpairedConfig
+    edges: EdgeConfig
+
+    def margin(self, channels: Sequence[str]) -> int:
+        return self.forward.margin() + (edge_depth(self.edges) if "edges" in channels else 0)
+
+    def source(self, region: np.ndarray, rng: np.random.Generator, remap: bool) -> np.ndarray:
+        """A synthesized source for a target ``region`` (the margin included: the caller crops it)."""
+        x = np.asarray(region, dtype=np.float32)
+        if remap and self.unpaired.remap_bumps and rng.random() < self.unpaired.remap_p:
+            x = remap_levels(x, rng, self.unpaired)
+        y = self.forward.degrade(x, rng, noise=self.unpaired.noise)
+        return np.clip(y, -1.0, 1.0).astype(np.float32)
+
+    def regions(
+        self, target: Any, start: Sequence[int], stop: Sequence[int], channels: Sequence[str],
+        rng: np.random.Generator, remap: bool = True,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """The source-side channels over the box ``[start, stop)`` of ``target``, by name."""
+        m = self.margin(channels)
+        core = tuple(slice(m, m + b - a) for a, b in zip(start, stop, strict=True))
+        src = self.source(read_region(target, [a - m for a in start], [b + m for b in stop]), rng, remap)
+        out = {"image": src[core]}
+        if "edges" in channels:
+            out["edges"] = edges(src, self.edges)[core]
+        return out
+
+
 @dataclass
 class ScaleData:
     """What one scale trains on, per volume: the target image at this scale, its conditions (edges; the
@@ -101,6 +152,9 @@ class ScaleData:
     masks_lr: list[np.ndarray]
     sources: list[Any] = field(default_factory=list)
     valid: list[Any] = field(default_factory=list)
+    synth: Synthesizer | None = None  # without pairs: sources are made from the targets (images)
+    source_set: list[Any] = field(default_factory=list)  # without pairs: the source domain's images at this scale
+    source_set_edges: list[Any] = field(default_factory=list)
 
     @classmethod
     def from_pyramids(cls, pyramids: Sequence[Pyramid], scale: int, foreground_threshold: float) -> ScaleData:
@@ -129,6 +183,25 @@ class ScaleData:
             valid=[p.masks[scale] if p.masks is not None else None for p in pyramids] if masked else [],
         )
 
+    @classmethod
+    def from_unpaired(
+        cls, sources: Sequence[Pyramid], targets: Sequence[Pyramid], scale: int, foreground_threshold: float,
+        synth: Synthesizer,
+    ) -> ScaleData:  # fmt: skip
+        """Training without pairs: the target domain's pyramids (what the generator must make, and at HR
+        scales the previous scale), the source domain's images (scale 0's cycle) and the synthesizer of
+        sources from targets at this scale."""
+        if not sources:
+            raise ValueError("no source-domain training volumes (training without pairs needs both sets)")
+        for i, p in enumerate([*sources, *targets]):
+            if p.sources is not None:
+                raise ValueError(f"volume {i} is a pair; training without pairs takes plain pyramids of each set")
+        data = cls.from_pyramids(targets, scale, foreground_threshold)
+        data.synth = synth
+        data.source_set = [p.images[scale] for p in sources]
+        data.source_set_edges = [p.edges[scale] for p in sources]
+        return data
+
     def valid_region(self, v: int, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
         """Volume ``v``'s valid voxels in the box ``[start, stop)`` at this scale, as float32 0/1 (all ones
         when the volume has no mask)."""
@@ -141,7 +214,12 @@ class ScaleData:
 
     def arrays(self, v: int) -> dict[str, Any]:
         """The named arrays of volume ``v`` a generator reads (see :mod:`msgan.engine`)."""
-        out: dict[str, Any] = {"edges": self.edges[v]}
+        if self.synth is not None:  # the source-side channels are synthesized per box (Synthesizer.regions)
+            out: dict[str, Any] = {"grid": self.images[v]}
+            if self.prev_images:
+                out["prev"] = self.prev_images[v]
+            return out
+        out = {"edges": self.edges[v]}
         if self.sources:
             out["image"] = self.sources[v]
         if self.prev_images:
@@ -171,7 +249,7 @@ def _corruptions(gen: Any, rng: np.random.Generator, aug: Augmenter) -> dict[str
 
 
 def _check_paired(data: ScaleData, gen: Any) -> None:
-    if "image" in getattr(gen, "channels", ()) and not data.sources:
+    if "image" in getattr(gen, "channels", ()) and not data.sources and data.synth is None:
         raise ValueError(
             "the generator reads the source image (condition includes 'image'): train on pairs "
             "(msgan.pyramid.build_pair_pyramid), not on target images alone"
@@ -188,12 +266,22 @@ def sample_lr_batch(
     idx = [int(rng.integers(len(data.images))) for _ in range(batch_size)]
     if len({tuple(data.images[i].shape) for i in idx}) > 1:
         idx = idx[:1]
-    xs = _stack([feed_box(gen, data.arrays(i), corruptions=_corruptions(gen, rng, aug)).x for i in idx])
+    xs = _stack([_lr_feed(data, i, gen, rng, aug) for i in idx])
     target = _stack([np.asarray(data.images[i])[None] for i in idx])
     valid = None
     if data.valid:
         valid = _stack([data.valid_region(i, [0] * data.images[i].ndim, data.images[i].shape)[None] for i in idx])
     return Batch(xs, None, xs, target, valid)
+
+
+def _lr_feed(data: ScaleData, i: int, gen: Any, rng: np.random.Generator, aug: Augmenter) -> np.ndarray:
+    """Volume ``i``'s whole-image input (without pairs: its synthesized source, levels not remapped)."""
+    corruptions = _corruptions(gen, rng, aug)
+    regions = None
+    if data.synth is not None:
+        shape = tuple(data.images[i].shape)
+        regions = data.synth.regions(data.images[i], [0] * len(shape), shape, gen.channels, rng, remap=False)
+    return feed_box(gen, data.arrays(i), corruptions=corruptions, regions=regions).x
 
 
 def sample_hr_batch(
@@ -208,7 +296,12 @@ def sample_hr_batch(
         shape = tuple(data.images[v].shape)
         start = sample_patch_starts(data.masks_lr[v], 2**data.scale, shape, patch, 1, rng)[0]
         stop = tuple(a + patch for a in start)
-        f = feed_box(gen, data.arrays(v), start, stop, _corruptions(gen, rng, aug))
+        corruptions = _corruptions(gen, rng, aug)
+        regions = None
+        if data.synth is not None:
+            in0, in1 = input_box(start, stop, gen.halo)
+            regions = data.synth.regions(data.images[v], in0, in1, gen.channels, rng)
+        f = feed_box(gen, data.arrays(v), start, stop, corruptions, regions)
         x = torch.from_numpy(f.x)[None]  # (1, C, P + 2h, ...)
         targets.append(read_region(data.images[v], start, stop)[None])
         if data.valid:
@@ -315,21 +408,49 @@ class ScaleTrainer:
         self._check_data()
         torch.manual_seed(cfg.seed * 1009 + scale)  # deterministic initial weights per scale
         self.generator = (generator if generator is not None else build_generator(cfg, scale)).to(self.device)
-        self.discriminator = build_discriminator(cfg, scale).to(self.device)
         t = cfg.train
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=t.lr, betas=t.betas)
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=t.lr, betas=t.betas)
+        self.cycle = t.objective == "unpaired" and scale == 0
+        if self.cycle:  # scale 0 without pairs: G (source -> target) and F (back), one PatchGAN per domain
+            d = cfg.discriminator
+            self.discriminator: nn.Module = PatchDiscriminator(cfg.dims, 1, d.width, d.num_layers, d.norm)
+            self.discriminator.to(self.device)
+            self.inverse: nn.Module | None = build_generator(cfg, scale).to(self.device)
+            self.discriminator_source: nn.Module | None = PatchDiscriminator(
+                cfg.dims, 1, d.width, d.num_layers, d.norm
+            ).to(self.device)
+            g_params = [*self.generator.parameters(), *self.inverse.parameters()]
+            d_params = [*self.discriminator.parameters(), *self.discriminator_source.parameters()]
+        else:
+            self.discriminator = build_discriminator(cfg, scale).to(self.device)
+            self.inverse = self.discriminator_source = None
+            g_params, d_params = list(self.generator.parameters()), list(self.discriminator.parameters())
+        self.opt_g = torch.optim.Adam(g_params, lr=t.lr, betas=t.betas)
+        self.opt_d = torch.optim.Adam(d_params, lr=t.lr, betas=t.betas)
         self.gan_loss = GANLoss(t.gan_loss).to(self.device)
         self.augmenter = Augmenter(cfg.augment)
         self.rank = rank
         self.rng = np.random.default_rng([cfg.seed, scale, rank] if rank else [cfg.seed, scale])
         self._g = wrap(self.generator) if wrap is not None else self.generator
         self._d = wrap(self.discriminator) if wrap is not None else self.discriminator
+        if self.inverse is not None and self.discriminator_source is not None:
+            self._f = wrap(self.inverse) if wrap is not None else self.inverse
+            self._ds = wrap(self.discriminator_source) if wrap is not None else self.discriminator_source
         self.step = 0
 
     def _check_data(self) -> None:
+        unpaired = self.cfg.train.objective == "unpaired"
+        if unpaired and self.data.synth is None:
+            raise ValueError(
+                "train.objective=unpaired: the scale's data has no source synthesizer (ScaleData.from_unpaired)"
+            )
+        if not unpaired and self.data.synth is not None:
+            raise ValueError("the data is for training without pairs; set train.objective=unpaired")
+        if unpaired and self.scale == 0 and not self.data.source_set:
+            raise ValueError("train.objective=unpaired: scale 0 needs the source domain's images (source_set)")
         for i, im in enumerate(self.data.images):
             check_scale_shape(self.cfg, self.scale, tuple(im.shape), f"training volume {i}")
+        for i, im in enumerate(self.data.source_set):
+            check_scale_shape(self.cfg, self.scale, tuple(im.shape), f"source-domain training volume {i}")
 
     # -- one step
 
@@ -344,6 +465,8 @@ class ScaleTrainer:
         return sample_hr_batch(self.data, self.generator, t.hr_patch, t.batch_size, self.rng, self.augmenter)
 
     def train_step(self) -> StepMetrics:
+        if self.cycle:
+            return self._cycle_step()
         t0 = time.perf_counter()
         self._g.train()
         self._d.train()
@@ -367,6 +490,79 @@ class ScaleTrainer:
             g_gan = self.gan_loss(self._d(torch.cat([cond, fake], 1)), True)
             g_l1 = masked_l1(fake.float(), target, valid)
             g_loss = GeneratorLoss(g_gan + self.cfg.train.l1_weight * g_l1, g_gan, g_l1)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.total.backward()
+        self.opt_g.step()
+        self.step += 1
+        return StepMetrics(
+            scale=self.scale,
+            step=self.step,
+            loss_g=float(g_loss.total.detach()),
+            loss_g_gan=float(g_loss.gan.detach()),
+            loss_g_l1=float(g_loss.l1.detach()),
+            loss_d=float(d_loss.total.detach()),
+            loss_d_real=float(d_loss.real.detach()),
+            loss_d_fake=float(d_loss.fake.detach()),
+            seconds=time.perf_counter() - t0,
+        )
+
+    # -- scale 0 without pairs
+
+    def _domain_batch(self, images: list[Any], edge_maps: list[Any]) -> torch.Tensor:
+        """Whole images of one domain as a generator reads them (same-shape volumes stacked, else one)."""
+        t = self.cfg.train
+        idx = [int(self.rng.integers(len(images))) for _ in range(t.batch_size)]
+        if len({tuple(images[i].shape) for i in idx}) > 1:
+            idx = idx[:1]
+        corr = [_corruptions(self.generator, self.rng, self.augmenter) for _ in idx]
+        xs = [feed_box(self.generator, {"image": images[i], "edges": edge_maps[i]}, corruptions=c).x
+              for i, c in zip(idx, corr, strict=True)]  # fmt: skip
+        return _stack(xs).to(self.device)
+
+    def _reads(self, image: torch.Tensor) -> torch.Tensor:
+        """A generated image (B, 1, ...) as a generator's input: the image, with gradient, and its edges
+        (computed without gradient, as they are at inference: :func:`msgan.pyramid.edges`)."""
+        channels = []
+        for name in tuple(getattr(self.generator, "channels", ())):
+            if name == "image":
+                channels.append(image)
+            else:
+                arr = image.detach().float().cpu().numpy()[:, 0]
+                e = np.stack([edges(a, self.cfg.edges) for a in arr])[:, None]
+                channels.append(torch.from_numpy(e).to(image.device, image.dtype))
+        return torch.cat(channels, 1)
+
+    def _cycle_step(self) -> StepMetrics:
+        """One step of scale 0 without pairs: LSGAN per domain, cycle L1 both ways, and L1 of G on the
+        synthesized source of a target (the forward model's pair: it anchors G where the domains agree)."""
+        t0 = time.perf_counter()
+        u = self.cfg.train.unpaired
+        assert self.inverse is not None and self.discriminator_source is not None
+        for m in (self._g, self._d, self._f, self._ds):
+            m.train()
+        channels: tuple[str, ...] = tuple(getattr(self.generator, "channels", ()))
+        img = channels.index("image")
+        x_s = self._domain_batch(self.data.source_set, self.data.source_set_edges)
+        tgt = sample_lr_batch(self.data, self.cfg.train.batch_size, self.rng, self.augmenter, self.generator)
+        real_s, real_t = x_s[:, img : img + 1], tgt.target.to(self.device)
+        x_dt = tgt.x.to(self.device)  # the targets' synthesized sources
+        x_tt = self._reads(real_t)  # a target as F reads it
+        with self._autocast():
+            fake_t, fake_s = self._g(x_s), self._f(x_tt)
+            dl_real = self.gan_loss(self._d(real_t), True) + self.gan_loss(self._ds(real_s), True)
+            dl_fake = self.gan_loss(self._d(fake_t.detach()), False) + self.gan_loss(self._ds(fake_s.detach()), False)
+            d_loss = DiscriminatorLoss(0.5 * (dl_real + dl_fake), dl_real, dl_fake)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.total.backward()
+        self.opt_d.step()
+        with self._autocast():
+            g_gan = self.gan_loss(self._d(fake_t), True) + self.gan_loss(self._ds(fake_s), True)
+            cyc = F.l1_loss(self._f(self._reads(fake_t)).float(), real_s) + F.l1_loss(
+                self._g(self._reads(fake_s)).float(), real_t
+            )
+            idt = F.l1_loss(self._g(x_dt).float(), real_t)
+            l1 = u.cycle_weight * cyc + u.identity_weight * idt
+            g_loss = GeneratorLoss(g_gan + l1, g_gan, l1)
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.total.backward()
         self.opt_g.step()
@@ -458,6 +654,11 @@ class ScaleTrainer:
             "opt_d": self.opt_d.state_dict(),
             "rng_numpy": self.rng.bit_generator.state,
             "rng_torch": torch.get_rng_state(),
+            **(
+                {"inverse": self.inverse.state_dict(), "discriminator_source": self.discriminator_source.state_dict()}
+                if self.inverse is not None and self.discriminator_source is not None
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -472,6 +673,13 @@ class ScaleTrainer:
                     f"checkpoint's {section} {getattr(saved, section)!r} differs from the config's "
                     f"{getattr(self.cfg, section)!r}; it cannot be resumed with this config"
                 )
+        if self.inverse is not None and self.discriminator_source is not None:
+            if "inverse" not in state:
+                raise ValueError("checkpoint is of a paired scale 0; this trainer trains without pairs (cycle)")
+            self.inverse.load_state_dict(state["inverse"])
+            self.discriminator_source.load_state_dict(state["discriminator_source"])
+        elif "inverse" in state:
+            raise ValueError("checkpoint is of scale 0 trained without pairs; this trainer trains on pairs")
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_g.load_state_dict(state["opt_g"])
@@ -513,16 +721,53 @@ def fingerprint(pyramids: Sequence[Pyramid]) -> str:
     return h.hexdigest()
 
 
+def fit_forward_models(cfg: Config, sources: Sequence[Pyramid], targets: Sequence[Pyramid]) -> list[ForwardModel]:
+    """Training without pairs: the forward model (target -> source) of every scale, fitted on the two sets'
+    images at that scale (window units), inside the body (voxels above ``train.foreground_threshold``)."""
+    if not sources or not targets:
+        raise ValueError(f"training without pairs needs both sets: {len(sources)} sources, {len(targets)} targets")
+    thr = cfg.train.foreground_threshold
+    models = []
+    for s in range(cfg.num_scales):
+        src = [np.asarray(p.images[s], dtype=np.float32) for p in sources]
+        tgt = [np.asarray(p.images[s], dtype=np.float32) for p in targets]
+        models.append(
+            fit_forward_model(src, tgt, source_masks=[a > thr for a in src], target_masks=[a > thr for a in tgt])
+        )
+    return models
+
+
+def scale_data(
+    cfg: Config, pyramids: Sequence[Pyramid], scale: int, sources: Sequence[Pyramid] = (),
+    forward: Sequence[ForwardModel] = (),
+) -> ScaleData:  # fmt: skip
+    """What ``scale`` trains on: pairs (or targets alone, edges-only), or without pairs (``train.objective:
+    unpaired``) the targets ``pyramids``, the source domain's ``sources`` and the fitted ``forward`` models."""
+    thr = cfg.train.foreground_threshold
+    if cfg.train.objective != "unpaired":
+        return ScaleData.from_pyramids(pyramids, scale, thr)
+    if len(forward) != cfg.num_scales:
+        raise ValueError(
+            f"training without pairs needs one forward model per scale ({cfg.num_scales}); got {len(forward)}"
+        )
+    synth = Synthesizer(forward[scale], cfg.train.unpaired, cfg.edges)
+    return ScaleData.from_unpaired(sources, pyramids, scale, thr, synth)
+
+
 def train_locally(
-    cfg: Config, pyramids: Sequence[Pyramid], log: Log = print, progress: Progress | None = None
-) -> Cascade:
+    cfg: Config, pyramids: Sequence[Pyramid], log: Log = print, progress: Progress | None = None,
+    sources: Sequence[Pyramid] = (),
+) -> Cascade:  # fmt: skip
     """Train every scale one after another in this process (the Ray job trains them at once). With a
-    ``progress``, each scale shows its step, rate and ETA there; otherwise every logged step goes to ``log``."""
+    ``progress``, each scale shows its step, rate and ETA there; otherwise every logged step goes to ``log``.
+    Without pairs (``train.objective: unpaired``), ``pyramids`` are the target domain's and ``sources`` the
+    source domain's (plain pyramids of each set's images)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    forward = fit_forward_models(cfg, sources, pyramids) if cfg.train.objective == "unpaired" else []
     gens, steps = [], []
     for s in range(cfg.num_scales):
-        trainer = ScaleTrainer(cfg, s, ScaleData.from_pyramids(pyramids, s, cfg.train.foreground_threshold))
+        trainer = ScaleTrainer(cfg, s, scale_data(cfg, pyramids, s, sources, forward))
         t0 = time.perf_counter()
         total = cfg.steps_for(s)
         if progress is not None:
@@ -542,4 +787,7 @@ def train_locally(
         progress.close()
     from msgan.cascade import Cascade  # the cascade is built on the trainers, not the other way round
 
-    return Cascade(cfg, gens, {"steps": steps, "data_fingerprint": fingerprint(pyramids)})
+    info: dict[str, Any] = {"steps": steps, "data_fingerprint": fingerprint([*pyramids, *sources])}
+    if forward:
+        info["forward_models"] = [m.summary() for m in forward]
+    return Cascade(cfg, gens, info)

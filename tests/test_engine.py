@@ -108,6 +108,28 @@ def test_feed_names_missing_arrays(rng):
         feed_box(g, {"prev": np.zeros((4, 4, 4)), "edges": np.zeros((8, 8, 8))}, [0, 0, 0], [2, 2, 2])
 
 
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_regions_made_by_the_caller_feed_as_read_ones(context, rng):
+    """``regions`` (training without pairs: sources synthesized per box) give the very input that reading the
+    same values from arrays gives; only the grid's shape is then needed from ``arrays``; a wrong size is refused."""
+    from msgan.tiling import input_box
+
+    g = _generator(3, context, "image+edges")
+    data = _scale_data(3, rng)
+    arrays = data.arrays(0)
+    start, stop = [4, 6, 2], [12, 14, 10]
+    in0, in1 = input_box(start, stop, g.halo)
+    made = {n: read_region(arrays[n], in0, in1) for n in ("image", "edges")}
+    read = feed_box(g, arrays, start, stop)
+    given = feed_box(g, {"grid": data.images[0], "prev": arrays["prev"]}, start, stop, regions=made)
+    np.testing.assert_array_equal(given.x, read.x)
+    if read.coarse is not None:
+        np.testing.assert_array_equal(given.coarse, read.coarse)
+    made["image"] = made["image"][1:]
+    with pytest.raises(ValueError, match="input box"):
+        feed_box(g, {"grid": data.images[0], "prev": arrays["prev"]}, start, stop, regions=made)
+
+
 # ----------------------------------------------------------------------------- the runner
 
 

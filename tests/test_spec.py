@@ -129,7 +129,14 @@ def test_a_2d_spec_makes_a_config_with_default_run_settings():
 
 
 def test_data_paths_are_marked():
-    assert data_path_keys() == ("data.paths", "data.validation_paths", "data.holdout_paths", "data.pairs")
+    assert data_path_keys() == (
+        "data.paths",
+        "data.validation_paths",
+        "data.holdout_paths",
+        "data.pairs",
+        "data.sources",
+        "data.targets",
+    )
 
 
 # ----------------------------------------------------------------------------- intensity normalisation (MR)

@@ -1,4 +1,8 @@
-"""The main job: prepare -> train all scales at once -> register the cascade -> translate held-out volumes."""
+"""The main job: prepare -> train all scales at once -> register the cascade -> translate held-out volumes.
+
+Without pairs (``train.objective: unpaired``) step 1 also fits the forward model of every scale on the driver,
+from the two prepared image sets (:func:`fit_forward_from_stores`), records it in MLflow and hands it to every
+scale's workers."""
 
 from __future__ import annotations
 
@@ -19,15 +23,19 @@ from msgan.cascade import Cascade
 from msgan.config import Config, ConfigError
 from msgan.distributed import prepare as prep
 from msgan.distributed.train import ScaleOutcome, load_generators, train_all_scales
+from msgan.io.pyramids import open_pyramid
+from msgan.pyramid import Pyramid
 from msgan.redact import redact_uri
 
 if TYPE_CHECKING:
+    from msgan.forward_model import ForwardModel
     from msgan.registry import JobRuns, RunLogger
 
 Log = Callable[[str], None]
 
 
 LOCAL_WORKER_START_TIMEOUT_S = 600  # Ray Train's worker-group start timeout on a local cluster (Ray's default: 60)
+FORWARD_CROP = 128  # voxels per side of the central crop of each volume the forward model is fitted on, per scale
 
 
 class JobFailed(RuntimeError):
@@ -99,6 +107,8 @@ def check_shared_storage(root: str, tracking: str, nodes: int, volumes: Sequence
             if v.kind == "pair":
                 settings.check_reachable_from_all_nodes(f"{v.label}: source", v.ref, nodes)
                 settings.check_reachable_from_all_nodes(f"{v.label}: target", v.target, nodes)
+            elif v.kind == "image":
+                settings.check_reachable_from_all_nodes(f"{v.label}: image", v.ref, nodes)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -167,6 +177,75 @@ def job_name(cfg: Config, fingerprints: list[str]) -> str:
     d.pop("job")
     h = hashlib.sha256(json.dumps([d, sorted(fingerprints)], sort_keys=True).encode()).hexdigest()
     return f"msgan-{h[:10]}"
+
+
+def central_crops(uri: str, num_scales: int, size: int = FORWARD_CROP) -> Pyramid:
+    """The images of a prepared store, each scale's cut to its central ``size`` voxels per side (a level
+    smaller than that whole): the store is opened lazily and only the crop is read, so a 512^3 archive volume
+    costs at most 8 MiB per scale on the driver, never the whole level. Edges are not read."""
+    pyr = open_pyramid(uri, range(num_scales), cache_bytes=0)  # zarr arrays: nothing read yet
+    images = []
+    for level in pyr.images:
+        box = tuple(slice((n - min(n, size)) // 2, (n - min(n, size)) // 2 + min(n, size)) for n in level.shape)
+        images.append(np.asarray(level[box], dtype=np.float32))
+    return Pyramid(images=images, edges=[])
+
+
+def fit_forward_from_stores(cfg: Config, sources: Sequence[str], targets: Sequence[str]) -> list[ForwardModel]:
+    """Training without pairs: every scale's forward model (target -> source), fitted on the driver from the
+    two sets' prepared stores by :func:`msgan.train.fit_forward_models` (the local path's fit), each volume
+    read as a central crop of at most :data:`FORWARD_CROP` voxels per side per scale (:func:`central_crops`):
+    spectra and noise levels need a representative piece of the body, and the driver's memory stays bounded
+    by the number of volumes, not by their size."""
+    from msgan.train import fit_forward_models
+
+    n = cfg.num_scales
+    return fit_forward_models(cfg, [central_crops(u, n) for u in sources], [central_crops(u, n) for u in targets])
+
+
+def forward_models(
+    cfg: Config, job: str, root: str, sources: Sequence[str], targets: Sequence[str], parent: RunLogger, log: Log
+) -> list[ForwardModel]:
+    """The job's forward models: fitted once (:func:`fit_forward_from_stores`) and kept as
+    ``<storage>/runs/<job>/forward_models.json``, so a resubmitted job resumes its scales with the very models
+    they trained with; each scale's :meth:`~msgan.forward_model.ForwardModel.summary` is shown, and goes to the
+    parent MLflow run as metrics ``forward_<name>`` (step: the scale) and the JSON as an artifact."""
+    import tempfile
+
+    from msgan.forward_model import ForwardModel
+
+    uri = storage.join(root, "runs", job, "forward_models.json")
+    if storage.exists(uri):
+        try:
+            models = [
+                ForwardModel.from_dict(d) for d in storage.json_object(storage.read_text(uri), ["scales"])["scales"]
+            ]
+            if len(models) != cfg.num_scales:
+                raise ValueError(f"{len(models)} models for {cfg.num_scales} scales")
+        except (ValueError, TypeError) as err:
+            raise JobFailed(f"{redact_uri(uri)}: {err}; remove it to fit the forward models again") from None
+        log(f"      forward model of every scale: fitted before (job {job!r}), reused")
+    else:
+        log(
+            f"      fitting the forward model (target -> source) of every scale on {len(sources)} source and "
+            f"{len(targets)} target images (central crops of at most {FORWARD_CROP} voxels per side)"
+        )
+        t0 = time.perf_counter()
+        models = fit_forward_from_stores(cfg, sources, targets)
+        storage.write_text(uri, json.dumps({"scales": [m.to_dict() for m in models]}))
+        log(f"      fitted in {console.fmt_seconds(time.perf_counter() - t0)}")
+    for s, m in enumerate(models):
+        log(f"      [scale {s}] forward model: " + ", ".join(f"{k} {v:.3g}" for k, v in m.summary().items()))
+    if "msgan.forward_models" not in parent.client.get_run(parent.run_id).data.tags:
+        for s, m in enumerate(models):
+            parent.metrics({f"forward_{k}": float(v) for k, v in m.summary().items() if np.isfinite(v)}, step=s)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "forward_models.json"
+            path.write_text(json.dumps({"scales": [m.to_dict() for m in models],
+                                        "summary": [m.summary() for m in models]}, indent=1))  # fmt: skip
+            parent.artifact(path, "forward_model")
+        parent.tags({"msgan.forward_models": "fitted"})
+    return models
 
 
 def summary_table(outcomes: list[ScaleOutcome]) -> str:
@@ -269,13 +348,24 @@ def run_training_job(
     held_pairs = [v for v in end_src if v.kind == "pair" and v not in (*train_src, *val_src)]
     prepared, val_prepared, held_prepared = _prepare_volumes(cfg, train_src, val_src, held_pairs, root, log)
     volumes, val_volumes = [p["uri"] for p in prepared], [p["uri"] for p in val_prepared]
+    source_volumes: list[str] = []
     fingerprints = [Path(u).stem for u in volumes]
+    sets: dict[str, str] = {}
+    if cfg.train.objective == "unpaired":  # the workers' volumes are the targets; scale 0 reads the sources too
+        by_side: dict[str, list[str]] = {"sources": [], "targets": []}
+        for src, p in zip(train_src, prepared, strict=True):
+            by_side[src.side].append(p["uri"])
+        source_volumes, volumes = by_side["sources"], by_side["targets"]
+        # which set a volume is in shapes the result: swapping the two folders is another job
+        fingerprints = [f"{side}/{Path(u).stem}" for side, uris in by_side.items() for u in uris]
+        sets = {side: _set_fingerprint(uris) for side, uris in by_side.items()}
     job = job_name(cfg, fingerprints)
     runs = registry.job_runs(cfg.job.experiment, job, cfg.num_scales, cfg.to_dict(), artifact_root=root)
     parent = registry.RunLogger(runs.tracking_uri, runs.parent)
-    _record_data(cfg, prepared + val_prepared + held_prepared, parent)
-    outcomes = _train_scales(cfg, job, volumes, val_volumes, root, runs, log, progress)
-    version, model_uri = _register(cfg, job, root, fingerprints, outcomes, parent, log)
+    _record_data(cfg, prepared + val_prepared + held_prepared, parent, sets)
+    forward = forward_models(cfg, job, root, source_volumes, volumes, parent, log) if source_volumes else []
+    outcomes = _train_scales(cfg, job, volumes, val_volumes, root, runs, log, progress, source_volumes, forward)
+    version, model_uri = _register(cfg, job, root, fingerprints, outcomes, parent, log, forward)
     out_dir = out_root / job / end_kind
     holdout = _translate_holdout_of(model_uri, cfg, out_dir, parent, log, end_kind, end_src)
     seconds = time.perf_counter() - t_start
@@ -293,7 +383,13 @@ def _prepare_volumes(
     each is read, checked and aligned before any training), under ``root`` (reused when there). Returns
     what :func:`msgan.distributed.prepare.prepare` says of each (training, validation, held-out)."""
     more = f" + {len(held)} held-out pairs" if held else ""
-    log(f"[1/4] preparing {len(train_src)} training + {len(val_src)} validation volumes{more} under {root}/pyramids")
+    sides = [v.side for v in train_src if v.kind == "image"]
+    what = (
+        f"{sides.count('sources')} source-set + {sides.count('targets')} target-set images (no pairs)"
+        if sides
+        else f"{len(train_src)} training"
+    )
+    log(f"[1/4] preparing {what} + {len(val_src)} validation volumes{more} under {root}/pyramids")
     everything = train_src + val_src + held
     prepared = prep.prepare(cfg, everything, root)
     n_new = sum(p["prepared"] for p in prepared)
@@ -307,16 +403,35 @@ def _prepare_volumes(
     return prepared[:n], prepared[n:m], prepared[m:]
 
 
-def _record_data(cfg: Config, prepared: list[dict[str, Any]], parent: RunLogger) -> None:
+def _set_fingerprint(uris: Sequence[str]) -> str:
+    """An image set's fingerprint: of its prepared stores' content fingerprints (order-free), so a CSV or a
+    folder of the same images gives the same one."""
+    return hashlib.sha256(json.dumps(sorted(Path(u).stem for u in uris)).encode()).hexdigest()[:24]
+
+
+def _record_data(
+    cfg: Config, prepared: list[dict[str, Any]], parent: RunLogger, sets: dict[str, str] | None = None
+) -> None:
     """What the job trained on, in MLflow as tags and metrics of the parent run (never a patient path): the
     pairs manifest's fingerprint and the alignment setting, each pair's alignment residual and overlap by
-    its CSV row (the metric's step)."""
-    if cfg.data.source != "pairs":
+    its CSV row (the metric's step); without pairs, each image set's fingerprint and size (``sets``: set ->
+    fingerprint) and the scored pairs' as above."""
+    if cfg.data.source not in ("pairs", "unpaired"):
         return
     from msgan.data.pairs import pairs_fingerprint
 
-    if "msgan.pairs_fingerprint" in parent.client.get_run(parent.run_id).data.tags:
+    tags = parent.client.get_run(parent.run_id).data.tags
+    if "msgan.pairs_fingerprint" in tags or "msgan.sources_fingerprint" in tags:
         return  # a resubmitted job: recorded the first time
+    if cfg.data.source == "unpaired":
+        counts: dict[str, int] = {}
+        for p in prepared:
+            side = p["source"].get("side", "")
+            counts[side] = counts.get(side, 0) + 1
+        parent.tags({f"msgan.{side}_fingerprint": fp for side, fp in (sets or {}).items()})
+        parent.metrics({f"{side}_images": float(counts.get(side, 0)) for side in (sets or {})}, step=0)
+        if not cfg.data.pairs:
+            return
     parent.tags({"msgan.pairs_fingerprint": pairs_fingerprint(cfg.data.pairs), "msgan.align": cfg.data.align})
     for p in prepared:
         a, row = p.get("alignment"), int(p["source"].get("row", 0))
@@ -333,8 +448,11 @@ def _train_scales(
     runs: JobRuns,
     log: Log,
     progress: console.Progress | None,
+    source_volumes: Sequence[str] = (),
+    forward: Sequence[ForwardModel] = (),
 ) -> list[ScaleOutcome]:
-    """Step 2: every scale at once on Ray, shown on the console; raises :class:`JobFailed` if any failed."""
+    """Step 2: every scale at once on Ray, shown on the console; raises :class:`JobFailed` if any failed.
+    Without pairs every scale's workers get the source set's stores and the forward models."""
     log(f"[2/4] training {cfg.num_scales} scales at once as job {job!r} (MLflow run {runs.parent})")
     cfg = fit_local_cluster(cfg, log)
     board = console.ProgressBoard()
@@ -342,8 +460,9 @@ def _train_scales(
     stop = board.follow(view.handle)
     try:
         outcomes = train_all_scales(
-            cfg, job, volumes, val_volumes, root, runs.tracking_uri, runs.children, board=board.handle
-        )
+            cfg, job, volumes, val_volumes, root, runs.tracking_uri, runs.children, board=board.handle,
+            source_volumes=source_volumes, forward=[m.to_dict() for m in forward],
+        )  # fmt: skip
     finally:
         stop()
         view.progress.close()
@@ -365,9 +484,11 @@ def _register(
     outcomes: list[ScaleOutcome],
     parent: RunLogger,
     log: Log,
+    forward: Sequence[ForwardModel] = (),
 ) -> tuple[str, str]:
     """Step 3: register the trained cascade once (a resubmitted job finds its version on the parent run).
-    Returns (version, the model URI of the ``candidate`` alias)."""
+    Returns (version, the model URI of the ``candidate`` alias). Without pairs the model's metadata holds
+    each scale's forward-model summary, as :func:`msgan.train.train_locally` writes it."""
     from msgan import registry
 
     log(f"[3/4] registering the cascade as a new version of {cfg.job.registered_model!r}")
@@ -380,6 +501,8 @@ def _register(
             "volumes": fingerprints,
             "code_version": registry.code_version(),
         }
+        if forward:
+            meta["forward_models"] = [m.summary() for m in forward]
         cascade = Cascade(cfg, load_generators(cfg, root, job), meta)
         version = registry.register_cascade(cascade, parent.run_id, cfg.job.registered_model)
         parent.tags({"msgan.registered_version": version})

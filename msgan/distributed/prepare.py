@@ -2,6 +2,10 @@
 
 A store's name is a content fingerprint (the source's bytes or phantom recipe, plus every
 setting that shapes the pyramid), so a volume prepared once is never prepared again.
+
+Without pairs (``data.source: unpaired``) every image of both sets becomes a plain pyramid store (the
+image alone, as ``files`` prepares a target), and the validation and held-out pairs of ``data.pairs`` pair
+stores as with pairs; :func:`unpaired_sets` says which training volume belongs to which set.
 """
 
 from __future__ import annotations
@@ -34,15 +38,18 @@ SPLITS = ("train", "validation", "holdout")
 @dataclass(frozen=True)
 class VolumeSource:
     """A training, validation or held-out volume: a phantom (seed + kernel), an image file, a DICOM series
-    folder, or a (source, target) pair of a pairs manifest (``ref`` the source, ``target`` the target,
-    ``row`` its line in the CSV)."""
+    folder, a (source, target) pair of a pairs manifest (``ref`` the source, ``target`` the target, ``row``
+    its line in the CSV), or an image of a set for training without pairs (``side``: ``sources`` or
+    ``targets``; any format :mod:`msgan.data.images` reads)."""
 
-    kind: str  # "phantom" | "file" | "dicom" | "pair"
+    kind: str  # "phantom" | "file" | "dicom" | "pair" | "image"
     ref: str  # seed or path (a pair's source)
     kernel: str = ""
     target: str = ""
     row: int = 0
-    manifest: str = ""  # a pair's CSV, for its label
+    manifest: str = ""  # a pair's CSV (an image's set), for its label
+    side: str = ""  # an image's set: "sources" or "targets"
+    name: str = ""  # an image's label: "<csv> row <N>" or "<folder>/<entry>"
 
     @property
     def label(self) -> str:
@@ -50,6 +57,8 @@ class VolumeSource:
             return f"phantom seed {self.ref}"
         if self.kind == "pair":
             return f"{Path(self.manifest).name} row {self.row}"
+        if self.kind == "image":
+            return self.name or self.ref
         return self.ref
 
 
@@ -75,6 +84,8 @@ def sources(cfg: Config, split: str = "train") -> list[VolumeSource]:
         ]
         if split == "train" and not out:
             raise ConfigError(f"data.pairs: {d.pairs} names no training pair (split train, the default)")
+    elif d.source == "unpaired":
+        out = _unpaired_sources(cfg, split)
     else:
         key = {"train": "data.paths", "validation": "data.validation_paths", "holdout": "data.holdout_paths"}[split]
         patterns = {"train": d.paths, "validation": d.validation_paths, "holdout": d.holdout_paths}[split]
@@ -89,6 +100,61 @@ def sources(cfg: Config, split: str = "train") -> list[VolumeSource]:
     return out
 
 
+def _image_sources(uri: str, side: str, split: str) -> list[VolumeSource]:
+    from msgan.data.images import read_images
+
+    return [VolumeSource("image", im.ref, row=im.row, manifest=uri, side=side, name=im.label)
+            for im in read_images(uri) if im.split == split]  # fmt: skip
+
+
+def _scored_pairs(cfg: Config, split: str) -> list[VolumeSource]:
+    """Without pairs: the validation or held-out pairs of ``data.pairs`` (none when it is not set); a training
+    pair there is refused (mixed training is not supported yet)."""
+    d = cfg.data
+    if not d.pairs:
+        return []
+    from msgan.data.pairs import read_pairs
+
+    pairs = read_pairs(d.pairs)
+    mixed = [p.row for p in pairs if p.split == "train"]
+    if mixed:
+        raise ConfigError(
+            f"data.pairs: {d.pairs} rows {', '.join(map(str, mixed[:5]))}{' ...' if len(mixed) > 5 else ''} are "
+            "training pairs: mixed training (pairs plus unpaired images) is not supported yet; with "
+            "data.source=unpaired the pairs manifest holds validation and holdout rows only (scoring)"
+        )
+    return [VolumeSource("pair", p.source, target=p.target, row=p.row, manifest=d.pairs)
+            for p in pairs if p.split == split]  # fmt: skip
+
+
+def _unpaired_sources(cfg: Config, split: str) -> list[VolumeSource]:
+    """The volumes of one split without pairs: ``train``, both sets' training images (the source set first,
+    :func:`unpaired_sets` tells them apart); ``validation``, the validation pairs; ``holdout``, the held-out
+    pairs and the source set's holdout images (translated, not scored: there is no target)."""
+    d = cfg.data
+    pairs = _scored_pairs(cfg, split)
+    if split == "validation":
+        return pairs
+    if split == "holdout":
+        held_targets = _image_sources(d.targets, "targets", "holdout")
+        if held_targets:
+            raise ConfigError(
+                f"data.targets: {held_targets[0].label} is a holdout row; the target set trains (a target-domain "
+                "image is never translated): put holdout images in data.sources, scored ones in data.pairs"
+            )
+        return pairs + _image_sources(d.sources, "sources", "holdout")
+    src, tgt = _image_sources(d.sources, "sources", "train"), _image_sources(d.targets, "targets", "train")
+    for key, got in (("data.sources", src), ("data.targets", tgt)):
+        if not got:
+            raise ConfigError(f"{key}: {getattr(d, key[5:])} names no training image (split train, the default)")
+    return src + tgt
+
+
+def unpaired_sets(volumes: Sequence[VolumeSource]) -> tuple[list[VolumeSource], list[VolumeSource]]:
+    """The training volumes without pairs, by set: (the source set's images, the target set's images)."""
+    return [v for v in volumes if v.side == "sources"], [v for v in volumes if v.side == "targets"]
+
+
 def end_of_job(cfg: Config) -> tuple[str, list[VolumeSource]]:
     """What the job translates and scores at its end: the held-out volumes, or, when the config names none,
     the validation ones (labelled as such: their scores also steered nothing, but they are not held out)."""
@@ -100,6 +166,8 @@ def check_source(source: VolumeSource, cfg: Config) -> None:
     """A source the config can train on: an image-conditioned model (``condition`` with ``image``) trains on
     (source, target) pairs: a pairs manifest (``data.source: pairs``) or 3D phantoms (the other kernel's
     reconstruction of the same acquisition). :class:`ConfigError` naming the source."""
+    if source.kind == "image" and cfg.train.objective != "unpaired":
+        raise ConfigError(f"{source.label}: an image of a set trains without pairs only (train.objective: unpaired)")
     if "image" in condition_channels(cfg.condition) and source.kind in ("file", "dicom"):
         raise ConfigError(
             f"{source.label}: condition={cfg.condition!r} trains on (source, target) pairs: name them in a pairs "
@@ -120,8 +188,43 @@ def check_source(source: VolumeSource, cfg: Config) -> None:
 
 def training_pyramids(cfg: Config, split: str = "train") -> list[Pyramid]:
     """In-memory pyramids of the config's training (or validation) volumes: the local path of ``msgan train``
-    and ``msgan demo`` reads the very sources the Ray job prepares (phantoms, files, DICOM folders, pairs)."""
+    and ``msgan demo`` reads the very sources the Ray job prepares (phantoms, files, DICOM folders, pairs).
+    Without pairs, the training split gives the target set's (:func:`unpaired_pyramids` gives both)."""
+    if cfg.data.source == "unpaired" and split == "train":
+        return unpaired_pyramids(cfg)[1]
     return [source_pyramid(s, cfg)[0] for s in sources(cfg, split)]
+
+
+def unpaired_pyramids(cfg: Config) -> tuple[list[Pyramid], list[Pyramid]]:
+    """Without pairs, in memory: the plain pyramids of (the source set's, the target set's) training images,
+    as :func:`msgan.train.train_locally` takes them (``sources=`` the first, ``pyramids`` the second)."""
+    src, tgt = unpaired_sets(sources(cfg))
+    return [image_pyramid(v, cfg)[0] for v in src], [image_pyramid(v, cfg)[0] for v in tgt]
+
+
+def image_pyramid(source: VolumeSource, cfg: Config) -> tuple[Pyramid, Geometry, tuple[int, ...]]:
+    """The plain pyramid of an image of a set (training without pairs): the image alone, as ``files`` builds
+    a target's, normalised by its own body's percentiles when the model normalises. Voxels outside the
+    scanner's field of view (the DICOM pixel padding value, or a CT padding constant:
+    :func:`msgan.align.fov_mask`) are set to the image's 1st percentile inside it and masked at every scale."""
+    from msgan import normalize
+    from msgan.align import fov_mask
+    from msgan.data.pairs import read_side
+
+    image, info = read_side(source.ref)
+    if image.ndim != cfg.dims:
+        raise ConfigError(f"{source.label}: a {image.ndim}D image; the config trains {cfg.dims}D (dims)")
+    valid = fov_mask(image, info.padding, info.modality)
+    if not valid.all():
+        inside = image[valid]
+        image = np.where(valid, image, np.float32(np.percentile(inside, 1.0)) if inside.size else np.float32(0))
+    scaling = normalize.scaling_of(image, cfg.intensity, source.label)
+    if scaling is not None:
+        image = normalize.apply(image, scaling, cfg.intensity)
+    pyr = build_pyramid(np.asarray(image, dtype=np.float32), cfg.num_scales, cfg.intensity, cfg.edges)
+    if not valid.all():
+        pyr.masks = mask_pyramid(valid, cfg.num_scales)
+    return pyr, info.geometry, tuple(image.shape)
 
 
 @dataclass(frozen=True)
@@ -186,6 +289,8 @@ def source_pyramid(source: VolumeSource, cfg: Config) -> tuple[Pyramid, Geometry
     if source.kind == "pair":
         ready = prepared_pair(source, cfg)
         return pair_pyramid(ready, cfg), ready.geometry, tuple(ready.source.shape)
+    if source.kind == "image":
+        return image_pyramid(source, cfg)
     image, geom = load_source(source, cfg)
     if "image" not in condition_channels(cfg.condition):
         from msgan import normalize
@@ -229,7 +334,8 @@ class HeldOut:
 def held_out(cfg: Config, volumes: Sequence[VolumeSource] | None = None) -> Iterator[HeldOut]:
     """The end-of-job volumes (:func:`end_of_job` unless ``volumes`` are given), one at a time: a 3D
     phantom's sharp-kernel reconstruction with its soft-kernel truth, a 2D phantom radiograph (its own truth:
-    generated from its edges), a pair's source with its target, or a file without truth."""
+    generated from its edges), a pair's source with its target, or a file (an image of a set) without truth."""
+    from msgan.data.pairs import read_side
     from msgan.data.phantom import kernel_pair, phantom_geometry, radiograph
 
     for i, src in enumerate(end_of_job(cfg)[1] if volumes is None else volumes):
@@ -238,6 +344,10 @@ def held_out(cfg: Config, volumes: Sequence[VolumeSource] | None = None) -> Iter
             ready = prepared_pair(src, cfg)
             yield HeldOut(src.label, f"row{src.row}", ready.raw_source, ready.geometry, ready.target, ready.valid,
                           ready.alignment, ready.source)  # fmt: skip
+            continue
+        if src.kind == "image":
+            raw, info = read_side(src.ref)
+            yield HeldOut(src.label, f"volume{i + 1}", raw, info.geometry, None)
             continue
         if src.kind != "phantom":
             image, geom = load_source(src, cfg)
@@ -252,24 +362,27 @@ def held_out(cfg: Config, volumes: Sequence[VolumeSource] | None = None) -> Iter
         yield HeldOut(src.label, f"holdout_{seed}", image, geom, truth)
 
 
-def _preprocessing(cfg: Config) -> dict[str, Any]:
+def _preprocessing(cfg: Config, source: VolumeSource | None = None) -> dict[str, Any]:
     c = cfg.to_dict()
     intensity = dict(c["intensity"])
     if intensity.get("normalize", "none") == "none":  # stores prepared before normalisation existed keep their names
         intensity.pop("normalize", None)
         intensity.pop("percentiles", None)
     out = {"dims": c["dims"], "num_scales": c["num_scales"], "intensity": intensity, "edges": c["edges"]}
-    if "image" in condition_channels(cfg.condition):
-        out["pairs"] = True  # (source, target) stores differ from target-only ones
-    if cfg.data.source == "pairs":
+    kind = source.kind if source is not None else ""
+    if "image" in condition_channels(cfg.condition) and kind != "image":
+        out["pairs"] = True  # (source, target) stores differ from target-only ones (an image of a set is one)
+    if cfg.data.source == "pairs" or kind == "pair":
         out["align"] = cfg.data.align
+    if kind == "image":
+        out["fov_masked"] = True  # an image of a set: padding filled and masked (image_pyramid), unlike a file's
     return out
 
 
 def fingerprint(source: VolumeSource, cfg: Config) -> str:
     """The content fingerprint of a prepared store: every setting that shapes it plus the bytes of its
     source (both sides of a pair, in order)."""
-    h = hashlib.sha256(json.dumps(_preprocessing(cfg), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(_preprocessing(cfg, source), sort_keys=True).encode())
     if source.kind == "phantom":
         h.update(json.dumps([PHANTOM_RECIPE, source.ref, source.kernel, list(cfg.data.phantom.shape)]).encode())
         return h.hexdigest()[:24]
@@ -356,7 +469,7 @@ def source_shape(source: VolumeSource, cfg: Config) -> tuple[int, ...]:
     :class:`ConfigError` when it cannot be read or has not ``dims`` axes."""
     if source.kind == "phantom":
         size = tuple(cfg.data.phantom.shape)
-    elif source.kind == "pair":
+    elif source.kind in ("pair", "image"):
         from msgan.data.pairs import side_info
 
         size = tuple(side_info(source.ref).shape)
@@ -381,22 +494,45 @@ def source_shape(source: VolumeSource, cfg: Config) -> tuple[int, ...]:
 def check_shapes(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
     """The pre-flight of every training path, before any work starts: each source is one the config can
     train on (:func:`check_source`) and every scale of it fits the patch and the discriminator
-    (:func:`msgan.train.check_scale_shape`, the rule :class:`~msgan.train.ScaleTrainer` applies)."""
-    check_pairs(cfg, [v for v in volumes if v.kind == "pair"])
+    (:func:`msgan.train.check_scale_shape`, the rule :class:`~msgan.train.ScaleTrainer` applies). Without
+    pairs, both image sets are checked together and against the scored pairs first (:func:`check_unpaired`)."""
+    pair_checks = check_pairs(cfg, [v for v in volumes if v.kind == "pair"])
+    shapes: dict[str, tuple[int, ...]] = {}
+    if any(v.kind == "image" for v in volumes):
+        shapes = check_unpaired(cfg, pair_checks)
     for src in volumes:
         check_source(src, cfg)
-        for s, shape in enumerate(pyramid_shapes(source_shape(src, cfg), cfg.num_scales)):
-            check_scale_shape(cfg, s, shape, src.label)
+        shape = shapes.get(src.ref) if src.kind == "image" else None
+        for s, level in enumerate(pyramid_shapes(shape or source_shape(src, cfg), cfg.num_scales)):
+            check_scale_shape(cfg, s, level, src.label)
 
 
-def check_pairs(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
+def check_unpaired(cfg: Config, pair_checks: Sequence[Any] = ()) -> dict[str, tuple[int, ...]]:
+    """Without pairs, before any work: every image of both sets (all splits) readable, of ``dims``
+    dimensions and of one modality, no image in both sets or in a scored pair, one patient in one split across
+    the sets and the pairs (:func:`msgan.data.images.check_sets`; ``pair_checks``: :func:`check_pairs`'s).
+    One :class:`ConfigError` lists every unusable image; returns each image's shape by its reference."""
+    from msgan.data.images import check_sets, read_images
+
+    d = cfg.data
+    checks = check_sets(read_images(d.sources), read_images(d.targets), cfg.dims, pair_checks,
+                        Path(d.pairs).name if d.pairs else "pairs")  # fmt: skip
+    bad = [f"{c.image.label} ({c.role}): {'; '.join(c.problems)}" for c in checks if c.problems]
+    if bad:
+        raise ConfigError(
+            f"{len(bad)} of {len(checks)} images cannot be used (nothing was prepared):\n  " + "\n  ".join(bad)
+        )
+    return {c.image.ref: tuple(c.info.shape) for c in checks if c.info is not None}
+
+
+def check_pairs(cfg: Config, volumes: Sequence[VolumeSource]) -> list[Any]:
     """When any of ``volumes`` is a pair, every pair of the manifest, in every split, is checked before any
     work (:func:`msgan.data.pairs.check_pairs`: readable sides, one patient, one modality, overlap, and one
     patient in one split, by the ``patient`` column or the DICOM PatientID), and sides in different frames of
     reference need ``data.align: rigid`` or ``affine``. One :class:`ConfigError` lists every unusable pair
-    with its row and reasons."""
+    with its row and reasons. Returns the checks (:class:`msgan.data.pairs.PairCheck`; none without pairs)."""
     if not any(v.kind == "pair" for v in volumes):
-        return
+        return []
     from msgan.data.pairs import check_pairs as check_manifest
     from msgan.data.pairs import read_pairs
 
@@ -417,3 +553,4 @@ def check_pairs(cfg: Config, volumes: Sequence[VolumeSource]) -> None:
             f"{len(bad)} of {len(checks)} pairs cannot train (nothing was prepared; `msgan check-pairs` lists "
             "every pair):\n  " + "\n  ".join(bad)
         )
+    return checks

@@ -6,6 +6,10 @@ worker group is restarted from its last checkpoint (``FailureConfig``) without t
 other scales, and resubmitting the job resumes unfinished scales and skips finished ones
 (their ``final/done.json`` exists).
 
+Without pairs (``train.objective: unpaired``) every scale's workers also get the source set's stores and the
+forward models of every scale (as dicts: :meth:`msgan.forward_model.ForwardModel.to_dict`) and build their
+data with :func:`msgan.train.scale_data`.
+
 Per scale, under ``<storage>/runs/<job>/scale_<i>/``:
   ``status.json``          step, attempt, pid, host, the step it resumed from (updated at checkpoints)
   ``final/generator.pt``   the trained generator's weights
@@ -34,9 +38,9 @@ import torch
 from msgan import storage
 from msgan.config import Config, from_dict
 from msgan.console import ProgressBoard, describe_error
-from msgan.io.pyramids import open_pyramid
+from msgan.io.pyramids import CACHE_BYTES, open_pyramid
 from msgan.memory import peak_device_bytes, peak_host_bytes
-from msgan.train import ScaleData, ScaleTrainer, StepMetrics
+from msgan.train import ScaleData, ScaleTrainer, StepMetrics, scale_data
 
 if TYPE_CHECKING:
     from msgan.registry import RunLogger
@@ -64,10 +68,29 @@ def read_json(uri: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- worker side
 
 
-def _scale_data(volumes: Sequence[str], scale: int, cfg: Config) -> ScaleData:
+def _pyramids(volumes: Sequence[str], scale: int) -> list[Any]:
+    """The stores' levels ``scale`` trains on: its own and, at an HR scale, the one below."""
     needed = {scale, scale - 1} if scale > 0 else {0}
-    pyramids = [open_pyramid(u, needed) for u in volumes]
-    return ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
+    return [open_pyramid(u, needed) for u in volumes]
+
+
+def _scale_data(
+    volumes: Sequence[str], scale: int, cfg: Config, sources: Sequence[str] = (), forward: Sequence[Any] = ()
+) -> ScaleData:
+    """What this scale trains on (:func:`msgan.train.scale_data`): the pairs (or targets) of ``volumes``; without
+    pairs, ``volumes`` are the target set's stores, ``sources`` the source set's and ``forward`` the forward
+    models of every scale as dicts."""
+    pyramids = _pyramids(volumes, scale)
+    if cfg.train.objective != "unpaired":
+        return scale_data(cfg, pyramids, scale)
+    from msgan.forward_model import ForwardModel
+
+    models = [ForwardModel.from_dict(d) for d in forward]
+    # Scale 0 trains its cycle on every source-set image at the LR grid: read into memory. An HR scale never
+    # reads the source set (its sources are synthesized from the targets); its stores are opened lazily
+    # (cache_bytes=0: shapes only, not one voxel read) because ScaleData.from_unpaired wants the set.
+    source_set = [open_pyramid(u, {scale}, cache_bytes=CACHE_BYTES if scale == 0 else 0) for u in sources]
+    return scale_data(cfg, pyramids, scale, source_set, models)
 
 
 def _sample_png(trainer: ScaleTrainer, path: Path, n: int = 4) -> Path:
@@ -198,7 +221,7 @@ class _Worker:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=False) if world > 1 else None
-        data = _scale_data(spec["volumes"], scale, cfg)
+        data = _scale_data(spec["volumes"], scale, cfg, spec.get("source_volumes", ()), spec.get("forward", ()))
         trainer = ScaleTrainer(cfg, scale, data, device, rank=rank, wrap=wrap)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -281,7 +304,11 @@ class _Worker:
         ``final/done.json``."""
         seconds = time.perf_counter() - self.t0
         trainer, scale, spec = self.trainer, self.scale, self.spec
-        val = trainer.evaluate(_scale_data(spec["val_volumes"], scale, self.cfg) if spec.get("val_volumes") else None)
+        val_data = None
+        if spec.get("val_volumes"):  # pairs, also without pairs (data.pairs): their sources read, not synthesized
+            thr = self.cfg.train.foreground_threshold
+            val_data = ScaleData.from_pyramids(_pyramids(spec["val_volumes"], scale), scale, thr)
+        val = trainer.evaluate(val_data)
         peak = peak_device_bytes(self.device) or peak_host_bytes()
         summary = {
             "scale": scale,
@@ -395,9 +422,13 @@ def train_all_scales(
     run_ids: dict[int, str] | None,
     scales: Sequence[int] | None = None,
     board: Any = None,
+    source_volumes: Sequence[str] = (),
+    forward: Sequence[dict[str, Any]] = (),
 ) -> list[ScaleOutcome]:
     """Launch every (unfinished) scale at once, one TorchTrainer each; wait for all. Workers send their
-    progress to ``board`` (a :class:`msgan.console.ProgressBoard` handle) when one is given."""
+    progress to ``board`` (a :class:`msgan.console.ProgressBoard` handle) when one is given. Without pairs,
+    ``volumes`` are the target set's stores, ``source_volumes`` the source set's and ``forward`` every scale's
+    forward model (:meth:`msgan.forward_model.ForwardModel.to_dict`), handed to every scale's workers."""
     run_root = storage.join(storage_root, "runs", job)
     gpu = use_gpu(cfg)
     todo = list(range(cfg.num_scales)) if scales is None else list(scales)
@@ -407,6 +438,8 @@ def train_all_scales(
             "config": cfg.to_dict(),
             "volumes": list(volumes),
             "val_volumes": list(val_volumes),
+            "source_volumes": list(source_volumes),
+            "forward": [dict(m) for m in forward],
             "run_root": run_root,
             "storage": storage_root,
             "tracking_uri": tracking_uri,
