@@ -32,20 +32,22 @@ from pathlib import Path
 from msgan import storage
 from msgan.config import ConfigError
 from msgan.data.pairs import (
-    _CONTROL,
+    CONTROL_CHARS,
     MAX_CELL_CHARS,
     PairCheck,
     PairsError,
     SideInfo,
-    _csv_uri,
-    _decode,
-    _exists,
-    _key,
-    _read_csv_bytes,
-    _resolve,
+    csv_uri,
+    decode_csv,
+    read_csv_bytes,
+    ref_exists,
+    ref_key,
+    resolve_ref,
     side_info,
 )
 from msgan.io.volume import ITK_SUFFIXES, ZARR_SUFFIXES
+
+KIND = "an image-set CSV"  # what refusals call the file
 
 SPLITS = ("train", "holdout")
 COLUMNS = ("image", "split", "patient")
@@ -139,10 +141,9 @@ def read_folder(uri: str | os.PathLike[str]) -> list[Image]:
 def _text_of(uri: str | os.PathLike[str]) -> str:
     """The CSV's text, read and decoded with the pairs manifest's limits (size, NUL bytes, UTF-8)."""
     try:
-        return _decode(str(uri), _read_csv_bytes(uri))
-    except PairsError as err:  # the same rules; named for what this file is
-        msg = str(err).replace("a pairs CSV", "an image-set CSV").replace("pairs file", "image-set CSV")
-        raise ImagesError(msg) from None
+        return decode_csv(str(uri), read_csv_bytes(uri, KIND), KIND)
+    except PairsError as err:  # the same rules, named for what this file is
+        raise ImagesError(str(err)) from None
 
 
 def _header(shown: str, first: list[str], row: int) -> list[str]:
@@ -166,7 +167,7 @@ def read_manifest(uri: str | os.PathLike[str], check_files: bool = True) -> list
     twice, one patient in one split, and (``check_files``) every file there."""
     shown = str(uri)
     text = _text_of(uri)
-    csv_uri = _csv_uri(uri)
+    base_uri = csv_uri(uri)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     images: list[Image] = []
     names: list[str] | None = None
@@ -195,7 +196,7 @@ def read_manifest(uri: str | os.PathLike[str], check_files: bool = True) -> list
             value = value.strip()
             if len(value) > MAX_CELL_CHARS:
                 raise ImagesError(f"{where}: {name} has {len(value)} characters (at most {MAX_CELL_CHARS})")
-            if _CONTROL.search(value):
+            if CONTROL_CHARS.search(value):
                 raise ImagesError(f"{where}: {name} holds a control character")
             cells[name] = value
         if not cells["image"]:
@@ -209,10 +210,10 @@ def read_manifest(uri: str | os.PathLike[str], check_files: bool = True) -> list
         if split not in SPLITS:
             raise ImagesError(f"{where}: split {cells['split']!r} is not one of {', '.join(SPLITS)}")
         try:
-            ref = _resolve(shown, row, "image", cells["image"], csv_uri)
+            ref = resolve_ref(shown, row, "image", cells["image"], base_uri)
         except PairsError as err:
             raise ImagesError(str(err)) from None
-        key = _key(ref)
+        key = ref_key(ref)
         if key in seen:
             raise ImagesError(f"{where}: the same image as row {seen[key]} (one image is listed once)")
         patient = cells.get("patient", "")
@@ -223,7 +224,7 @@ def read_manifest(uri: str | os.PathLike[str], check_files: bool = True) -> list
                     f"{where}: patient {patient!r} is in split {split!r} here and in split {first[0]!r} at row "
                     f"{first[1]}; one patient's images belong to one split"
                 )
-        if check_files and not _exists(ref):
+        if check_files and not ref_exists(ref):
             raise ImagesError(f"{where}: image {ref} does not exist")
         seen[key] = row
         images.append(Image(row, ref, split, patient, f"{Path(shown).name} row {row}"))
@@ -288,7 +289,7 @@ def check_sets(
     for c in pairs:
         where = f"{pairs_name} row {c.pair.row} ({c.pair.split})"
         for ref in (c.pair.source, c.pair.target):
-            pair_sides.setdefault(_key(ref), (where, c.pair.split))
+            pair_sides.setdefault(ref_key(ref), (where, c.pair.split))
         key = _pair_patient(c)
         if key:
             patients.setdefault(key, (c.pair.split, where))
@@ -308,7 +309,7 @@ def check_sets(
                 modality = (info.modality, im.label)
             elif info.modality != modality[0]:
                 problems.append(f"modality {info.modality}, but {modality[1]} is {modality[0]}: one modality per job")
-        key = _key(im.ref)
+        key = ref_key(im.ref)
         if key in seen:
             problems.append(f"the same image as {seen[key]}: an image belongs to one set")
         seen.setdefault(key, f"{im.label} ({role})")

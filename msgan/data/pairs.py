@@ -42,7 +42,7 @@ MAX_CELL_CHARS = 4096  # a path or a patient label
 MIN_OVERLAP = 0.10  # below this fraction of the source's box covered by the target, a pair is refused
 GRID_RTOL = 1e-3  # same grid: shape equal, spacing/origin/direction within this relative tolerance
 OVERLAP_SAMPLES = 48  # sample points per axis of the source box when the overlap is measured
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class PairsError(ConfigError):
@@ -68,14 +68,17 @@ def _is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
-def _csv_uri(uri: str | os.PathLike[str]) -> str:
+def csv_uri(uri: str | os.PathLike[str]) -> str:
     return storage.normalize_uri(uri)
 
 
-def _read_csv_bytes(uri: str | os.PathLike[str]) -> bytes:
+def read_csv_bytes(uri: str | os.PathLike[str], kind: str = "a pairs CSV") -> bytes:
+    """A manifest's bytes (local or ``s3://``) within :data:`MAX_CSV_BYTES`; ``kind`` names the file in refusals
+    (a regular file that exists and reads, never a folder, FIFO or device)."""
     shown = str(uri)
+    what = "pairs file" if kind == "a pairs CSV" else kind.split(" ", 1)[-1]  # "no such image-set CSV"
     try:
-        norm = _csv_uri(uri)
+        norm = csv_uri(uri)
     except (ValueError, RuntimeError, OSError) as err:  # another scheme; a symlink loop
         raise PairsError(f"{shown}: {err}") from None
     if not storage.is_s3(norm):
@@ -84,16 +87,16 @@ def _read_csv_bytes(uri: str | os.PathLike[str]) -> bytes:
         except OSError:
             size = 0  # missing or unreadable: said below
         if size > MAX_CSV_BYTES:
-            raise PairsError(f"{shown}: {size} bytes, above the {MAX_CSV_BYTES} a pairs CSV may hold; refused")
+            raise PairsError(f"{shown}: {size} bytes, above the {MAX_CSV_BYTES} {kind} may hold; refused")
     try:
         return storage.read_bytes(norm, MAX_CSV_BYTES)
     except FileNotFoundError:
-        raise PairsError(f"{shown}: no such pairs file") from None
+        raise PairsError(f"{shown}: no such {what}") from None
     except IsADirectoryError:
-        raise PairsError(f"{shown}: a folder, not a pairs CSV") from None
+        raise PairsError(f"{shown}: a folder, not {kind}") from None
     except OSError as err:
         if err.errno == errno.EFBIG:
-            raise PairsError(f"{shown}: {err.strerror} (a pairs CSV holds at most {MAX_CSV_BYTES} bytes)") from None
+            raise PairsError(f"{shown}: {err.strerror} ({kind} holds at most {MAX_CSV_BYTES} bytes)") from None
         if err.errno == errno.EINVAL:
             raise PairsError(f"{shown}: not a regular file (a FIFO, device or socket); refused") from None
         raise PairsError(f"{shown}: cannot be read ({err.strerror or err})") from None
@@ -101,17 +104,18 @@ def _read_csv_bytes(uri: str | os.PathLike[str]) -> bytes:
 
 def pairs_fingerprint(uri: str | os.PathLike[str]) -> str:
     """sha256 of the manifest's bytes (hex, 24 characters): what a training run records in MLflow."""
-    return hashlib.sha256(_read_csv_bytes(uri)).hexdigest()[:24]
+    return hashlib.sha256(read_csv_bytes(uri)).hexdigest()[:24]
 
 
 def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
-def _decode(shown: str, data: bytes) -> str:
+def decode_csv(shown: str, data: bytes, kind: str = "a pairs CSV") -> str:
+    """A manifest's text: UTF-8 (a leading byte-order mark dropped), no NUL byte; refusals name the row."""
     nul = data.find(b"\0")
     if nul >= 0:
-        raise PairsError(f"{shown} row {_line_of(data, nul)}: a NUL byte; a pairs CSV is UTF-8 text")
+        raise PairsError(f"{shown} row {_line_of(data, nul)}: a NUL byte; {kind} is UTF-8 text")
     body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # the byte-order mark a spreadsheet may write
     try:
         return body.decode("utf-8")
@@ -121,7 +125,7 @@ def _decode(shown: str, data: bytes) -> str:
         ) from None
 
 
-def _resolve(shown: str, row: int, column: str, cell: str, csv_uri: str) -> str:
+def resolve_ref(shown: str, row: int, column: str, cell: str, base_uri: str) -> str:
     """The side's path or URI: an s3:// URI as it is; relative paths against the CSV's folder or prefix; in a
     local CSV absolute local paths too; in a remote CSV nothing local."""
     where = f"{shown} row {row}"
@@ -132,24 +136,24 @@ def _resolve(shown: str, row: int, column: str, cell: str, csv_uri: str) -> str:
         return cell.rstrip("/")
     if "://" in cell and not cell.startswith("file://"):
         raise PairsError(f"{where}: {column} {cell!r}: only local paths and s3:// URIs name a side")
-    if _is_remote(csv_uri):
+    if _is_remote(base_uri):
         if cell.startswith(("file://", "/", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", cell):
             raise PairsError(
                 f"{where}: {column} {cell!r} is a local path in a manifest from the object store; a remote manifest "
                 f"names s3:// URIs or paths relative to its own prefix, never this machine's files"
             )
-        bucket, _, key = csv_uri[len("s3://") :].partition("/")
+        bucket, _, key = base_uri[len("s3://") :].partition("/")
         folder = posixpath.dirname(key)
         joined = posixpath.normpath(posixpath.join(folder, cell)) if folder else posixpath.normpath(cell)
         if joined in (".", "") or joined.startswith(".."):
             raise PairsError(f"{where}: {column} {cell!r} leaves the bucket {bucket!r}")
         return f"s3://{bucket}/{joined}"
     local = cell[len("file://") :] if cell.startswith("file://") else cell
-    base = storage.local_path(csv_uri).parent
+    base = storage.local_path(base_uri).parent
     return os.path.normpath(os.path.join(base, os.path.expanduser(local)))  # the user's own choice of path
 
 
-def _exists(ref: str) -> bool:
+def ref_exists(ref: str) -> bool:
     if _is_remote(ref):
         try:
             return storage.exists(ref)
@@ -158,7 +162,7 @@ def _exists(ref: str) -> bool:
     return os.path.exists(ref)
 
 
-def _key(ref: str) -> str:
+def ref_key(ref: str) -> str:
     """What makes two references the same image (symlinks followed locally)."""
     return ref if _is_remote(ref) else os.path.realpath(ref)
 
@@ -187,9 +191,9 @@ def read_pairs(uri: str | os.PathLike[str], check_files: bool = True) -> list[Pa
     no row twice, no image the source of two pairs, no source that is its own target, one image and one patient
     in one split only, and (``check_files``) every file there."""
     shown = str(uri)
-    data = _read_csv_bytes(uri)
-    csv_uri = _csv_uri(uri)
-    text = _decode(shown, data)
+    data = read_csv_bytes(uri)
+    base_uri = csv_uri(uri)
+    text = decode_csv(shown, data)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     pairs: list[Pair] = []
     names: list[str] | None = None
@@ -220,7 +224,7 @@ def read_pairs(uri: str | os.PathLike[str], check_files: bool = True) -> list[Pa
             value = value.strip()
             if len(value) > MAX_CELL_CHARS:
                 raise PairsError(f"{where}: {name} has {len(value)} characters (at most {MAX_CELL_CHARS})")
-            if _CONTROL.search(value):
+            if CONTROL_CHARS.search(value):
                 raise PairsError(f"{where}: {name} holds a control character")
             cells[name] = value
         for name in REQUIRED:
@@ -229,9 +233,9 @@ def read_pairs(uri: str | os.PathLike[str], check_files: bool = True) -> list[Pa
         split = cells.get("split", "").lower() or "train"
         if split not in SPLITS:
             raise PairsError(f"{where}: split {cells['split']!r} is not one of {', '.join(SPLITS)}")
-        source = _resolve(shown, row, "source", cells["source"], csv_uri)
-        target = _resolve(shown, row, "target", cells["target"], csv_uri)
-        keys = (_key(source), _key(target))
+        source = resolve_ref(shown, row, "source", cells["source"], base_uri)
+        target = resolve_ref(shown, row, "target", cells["target"], base_uri)
+        keys = (ref_key(source), ref_key(target))
         if keys[0] == keys[1]:
             raise PairsError(f"{where}: the source and the target are the same image ({cells['source']})")
         if keys in seen_pair:
@@ -258,7 +262,7 @@ def read_pairs(uri: str | os.PathLike[str], check_files: bool = True) -> list[Pa
                 )
         if check_files:
             for name, ref in (("source", source), ("target", target)):
-                if not _exists(ref):
+                if not ref_exists(ref):
                     raise PairsError(f"{where}: {name} {ref} does not exist")
         seen_pair[keys] = row
         seen_source[keys[0]] = row
