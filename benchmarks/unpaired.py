@@ -95,6 +95,25 @@ def _sets(task: str, shape: tuple[int, ...], seeds: dict[str, tuple[int, ...]]) 
     return sources, targets
 
 
+def _record_of(path: Path) -> Path:
+    return path.with_name(path.name + ".record.json")
+
+
+def fresh(path: Path, record: dict[str, Any]) -> bool:
+    """Whether ``path`` (a fitted or trained artifact) was made from ``record`` (settings, seeds, shape); a stale
+    one (another config, budget or window) is removed, so it is made again and never stands in for this run's."""
+    want = json.loads(json.dumps(record))
+    rec = _record_of(path)
+    if path.exists() and rec.exists() and json.loads(rec.read_text()) == want:
+        return True
+    path.unlink(missing_ok=True)
+    return False
+
+
+def remember(path: Path, record: dict[str, Any]) -> None:
+    T._atomic_bytes(_record_of(path), json.dumps(record).encode())
+
+
 def _pyramids(cfg: Config, images: list[np.ndarray]) -> list[Any]:
     from msgan.pyramid import build_pyramid
 
@@ -156,11 +175,13 @@ def fit_forward(task: str, cfg: Config, shape: tuple[int, ...], seeds: dict[str,
     from msgan.train import fit_forward_models
 
     path = work / "forward.json"
-    if path.exists():
+    record = {"config": cfg.to_dict(), "seeds": seeds, "shape": list(shape)}
+    if fresh(path, record):
         return list(json.loads(path.read_text()))
     sources, targets = _sets(task, shape, seeds)
     models = [m.to_dict() for m in fit_forward_models(cfg, _pyramids(cfg, sources), _pyramids(cfg, targets))]
     T._atomic_bytes(path, json.dumps(models).encode())
+    remember(path, record)
     return models
 
 
@@ -189,16 +210,25 @@ def training_jobs(task: str, args: argparse.Namespace, results: T.Results, work:
         how = " train.objective=unpaired" if m == "ours" else " condition=edges, target set alone"
         results.note(task, m, config=f"configs/{task}.yaml{how}",
                      steps_per_scale=[cfg.steps_for(s) for s in range(cfg.num_scales)])  # fmt: skip
-    if "cyclegan" in args.methods and not (work / "cyclegan.pt").exists():
-        steps = sum(ours.steps_for(s) for s in range(ours.num_scales))
-        patch = CYCLEGAN_PATCH if args.shape >= 64 else 16
-        cc = {"dims": 3, "width": 8, "blocks": 6, "patch": max(patch, ours.train.hr_patch), "steps": steps,
-              "batch_size": ours.train.batch_size, "seed": 0}  # fmt: skip
-        if args.smoke:
-            cc["steps"] = 20
-        jobs.append({"variant": "cyclegan", "task": task, "seeds": seeds, "shape": list(shape), "cyclegan": cc,
-                     "config": ours.to_dict()})  # fmt: skip
+    if "cyclegan" in args.methods and not fresh(work / "cyclegan.pt", cyclegan_record(ours, args, seeds)):
+        rec = cyclegan_record(ours, args, seeds)
+        jobs.append({"variant": "cyclegan", "task": task, "seeds": seeds, "shape": list(shape), "cyclegan": rec["cc"],
+                     "config": ours.to_dict(), "record": rec})  # fmt: skip
     return jobs
+
+
+def cyclegan_settings(ours: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """``cyclegan``'s budget: our whole cascade's steps x batch, a patch >= our HR patch (a multiple of 4)."""
+    steps = sum(ours.steps_for(s) for s in range(ours.num_scales))
+    patch = max(CYCLEGAN_PATCH if args.shape >= 64 else 16, ours.train.hr_patch)
+    return {"dims": 3, "width": 8, "blocks": 6, "patch": -(-patch // 4) * 4, "steps": 20 if args.smoke else steps,
+            "batch_size": ours.train.batch_size, "seed": 0}  # fmt: skip
+
+
+def cyclegan_record(ours: Config, args: argparse.Namespace, seeds: dict[str, Any]) -> dict[str, Any]:
+    """What a trained CycleGAN was made from: its settings, the window it was trained in, seeds and shape."""
+    return {"cc": cyclegan_settings(ours, args), "intensity": ours.to_dict()["intensity"], "seeds": seeds,
+            "shape": [args.shape] * 3}  # fmt: skip
 
 
 def run_training(jobs: list[dict[str, Any]], workers: int, results: T.Results, work_of: Callable[[str], Path],
@@ -216,6 +246,7 @@ def run_training(jobs: list[dict[str, Any]], workers: int, results: T.Results, w
             task, work = job["task"], work_of(job["task"])
             if job["variant"] == "cyclegan":
                 T._atomic_bytes(work / "cyclegan.pt", r["weights"])
+                remember(work / "cyclegan.pt", job["record"])
                 results.note(task, "cyclegan", train_seconds=r["seconds"], parameters=r["parameters"],
                              **job["cyclegan"])  # fmt: skip
             else:
@@ -231,6 +262,22 @@ def run_training(jobs: list[dict[str, Any]], workers: int, results: T.Results, w
 # ----------------------------------------------------------------------------- methods
 
 
+def choose_on_validation(task: str, shape: tuple[int, ...], seeds: dict[str, Any], options: list[Any],
+                         run: Callable[[np.ndarray, Any], np.ndarray]) -> tuple[Any, dict[Any, float]]:  # fmt: skip
+    """The option of ``options`` whose ``run(input, option)`` has the best mean SSIM on the central half of the
+    first two validation volumes (pairs allowed there for choosing settings, the same for every method)."""
+    crop = tuple(slice(n // 4, n // 4 + n // 2) for n in shape)
+    scores: dict[Any, list[float]] = {o: [] for o in options}
+    for seed in tuple(seeds["validation"])[:2]:
+        tv = make_task(task, seed, shape)
+        for o in options:
+            r = ct_metrics(run(tv.input[crop], o), tv.target[crop], tv.noiseless[crop], tv.labels[crop], tv.spacing,
+                           METRIC_WINDOW)  # fmt: skip
+            scores[o].append(r["ssim"])
+    means = {o: float(np.mean(v)) for o, v in scores.items()}
+    return max(means, key=lambda o: means[o]), means
+
+
 def tune_nlm(task: str, shape: tuple[int, ...], seeds: dict[str, Any], work: Path, results: T.Results,
              log: Callable[[str], None]) -> dict[str, float]:  # fmt: skip
     """``nlm_tuned``: sigma from the source images alone; h / sigma by SSIM on validation pairs."""
@@ -238,51 +285,41 @@ def tune_nlm(task: str, shape: tuple[int, ...], seeds: dict[str, Any], work: Pat
     from msgan.forward_model import noise_sigma
 
     path = work / "nlm_tuned.json"
-    if path.exists():
+    record = {"seeds": seeds, "shape": list(shape), "factors": list(NLM_FACTORS)}
+    if fresh(path, record):
         return dict(json.loads(path.read_text()))
     sources, _ = _sets(task, shape, seeds)
     sigma = float(np.mean([noise_sigma(s / 1024.0, s > -800.0) for s in sources]))
-    crop = tuple(slice(n // 4, n // 4 + n // 2) for n in shape)
-    val = tuple(seeds["validation"])[:2]
-    scores: dict[float, list[float]] = {f: [] for f in NLM_FACTORS}
-    for seed in val:
-        tv = make_task(task, seed, shape)
-        for f in NLM_FACTORS:
-            out = nlm_filter(tv.input[crop] / 1024.0, h_factor=f, sigma=sigma, workers=0) * 1024.0
-            r = ct_metrics(out, tv.target[crop], tv.noiseless[crop], tv.labels[crop], tv.spacing, METRIC_WINDOW)
-            scores[f].append(r["ssim"])
-    means = {f: float(np.mean(v)) for f, v in scores.items()}
-    best = max(means, key=lambda f: means[f])
+    val = list(tuple(seeds["validation"])[:2])
+    best, means = choose_on_validation(
+        task,
+        shape,
+        seeds,
+        list(NLM_FACTORS),
+        lambda x, f: nlm_filter(x / 1024.0, h_factor=f, sigma=sigma, workers=0) * 1024.0,
+    )
     log(f"  {task}: nlm_tuned sigma {sigma * 1024:.1f} HU (source images alone), h = {best} sigma")
     T._atomic_bytes(path, json.dumps({"h_factor": best, "sigma": sigma, "validation_ssim": means}).encode())
+    remember(path, record)
     results.note(task, "nlm_tuned", h_factor=best, sigma_hu=sigma * 1024, sigma_from="the source set alone",
                  validation_seeds=list(val), validation_ssim={str(f): v for f, v in means.items()})  # fmt: skip
     return {"h_factor": best, "sigma": sigma}
 
 
-def tune_tile(task: str, run: Callable[[np.ndarray, int], np.ndarray], shape: tuple[int, ...], seeds: dict[str, Any],
-              work: Path, results: T.Results, log: Callable[[str], None]) -> int:  # fmt: skip
+def tune_tile(task: str, run: Callable[[np.ndarray, int], np.ndarray], record: dict[str, Any], shape: tuple[int, ...],
+              seeds: dict[str, Any], work: Path, results: T.Results, log: Callable[[str], None]) -> int:  # fmt: skip
     """``cyclegan``'s inference tile: instance norm makes a tile's output depend on the tile (its statistics), so
-    the tile (the training patch, or twice it) is chosen by SSIM on the central half of validation volumes
-    201-202, as ``nlm_tuned``'s h is."""
+    the tile (the training patch, or twice it) is chosen on validation volumes 201-202, as ``nlm_tuned``'s h is."""
     path = work / "cyclegan_tile.json"
-    if path.exists():
+    patch = int(record["cc"]["patch"])
+    tiles = [patch, 2 * patch] if 2 * patch <= shape[0] // 2 else [patch]
+    if fresh(path, {**record, "tiles": tiles}):
         return int(json.loads(path.read_text())["tile"])
-    patch = min(CYCLEGAN_PATCH, shape[0] // 2)
-    crop = tuple(slice(n // 4, n // 4 + n // 2) for n in shape)
-    val = tuple(seeds["validation"])[:2]
-    scores: dict[int, list[float]] = {t: [] for t in (patch, 2 * patch)}
-    for seed in val:
-        tv = make_task(task, seed, shape)
-        for tile in scores:
-            out = run(tv.input[crop], tile)
-            r = ct_metrics(out, tv.target[crop], tv.noiseless[crop], tv.labels[crop], tv.spacing, METRIC_WINDOW)
-            scores[tile].append(r["ssim"])
-    means = {t: float(np.mean(v)) for t, v in scores.items()}
-    best = max(means, key=lambda t: means[t])
+    best, means = choose_on_validation(task, shape, seeds, tiles, run)
     said = ", ".join(f"{t}: {v:.4f}" for t, v in means.items())
     log(f"  {task}: cyclegan tile {best} (validation SSIM {said})")
     T._atomic_bytes(path, json.dumps({"tile": best, "validation_ssim": means}).encode())
+    remember(path, {**record, "tiles": tiles})
     results.note(task, "cyclegan", tile=best, overlap=8, tile_validation_ssim={str(t): v for t, v in means.items()})
     return best
 
@@ -303,18 +340,21 @@ def load_methods(task: str, args: argparse.Namespace, work: Path, results: T.Res
         out["input"] = lambda x: x
     if "linear" in args.methods:
         path = work / "linear.npz"
-        if not path.exists():
+        record = {"seeds": {k: list(v) for k, v in seeds.items()}, "shape": list(shape), "smooth": True}
+        if not fresh(path, record):
             sources, targets = _sets(task, shape, seeds)
-            edges, gain = spectral_ratio_gain(sources, targets)
+            edges, gain = spectral_ratio_gain(sources, targets, smooth=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, edges=edges, gain=gain)
+            remember(path, record)
         z = np.load(path)
         out["linear"] = lambda x, e=z["edges"], g=z["gain"]: apply_radial(x, e, g)
     if "nlm_tuned" in args.methods:
         t = tune_nlm(task, shape, seeds, work, results, log)
         h, sigma = float(t["h_factor"]), float(t["sigma"])
         out["nlm_tuned"] = lambda x: nlm_filter(np.asarray(x) / 1024.0, h_factor=h, sigma=sigma, workers=0) * 1024.0
-    if "cyclegan" in args.methods and (work / "cyclegan.pt").exists():
+    gan = cyclegan_record(ours, args, {k: list(v) for k, v in seeds.items()})
+    if "cyclegan" in args.methods and fresh(work / "cyclegan.pt", gan):
         from msgan.cyclegan import cyclegan_translate, resnet_generator
 
         g = resnet_generator(3, 8, 6)
@@ -325,7 +365,7 @@ def load_methods(task: str, args: argparse.Namespace, work: Path, results: T.Res
             y = cyclegan_translate(g, window(x, ours.intensity), tile=tile, overlap=8)
             return output_units(y, ours.intensity, x)
 
-        tile = tune_tile(task, run, shape, seeds, work, results, log)
+        tile = tune_tile(task, run, gan, shape, seeds, work, results, log)
         out["cyclegan"] = lambda x: run(x, tile)
 
     cfgs = {"ours": ours, "edges": paper_config(ours)}

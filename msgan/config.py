@@ -88,15 +88,17 @@ class UnpairedConfig:
     unconditional PatchGAN per domain); every HR scale trains on target images alone, with a source
     synthesized from each target patch by the forward model fitted on the two sets (:mod:`msgan.forward_model`)
     and, with probability ``remap_p``, the patch's intensity levels remapped before it, so the generator takes
-    levels from the previous scale and detail from the source. Window units throughout."""
+    levels from the previous scale and detail from the source. The remap's ranges are in the window's units
+    (HU for CT), so they mean the same tissues under a [-1024, 1024] or a [-1024, 3072] window."""
 
     cycle_weight: float = 10.0  # scale 0: |F(G(s)) - s| + |G(F(t)) - t| (Zhu et al.)
     identity_weight: float = 5.0  # scale 0: |G(D(t)) - t|, the synthesized pair (D: the fitted forward model)
     remap_p: float = 0.5  # HR: probability that a synthesized source's levels are remapped
     remap_bumps: int = 3  # Gaussian bumps added to the intensity curve per remap
-    remap_amplitude: float = 0.3  # a bump's height is drawn from [-a, a] (0.3: about 300 HU in a 2048 HU window)
-    remap_width: tuple[float, float] = (0.03, 0.1)  # a bump's width (standard deviation) is drawn in this range
-    remap_centres: tuple[float, float] = (-0.3, 0.6)  # a bump's centre is drawn in this range (soft tissue, blood)
+    # in the intensity window's units (HU for CT, normalised units with intensity.normalize), whatever the window:
+    remap_amplitude: float = 300.0  # a bump's height is drawn from [-a, a]
+    remap_width: tuple[float, float] = (30.0, 100.0)  # a bump's width (standard deviation) is drawn in this range
+    remap_centres: tuple[float, float] = (-300.0, 600.0)  # a bump's centre is drawn here (fat to enhanced blood)
     noise: bool = True  # add the forward model's noise (off: its filter alone)
 
 

@@ -26,6 +26,7 @@ trainer's data loaders and the ``linear`` baseline call it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -327,7 +328,12 @@ class ForwardModel:
     def margin(self) -> int:
         """Voxels of context per side a region needs so that :meth:`degrade` beyond them matches filtering
         the whole volume: the Chebyshev radius outside which the filter's impulse response stays below
-        :data:`TAIL` of its peak, at most :data:`MARGIN_CAP`."""
+        :data:`TAIL` of its peak, at most :data:`MARGIN_CAP` (computed once per model: a training step asks
+        for it per patch)."""
+        return self._margin
+
+    @functools.cached_property
+    def _margin(self) -> int:
         n = 4 * MARGIN_CAP + 8
         f, _ = _radial((n,) * self.dims)
         h = sfft.irfftn(_response(f, self.edges, self.gain), s=(n,) * self.dims)

@@ -26,7 +26,7 @@ from torch import nn
 
 from msgan import storage
 from msgan.augment import Augmenter, Corruption
-from msgan.config import Config, ConfigError, EdgeConfig, UnpairedConfig, from_dict
+from msgan.config import Config, ConfigError, EdgeConfig, IntensityConfig, UnpairedConfig, from_dict
 from msgan.engine import Feed, autocast, feed_box
 from msgan.forward_model import ForwardModel
 from msgan.forward_model import fit as fit_forward_model
@@ -88,15 +88,17 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | No
 # ----------------------------------------------------------------------------- data
 
 
-def remap_levels(x: np.ndarray, rng: np.random.Generator, u: UnpairedConfig) -> np.ndarray:
+def remap_levels(x: np.ndarray, rng: np.random.Generator, u: UnpairedConfig, intensity: IntensityConfig) -> np.ndarray:
     """``x`` (window units) through a random smooth intensity curve: the identity plus ``u.remap_bumps``
-    Gaussian bumps (centre, width and signed height drawn from ``u``'s ranges). Voxel-wise, so it changes
-    the levels of whole tissues (blood 40 -> 300 HU, or back) and never where anything is."""
+    Gaussian bumps (centre, width and signed height drawn from ``u``'s ranges, given in the window's units and
+    converted here). Voxel-wise, so it changes the levels of whole tissues (blood 40 -> 300 HU, or back) and
+    never where anything is."""
+    per_unit = 2.0 / (intensity.high - intensity.low)  # window units per HU (or normalised unit)
     y = np.asarray(x, dtype=np.float32).copy()
     for _ in range(u.remap_bumps):
-        c = rng.uniform(*u.remap_centres)
-        w = rng.uniform(*u.remap_width)
-        a = rng.uniform(-u.remap_amplitude, u.remap_amplitude)
+        c = (rng.uniform(*u.remap_centres) - intensity.low) * per_unit - 1.0
+        w = rng.uniform(*u.remap_width) * per_unit
+        a = rng.uniform(-u.remap_amplitude, u.remap_amplitude) * per_unit
         y += np.float32(a) * np.exp(-((x - np.float32(c)) ** 2) / np.float32(2.0 * w * w)).astype(np.float32)
     return y
 
@@ -111,6 +113,7 @@ class Synthesizer:
     forward: ForwardModel
     unpaired: UnpairedConfig
     edges: EdgeConfig
+    intensity: IntensityConfig
 
     def margin(self, channels: Sequence[str]) -> int:
         return self.forward.margin() + (edge_depth(self.edges) if "edges" in channels else 0)
@@ -119,7 +122,7 @@ class Synthesizer:
         """A synthesized source for a target ``region`` (the margin included: the caller crops it)."""
         x = np.asarray(region, dtype=np.float32)
         if remap and self.unpaired.remap_bumps and rng.random() < self.unpaired.remap_p:
-            x = remap_levels(x, rng, self.unpaired)
+            x = remap_levels(x, rng, self.unpaired, self.intensity)
         y = self.forward.degrade(x, rng, noise=self.unpaired.noise)
         return np.clip(y, -1.0, 1.0).astype(np.float32)
 
@@ -545,11 +548,13 @@ class ScaleTrainer:
         x_s = self._domain_batch(self.data.source_set, self.data.source_set_edges)
         tgt = sample_lr_batch(self.data, self.cfg.train.batch_size, self.rng, self.augmenter, self.generator)
         real_s, real_t = x_s[:, img : img + 1], tgt.target.to(self.device)
+        valid = tgt.valid.to(self.device) if tgt.valid is not None else None  # the targets' field of view
+        shown_t = real_t if valid is None else real_t * valid - (1.0 - valid)  # padding never teaches D_t
         x_dt = tgt.x.to(self.device)  # the targets' synthesized sources
         x_tt = self._reads(real_t)  # a target as F reads it
         with self._autocast():
             fake_t, fake_s = self._g(x_s), self._f(x_tt)
-            dl_real = self.gan_loss(self._d(real_t), True) + self.gan_loss(self._ds(real_s), True)
+            dl_real = self.gan_loss(self._d(shown_t), True) + self.gan_loss(self._ds(real_s), True)
             dl_fake = self.gan_loss(self._d(fake_t.detach()), False) + self.gan_loss(self._ds(fake_s.detach()), False)
             d_loss = DiscriminatorLoss(0.5 * (dl_real + dl_fake), dl_real, dl_fake)
         self.opt_d.zero_grad(set_to_none=True)
@@ -557,10 +562,10 @@ class ScaleTrainer:
         self.opt_d.step()
         with self._autocast():
             g_gan = self.gan_loss(self._d(fake_t), True) + self.gan_loss(self._ds(fake_s), True)
-            cyc = F.l1_loss(self._f(self._reads(fake_t)).float(), real_s) + F.l1_loss(
-                self._g(self._reads(fake_s)).float(), real_t
+            cyc = F.l1_loss(self._f(self._reads(fake_t)).float(), real_s) + masked_l1(
+                self._g(self._reads(fake_s)).float(), real_t, valid
             )
-            idt = F.l1_loss(self._g(x_dt).float(), real_t)
+            idt = masked_l1(self._g(x_dt).float(), real_t, valid)
             l1 = u.cycle_weight * cyc + u.identity_weight * idt
             g_loss = GeneratorLoss(g_gan + l1, g_gan, l1)
         self.opt_g.zero_grad(set_to_none=True)
@@ -721,16 +726,28 @@ def fingerprint(pyramids: Sequence[Pyramid]) -> str:
     return h.hexdigest()
 
 
+FORWARD_CROP = 128  # voxels per side of each level a forward model is fitted on (the central crop)
+
+
+def central_crop(level: Any, size: int = FORWARD_CROP) -> np.ndarray:
+    """The central ``size`` voxels per side of ``level`` (all of a smaller axis), read by slicing (a zarr level
+    reads only the crop)."""
+    box = tuple(slice((n - min(n, size)) // 2, (n - min(n, size)) // 2 + min(n, size)) for n in level.shape)
+    return np.asarray(level[box], dtype=np.float32)
+
+
 def fit_forward_models(cfg: Config, sources: Sequence[Pyramid], targets: Sequence[Pyramid]) -> list[ForwardModel]:
     """Training without pairs: the forward model (target -> source) of every scale, fitted on the two sets'
-    images at that scale (window units), inside the body (voxels above ``train.foreground_threshold``)."""
+    images at that scale (window units), each cut to its central :data:`FORWARD_CROP` voxels per side (the
+    spectra are per cycle/voxel, so a crop estimates them; a 512^3 level would cost GBs), inside the body
+    (voxels above ``train.foreground_threshold``). The job and ``msgan train`` both fit through here."""
     if not sources or not targets:
         raise ValueError(f"training without pairs needs both sets: {len(sources)} sources, {len(targets)} targets")
     thr = cfg.train.foreground_threshold
     models = []
     for s in range(cfg.num_scales):
-        src = [np.asarray(p.images[s], dtype=np.float32) for p in sources]
-        tgt = [np.asarray(p.images[s], dtype=np.float32) for p in targets]
+        src = [central_crop(p.images[s]) for p in sources]
+        tgt = [central_crop(p.images[s]) for p in targets]
         models.append(
             fit_forward_model(src, tgt, source_masks=[a > thr for a in src], target_masks=[a > thr for a in tgt])
         )
@@ -750,7 +767,7 @@ def scale_data(
         raise ValueError(
             f"training without pairs needs one forward model per scale ({cfg.num_scales}); got {len(forward)}"
         )
-    synth = Synthesizer(forward[scale], cfg.train.unpaired, cfg.edges)
+    synth = Synthesizer(forward[scale], cfg.train.unpaired, cfg.edges, cfg.intensity)
     return ScaleData.from_unpaired(sources, pyramids, scale, thr, synth)
 
 

@@ -61,15 +61,20 @@ def _params(trainer):
 
 
 def test_remap_changes_levels_near_its_bumps_only():
-    cfg = _cfg(**{"train.unpaired.remap_centres": [0.3, 0.3], "train.unpaired.remap_width": [0.05, 0.05]})
-    x = np.linspace(-1, 1, 2001, dtype=np.float32)
-    y = remap_levels(x, np.random.default_rng(3), cfg.train.unpaired)
-    far = np.abs(x - 0.3) > 0.4  # eight widths away from every bump
-    np.testing.assert_allclose(y[far], x[far], atol=1e-6)
-    assert np.abs(y - x)[np.abs(x - 0.3) < 0.05].max() > 0.01  # the band at the bumps moved
-    np.testing.assert_array_equal(y, remap_levels(x, np.random.default_rng(3), cfg.train.unpaired))
-    none = _cfg(**{"train.unpaired.remap_bumps": 0}).train.unpaired
-    np.testing.assert_array_equal(remap_levels(x, np.random.default_rng(3), none), x)
+    """The ranges are in HU (the window's units): a bump at 300 HU, 50 HU wide, moves 300 HU whatever the window."""
+    over = {"train.unpaired.remap_centres": [300, 300], "train.unpaired.remap_width": [50, 50]}
+    for window in ([-1024, 1024], [-1024, 3072]):
+        cfg = _cfg(**over, **{"intensity.low": window[0], "intensity.high": window[1]})
+        hu = np.linspace(-1000, 1000, 2001, dtype=np.float32)
+        x = window_units = (hu - window[0]) * 2 / (window[1] - window[0]) - 1
+        y = remap_levels(x, np.random.default_rng(3), cfg.train.unpaired, cfg.intensity)
+        moved = (y - window_units) * (window[1] - window[0]) / 2  # in HU
+        np.testing.assert_allclose(moved[np.abs(hu - 300) > 400], 0, atol=1e-3)  # eight widths away
+        assert np.abs(moved[np.abs(hu - 300) < 50]).max() > 10  # the band at the bumps moved
+        again = remap_levels(x, np.random.default_rng(3), cfg.train.unpaired, cfg.intensity)
+        np.testing.assert_array_equal(y, again)
+    none = _cfg(**{"train.unpaired.remap_bumps": 0})
+    np.testing.assert_array_equal(remap_levels(x, np.random.default_rng(3), none.train.unpaired, none.intensity), x)
 
 
 def test_a_synthesized_box_is_the_whole_volume_synthesized_cropped(sets):
@@ -77,7 +82,7 @@ def test_a_synthesized_box_is_the_whole_volume_synthesized_cropped(sets):
     cropped to the box, away from the volume's border: training memory stays a patch's, not a volume's."""
     _, tgt, forward = sets
     cfg = _cfg(**{"train.unpaired.noise": False, "train.unpaired.remap_p": 0.0})
-    synth = Synthesizer(forward[2], cfg.train.unpaired, cfg.edges)
+    synth = Synthesizer(forward[2], cfg.train.unpaired, cfg.edges, cfg.intensity)
     vol = tgt[0].images[2]
     rng = np.random.default_rng(0)
     whole = synth.regions(vol, [0, 0, 0], SHAPE, ("image", "edges"), rng)

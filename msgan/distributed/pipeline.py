@@ -26,6 +26,7 @@ from msgan.distributed.train import ScaleOutcome, load_generators, train_all_sca
 from msgan.io.pyramids import open_pyramid
 from msgan.pyramid import Pyramid
 from msgan.redact import redact_uri
+from msgan.train import FORWARD_CROP, central_crop
 
 if TYPE_CHECKING:
     from msgan.forward_model import ForwardModel
@@ -35,7 +36,6 @@ Log = Callable[[str], None]
 
 
 LOCAL_WORKER_START_TIMEOUT_S = 600  # Ray Train's worker-group start timeout on a local cluster (Ray's default: 60)
-FORWARD_CROP = 128  # voxels per side of the central crop of each volume the forward model is fitted on, per scale
 
 
 class JobFailed(RuntimeError):
@@ -184,11 +184,7 @@ def central_crops(uri: str, num_scales: int, size: int = FORWARD_CROP) -> Pyrami
     smaller than that whole): the store is opened lazily and only the crop is read, so a 512^3 archive volume
     costs at most 8 MiB per scale on the driver, never the whole level. Edges are not read."""
     pyr = open_pyramid(uri, range(num_scales), cache_bytes=0)  # zarr arrays: nothing read yet
-    images = []
-    for level in pyr.images:
-        box = tuple(slice((n - min(n, size)) // 2, (n - min(n, size)) // 2 + min(n, size)) for n in level.shape)
-        images.append(np.asarray(level[box], dtype=np.float32))
-    return Pyramid(images=images, edges=[])
+    return Pyramid(images=[central_crop(level, size) for level in pyr.images], edges=[])
 
 
 def fit_forward_from_stores(cfg: Config, sources: Sequence[str], targets: Sequence[str]) -> list[ForwardModel]:

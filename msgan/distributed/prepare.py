@@ -135,13 +135,13 @@ def _unpaired_sources(cfg: Config, split: str) -> list[VolumeSource]:
     pairs = _scored_pairs(cfg, split)
     if split == "validation":
         return pairs
+    held_targets = _image_sources(d.targets, "targets", "holdout")  # refused for every split: msgan train too
+    if held_targets:
+        raise ConfigError(
+            f"data.targets: {held_targets[0].label} is a holdout row; the target set trains (a target-domain "
+            "image is never translated): put holdout images in data.sources, scored ones in data.pairs"
+        )
     if split == "holdout":
-        held_targets = _image_sources(d.targets, "targets", "holdout")
-        if held_targets:
-            raise ConfigError(
-                f"data.targets: {held_targets[0].label} is a holdout row; the target set trains (a target-domain "
-                "image is never translated): put holdout images in data.sources, scored ones in data.pairs"
-            )
         return pairs + _image_sources(d.sources, "sources", "holdout")
     src, tgt = _image_sources(d.sources, "sources", "train"), _image_sources(d.targets, "targets", "train")
     for key, got in (("data.sources", src), ("data.targets", tgt)):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -308,7 +309,10 @@ class _Worker:
         if spec.get("val_volumes"):  # pairs, also without pairs (data.pairs): their sources read, not synthesized
             thr = self.cfg.train.foreground_threshold
             val_data = ScaleData.from_pyramids(_pyramids(spec["val_volumes"], scale), scale, thr)
-        val = trainer.evaluate(val_data)
+        if val_data is None and self.cfg.train.objective == "unpaired":  # no pairs to score: no validation figure
+            val = {"val_l1": float("nan"), "val_ssim": float("nan")}  # (the training data's would be synthetic)
+        else:
+            val = trainer.evaluate(val_data)
         peak = peak_device_bytes(self.device) or peak_host_bytes()
         summary = {
             "scale": scale,
@@ -325,7 +329,8 @@ class _Worker:
         }
         if self.log is not None:
             self.log.metrics(
-                {k: float(v) for k, v in val.items()} | {"peak_memory_mib": peak / 2**20}, step=trainer.step
+                {k: float(v) for k, v in val.items() if math.isfinite(v)} | {"peak_memory_mib": peak / 2**20},
+                step=trainer.step,
             )
             with tempfile.TemporaryDirectory() as d:
                 self.log.artifact(_sample_png(trainer, Path(d) / f"scale{scale}_step{trainer.step}.png"), "samples")
