@@ -162,9 +162,15 @@ def _train_cyclegan(job: dict[str, Any]) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(time.strftime("%H:%M:%S"), f"  {job['task']}: cyclegan {msg}", flush=True)
 
+    import dataclasses
+
+    checkpoint = Path(job["checkpoint"])  # every 100 steps: an hour of training survives a stop
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if checkpoint.exists() and torch.load(checkpoint, weights_only=True).get("config") != dataclasses.asdict(cc):
+        checkpoint.unlink()  # another budget's or window's training never seeds this one
     t0 = time.perf_counter()
     model = train_cyclegan([window(s, cfg.intensity) for s in sources], [window(t, cfg.intensity) for t in targets],
-                           cc, log=log, log_every=300)  # fmt: skip
+                           cc, log=log, log_every=300, checkpoint=checkpoint, checkpoint_every=100)  # fmt: skip
     buf = io.BytesIO()
     torch.save(model.g_st.state_dict(), buf)
     return {"weights": buf.getvalue(), "seconds": time.perf_counter() - t0, "parameters": parameter_count(model.g_st)}
@@ -213,7 +219,7 @@ def training_jobs(task: str, args: argparse.Namespace, results: T.Results, work:
     if "cyclegan" in args.methods and not fresh(work / "cyclegan.pt", cyclegan_record(ours, args, seeds)):
         rec = cyclegan_record(ours, args, seeds)
         jobs.append({"variant": "cyclegan", "task": task, "seeds": seeds, "shape": list(shape), "cyclegan": rec["cc"],
-                     "config": ours.to_dict(), "record": rec})  # fmt: skip
+                     "config": ours.to_dict(), "record": rec, "checkpoint": str(work / "cyclegan.ckpt")})  # fmt: skip
     return jobs
 
 

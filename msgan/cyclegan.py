@@ -25,11 +25,14 @@ the same network and results, a third of the training time.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -313,22 +316,28 @@ def train_cyclegan(
     cfg: CycleGANConfig,
     log: Callable[[str], None] | None = None,
     log_every: int = 100,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 200,
 ) -> CycleGAN:
     """Train a CycleGAN on unpaired volumes (window units): each step draws ``batch_size`` patches of
     random source volumes and, independently, of random target volumes (see :class:`_PatchSampler`),
     then takes one Adam step of both generators (LSGAN + cycle L1 both ways + identity L1) and one of
     both discriminators (LSGAN on real patches and pooled fakes, halved, as Zhu et al.). Deterministic
-    given ``cfg.seed`` (and the thread count)."""
+    given ``cfg.seed`` (and the thread count). With ``checkpoint`` (a file path), the whole state (networks,
+    optimizers, schedules, image pools, random streams) is written there every ``checkpoint_every`` steps,
+    atomically, and a training that finds one resumes from it exactly: an hour of CPU survives a stop."""
     cfg.check()
     if log_every < 1:
         raise ValueError(f"log_every={log_every}: must be at least 1")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every}: must be at least 1")
     src = _checked_volumes(sources, "source", cfg)
     tgt = _checked_volumes(targets, "target", cfg)
     old_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(src, tgt, cfg, log, log_every)
+        return _train(src, tgt, cfg, log, log_every, Path(checkpoint) if checkpoint else None, checkpoint_every)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -339,6 +348,8 @@ def _train(
     cfg: CycleGANConfig,
     log: Callable[[str], None] | None,
     log_every: int,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 200,
 ) -> CycleGAN:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -361,8 +372,26 @@ def _train(
     for m in (g_st, g_ts, d_t, d_s):
         m.train()
     sums: dict[str, float] = {}
+    nets = {"g_st": g_st, "g_ts": g_ts, "d_t": d_t, "d_s": d_s}
+    first = 1
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state.get("config") != dataclasses.asdict(cfg):
+            raise ValueError(f"{checkpoint}: a checkpoint of another CycleGAN config; remove it to start over")
+        for name, net in nets.items():
+            net.load_state_dict(state[name])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        for sch, st in zip(schedule, state["schedules"], strict=True):
+            sch.load_state_dict(st)
+        pool_t.items, pool_s.items = list(state["pool_t"]), list(state["pool_s"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        model.history, sums, first = list(state["history"]), dict(state["sums"]), int(state["step"]) + 1
+        if log is not None:
+            log(f"cyclegan: resumed at step {first - 1} from {checkpoint.name}")
     t0 = t_window = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    for step in range(first, cfg.steps + 1):
         real_s, real_t = sample_s.batch(cfg.batch_size), sample_t.batch(cfg.batch_size)
         lr_now = opt_g.param_groups[0]["lr"]
 
@@ -413,6 +442,15 @@ def _train(
                     f"{entry['seconds_per_step']:.2f} s/step"
                 )
             sums, t_window = {}, now
+        if checkpoint is not None and (step % checkpoint_every == 0 or step == cfg.steps):
+            state = {name: net.state_dict() for name, net in nets.items()}
+            state |= {"step": step, "config": dataclasses.asdict(cfg), "opt_g": opt_g.state_dict(),
+                      "opt_d": opt_d.state_dict(), "schedules": [sch.state_dict() for sch in schedule],
+                      "pool_t": pool_t.items, "pool_s": pool_s.items, "rng": rng.bit_generator.state,
+                      "torch_rng": torch.get_rng_state(), "history": model.history, "sums": sums}  # fmt: skip
+            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, checkpoint)
     for m in (g_st, g_ts):
         m.eval()
     if log is not None:

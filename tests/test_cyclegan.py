@@ -97,6 +97,40 @@ def test_training_is_deterministic_and_follows_the_schedule():
     assert not a.g_st.training  # handed back in eval mode
 
 
+def test_a_stopped_training_resumes_exactly_from_its_checkpoint(tmp_path):
+    """Killed after the checkpoint of step 3 of 6, a rerun resumes there and ends with the very weights of a
+    training that never stopped; a checkpoint of another config is refused."""
+    src = [_blobs(i, 0.0, (24, 24, 20)) for i in range(2)]
+    tgt = [_blobs(10 + i, 0.3, (20, 24, 24)) for i in range(2)]
+    cfg = CycleGANConfig(width=4, blocks=1, patch=16, batch_size=2, steps=6, pool_size=1, threads=1)
+    straight = train_cyclegan(src, tgt, cfg, log_every=2)
+    ckpt = tmp_path / "cg.pt"
+    _stop_after(src, tgt, cfg, ckpt, 3)
+    lines: list[str] = []
+    resumed = train_cyclegan(src, tgt, cfg, log=lines.append, log_every=1, checkpoint=ckpt, checkpoint_every=3)
+    assert lines[0] == "cyclegan: resumed at step 3 from cg.pt" and "step 4/6" in lines[1]
+    for x, y in zip(_state(straight.g_st) + _state(straight.g_ts), _state(resumed.g_st) + _state(resumed.g_ts)):
+        np.testing.assert_array_equal(x, y)
+    other = CycleGANConfig(**{**cfg.__dict__, "cycle_weight": 5.0})
+    with pytest.raises(ValueError, match="another CycleGAN config"):
+        train_cyclegan(src, tgt, other, checkpoint=ckpt)
+
+
+def _stop_after(src, tgt, cfg, path, steps):
+    """Train ``cfg`` with checkpoints every ``steps`` steps, stopped (by an exception from the log) right after
+    the checkpoint of step ``steps`` is written: what a killed process leaves."""
+
+    class Stop(Exception):
+        pass
+
+    def log(line):
+        if f"step {steps + 1}/" in line:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_cyclegan(src, tgt, cfg, log=log, log_every=1, checkpoint=path, checkpoint_every=steps)
+
+
 def test_learns_an_unpaired_brightness_shift_both_ways():
     """Targets are other subjects' bodies, 0.3 brighter: only the adversarial loss can teach the shift
     (cycle and identity losses alone are satisfied by the identity)."""
