@@ -493,6 +493,10 @@ class ScaleTrainer:
             g_gan = self.gan_loss(self._d(torch.cat([cond, fake], 1)), True)
             g_l1 = masked_l1(fake.float(), target, valid)
             g_loss = GeneratorLoss(g_gan + self.cfg.train.l1_weight * g_l1, g_gan, g_l1)
+        return self._generator_step(g_loss, d_loss, t0)
+
+    def _generator_step(self, g_loss: GeneratorLoss, d_loss: DiscriminatorLoss, t0: float) -> StepMetrics:
+        """The generators' update that ends every step (paired or not), and the step's metrics."""
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.total.backward()
         self.opt_g.step()
@@ -568,21 +572,7 @@ class ScaleTrainer:
             idt = masked_l1(self._g(x_dt).float(), real_t, valid)
             l1 = u.cycle_weight * cyc + u.identity_weight * idt
             g_loss = GeneratorLoss(g_gan + l1, g_gan, l1)
-        self.opt_g.zero_grad(set_to_none=True)
-        g_loss.total.backward()
-        self.opt_g.step()
-        self.step += 1
-        return StepMetrics(
-            scale=self.scale,
-            step=self.step,
-            loss_g=float(g_loss.total.detach()),
-            loss_g_gan=float(g_loss.gan.detach()),
-            loss_g_l1=float(g_loss.l1.detach()),
-            loss_d=float(d_loss.total.detach()),
-            loss_d_real=float(d_loss.real.detach()),
-            loss_d_fake=float(d_loss.fake.detach()),
-            seconds=time.perf_counter() - t0,
-        )
+        return self._generator_step(g_loss, d_loss, t0)
 
     def fit(
         self,
