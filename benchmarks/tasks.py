@@ -502,6 +502,26 @@ def _fmt(values: list[float | None], key: str) -> str:
     return f"{np.nanmean(v):.{digits}f}"
 
 
+def holm_tests(rows: dict[str, Any], keys: tuple[str, ...]) -> dict[tuple[str, str], float]:
+    """Paired t-tests of ``ours`` against every other row of one table on ``keys``, over the volumes both hold,
+    Holm-corrected across the table: ``{(method, key): adjusted p}`` (no test where fewer than 2 pairs, or all
+    equal)."""
+    ours = rows.get("ours")
+    tests: dict[tuple[str, str], float] = {}
+    if ours is not None:
+        for m, r in rows.items():
+            if m == "ours":
+                continue
+            for k in keys:
+                common = [s for s in ours["seeds"] if s in r["seeds"]]
+                a = [ours[k][ours["seeds"].index(s)] for s in common]
+                b = [r[k][r["seeds"].index(s)] for s in common]
+                pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+                if len(pairs) >= 2 and any(x != y for x, y in pairs):
+                    tests[(m, k)] = paired_test([x for x, _ in pairs], [y for _, y in pairs]).p
+    return dict(zip(tests, holm(list(tests.values())), strict=True))
+
+
 def tables(data: dict[str, Any], meta: dict[str, Any]) -> str:
     """One markdown table per task: means over held-out volumes; p: paired t-test of ours against the
     row (SSIM / MAE / hallucination), Holm-corrected across the table."""
@@ -511,20 +531,7 @@ def tables(data: dict[str, Any], meta: dict[str, Any]) -> str:
         if not rows:
             continue
         info = meta.get("methods", {}).get(task, {})
-        ours = rows.get("ours")
-        tests: dict[tuple[str, str], float] = {}
-        if ours is not None:
-            for m, r in rows.items():
-                if m == "ours":
-                    continue
-                for k in TESTED:
-                    common = [s for s in ours["seeds"] if s in r["seeds"]]
-                    a = [ours[k][ours["seeds"].index(s)] for s in common]
-                    b = [r[k][r["seeds"].index(s)] for s in common]
-                    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-                    if len(pairs) >= 2 and any(x != y for x, y in pairs):
-                        tests[(m, k)] = paired_test([x for x, _ in pairs], [y for _, y in pairs]).p
-        adjusted = dict(zip(tests, holm(list(tests.values())), strict=True))
+        adjusted = holm_tests(rows, TESTED)
         n = max(len(r["seeds"]) for r in rows.values())
         ref = [v["hallucination_ml"] for v in meta.get("reference", {}).get(task, {}).values()]
         own = (

@@ -53,7 +53,7 @@ import tasks as T  # noqa: E402  (benchmarks/tasks.py: results file, configs, sc
 
 from msgan.config import Config, ConfigError  # noqa: E402
 from msgan.data.tasks import METRIC_WINDOW, TASKS, UNPAIRED_METHODS, UNPAIRED_SEEDS, check_task, make_task  # noqa: E402
-from msgan.metrics import ct_metrics, holm, paired_test  # noqa: E402
+from msgan.metrics import ct_metrics  # noqa: E402
 
 METHODS = UNPAIRED_METHODS
 NLM_FACTORS = T.NLM_FACTORS
@@ -413,19 +413,7 @@ def tables(data: dict[str, Any], meta: dict[str, Any]) -> str:
         rows = data.get(task)
         if not rows:
             continue
-        ours = rows.get("ours")
-        tests: dict[tuple[str, str], float] = {}
-        if ours is not None:
-            for m, r in rows.items():
-                if m == "ours":
-                    continue
-                for k in TESTED:
-                    common = [s for s in ours["seeds"] if s in r["seeds"]]
-                    pairs = [(ours[k][ours["seeds"].index(s)], r[k][r["seeds"].index(s)]) for s in common]
-                    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-                    if len(pairs) >= 2 and any(a != b for a, b in pairs):
-                        tests[(m, k)] = paired_test([a for a, _ in pairs], [b for _, b in pairs]).p
-        adjusted = dict(zip(tests, holm(list(tests.values())), strict=True))
+        adjusted = T.holm_tests(rows, TESTED)
         n = max(len(r["seeds"]) for r in rows.values())
         lines += [f"### {task} (without pairs)", "",
                   f"{n} held-out volumes; means; p: ours vs the row, paired t-test on SSIM / MAE / hallucination, "
