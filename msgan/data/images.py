@@ -22,8 +22,6 @@ scored pair, one patient in one split.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,13 +30,12 @@ from pathlib import Path
 from msgan import storage
 from msgan.config import ConfigError
 from msgan.data.pairs import (
-    CONTROL_CHARS,
-    MAX_CELL_CHARS,
     PairCheck,
     PairsError,
     SideInfo,
     csv_uri,
     decode_csv,
+    manifest_rows,
     read_csv_bytes,
     ref_exists,
     ref_key,
@@ -168,37 +165,10 @@ def read_manifest(uri: str | os.PathLike[str], check_files: bool = True) -> list
     shown = str(uri)
     text = _text_of(uri)
     base_uri = csv_uri(uri)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     images: list[Image] = []
-    names: list[str] | None = None
-    line = 0
     seen: dict[str, int] = {}
     patient_split: dict[str, tuple[str, int]] = {}
-    while True:
-        row = line + 1
-        try:
-            record = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as err:
-            raise ImagesError(f"{shown} row {reader.line_num}: not a CSV line ({err})") from None
-        line = reader.line_num
-        if not any(c.strip() for c in record):
-            continue
-        if names is None:
-            names = _header(shown, record, row)
-            continue
-        where = f"{shown} row {row}"
-        if len(record) != len(names):
-            raise ImagesError(f"{where}: {len(record)} values for the {len(names)} columns {', '.join(names)}")
-        cells = {}
-        for name, value in zip(names, record, strict=True):
-            value = value.strip()
-            if len(value) > MAX_CELL_CHARS:
-                raise ImagesError(f"{where}: {name} has {len(value)} characters (at most {MAX_CELL_CHARS})")
-            if CONTROL_CHARS.search(value):
-                raise ImagesError(f"{where}: {name} holds a control character")
-            cells[name] = value
+    for row, where, cells in manifest_rows(shown, text, _header, ImagesError, _HEADER_HINT):
         if not cells["image"]:
             raise ImagesError(f"{where}: no image (every row names one)")
         split = cells.get("split", "").lower() or "train"
@@ -228,8 +198,6 @@ def read_manifest(uri: str | os.PathLike[str], check_files: bool = True) -> list
             raise ImagesError(f"{where}: image {ref} does not exist")
         seen[key] = row
         images.append(Image(row, ref, split, patient, f"{Path(shown).name} row {row}"))
-    if names is None:
-        raise ImagesError(f"{shown}: empty; {_HEADER_HINT}")
     if not images:
         raise ImagesError(f"{shown}: no images below the header")
     return images

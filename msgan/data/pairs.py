@@ -23,7 +23,7 @@ import io
 import os
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,47 @@ def _header(shown: str, first: list[str], row: int) -> list[str]:
     return names
 
 
+def manifest_rows(
+    shown: str, text: str, header: Callable[[str, list[str], int], list[str]], error: type[ValueError], empty: str,
+) -> Iterator[tuple[int, str, dict[str, str]]]:  # fmt: skip
+    """The data rows of a manifest CSV's ``text`` (the pairs manifest's and the image sets'): ``(row, where,
+    cells)`` with ``cells`` the stripped values by column name as ``header`` (which checks the header row and
+    raises its own errors) names them, and ``where`` = ``"<csv> row N"``. Blank lines are skipped; a malformed
+    line, a row with another number of values than columns, an over-long cell or a control character raise
+    ``error`` naming the row; a CSV without a header raises ``error`` with ``empty`` as the hint."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    names: list[str] | None = None
+    line = 0
+    while True:
+        row = line + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise error(f"{shown} row {reader.line_num}: not a CSV line ({err})") from None
+        line = reader.line_num
+        if not any(c.strip() for c in record):
+            continue  # blank lines carry nothing
+        if names is None:
+            names = header(shown, record, row)
+            continue
+        where = f"{shown} row {row}"
+        if len(record) != len(names):
+            raise error(f"{where}: {len(record)} values for the {len(names)} columns {', '.join(names)}")
+        cells = {}
+        for name, value in zip(names, record, strict=True):
+            value = value.strip()
+            if len(value) > MAX_CELL_CHARS:
+                raise error(f"{where}: {name} has {len(value)} characters (at most {MAX_CELL_CHARS})")
+            if CONTROL_CHARS.search(value):
+                raise error(f"{where}: {name} holds a control character")
+            cells[name] = value
+        yield row, where, cells
+    if names is None:
+        raise error(f"{shown}: empty; {empty}")
+
+
 def read_pairs(uri: str | os.PathLike[str], check_files: bool = True) -> list[Pair]:
     """The pairs a manifest names, checked: known columns, a source and a target on every row, a known split,
     no row twice, no image the source of two pairs, no source that is its own target, one image and one patient
@@ -194,39 +235,13 @@ def read_pairs(uri: str | os.PathLike[str], check_files: bool = True) -> list[Pa
     data = read_csv_bytes(uri)
     base_uri = csv_uri(uri)
     text = decode_csv(shown, data)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     pairs: list[Pair] = []
-    names: list[str] | None = None
-    line = 0
     seen_pair: dict[tuple[str, str], int] = {}
     seen_source: dict[str, int] = {}
     patient_split: dict[str, tuple[str, int]] = {}
     image_split: dict[str, tuple[str, int]] = {}
-    while True:
-        row = line + 1
-        try:
-            record = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as err:
-            raise PairsError(f"{shown} row {reader.line_num}: not a CSV line ({err})") from None
-        line = reader.line_num
-        if not any(c.strip() for c in record):
-            continue  # blank lines carry no pair
-        if names is None:
-            names = _header(shown, record, row)
-            continue
-        where = f"{shown} row {row}"
-        if len(record) != len(names):
-            raise PairsError(f"{where}: {len(record)} values for the {len(names)} columns {', '.join(names)}")
-        cells = {}
-        for name, value in zip(names, record, strict=True):
-            value = value.strip()
-            if len(value) > MAX_CELL_CHARS:
-                raise PairsError(f"{where}: {name} has {len(value)} characters (at most {MAX_CELL_CHARS})")
-            if CONTROL_CHARS.search(value):
-                raise PairsError(f"{where}: {name} holds a control character")
-            cells[name] = value
+    header = "a pairs CSV starts with the header 'source,target[,split][,patient]'"
+    for row, where, cells in manifest_rows(shown, text, _header, PairsError, header):
         for name in REQUIRED:
             if not cells[name]:
                 raise PairsError(f"{where}: no {name} (every pair names a source and a target)")
@@ -269,8 +284,6 @@ def read_pairs(uri: str | os.PathLike[str], check_files: bool = True) -> list[Pa
         for key in keys:
             image_split.setdefault(key, (split, row))
         pairs.append(Pair(row, source, target, split, patient))
-    if names is None:
-        raise PairsError(f"{shown}: empty; a pairs CSV starts with the header 'source,target[,split][,patient]'")
     if not pairs:
         raise PairsError(f"{shown}: no pairs below the header")
     return pairs
