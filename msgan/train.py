@@ -29,6 +29,7 @@ from msgan.augment import Augmenter, Corruption
 from msgan.config import Config, ConfigError, EdgeConfig, IntensityConfig, UnpairedConfig, from_dict
 from msgan.engine import Feed, autocast, feed_box
 from msgan.forward_model import ForwardModel
+from msgan.forward_model import coarser as coarser_forward_model
 from msgan.forward_model import fit as fit_forward_model
 from msgan.metrics import ssim
 from msgan.netrules import patchgan_min_size
@@ -727,21 +728,24 @@ def central_crop(level: Any, size: int = FORWARD_CROP) -> np.ndarray:
 
 
 def fit_forward_models(cfg: Config, sources: Sequence[Pyramid], targets: Sequence[Pyramid]) -> list[ForwardModel]:
-    """Training without pairs: the forward model (target -> source) of every scale, fitted on the two sets'
-    images at that scale (window units), each cut to its central :data:`FORWARD_CROP` voxels per side (the
-    spectra are per cycle/voxel, so a crop estimates them; a 512^3 level would cost GBs), inside the body
-    (voxels above ``train.foreground_threshold``). The job and ``msgan train`` both fit through here."""
+    """Training without pairs: the forward model (target -> source) of every scale, in window units. The finest
+    scale's is fitted on the two sets' images there, each cut to its central :data:`FORWARD_CROP` voxels per
+    side (the spectra are per cycle/voxel, so a crop estimates them; a 512^3 level would cost GBs), its noise
+    measured inside the body (voxels above ``train.foreground_threshold``). A coarser scale's filter is fitted on
+    that scale's images, its noise is the finest scale's noise downsampled
+    (:func:`msgan.forward_model.coarser`). The job and ``msgan train`` both fit through here."""
     if not sources or not targets:
         raise ValueError(f"training without pairs needs both sets: {len(sources)} sources, {len(targets)} targets")
     thr = cfg.train.foreground_threshold
-    models = []
-    for s in range(cfg.num_scales):
-        src = [central_crop(p.images[s]) for p in sources]
-        tgt = [central_crop(p.images[s]) for p in targets]
-        models.append(
-            fit_forward_model(src, tgt, source_masks=[a > thr for a in src], target_masks=[a > thr for a in tgt])
-        )
-    return models
+    top = cfg.num_scales - 1
+
+    def crops(pyramids: Sequence[Pyramid], s: int) -> list[np.ndarray]:
+        return [central_crop(p.images[s]) for p in pyramids]
+
+    src, tgt = crops(sources, top), crops(targets, top)
+    finest = fit_forward_model(src, tgt, source_masks=[a > thr for a in src], target_masks=[a > thr for a in tgt])
+    coarse = [coarser_forward_model(finest, top - s, crops(sources, s), crops(targets, s)) for s in range(top)]
+    return [*coarse, finest]
 
 
 def scale_data(

@@ -223,3 +223,35 @@ def test_spectral_ratio_gain_and_apply_radial_undo_a_known_blur(rng):
     assert out.dtype == np.float32 and out.shape == sharp[0].shape
     soft0 = ndimage.gaussian_filter(sharp[0], np.sqrt(1.5**2 - 0.6**2), mode="wrap")  # the same field, softer
     assert _mse(out, soft0) < 0.1 * _mse(sharp[0], soft0)
+
+
+def test_downsampled_white_noise_loses_the_block_mean_variance():
+    """White noise of variance s2 averaged over 2^3 blocks is white with variance s2 / 8, per level."""
+    edges = fm.band_edges(3, 64)
+    model = fm.ForwardModel(3, tuple(edges), (1.0,) * 64, (0.09,) * 64, (0.5, 1.5))
+    for levels in (0, 1, 2):
+        power = fm.downsampled_noise(model, levels)
+        assert float(np.mean(power)) == pytest.approx(0.09 / 8**levels, rel=0.15), levels
+    assert not np.any(fm.downsampled_noise(model.filter_only(), 2))
+
+
+def test_a_coarse_scale_takes_the_finest_noise_downsampled_not_anatomy_read_as_noise():
+    """Two x2 levels down a low-dose set, the coarse model's noise is the fine model's block-averaged, and it has
+    the real added noise's std there (on 24^3 no patch is flat: a patch estimate would read anatomy as noise)."""
+    from msgan.pyramid import downsample2
+
+    def down(x):
+        return downsample2(downsample2(x))
+
+    shape = (96, 96, 96)  # the fine NPS estimate needs 9^3 patches to resolve a soft kernel's low frequencies
+    src = [make_task("low-dose", s, shape, workers=1) for s in SOURCES]
+    tgt = [make_task("low-dose", s, shape, workers=1).target / W for s in TARGETS]
+    fine = fm.fit([v.input / W for v in src], tgt)
+    coarse = fm.coarser(fine, 2, [down(v.input / W) for v in src], [down(t) for t in tgt])
+    assert coarse.noise_scales == fine.noise_scales
+    # low-dose sources are their subject's target plus the added noise: its true std on the coarse grid
+    true = np.mean([np.std(down((v.input - v.target) / W)) for v in src])
+    e = np.asarray(fine.edges)
+    assert np.sqrt(fm._variance(e, np.asarray(coarse.noise), 3)) == pytest.approx(true, rel=0.25)
+    g = coarse.summary()
+    assert abs(g["gain_0.1"] - 1) < 0.1, g  # a dose keeps the signal on the coarse grid too
