@@ -182,3 +182,27 @@ def test_a_cascade_trains_from_two_sets_and_translates(sets):
 
     out = cascade.translate(kernel_pair(SHAPE, 9)[1])
     assert out.shape == SHAPE and np.isfinite(out).all()
+
+
+def test_forward_models_fit_noise_at_the_finest_scale_and_downsample_it_for_the_coarser(sets, monkeypatch):
+    """The finest scale's model is fitted with its noise; every coarser one is derived from it (levels below the
+    finest), each on its own scale's images; the list is LR first."""
+    import msgan.train as tr
+
+    src, tgt, _ = sets
+    cfg = _cfg()
+    calls = []
+
+    def fake_fit(sources, targets, source_masks=None, target_masks=None):
+        calls.append(("fit", sources[0].shape))
+        return "finest"
+
+    def fake_coarser(finest, levels, sources, targets):
+        calls.append(("coarser", finest, levels, sources[0].shape))
+        return f"coarse {levels}"
+
+    monkeypatch.setattr(tr, "fit_forward_model", fake_fit)
+    monkeypatch.setattr(tr, "coarser_forward_model", fake_coarser)
+    assert tr.fit_forward_models(cfg, src, tgt) == ["coarse 2", "coarse 1", "finest"]
+    shapes = [tuple(im.shape) for im in src[0].images]
+    assert calls == [("fit", shapes[2]), ("coarser", "finest", 2, shapes[0]), ("coarser", "finest", 1, shapes[1])]
