@@ -1,0 +1,95 @@
+"""Where the levels of a cascade trained without pairs come from: scale 0, or the HR scales?
+
+    python benchmarks/unpaired_levels.py --task contrast --shape 64 --workdir runs/unpaired-val2 [--seeds 203 204]
+
+Loads ``ours`` from a ``benchmarks/unpaired.py`` work folder (``<workdir>/<shape>/<task>/ours/scale_<s>.pt``) and
+translates validation volumes three ways: the input alone, the cascade, and the cascade with scale 0 replaced by
+the *true* target's LR image (an oracle: what the HR scales make of a perfect previous scale). Prints the task
+metrics of each and the mean HU per tissue (blood pool, lung vessels, myocardium, soft tissue) of the target,
+the input and both outputs. If the oracle row barely moves, the HR scales take their levels from the source,
+not from the previous scale, and no better scale 0 can help them. Validation seeds only: never held-out ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import unpaired as U
+
+from msgan.cascade import Cascade
+from msgan.data.phantom import Label
+from msgan.data.tasks import METRIC_WINDOW, SEEDS, make_task
+from msgan.metrics import ct_metrics
+from msgan.nets import build_generator
+from msgan.pyramid import build_pyramid
+
+TISSUES = {
+    "blood pool": (Label.AORTA, Label.HEART_BLOOD),
+    "lung vessels": (Label.LUNG_VESSEL,),
+    "myocardium": (Label.MYOCARDIUM,),
+    "soft tissue": (Label.SOFT,),
+}
+
+
+class TrueLowRes(torch.nn.Module):
+    """Scale 0 replaced by a fixed image: the target's own LR grid (set :attr:`image` before each volume)."""
+
+    def __init__(self, like: Any) -> None:
+        super().__init__()
+        self.channels, self.halo = like.channels, getattr(like, "halo", 0)
+        self.image: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.image is not None
+        return self.image.reshape(x.shape[0], 1, *x.shape[2:]).to(x.dtype)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=list(U.TASKS))
+    p.add_argument("--shape", type=int, default=64)
+    p.add_argument("--workdir", default="runs/unpaired")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS["validation"][2:]))
+    p.add_argument("--set", action="append", default=[], help="the config overrides ours was trained with")
+    args = p.parse_args()
+    if set(args.seeds) & set(SEEDS["heldout"]):
+        raise SystemExit("held-out seeds are for the tables only; diagnose on validation seeds")
+    torch.set_num_threads(1)
+    cfg = U.ours_config(args.task, args.shape, False, args.set)
+    folder = Path(args.workdir) / str(args.shape) / args.task / "ours"
+    gens = []
+    for s in range(cfg.num_scales):
+        g = build_generator(cfg, s)
+        g.load_state_dict(torch.load(folder / f"scale_{s}.pt", weights_only=True))
+        gens.append(g.eval())
+    oracle = TrueLowRes(gens[0])
+    ways = {"input": None, "ours": Cascade(cfg, gens), "ours, true LR": Cascade(cfg, [oracle, *gens[1:]])}
+    for seed in args.seeds:
+        tv = make_task(args.task, seed, (args.shape,) * 3)
+        lr = build_pyramid(tv.target, cfg.num_scales, cfg.intensity, cfg.edges).images[0]
+        oracle.image = torch.from_numpy(np.ascontiguousarray(lr))
+        levels = {"target": tv.target}
+        for name, cascade in ways.items():
+            out = tv.input if cascade is None else cascade.translate(tv.input)
+            levels[name] = out
+            r = ct_metrics(out, tv.target, tv.noiseless, tv.labels, tv.spacing, METRIC_WINDOW)
+            keys = ("ssim", "mae_hu", "hallucination_ml", "vessel_contrast_error")
+            print(json.dumps({"seed": seed, "way": name, **{k: round(float(r[k]), 4) for k in keys}}), flush=True)
+        for tissue, labels in TISSUES.items():
+            sel = np.isin(tv.labels, labels)
+            if sel.any():
+                means = ", ".join(f"{k} {float(v[sel].mean()):.0f}" for k, v in levels.items())
+                print(f"  seed {seed} {tissue} (HU): {means}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
