@@ -15,11 +15,15 @@ ContextKind = Literal["upscaled", "wide", "none"]
 HRContext = Literal["upscaled", "wide"]  # what a configured HR scale may use ("none" is the baseline's)
 ConditionKind = Literal["edges", "image", "image+edges"]
 PaddingKind = Literal["valid", "same"]
+HRLevels = Literal["source", "previous"]  # where a source-residual HR output takes its low frequencies from
 
 CONDITIONS: tuple[str, ...] = typing.get_args(ConditionKind)
 CONTEXTS: tuple[str, ...] = typing.get_args(ContextKind)
 VOXEL_NORMS: tuple[str, ...] = typing.get_args(VoxelNorm)
 PADDINGS: tuple[str, ...] = typing.get_args(PaddingKind)
+LEVELS: tuple[str, ...] = typing.get_args(HRLevels)
+LEVELS_SIGMA = 1.0  # voxels: the Gaussian that splits levels (low frequencies) from detail, levels='previous'
+LEVELS_RADIUS = 2  # voxels: where that Gaussian is cut (valid convolutions: the tile's halo must cover it)
 
 
 def condition_channels(condition: str) -> tuple[str, ...]:
@@ -37,8 +41,9 @@ def discriminator_channels(scale: int, condition: str) -> int:
 
 
 def check_hr_options(
-    context: str, norm_kind: str, residual: bool, source_residual: bool, condition: str, padding: str = "valid"
-) -> None:
+    context: str, norm_kind: str, residual: bool, source_residual: bool, condition: str, padding: str = "valid",
+    levels: str = "source",
+) -> None:  # fmt: skip
     """The rules an HR generator's options obey (the config checks them at load through this same function)."""
     if context not in CONTEXTS:
         raise ValueError(f"context={context!r}: must be one of {list(CONTEXTS)}")
@@ -63,6 +68,13 @@ def check_hr_options(
         )
     if context == "wide" and padding == "same":
         raise ValueError("context='wide' needs padding='valid'")
+    if levels not in LEVELS:
+        raise ValueError(f"levels={levels!r}: must be one of {list(LEVELS)}")
+    if levels == "previous" and not (source_residual and context == "upscaled" and padding == "valid"):
+        raise ValueError(
+            "levels='previous' (the source's detail on the previous scale's levels) needs source_residual=True, "
+            "context='upscaled' and padding='valid'"
+        )
 
 
 def patchgan_min_size(num_layers: int) -> int:

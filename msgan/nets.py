@@ -14,8 +14,11 @@ from torch import nn
 
 from msgan import tiling
 from msgan.netrules import (
+    LEVELS_RADIUS,
+    LEVELS_SIGMA,
     ConditionKind,
     ContextKind,
+    HRLevels,
     PaddingKind,
     check_hr_options,
     condition_channels,
@@ -275,12 +278,13 @@ class HRGenerator(nn.Module):
         padding: PaddingKind = "valid",
         condition: ConditionKind = "edges",
         source_residual: bool = False,
+        levels: HRLevels = "source",
     ) -> None:
         super().__init__()
         _check_dims(dims)
-        check_hr_options(context, norm_kind, residual, source_residual, condition, padding)
+        check_hr_options(context, norm_kind, residual, source_residual, condition, padding, levels)
         self.dims, self.context, self.residual, self.padding = dims, context, residual, padding
-        self.condition, self.source_residual = condition, source_residual
+        self.condition, self.source_residual, self.levels = condition, source_residual, levels
         self.channels: tuple[str, ...] = (("prev",) if context == "upscaled" else ()) + condition_channels(condition)
         self.width = width
         p = 1 if padding == "same" else 0
@@ -294,6 +298,13 @@ class HRGenerator(nn.Module):
             for i in range(context_layers):
                 layers += [conv(dims, 1 if i == 0 else width, width, 3), norm(norm_kind, dims, width), nn.ReLU()]
             self.ctx = nn.Sequential(*layers)
+        t = torch.arange(-LEVELS_RADIUS, LEVELS_RADIUS + 1, dtype=torch.float32)
+        g = torch.exp(-0.5 * (t / LEVELS_SIGMA) ** 2)
+        self.register_buffer("_levels_kernel", g / g.sum(), persistent=False)  # fixed: not in the weights
+        if levels == "previous" and self.halo < LEVELS_RADIUS:
+            raise ValueError(
+                f"levels='previous' needs a halo of at least {LEVELS_RADIUS} voxels, this one has {self.halo}"
+            )
 
     @property
     def halo(self) -> int:
@@ -336,7 +347,11 @@ class HRGenerator(nn.Module):
         y = self.tail(self.blocks(f))  # (B, 1, core, ...)
         if self.source_residual:
             i = self.channels.index("image")
-            return crop(x[:, i : i + 1], h) + y  # (B, 1, core, ...): the source image + correction
+            src = crop(x[:, i : i + 1], h)  # (B, 1, core, ...)
+            if self.levels == "previous":  # the previous scale's low frequencies replace the source's
+                r = LEVELS_RADIUS
+                src = src + self._smooth(crop(x[:, :1] - x[:, i : i + 1], h - r))
+            return src + y  # (B, 1, core, ...): the source image (on the previous scale's levels) + correction
         if not self.residual:
             return torch.tanh(y)
         if self.context == "upscaled":
@@ -345,6 +360,17 @@ class HRGenerator(nn.Module):
             assert coarse is not None
             base = self.upsampled_context(coarse, y.shape[2:])  # (B, 1, core, ...)
         return base + y  # (B, 1, core, ...)
+
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, 1, ...) through the fixed separable Gaussian of ``levels='previous'``, valid convolutions:
+        each side loses :data:`LEVELS_RADIUS` voxels (tile-exact, like every other layer)."""
+        k = cast(torch.Tensor, self._levels_kernel).to(x.dtype)
+        for axis in range(self.dims):
+            shape = [1, 1] + [1] * self.dims
+            shape[2 + axis] = k.numel()
+            w = k.reshape(shape)
+            x = F.conv2d(x, w) if self.dims == 2 else F.conv3d(x, w)
+        return x
 
     def upsampled_context(self, coarse: torch.Tensor, core: Sequence[int]) -> torch.Tensor:
         """The coarse crop of :meth:`context_box` upsampled x2 (linear) over the core: ``(B, 1, *core)``."""
@@ -408,7 +434,7 @@ def build_generator(cfg: Config | ModelSpec, scale: int) -> nn.Module:
                     source_residual=cfg.source_residual)  # fmt: skip
     h = cfg.hr_generator
     return HRGenerator(cfg.dims, h.width, h.num_blocks, h.norm, h.context, h.context_layers, h.residual,
-                       condition=cfg.condition, source_residual=cfg.source_residual)  # fmt: skip
+                       condition=cfg.condition, source_residual=cfg.source_residual, levels=h.levels)  # fmt: skip
 
 
 def build_discriminator(cfg: Config | ModelSpec, scale: int) -> PatchDiscriminator:

@@ -25,6 +25,7 @@ from msgan.netrules import (
     ConditionKind,
     Dims,
     HRContext,
+    HRLevels,
     NormKind,
     VoxelNorm,
     check_hr_options,
@@ -122,6 +123,9 @@ class HRGeneratorConfig:
     context: HRContext = "upscaled"
     context_layers: int = 4
     residual: bool = True
+    # with source_residual: "source" = source + correction; "previous" = the source's detail on the previous
+    # scale's levels + correction (source + G_sigma * (previous - source) + correction; sigma netrules.LEVELS_SIGMA)
+    levels: HRLevels = "source"
 
 
 @dataclass(frozen=True)
@@ -239,7 +243,7 @@ def _check_hr_options(spec: ModelSpec) -> None:
     """The HR generator's option rules (:func:`msgan.netrules.check_hr_options`, as the network applies them)."""
     h = spec.hr_generator
     try:
-        check_hr_options(h.context, h.norm, h.residual, spec.source_residual, spec.condition)
+        check_hr_options(h.context, h.norm, h.residual, spec.source_residual, spec.condition, levels=h.levels)
     except ValueError as err:
         raise ConfigError(f"hr_generator (with condition={spec.condition!r}, source_residual={spec.source_residual}): "
                           f"{err}") from None  # fmt: skip

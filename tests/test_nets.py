@@ -110,6 +110,48 @@ def test_source_residual_is_the_source_plus_a_correction(dims):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
+@torch.no_grad()
+def test_levels_from_the_previous_scale_keep_the_source_detail_on_the_previous_levels(dims):
+    """levels='previous', correction zeroed: a flat previous scale at 0.5 under a source at -0.2 with a voxel of
+    detail gives 0.5 plus that detail, less only what the level Gaussian smooths of it; and a whole image
+    through it equals the image cut into tiles (valid convolutions: tile-exact)."""
+    from msgan.netrules import LEVELS_RADIUS
+
+    hr = HRGenerator(dims, width=4, num_blocks=1, norm_kind="none", residual=False, condition="image",
+                     source_residual=True, levels="previous")  # fmt: skip
+    assert "_levels_kernel" not in hr.state_dict()  # fixed, never trained nor saved
+    hr.tail.weight.zero_()
+    hr.tail.bias.zero_()
+    h, n = hr.halo, 9
+    x = torch.zeros(1, 2, *([n + 2 * h] * dims))
+    x[:, 0], x[:, 1] = 0.5, -0.2
+    centre = (0, 1, *([h + n // 2] * dims))
+    x[centre] += 1.0
+    y = hr(x)[0, 0]
+    mid = (n // 2,) * dims
+    kernel = hr._levels_kernel
+    peak = float(kernel[LEVELS_RADIUS]) ** dims  # the Gaussian's share of the detail voxel that it removes
+    assert float(y[mid]) == pytest.approx(0.5 + 1.0 - peak, abs=1e-5)
+    far = (0,) * dims
+    assert float(y[far]) == pytest.approx(0.5, abs=1e-5)  # away from the detail: the previous scale's level
+    torch.manual_seed(0)
+    hr = HRGenerator(dims, width=4, num_blocks=1, norm_kind="none", residual=False, condition="image",
+                     source_residual=True, levels="previous")  # fmt: skip
+    x = torch.randn(1, 2, *([2 * n + 2 * h] * dims))
+    whole = hr(x)
+    for start in (0, n):
+        box = (slice(None), slice(None), *([slice(start, start + n + 2 * h)] * dims))
+        out = (slice(None), slice(None), *([slice(start, start + n)] * dims))
+        torch.testing.assert_close(hr(x[box]), whole[out], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"levels='previous'.*needs source_residual=True, context='upscaled'"):
+        HRGenerator(dims, residual=False, condition="image", source_residual=False, levels="previous")
+    with pytest.raises(ValueError, match=r"levels='previous'.*context='upscaled'"):
+        HRGenerator(dims, context="wide", residual=False, condition="image", source_residual=True, levels="previous")
+    with pytest.raises(ValueError, match="levels='elsewhere': must be one of"):
+        HRGenerator(dims, residual=False, condition="image", source_residual=True, levels="elsewhere")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
 def test_cpu_inference_convolution_takes_onednn_and_training_does_not(dims, monkeypatch):
     from msgan.nets import conv, onednn_applies
 
