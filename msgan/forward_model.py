@@ -472,7 +472,7 @@ def fit(
     except TooFewPatchesError:
         # A grid too small for noise patches (a cascade's coarsest scales: 8^3-32^3 voxels, where block means
         # have averaged most noise away): every power is the signal's, the filter alone, no added noise.
-        return fit_filter(src, tgt, bands)
+        return _filter_model(ps, pt, edges, dims)
     nps_src, nps_tgt = nps_each.mean(axis=0), nps_tgt_each.mean(axis=0)
     gain = _gain(ps - nps_each, _set_mean(ps, edges), pt - nps_tgt_each, _set_mean(pt, edges), edges)
     # The filtered target noise |H|^2 NPS_tgt, measured on the filtered targets by the same estimator as
@@ -498,9 +498,14 @@ def fit_filter(sources: Sequence[np.ndarray], targets: Sequence[np.ndarray], ban
     src = _check_images(sources, "source")
     tgt = _check_images(targets, "target", dims=src[0].ndim)
     edges = band_edges(src[0].ndim, bands)
-    ps, pt = _powers(src, edges), _powers(tgt, edges)
+    return _filter_model(_powers(src, edges), _powers(tgt, edges), edges, src[0].ndim)
+
+
+def _filter_model(ps: np.ndarray, pt: np.ndarray, edges: np.ndarray, dims: int) -> ForwardModel:
+    """The noise-free model of the per-image power spectra ``ps`` (sources) and ``pt`` (targets)."""
     gain = _gain(ps, _set_mean(ps, edges), pt, _set_mean(pt, edges), edges)
-    return ForwardModel(src[0].ndim, tuple(edges.tolist()), tuple(gain.tolist()), (0.0,) * bands, (1.0,))
+    bands = len(edges) - 1
+    return ForwardModel(dims, tuple(edges.tolist()), tuple(gain.tolist()), (0.0,) * bands, (1.0,))
 
 
 COARSE_GRID = 16  # voxels per side of the coarse noise fields :func:`downsampled_noise` measures
