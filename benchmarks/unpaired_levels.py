@@ -8,6 +8,14 @@ the *true* target's LR image (an oracle: what the HR scales make of a perfect pr
 metrics of each and the mean HU per tissue (blood pool, lung vessels, myocardium, soft tissue) of the target,
 the input and both outputs. If the oracle row barely moves, the HR scales take their levels from the source,
 not from the previous scale, and no better scale 0 can help them. Validation seeds only: never held-out ones.
+
+    python benchmarks/unpaired_levels.py --task contrast --workdir runs/unpaired-val2 \
+        --variant levels-previous --hr-steps 600 --hr-set hr_generator.levels=previous
+
+A variant retrains the HR scales alone (``--hr-steps`` each, ours' settings plus ``--hr-set``, the same two sets
+and forward model fitting) beside ours' trained scale 0, into ``<workdir>/<shape>/<task>/hr-<variant>/``
+(kept: a rerun with the same settings reuses them), and adds two rows: the variant with ours' scale 0, and with
+the true LR image. ``--hr-set`` may change the HR scales and the unpaired synthesis, never scale 0.
 """
 
 from __future__ import annotations
@@ -53,6 +61,34 @@ class TrueLowRes(torch.nn.Module):
         return self.image.reshape(x.shape[0], 1, *x.shape[2:]).to(x.dtype)
 
 
+def train_hr_variant(task: str, shape: int, cfg: Any, steps: int, folder: Path) -> list[torch.nn.Module]:
+    """The HR scales of ``cfg`` trained for ``steps`` each into ``folder``, reused when trained as asked."""
+    import time
+
+    from msgan.config import from_dict
+
+    cfg = from_dict(cfg.to_dict(), {"train.steps_per_scale": [cfg.steps_for(0)] + [steps] * (cfg.num_scales - 1)})
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds = {k: list(v) for k, v in U.seeds_for(False).items()}
+    grid = (shape,) * 3
+    forward = U.fit_forward(task, cfg, grid, seeds, folder)
+    gens = []
+    for s in range(1, cfg.num_scales):
+        weights = folder / f"scale_{s}.pt"
+        record = {"config": cfg.to_dict(), "seeds": seeds, "shape": list(grid)}
+        if not U.fresh(weights, record):
+            t0 = time.perf_counter()
+            job = {"variant": "ours", "scale": s, "config": cfg.to_dict(), "task": task, "seeds": seeds,
+                   "shape": list(grid), "forward": forward, "checkpoint": str(folder / f"scale_{s}.ckpt")}  # fmt: skip
+            weights.write_bytes(U._train_scale(job)["weights"])
+            U.remember(weights, record)
+            print(f"  trained {folder.name} scale {s}: {steps} steps, {time.perf_counter() - t0:.0f} s", flush=True)
+        g = build_generator(cfg, s)
+        g.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+        gens.append(g.eval())
+    return gens
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=list(U.TASKS))
@@ -60,9 +96,14 @@ def main() -> None:
     p.add_argument("--workdir", default="runs/unpaired")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS["validation"][2:]))
     p.add_argument("--set", action="append", default=[], help="the config overrides ours was trained with")
+    p.add_argument("--variant", default="", help="a name for HR scales retrained with --hr-set beside ours")
+    p.add_argument("--hr-set", action="append", default=[], help="the variant's overrides of ours, KEY=VALUE")
+    p.add_argument("--hr-steps", type=int, default=600, help="the variant's training steps per HR scale")
     args = p.parse_args()
     if set(args.seeds) & set(SEEDS["heldout"]):
         raise SystemExit("held-out seeds are for the tables only; diagnose on validation seeds")
+    if args.hr_set and not args.variant:
+        raise SystemExit("--hr-set needs --variant NAME (the folder its HR scales are kept in)")
     torch.set_num_threads(1)
     cfg = U.ours_config(args.task, args.shape, False, args.set)
     folder = Path(args.workdir) / str(args.shape) / args.task / "ours"
@@ -73,6 +114,14 @@ def main() -> None:
         gens.append(g.eval())
     oracle = TrueLowRes(gens[0])
     ways = {"input": None, "ours": Cascade(cfg, gens), "ours, true LR": Cascade(cfg, [oracle, *gens[1:]])}
+    if args.variant:
+        vcfg = U.ours_config(args.task, args.shape, False, [*args.set, *args.hr_set])
+        shared = ("num_scales", "condition", "source_residual", "intensity", "edges", "lr_generator")
+        if any(getattr(vcfg, k) != getattr(cfg, k) for k in shared):
+            raise SystemExit("--hr-set changes scale 0; a variant retrains the HR scales only")
+        hr = train_hr_variant(args.task, args.shape, vcfg, args.hr_steps, folder.parent / f"hr-{args.variant}")
+        ways[args.variant] = Cascade(vcfg, [gens[0], *hr])
+        ways[f"{args.variant}, true LR"] = Cascade(vcfg, [oracle, *hr])
     for seed in args.seeds:
         tv = make_task(args.task, seed, (args.shape,) * 3)
         lr = build_pyramid(tv.target, cfg.num_scales, cfg.intensity, cfg.edges).images[0]
