@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # msgan from this tree, installed or not
 PHASES = ("startup", "staging", "scale0", "hr", "publish", "other")
 
 
