@@ -242,6 +242,35 @@ def peak_host_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def host_bytes() -> int:
+    """Resident set size of this process now (bytes; Linux VmRSS, else the peak)."""
+    now = _status_bytes("VmRSS")
+    return peak_host_bytes() if now is None else now
+
+
+def reset_peak_host_bytes() -> bool:
+    """Start :func:`peak_host_bytes` afresh at the present resident size, so a later reading is the peak of
+    what ran in between (one training loop, not the data loading before it). Linux: writes ``5`` to
+    ``/proc/self/clear_refs``; False where the system cannot (the peak then stays the process's own)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_device_bytes(device: torch.device | str) -> int | None:
     """Peak CUDA memory allocated on ``device`` since the last reset, or None off CUDA."""
     d = torch.device(device)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -92,6 +93,24 @@ def test_peak_host_bytes_is_this_process_not_its_parent():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < peak_host_bytes() - 200 * 2**20
     del ballast
+
+
+def test_reset_peak_host_bytes_forgets_what_ran_before():
+    code = """
+import json, numpy as np
+from msgan.memory import host_bytes, peak_host_bytes, reset_peak_host_bytes
+a = np.ones(300 * 2**20 // 8); del a
+before = peak_host_bytes()
+assert reset_peak_host_bytes()
+base = host_bytes()
+b = np.ones(60 * 2**20 // 8)
+print(json.dumps([before, base, peak_host_bytes()]))
+"""
+    before, base, after = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert after < before - 200 * 2**20  # the 300 MiB that ran before the reset is forgotten
+    assert after - base >= 55 * 2**20  # what ran after it is counted
 
 
 def test_conv_flops_counts_multiply_adds_of_valid_convolutions():
