@@ -3,6 +3,11 @@
     python benchmarks/tasks.py [--shape 128] [--tasks low-dose contrast] [--methods input linear nlm cnn edges ours]
     python benchmarks/tasks.py --smoke          # 32^3, tiny training: checks the whole path in minutes
     python benchmarks/tasks.py --tables         # only print / write the tables from what is measured
+    python benchmarks/tasks.py --shape 256 --tasks contrast low-dose --compare docs/results/tasks.json
+
+At sizes above 128^3 each task config is carried over with one more scale per doubling (``task_config``), the
+default methods are ``LARGE_METHODS`` and results go to ``docs/results/tasks_<shape>.json``; ``--compare``
+adds each method's change from another size's results to the printed tables.
 
 Tasks and seeds: ``msgan.data.tasks`` (training 101-108, held-out 301-308, fixed before any run).
 Methods, all fitted or trained on the same training pairs and scored on the same held-out volumes
@@ -19,6 +24,8 @@ with the same mask (``msgan.metrics.ct_metrics``):
   half (64^3 of 128^3) of validation volumes 201-202;
 - ``cnn``: residual U-Net, L1 on patches; total steps = our whole cascade's, patch >= our HR
   patch, parameters >= our finest scale's; stitched with blended overlaps;
+- ``cnn_large``: the same CNN and budget on the largest patch whose training step's measured peak fits the
+  highest measured training-step peak of any of our scales (``cnn_large_job``; trained after ours);
 - ``edges``: the paper's cascade, generating from edges (``condition=edges``);
 - ``ours``: the cascade conditioned on the source image (``configs/<task>.yaml``, adversarial loss kept).
 
@@ -51,7 +58,10 @@ from msgan.config import Config, ConfigError, load_config
 from msgan.data.tasks import METRIC_WINDOW, SEEDS, TASKS, TaskVolume, check_task, make_task
 from msgan.metrics import ct_metrics, hallucination_ml, holm, paired_test
 
-METHODS = ("input", "linear", "nlm", "nlm_tuned", "cnn", "edges", "ours")
+METHODS = ("input", "linear", "nlm", "nlm_tuned", "cnn", "cnn_large", "edges", "ours")
+CNNS = ("cnn", "cnn_large")
+# what a run at more than 128^3 measures unless --methods says otherwise (issue 23: the 256^3 tables)
+LARGE_METHODS = ("input", "linear", "nlm_tuned", "cnn", "cnn_large", "ours")
 NLM_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # h / fitted sigma tried for nlm_tuned
 TABLE_KEYS = ("ssim", "psnr", "mae_hu", "rmse_hu", "hallucination_ml", "noise_hu", "emphysema_error")
 TESTED = ("ssim", "mae_hu", "hallucination_ml")  # paired t-tests of ours against every baseline, Holm-corrected
@@ -59,19 +69,38 @@ HIGHER_IS_BETTER = {"ssim": True, "psnr": True}
 SMOKE = {"num_scales": 2, "train.steps_per_scale": [30, 20], "train.hr_patch": 12, "lr_generator.depth": 2}
 CNN_DEPTH = 2
 CNN_PATCH = 24  # >= train.hr_patch of every task config (16); a multiple of 2**CNN_DEPTH
+PROBE_STEPS = 3  # training steps of a cnn_large patch probe (the peak is reached by the second)
+PROBE_KEYS = ("min_parameters", "depth", "batch_size", "patch")
 
 
 # ----------------------------------------------------------------------------- configs
 
 
 def task_config(task: str, shape: int, smoke: bool, overrides: list[str]) -> Config:
-    """``configs/<task>.yaml`` at ``shape`` (the configuration of ``ours``)."""
+    """``configs/<task>.yaml`` at ``shape`` (the configuration of ``ours``). Above the size the config was made
+    for (128^3), it is carried over with one more scale per doubling, each trained like the finest scale before
+    it (``more_scales``), so every HR scale keeps its patch and the LR grid its size."""
     path = Path(__file__).resolve().parents[1] / "configs" / f"{task}.yaml"
-    extra = [f"data.phantom.shape=[{shape},{shape},{shape}]", *overrides]
-    cfg = load_config(str(path), extra)
+    sized = load_config(str(path)).data.phantom.shape[0]
+    own = any(o.split("=", 1)[0].strip() in ("num_scales", "train.steps_per_scale") for o in overrides)
+    carried = [] if own else more_scales(load_config(str(path)), shape // sized)  # an explicit override wins
+    extra = [f"data.phantom.shape=[{shape},{shape},{shape}]", *carried]
+    cfg = load_config(str(path), [*extra, *overrides])
     if smoke:
         cfg = cfg.replace(**SMOKE)
     return cfg
+
+
+def more_scales(cfg: Config, factor: int) -> list[str]:
+    """Overrides that add one scale per doubling in ``factor`` (>= 2), each with the finest scale's steps."""
+    extra = 0
+    while factor >= 2 ** (extra + 1):
+        extra += 1
+    if not extra:
+        return []
+    steps = [cfg.steps_for(s) for s in range(cfg.num_scales)]
+    steps += [steps[-1]] * extra
+    return [f"num_scales={cfg.num_scales + extra}", f"train.steps_per_scale=[{','.join(map(str, steps))}]"]
 
 
 def edges_config(cfg: Config) -> Config:
@@ -183,7 +212,7 @@ def pair_pyramid(cfg: Config, source: np.ndarray, target: np.ndarray) -> Any:
 def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
     """One scale of one cascade on a task's training pairs, in its own process (one torch thread)."""
     from msgan.config import from_dict
-    from msgan.memory import peak_host_bytes
+    from msgan.memory import host_bytes, peak_host_bytes, reset_peak_host_bytes
     from msgan.train import ScaleData, ScaleTrainer
 
     torch.set_num_threads(1)
@@ -201,34 +230,49 @@ def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
         checkpoint.unlink()  # an earlier run's checkpoint of another config never seeds this one
     if checkpoint.exists():
         trainer.restore(checkpoint)
+    reset_peak_host_bytes()  # the step's peak, not the data loading's (the CNN is measured the same way)
+    base = host_bytes()
     t0 = time.perf_counter()
     trainer.fit(cfg.steps_for(scale), checkpoint=checkpoint)
+    step_peak = peak_host_bytes() - base
     buf = io.BytesIO()
     torch.save(trainer.generator.state_dict(), buf)
-    return {"weights": buf.getvalue(), "seconds": time.perf_counter() - t0, "peak_bytes": peak_host_bytes()}
+    return {"weights": buf.getvalue(), "seconds": time.perf_counter() - t0, "step_peak_bytes": step_peak}
 
 
 def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
-    """The CNN baseline on the task's training pairs, in its own process."""
+    """The CNN baseline (``cnn`` or ``cnn_large``) on the task's training pairs, in its own process. A job
+    with ``probe`` trains that many steps on a synthetic pair instead and reports only the step's peak."""
     from msgan.baselines import cnn_for_budget, train_cnn
+    from msgan.memory import host_bytes, peak_host_bytes, reset_peak_host_bytes
 
     torch.set_num_threads(1)
     pairs = []
-    for seed in job["seeds"]:
-        tv = make_task(job["task"], seed, job["shape"], workers=1)
-        pairs.append((tv.input, tv.target))
+    if job.get("probe"):
+        side = job["patch"] + 2 * 2 ** job["depth"]
+        noise = np.random.default_rng(0).normal(0.0, 100.0, (side,) * 3).astype(np.float32)
+        pairs.append((noise, noise))
+    else:
+        for seed in job["seeds"]:
+            tv = make_task(job["task"], seed, job["shape"], workers=1)
+            pairs.append((tv.input, tv.target))
     torch.manual_seed(0)
     net = cnn_for_budget(3, job["min_parameters"], job["depth"])
 
     def log(msg: str) -> None:
-        print(time.strftime("%H:%M:%S"), f"  {job['task']}: {msg}", flush=True)
+        print(time.strftime("%H:%M:%S"), f"  {job['task']}: {job['variant']} {msg}", flush=True)
 
-    info = train_cnn(net, pairs, job["steps"], job["patch"], job["batch_size"], log=log, log_every=300)
+    reset_peak_host_bytes()
+    base = host_bytes()
+    steps = int(job.get("probe") or job["steps"])
+    info = train_cnn(net, pairs, steps, job["patch"], job["batch_size"], log=None if job.get("probe") else log,
+                     log_every=300)  # fmt: skip
+    step_peak = peak_host_bytes() - base
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
     width = net.body.down[0][0].out_channels  # type: ignore[index]
-    return {"kind": "cnn", "weights": buf.getvalue(), "width": int(width), **info,
-            "parameters": sum(p.numel() for p in net.parameters())}  # fmt: skip
+    return {"kind": job["variant"], "weights": buf.getvalue(), "width": int(width), **info,
+            "parameters": sum(p.numel() for p in net.parameters()), "step_peak_bytes": step_peak}  # fmt: skip
 
 
 def _atomic_bytes(path: Path, blob: bytes) -> None:
@@ -243,7 +287,6 @@ def training_jobs(
     seeds: tuple[int, ...] = SEEDS["train"],
 ) -> list[dict[str, Any]]:  # fmt: skip
     """What of ``methods`` has no weights in ``work`` yet: one job per cascade scale, one for the CNN."""
-    from msgan.nets import build_generator, count_parameters
 
     jobs: list[dict[str, Any]] = []
     for m in cfgs:
@@ -261,14 +304,82 @@ def training_jobs(
                 jobs.append(job)
     ref = cfgs.get("ours") or cfgs.get("edges") or next(iter(cfgs.values()))
     if "cnn" in methods and not (work / "cnn.pt").exists():
-        finest = count_parameters(build_generator(ref, ref.num_scales - 1))
-        steps = sum(ref.steps_for(s) for s in range(ref.num_scales))
+        jobs.append(cnn_job(task, ref, shape, work, seeds))
+    return jobs
+
+
+def cnn_job(task: str, ref: Config, shape: tuple[int, ...], work: Path, seeds: tuple[int, ...] = SEEDS["train"],
+            variant: str = "cnn", patch: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """The CNN baseline's training job by the budget rules: total steps = our whole cascade's, parameters >= our
+    finest scale's, patch >= our HR patch (``cnn``) or the one given (``cnn_large``)."""
+    from msgan.nets import build_generator, count_parameters
+
+    finest = count_parameters(build_generator(ref, ref.num_scales - 1))
+    steps = sum(ref.steps_for(s) for s in range(ref.num_scales))
+    if patch is None:
         patch = max(CNN_PATCH if ref.data.phantom.shape[0] >= 64 else 8, ref.train.hr_patch)
         patch = -(-patch // 2**CNN_DEPTH) * 2**CNN_DEPTH
-        jobs.append({"variant": "cnn", "task": task, "seeds": list(seeds), "shape": shape, "work": str(work),
-                     "min_parameters": finest, "depth": CNN_DEPTH, "steps": steps, "patch": patch,
-                     "batch_size": ref.train.batch_size})  # fmt: skip
-    return jobs
+    return {"variant": variant, "task": task, "seeds": list(seeds), "shape": shape, "work": str(work),
+            "min_parameters": finest, "depth": CNN_DEPTH, "steps": steps, "patch": patch,
+            "batch_size": ref.train.batch_size}  # fmt: skip
+
+
+def probe_cnn_step(job: dict[str, Any]) -> int:
+    """The measured training-step peak (bytes) of the CNN ``job`` at its patch: a few steps in a fresh process."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return int(pool.submit(_train_cnn, {**job, "probe": PROBE_STEPS}).result()["step_peak_bytes"])
+
+
+def cnn_large_job(task: str, ref: Config, shape: tuple[int, ...], work: Path, results: Results,
+                  log: Callable[[str], None], measure: Callable[[dict[str, Any]], int] = probe_cnn_step,
+                  ) -> dict[str, Any] | None:  # fmt: skip
+    """``cnn_large``: the CNN on the largest patch whose training step's measured peak fits the highest measured
+    training-step peak of any of our scales (both: the process's peak resident memory over the training loop,
+    above what it held before it; ``msgan.memory.reset_peak_host_bytes``). The patch is found by probing the CNN
+    for a few steps in fresh processes (doubling, then bisecting in steps of 2**depth) and kept in ``work``. None
+    (and a pending note) while ours has no measured peaks."""
+    if (work / "cnn_large.pt").exists():
+        return None
+    peaks = results.meta["methods"].get(task, {}).get("ours", {}).get("step_peak_bytes", {})
+    if len(peaks) < ref.num_scales:
+        results.note(task, "cnn_large", pending="ours' training peaks are not measured yet (train ours first)")
+        return None
+    budget = max(peaks.values())
+    base = cnn_job(task, ref, shape, work)
+    path = work / "cnn_large_patch.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if known.get("budget_bytes") != budget or known.get("base") != {k: base[k] for k in PROBE_KEYS}:
+        known = {"budget_bytes": budget, "base": {k: base[k] for k in PROBE_KEYS}, "probes": {}}
+    probes: dict[str, int] = known["probes"]
+    step = 2**CNN_DEPTH
+
+    def fits(patch: int) -> bool:
+        if str(patch) not in probes:
+            probes[str(patch)] = int(measure({**base, "patch": patch, "variant": "cnn_large"}))
+            _atomic_bytes(path, json.dumps(known).encode())
+            log(f"  {task}: cnn_large probe: patch {patch}: step peak {probes[str(patch)] / 2**20:.0f} MiB "
+                f"(budget {budget / 2**20:.0f} MiB)")  # fmt: skip
+        return probes[str(patch)] <= budget
+
+    # lo: the largest patch known to fit (or the CNN's own), hi: the smallest known not to
+    lo, hi = base["patch"], None
+    limit = min(shape)
+    p = lo
+    while hi is None:
+        nxt = min(2 * p, limit // step * step)
+        if nxt <= p:
+            break
+        if fits(nxt):
+            lo = p = nxt
+        else:
+            hi = nxt
+    while hi is not None and hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    scale = max(peaks, key=lambda k: peaks[k])
+    results.note(task, "cnn_large", pending=None, patch=lo, budget_bytes=budget, budget_from=f"ours scale {scale}",
+                 probe_peaks_bytes=dict(probes))  # fmt: skip
+    return {**base, "variant": "cnn_large", "patch": lo}
 
 
 def _training_record(job: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +395,7 @@ def _trained_as(weights: Path) -> dict[str, Any] | None:
 def _cost(job: dict[str, Any]) -> int:
     """Scheduling order: the whole-LR-image scale 0 first (the longest by far), then the CNN, then
     the patch scales, so the pool's processes finish together."""
-    return 0 if job.get("scale") == 0 else 1 if job["variant"] == "cnn" else 2
+    return 0 if job.get("scale") == 0 or job["variant"] == "cnn_large" else 1 if job["variant"] == "cnn" else 2
 
 
 def run_training(jobs: list[dict[str, Any]], workers: int, results: Results, log: Callable[[str], None]) -> None:
@@ -297,22 +408,25 @@ def run_training(jobs: list[dict[str, Any]], workers: int, results: Results, log
         + ", ".join(f"{j['task']}:{j['variant']}/{j.get('scale', '-')}" for j in jobs))  # fmt: skip
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_train_cnn if j["variant"] == "cnn" else _train_scale, j): j for j in jobs}
+        futures = {pool.submit(_train_cnn if j["variant"] in CNNS else _train_scale, j): j for j in jobs}
         for fut in as_completed(futures):
             job, r = futures[fut], fut.result()
             task, work = job["task"], Path(job["work"])
-            if job["variant"] == "cnn":
-                _atomic_bytes(work / "cnn.pt", r["weights"])
-                results.note(task, "cnn", steps=r["steps"], train_seconds=r["seconds"], width=r["width"],
+            if job["variant"] in CNNS:
+                _atomic_bytes(work / f"{job['variant']}.pt", r["weights"])
+                results.note(task, job["variant"], steps=r["steps"], train_seconds=r["seconds"], width=r["width"],
                              depth=CNN_DEPTH, patch=job["patch"], parameters=r["parameters"],
-                             min_parameters=job["min_parameters"], batch_size=job["batch_size"])  # fmt: skip
+                             min_parameters=job["min_parameters"], batch_size=job["batch_size"],
+                             step_peak_bytes=r["step_peak_bytes"])  # fmt: skip
             else:
                 weights = work / job["variant"] / f"scale_{job['scale']}.pt"
                 _atomic_bytes(weights.with_suffix(".json"), json.dumps(_training_record(job)).encode())
                 _atomic_bytes(weights, r["weights"])
-                seconds = results.meta["methods"].get(task, {}).get(job["variant"], {}).get("train_seconds", {})
+                info = results.meta["methods"].get(task, {}).get(job["variant"], {})
+                seconds, peaks = info.get("train_seconds", {}), info.get("step_peak_bytes", {})
                 results.note(task, job["variant"], train_seconds={**seconds, str(job["scale"]): r["seconds"]},
-                             steps_per_scale=job["steps_per_scale"])  # fmt: skip
+                             steps_per_scale=job["steps_per_scale"],
+                             step_peak_bytes={**peaks, str(job["scale"]): r["step_peak_bytes"]})  # fmt: skip
             log(f"  {task}: trained {job['variant']}/{job.get('scale', '-')} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -392,16 +506,17 @@ def load_methods(task: str, cfgs: dict[str, Config], methods: list[str], work: P
         t = json.loads((work / "nlm_tuned.json").read_text())
         h, sigma = float(t["h_factor"]), float(t["sigma"])
         out["nlm_tuned"] = lambda x: nlm_filter(np.asarray(x) / 1024.0, h_factor=h, sigma=sigma, workers=0) * 1024.0
-    if "cnn" in methods and (work / "cnn.pt").exists():
-        state = torch.load(work / "cnn.pt", weights_only=True)
-        width = int(state["body.down.0.0.weight"].shape[0])
-        net = ResidualUNet(3, width, CNN_DEPTH)
-        net.load_state_dict(state)
+    for variant in CNNS:
+        if variant in methods and (work / f"{variant}.pt").exists():
+            state = torch.load(work / f"{variant}.pt", weights_only=True)
+            width = int(state["body.down.0.0.weight"].shape[0])
+            net = ResidualUNet(3, width, CNN_DEPTH)
+            net.load_state_dict(state)
 
-        def cnn(x: np.ndarray, net: ResidualUNet = net) -> np.ndarray:
-            return cnn_translate(net, x, tile=64, overlap=8)
+            def cnn(x: np.ndarray, net: ResidualUNet = net) -> np.ndarray:
+                return cnn_translate(net, x, tile=64, overlap=8)
 
-        out["cnn"] = cnn
+            out[variant] = cnn
     for m, cfg in cfgs.items():
         if m in methods:
             files = [work / m / f"scale_{s}.pt" for s in range(cfg.num_scales)]
@@ -451,6 +566,10 @@ def run_task(task: str, args: argparse.Namespace, results: Results, log: Callabl
         log(f"  {task}: all {len(methods)} methods x {len(heldout)} volumes already measured")
         return
     train_task(task, cfgs, methods, shape, work, args.workers, results, log)
+    if "cnn_large" in methods:
+        job = cnn_large_job(task, cfgs.get("ours") or task_config(task, args.shape, args.smoke, args.set), shape,
+                            work, results, log)  # fmt: skip
+        run_training([job] if job else [], 1, results, log)
 
     def train_pairs() -> Any:
         for seed in SEEDS["train"]:
@@ -555,6 +674,44 @@ def tables(data: dict[str, Any], meta: dict[str, Any]) -> str:
             ps = " / ".join(f"{adjusted[(m, k)]:.2g}" if (m, k) in adjusted else "-" for k in TESTED)
             lines.append(f"| {m} | {len(r['seeds'])} | " + " | ".join(cols)
                          + f" | {_fmt(r.get('seconds', []), 'seconds')} | {ps if m != 'ours' else ''} |")  # fmt: skip
+        large = info.get("cnn_large", {})
+        if "cnn_large" in rows and large.get("patch"):
+            cnn = info.get("cnn", {})
+            lines += ["", f"cnn_large: patch {large['patch']}^3, the largest whose training step peaks within ours' "
+                      f"highest ({large.get('step_peak_bytes', 0) / 2**20:.0f} MiB against "
+                      f"{large['budget_bytes'] / 2**20:.0f} MiB, {large.get('budget_from', 'ours')}); trained in "
+                      f"{large.get('train_seconds', float('nan')):.0f} s (cnn, patch {cnn.get('patch', '-')}^3: "
+                      f"{cnn.get('train_seconds', float('nan')):.0f} s), "
+                      f"{large.get('steps', '-')} steps each."]  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def change_table(small: dict[str, Any], large: dict[str, Any], sizes: tuple[int, int]) -> str:
+    """Per task measured at both sizes: each method's mean SSIM and MAE at ``sizes`` and the change, and ours'
+    SSIM minus every CNN's (what the cascade's coarser scales add over patches as a patch sees less)."""
+    a, b = sizes
+    lines = []
+    for task in TASKS:
+        if task not in small or task not in large:
+            continue
+        lines += [f"### {task}: {a}^3 -> {b}^3", "",
+                  f"| method | SSIM {a}^3 | SSIM {b}^3 | change | MAE HU {a}^3 | MAE HU {b}^3 | change |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+
+        def mean(rows: dict[str, Any], m: str, k: str) -> float:
+            v = [x for x in rows.get(m, {}).get(k, []) if x is not None]
+            return float(np.mean(v)) if v else float("nan")
+
+        for m in [x for x in METHODS if x in small[task] or x in large[task]]:
+            s0, s1 = mean(small[task], m, "ssim"), mean(large[task], m, "ssim")
+            e0, e1 = mean(small[task], m, "mae_hu"), mean(large[task], m, "mae_hu")
+            lines.append(f"| {m} | {s0:.4f} | {s1:.4f} | {s1 - s0:+.4f} | {e0:.1f} | {e1:.1f} | {e1 - e0:+.1f} |")
+        for cnn in CNNS:
+            d0 = mean(small[task], "ours", "ssim") - mean(small[task], cnn, "ssim")
+            d1 = mean(large[task], "ours", "ssim") - mean(large[task], cnn, "ssim")
+            if np.isfinite(d0) or np.isfinite(d1):
+                lines.append(f"| ours - {cnn} (SSIM) | {d0:+.4f} | {d1:+.4f} | {d1 - d0:+.4f} | | | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -564,24 +721,40 @@ def main() -> None:
     p.add_argument("--shape", type=int, default=128)
     p.add_argument("--smoke", action="store_true", help="32^3, tiny training, 2 held-out volumes, runs/tasks-smoke")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=METHODS,
+        help="default: all but cnn_large at 128^3 and below, " + " ".join(LARGE_METHODS) + " above",
+    )
     p.add_argument("--volumes", type=int, default=len(SEEDS["heldout"]), help="first N held-out seeds")
-    p.add_argument("--out", default=None, help="default docs/results/tasks.json (smoke: runs/tasks-smoke/tasks.json)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default docs/results/tasks.json at 128^3, tasks_<shape>.json at other "
+        "sizes (smoke: runs/tasks-smoke/tasks.json)",
+    )
     p.add_argument("--workdir", default=None, help="trained models (default runs/tasks, smoke: runs/tasks-smoke)")
     p.add_argument("--workers", type=int, default=2, help="training processes")
     p.add_argument("--set", action="append", default=[], help="config override for every task, KEY=VALUE")
     p.add_argument("--tables", action="store_true", help="only print and write the tables")
     p.add_argument("--merge", nargs="+", default=[], help="results files of parallel runs to merge into --out")
+    p.add_argument("--compare", default=None, help="a results file of another size (e.g. docs/results/tasks.json): "
+                   "adds each method's change to the tables")  # fmt: skip
     args = p.parse_args()
     if args.smoke:
         args.shape = 32
         args.volumes = min(args.volumes, 2)
+    if args.methods is None:
+        args.methods = list(LARGE_METHODS if args.shape > 128 else (m for m in METHODS if m != "cnn_large"))
     for t in args.tasks:
         try:
             check_task(t)
         except ValueError as err:
             raise SystemExit(str(err)) from err
-    out = Path(args.out or ("runs/tasks-smoke/tasks.json" if args.smoke else "docs/results/tasks.json"))
+    name = "tasks.json" if args.shape == 128 or args.smoke else f"tasks_{args.shape}.json"
+    out = Path(args.out or ("runs/tasks-smoke/tasks.json" if args.smoke else f"docs/results/{name}"))
     args.workdir = args.workdir or ("runs/tasks-smoke" if args.smoke else "runs/tasks")
     heldout = list(SEEDS["heldout"][: args.volumes])
     results = Results(out, {"shape": [args.shape] * 3, "heldout": list(SEEDS["heldout"]), "smoke": args.smoke})
@@ -601,6 +774,14 @@ def main() -> None:
                 if not task_done(task, methods, args, results):
                     jobs += training_jobs(task, cfgs, methods, (args.shape,) * 3, work)
             run_training(jobs, args.workers, results, log)
+            large = []  # after ours: cnn_large's patch is sized by ours' measured training peaks
+            for task in args.tasks:
+                cfgs, methods, work = task_setup(task, args, results, log)
+                if "cnn_large" in methods and not task_done(task, methods, args, results):
+                    ref = cfgs.get("ours") or task_config(task, args.shape, args.smoke, args.set)
+                    job = cnn_large_job(task, ref, (args.shape,) * 3, work, results, log)
+                    large += [job] if job else []
+            run_training(large, args.workers, results, log)
         except ConfigError as err:
             raise SystemExit(str(err)) from err
         for task in args.tasks:
@@ -609,6 +790,15 @@ def main() -> None:
             except ConfigError as err:
                 raise SystemExit(f"{task}: {err}") from err
     text = tables(results.data, results.meta)
+    if args.compare:
+        other = json.loads(Path(args.compare).read_text())
+        size = json.loads(Path(args.compare).with_name(Path(args.compare).stem + "_meta.json").read_text())["shape"][0]
+        pair = (
+            ((other, results.data), (size, args.shape))
+            if size < args.shape
+            else ((results.data, other), (args.shape, size))
+        )
+        text += "\n" + change_table(*pair[0], pair[1])
     out.with_suffix(".md").write_text(text)
     print(text)
 

@@ -132,3 +132,68 @@ def test_the_unpaired_split_keeps_every_subject_on_one_side():
     assert UNPAIRED_SEEDS["heldout"] == SEEDS["heldout"] and len(UNPAIRED_SEEDS["heldout"]) == 8
     assert not (sources | targets) & set(UNPAIRED_SEEDS["validation"] + UNPAIRED_SEEDS["heldout"])
     assert UNPAIRED_METHODS[-2:] == ("ours", "paired") and "cyclegan" in UNPAIRED_METHODS
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_task_configs_carry_one_more_scale_per_doubling(name):
+    from benchmarks.tasks import task_config
+
+    small, big = task_config(name, 128, False, []), task_config(name, 256, False, [])
+    assert big.num_scales == small.num_scales + 1
+    steps = [small.steps_for(s) for s in range(small.num_scales)]
+    assert [big.steps_for(s) for s in range(big.num_scales)] == [*steps, steps[-1]]  # the new scale as the finest
+    assert big.train.hr_patch == small.train.hr_patch and big.hr_generator == small.hr_generator
+    assert 256 // 2 ** (big.num_scales - 1) == 128 // 2 ** (small.num_scales - 1)  # the LR grid keeps its size
+    assert task_config(name, 64, False, []).num_scales == small.num_scales  # never fewer below the config's size
+    assert task_config(name, 256, False, ["num_scales=3"]).num_scales == 3  # an explicit override wins
+
+
+def test_cnn_large_takes_the_largest_patch_whose_step_fits_ours_peak(tmp_path):
+    from benchmarks.tasks import Results, cnn_large_job, task_config
+
+    cfg, shape = task_config("low-dose", 128, False, []), (128, 128, 128)
+    results = Results(tmp_path / "t.json", {"shape": list(shape), "heldout": list(SEEDS["heldout"])})
+    measured: list[int] = []
+
+    def measure(job):  # a step's peak grows with the patch's cube
+        measured.append(job["patch"])
+        return 1000 * job["patch"] ** 3
+
+    assert cnn_large_job("low-dose", cfg, shape, tmp_path, results, print, measure) is None
+    assert "not measured" in results.meta["methods"]["low-dose"]["cnn_large"]["pending"]
+    results.note("low-dose", "ours", step_peak_bytes={"0": 50_000_000, "1": 200_000_000, "2": 120_000_000})
+    job = cnn_large_job("low-dose", cfg, shape, tmp_path, results, print, measure)
+    assert job is not None and job["variant"] == "cnn_large"
+    assert job["patch"] == 56  # 56^3 * 1000 <= 200e6 < 60^3 * 1000: the largest multiple of 2**depth that fits
+    assert job["steps"] == sum(cfg.steps_for(s) for s in range(cfg.num_scales))  # the CNN's budget rules otherwise
+    assert 60 in measured and len(measured) <= 6  # doubling, then bisection
+    info = results.meta["methods"]["low-dose"]["cnn_large"]
+    assert info["patch"] == 56 and info["budget_from"] == "ours scale 1" and info["pending"] is None
+
+    def refuse(job):
+        raise AssertionError("a probe already measured is kept")
+
+    assert cnn_large_job("low-dose", cfg, shape, tmp_path, results, print, refuse)["patch"] == 56
+
+
+def test_cnn_step_probe_measures_a_peak_that_grows_with_the_patch():
+    from benchmarks.tasks import cnn_job, probe_cnn_step, task_config
+
+    cfg = task_config("low-dose", 32, True, [])
+    job = cnn_job("low-dose", cfg, (32, 32, 32), None)
+    small, large = (probe_cnn_step({**job, "patch": p}) for p in (8, 32))
+    assert large > small + 8 * 2**20  # 64x the voxels of every activation
+
+
+def test_change_table_reports_each_methods_change_and_ours_against_the_cnn():
+    from benchmarks.tasks import change_table
+
+    def rows(ours, cnn):
+        return {"low-dose": {"ours": {"ssim": ours, "mae_hu": [10.0, 12.0]},
+                             "cnn": {"ssim": cnn, "mae_hu": [9.0, None]}}}  # fmt: skip
+
+    text = change_table(rows([0.9, 0.8], [0.91, 0.81]), rows([0.88, 0.86], [0.85, 0.85]), (128, 256))
+    assert "| ours | 0.8500 | 0.8700 | +0.0200 | 11.0 | 11.0 | +0.0 |" in text
+    assert "| cnn | 0.8600 | 0.8500 | -0.0100 | 9.0 | 9.0 | +0.0 |" in text  # a missing volume's metric is skipped
+    assert "| ours - cnn (SSIM) | -0.0100 | +0.0200 | +0.0300 |" in text
+    assert "contrast" not in text  # only tasks measured at both sizes
