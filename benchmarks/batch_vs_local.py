@@ -157,9 +157,12 @@ def main() -> None:
 
 def start_s3(src: Path, env: dict[str, str]) -> tuple[Any, str, str, dict[str, str]]:
     """A moto server on loopback holding a copy of the phantom; the environment that points every client at it."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request on stdout (35,000 at 512^3)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
