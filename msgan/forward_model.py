@@ -351,24 +351,43 @@ class ForwardModel:
         (FFT on the region reflect-padded by :meth:`margin`, so its borders behave as inside a volume), plus
         coloured noise of power spectrum ``noise * scale**2`` with ``scale`` drawn from ``noise_scales``.
         The caller reads the region with that margin and crops it from the result."""
-        x = np.asarray(region, dtype=np.float64)
+        x = np.asarray(region, dtype=np.float32)
         if x.ndim != self.dims:
             raise ValueError(f"region of shape {x.shape}: the forward model is {self.dims}D")
         if not np.all(np.isfinite(x)):
             raise ValueError("region holds NaN or infinite voxels")
         m = self.margin()
         padded = np.pad(x, m, mode="symmetric") if m else x
-        f, _ = _radial(padded.shape)
-        y = sfft.irfftn(sfft.rfftn(padded) * _response(f, self.edges, self.gain), s=padded.shape)
+        gain, amp = self._spectra(padded.shape)
+        spec = sfft.rfftn(padded) * gain  # single precision: a training step synthesizes four patches
+        if noise and amp is not None:
+            # the noise is drawn on the padded grid and cropped with the signal: one inverse transform for both,
+            # and a crop of a stationary field is stationary with the same spectrum
+            scale = np.float32(self.noise_scales[int(rng.integers(len(self.noise_scales)))])
+            spec += sfft.rfftn(rng.standard_normal(padded.shape, dtype=np.float32)) * (scale * amp)
+        y = sfft.irfftn(spec, s=padded.shape)
         if m:
             y = y[(slice(m, -m),) * self.dims]
-        if noise and any(v > 0 for v in self.noise):
-            scale = float(self.noise_scales[int(rng.integers(len(self.noise_scales)))])
-            white = rng.standard_normal(x.shape)
-            f, _ = _radial(x.shape)
-            amp = np.sqrt(np.maximum(_response(f, self.edges, self.noise), 0.0))
-            y = y + scale * sfft.irfftn(sfft.rfftn(white) * amp, s=x.shape)
-        return y.astype(np.float32)
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+    def _spectra(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The filter's gain and the noise's amplitude on the ``rfftn`` grid of ``shape`` (float32), kept per
+        shape: training asks for the same few patch shapes thousands of times."""
+        cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray | None]] = self._spectra_cache
+        if shape not in cache:
+            f, _ = _radial(shape)
+            gain = _response(f, self.edges, self.gain).astype(np.float32)
+            amp = None
+            if any(v > 0 for v in self.noise):
+                amp = np.sqrt(np.maximum(_response(f, self.edges, self.noise), 0.0)).astype(np.float32)
+            if len(cache) >= 16:
+                cache.clear()
+            cache[shape] = (gain, amp)
+        return cache[shape]
+
+    @functools.cached_property
+    def _spectra_cache(self) -> dict[tuple[int, ...], tuple[np.ndarray, np.ndarray | None]]:
+        return {}
 
     def filter_only(self) -> ForwardModel:
         """The same filter without noise (tests and diagnostics)."""
