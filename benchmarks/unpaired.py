@@ -3,6 +3,8 @@
     python benchmarks/unpaired.py [--shape 128] [--tasks contrast] [--methods input linear ours]
     python benchmarks/unpaired.py --smoke       # 32^3, tiny training: checks the whole path in minutes
     python benchmarks/unpaired.py --tables      # only print / write the tables from what is measured
+    python benchmarks/unpaired.py --methods edges --out runs/edges.json   # beside another run, then:
+    python benchmarks/unpaired.py --merge runs/edges.json
 
 The split and the methods were fixed in a commit before any run (``msgan.data.tasks.UNPAIRED_SEEDS``,
 ``UNPAIRED_METHODS``): every method trains on the inputs of subjects 101-104 (the source set) and the targets of
@@ -467,6 +469,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="training processes")
     p.add_argument("--set", action="append", default=[], help="config override of ours (and edges), KEY=VALUE")
     p.add_argument("--tables", action="store_true", help="only print and write the tables")
+    p.add_argument("--merge", nargs="+", default=[], help="results files of parallel runs (--out) to merge into --out")
     p.add_argument("--on", choices=["heldout", "validation"], default="heldout",
                    help="validation: score validation volumes 203-204 (settings; never the tables)")  # fmt: skip
     args = p.parse_args()
@@ -494,7 +497,9 @@ def main() -> None:
     def work_of(task: str) -> Path:
         return root / str(args.shape) / task
 
-    if not args.tables:
+    for other in args.merge:  # a run of other methods beside this one writes its own --out; merged here
+        log(f"merged {results.merge(T.Results(Path(other), results.meta))} volumes from {other}")
+    if not args.tables and not args.merge:
         log(f"tasks {args.tasks}, methods {args.methods}, {args.shape}^3, held-out {list(seeds['heldout'])} -> {out}")
         try:
             jobs = [j for task in args.tasks for j in training_jobs(task, args, results, work_of(task))]
