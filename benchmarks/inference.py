@@ -57,7 +57,7 @@ def _needs(cascade: Cascade, n: int, tile: int | None = None) -> tuple[int, int,
 LOCAL = """
 import json, sys, torch
 from msgan.cascade import Cascade
-from msgan.distributed.translate import current_rss, reset_peak_rss
+from msgan.memory import current_rss, reset_peak_rss
 from msgan.memory import peak_host_bytes
 from msgan.volumes.local import translate_volume
 from msgan.volumes.pinning import with_overrides
@@ -75,7 +75,7 @@ print(json.dumps({"base": base, "peak": peak_host_bytes()}))
 SCALE0 = """
 import sys, numpy as np, torch
 from msgan.cascade import Cascade, run_lr
-from msgan.distributed.translate import current_rss, reset_peak_rss
+from msgan.memory import current_rss, reset_peak_rss
 from msgan.memory import peak_host_bytes
 from msgan.tiling import pyramid_shapes
 torch.set_num_threads(1)
@@ -186,8 +186,7 @@ def trend(args: argparse.Namespace) -> None:
     """RSS of this process over the finest scale's tiles, one tile per forward (is anything kept per tile?)."""
     import torch
 
-    from msgan.distributed.translate import current_rss, reset_peak_rss
-    from msgan.memory import peak_host_bytes
+    from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
     from msgan.volumes.heap import bound_heap, release_memory
     from msgan.volumes.staging import plan_volume, stage
     from msgan.volumes.steps import run_scale0, scale_tiles

@@ -10,6 +10,7 @@ buffer; measured against peak RSS in ``benchmarks/memory_model.py`` (docs/result
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import weakref
@@ -242,33 +243,25 @@ def peak_host_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def host_bytes() -> int:
-    """Resident set size of this process now (bytes; Linux VmRSS, else the peak)."""
-    now = _status_bytes("VmRSS")
-    return peak_host_bytes() if now is None else now
-
-
-def reset_peak_host_bytes() -> bool:
-    """Start :func:`peak_host_bytes` afresh at the present resident size, so a later reading is the peak of
-    what ran in between (one training loop, not the data loading before it). Linux: writes ``5`` to
-    ``/proc/self/clear_refs``; False where the system cannot (the peak then stays the process's own)."""
+def reset_peak_rss() -> bool:
+    """Start this process's peak-RSS mark (:func:`peak_host_bytes`) afresh at its present size (Linux
+    ``clear_refs`` 5): peaks measured later are what ran from now (one training loop, not the data loading
+    before it; not a high-water mark a reused worker carried in). False where the system cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
     return True
+
+
+def current_rss() -> int:
+    """Resident set size of this process now (bytes; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def peak_device_bytes(device: torch.device | str) -> int | None:

@@ -38,7 +38,7 @@ HR_PASS = """
 import json, sys
 import numpy as np, torch
 from msgan.volumes.heap import bound_heap, release_memory
-from msgan.distributed.translate import current_rss, reset_peak_rss
+from msgan.memory import current_rss, reset_peak_rss
 from msgan.engine import array_writer, run_tiles, tile_feed
 from msgan.memory import hr_inference_bytes, peak_host_bytes
 from msgan.nets import HRGenerator, count_parameters
@@ -95,14 +95,14 @@ def test_peak_host_bytes_is_this_process_not_its_parent():
     del ballast
 
 
-def test_reset_peak_host_bytes_forgets_what_ran_before():
+def test_reset_peak_rss_forgets_what_ran_before():
     code = """
 import json, numpy as np
-from msgan.memory import host_bytes, peak_host_bytes, reset_peak_host_bytes
+from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
 a = np.ones(300 * 2**20 // 8); del a
 before = peak_host_bytes()
-assert reset_peak_host_bytes()
-base = host_bytes()
+assert reset_peak_rss()
+base = current_rss()
 b = np.ones(60 * 2**20 // 8)
 print(json.dumps([before, base, peak_host_bytes()]))
 """

@@ -26,7 +26,7 @@ import numpy as np
 from msgan import lease, storage
 from msgan.cascade import Cascade
 from msgan.io.volume import VolumeError
-from msgan.memory import peak_host_bytes
+from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
 from msgan.scale_loop import Progress, ScaleTiles, Tick, run_cascade
 from msgan.volumes import publishing, steps
 from msgan.volumes.heap import HEAP_MMAP_THRESHOLD, bound_heap, release_memory
@@ -54,24 +54,6 @@ def _device(gpus: float) -> str:
     import torch
 
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
-def reset_peak_rss() -> None:
-    """Start this process's peak-RSS mark afresh (Linux ``clear_refs`` 5): peaks measured later are
-    this process's own from now, not a high-water mark a reused worker carried in."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
 
 
 def _process_start() -> float:
