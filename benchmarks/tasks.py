@@ -81,9 +81,9 @@ def task_config(task: str, shape: int, smoke: bool, overrides: list[str]) -> Con
     for (128^3), it is carried over with one more scale per doubling, each trained like the finest scale before
     it (``more_scales``), so every HR scale keeps its patch and the LR grid its size."""
     path = Path(__file__).resolve().parents[1] / "configs" / f"{task}.yaml"
-    sized = load_config(str(path)).data.phantom.shape[0]
+    made = load_config(str(path))
     own = any(o.split("=", 1)[0].strip() in ("num_scales", "train.steps_per_scale") for o in overrides)
-    carried = [] if own else more_scales(load_config(str(path)), shape // sized)  # an explicit override wins
+    carried = [] if own else more_scales(made, shape // made.data.phantom.shape[0])  # an explicit override wins
     extra = [f"data.phantom.shape=[{shape},{shape},{shape}]", *carried]
     cfg = load_config(str(path), [*extra, *overrides])
     if smoke:
@@ -212,7 +212,7 @@ def pair_pyramid(cfg: Config, source: np.ndarray, target: np.ndarray) -> Any:
 def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
     """One scale of one cascade on a task's training pairs, in its own process (one torch thread)."""
     from msgan.config import from_dict
-    from msgan.memory import host_bytes, peak_host_bytes, reset_peak_host_bytes
+    from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
     from msgan.train import ScaleData, ScaleTrainer
 
     torch.set_num_threads(1)
@@ -230,8 +230,8 @@ def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
         checkpoint.unlink()  # an earlier run's checkpoint of another config never seeds this one
     if checkpoint.exists():
         trainer.restore(checkpoint)
-    reset_peak_host_bytes()  # the step's peak, not the data loading's (the CNN is measured the same way)
-    base = host_bytes()
+    reset_peak_rss()  # the step's peak, not the data loading's (the CNN is measured the same way)
+    base = current_rss()
     t0 = time.perf_counter()
     trainer.fit(cfg.steps_for(scale), checkpoint=checkpoint)
     step_peak = peak_host_bytes() - base
@@ -244,7 +244,7 @@ def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
     """The CNN baseline (``cnn`` or ``cnn_large``) on the task's training pairs, in its own process. A job
     with ``probe`` trains that many steps on a synthetic pair instead and reports only the step's peak."""
     from msgan.baselines import cnn_for_budget, train_cnn
-    from msgan.memory import host_bytes, peak_host_bytes, reset_peak_host_bytes
+    from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
 
     torch.set_num_threads(1)
     pairs = []
@@ -262,8 +262,8 @@ def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(time.strftime("%H:%M:%S"), f"  {job['task']}: {job['variant']} {msg}", flush=True)
 
-    reset_peak_host_bytes()
-    base = host_bytes()
+    reset_peak_rss()
+    base = current_rss()
     steps = int(job.get("probe") or job["steps"])
     info = train_cnn(net, pairs, steps, job["patch"], job["batch_size"], log=None if job.get("probe") else log,
                      log_every=300)  # fmt: skip
@@ -308,20 +308,26 @@ def training_jobs(
     return jobs
 
 
-def cnn_job(task: str, ref: Config, shape: tuple[int, ...], work: Path, seeds: tuple[int, ...] = SEEDS["train"],
-            variant: str = "cnn", patch: int | None = None) -> dict[str, Any]:  # fmt: skip
+def cnn_job(task: str, ref: Config, shape: tuple[int, ...], work: Path,
+            seeds: tuple[int, ...] = SEEDS["train"]) -> dict[str, Any]:  # fmt: skip
     """The CNN baseline's training job by the budget rules: total steps = our whole cascade's, parameters >= our
-    finest scale's, patch >= our HR patch (``cnn``) or the one given (``cnn_large``)."""
+    finest scale's, patch >= our HR patch (``cnn_large`` takes it with another patch)."""
     from msgan.nets import build_generator, count_parameters
 
     finest = count_parameters(build_generator(ref, ref.num_scales - 1))
     steps = sum(ref.steps_for(s) for s in range(ref.num_scales))
-    if patch is None:
-        patch = max(CNN_PATCH if ref.data.phantom.shape[0] >= 64 else 8, ref.train.hr_patch)
-        patch = -(-patch // 2**CNN_DEPTH) * 2**CNN_DEPTH
-    return {"variant": variant, "task": task, "seeds": list(seeds), "shape": shape, "work": str(work),
+    patch = max(CNN_PATCH if ref.data.phantom.shape[0] >= 64 else 8, ref.train.hr_patch)
+    patch = -(-patch // 2**CNN_DEPTH) * 2**CNN_DEPTH
+    return {"variant": "cnn", "task": task, "seeds": list(seeds), "shape": shape, "work": str(work),
             "min_parameters": finest, "depth": CNN_DEPTH, "steps": steps, "patch": patch,
             "batch_size": ref.train.batch_size}  # fmt: skip
+
+
+def cnn_large_for(task: str, args: argparse.Namespace, cfgs: dict[str, Config], work: Path, results: Results,
+                  log: Callable[[str], None]) -> dict[str, Any] | None:  # fmt: skip
+    """:func:`cnn_large_job` for ``task`` with ours' config as the reference of the CNN's budget."""
+    ref = cfgs.get("ours") or task_config(task, args.shape, args.smoke, args.set)
+    return cnn_large_job(task, ref, (args.shape,) * 3, work, results, log)
 
 
 def probe_cnn_step(job: dict[str, Any]) -> int:
@@ -335,7 +341,7 @@ def cnn_large_job(task: str, ref: Config, shape: tuple[int, ...], work: Path, re
                   ) -> dict[str, Any] | None:  # fmt: skip
     """``cnn_large``: the CNN on the largest patch whose training step's measured peak fits the highest measured
     training-step peak of any of our scales (both: the process's peak resident memory over the training loop,
-    above what it held before it; ``msgan.memory.reset_peak_host_bytes``). The patch is found by probing the CNN
+    above what it held before it; ``msgan.memory.reset_peak_rss``). The patch is found by probing the CNN
     for a few steps in fresh processes (doubling, then bisecting in steps of 2**depth) and kept in ``work``. None
     (and a pending note) while ours has no measured peaks."""
     if (work / "cnn_large.pt").exists():
@@ -567,8 +573,7 @@ def run_task(task: str, args: argparse.Namespace, results: Results, log: Callabl
         return
     train_task(task, cfgs, methods, shape, work, args.workers, results, log)
     if "cnn_large" in methods:
-        job = cnn_large_job(task, cfgs.get("ours") or task_config(task, args.shape, args.smoke, args.set), shape,
-                            work, results, log)  # fmt: skip
+        job = cnn_large_for(task, args, cfgs, work, results, log)
         run_training([job] if job else [], 1, results, log)
 
     def train_pairs() -> Any:
@@ -770,19 +775,15 @@ def main() -> None:
     if not args.tables and not args.merge:
         log(f"tasks {args.tasks}, methods {args.methods}, {args.shape}^3, held-out {heldout} -> {out}")
         try:  # first every task's training in one pool (longest first), then the translations
-            jobs = []
-            for task in args.tasks:
-                cfgs, methods, work = task_setup(task, args, results, log)
-                if not task_done(task, methods, args, results):
-                    jobs += training_jobs(task, cfgs, methods, (args.shape,) * 3, work)
+            setups = {task: task_setup(task, args, results, log) for task in args.tasks}
+            todo = {t: st for t, st in setups.items() if not task_done(t, st[1], args, results)}
+            jobs = [j for t, (cfgs, methods, work) in todo.items()
+                    for j in training_jobs(t, cfgs, methods, (args.shape,) * 3, work)]  # fmt: skip
             run_training(jobs, args.workers, results, log)
             large = []  # after ours: cnn_large's patch is sized by ours' measured training peaks
-            for task in args.tasks:
-                cfgs, methods, work = task_setup(task, args, results, log)
-                if "cnn_large" in methods and not task_done(task, methods, args, results):
-                    ref = cfgs.get("ours") or task_config(task, args.shape, args.smoke, args.set)
-                    job = cnn_large_job(task, ref, (args.shape,) * 3, work, results, log)
-                    large += [job] if job else []
+            for t, (cfgs, methods, work) in todo.items():
+                job = cnn_large_for(t, args, cfgs, work, results, log) if "cnn_large" in methods else None
+                large += [job] if job else []
             run_training(large, args.workers, results, log)
         except ConfigError as err:
             raise SystemExit(str(err)) from err
