@@ -209,6 +209,13 @@ def fit_forward(task: str, cfg: Config, shape: tuple[int, ...], seeds: dict[str,
     return models
 
 
+def scale_job(variant: str, scale: int, cfg: Config, task: str, seeds: dict[str, Any], shape: tuple[int, ...],
+              forward: list[dict[str, Any]] | None, folder: Path) -> dict[str, Any]:  # fmt: skip
+    """One scale's training job for ``_train_scale``: it checkpoints into ``folder``."""
+    return {"variant": variant, "scale": scale, "config": cfg.to_dict(), "task": task, "seeds": seeds,
+            "shape": list(shape), "forward": forward, "checkpoint": str(folder / f"scale_{scale}.ckpt")}  # fmt: skip
+
+
 def training_jobs(task: str, args: argparse.Namespace, results: T.Results, work: Path) -> list[dict[str, Any]]:
     """What of the trained methods has no weights in ``work`` yet."""
     shape = (args.shape,) * 3
@@ -221,9 +228,7 @@ def training_jobs(task: str, args: argparse.Namespace, results: T.Results, work:
             continue
         forward = fit_forward(task, cfg, shape, seeds, work) if m == "ours" else None
         for s in range(cfg.num_scales):
-            job = {"variant": m, "scale": s, "config": cfg.to_dict(), "task": task, "seeds": seeds,
-                   "shape": list(shape), "forward": forward,
-                   "checkpoint": str(work / m / f"scale_{s}.ckpt")}  # fmt: skip
+            job = scale_job(m, s, cfg, task, seeds, shape, forward, work / m)
             weights = work / m / f"scale_{s}.pt"
             record = {"config": job["config"], "seeds": seeds, "shape": list(shape)}
             if weights.exists():

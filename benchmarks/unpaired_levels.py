@@ -78,8 +78,7 @@ def train_hr_variant(task: str, shape: int, cfg: Any, steps: int, folder: Path) 
         record = {"config": cfg.to_dict(), "seeds": seeds, "shape": list(grid)}
         if not U.fresh(weights, record):
             t0 = time.perf_counter()
-            job = {"variant": "ours", "scale": s, "config": cfg.to_dict(), "task": task, "seeds": seeds,
-                   "shape": list(grid), "forward": forward, "checkpoint": str(folder / f"scale_{s}.ckpt")}  # fmt: skip
+            job = U.scale_job("ours", s, cfg, task, seeds, grid, forward, folder)
             weights.write_bytes(U._train_scale(job)["weights"])
             U.remember(weights, record)
             print(f"  trained {folder.name} scale {s}: {steps} steps, {time.perf_counter() - t0:.0f} s", flush=True)
