@@ -54,6 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from msgan.cascade import Cascade
 from msgan.config import Config, ConfigError, load_config
 from msgan.data.tasks import METRIC_WINDOW, SEEDS, TASKS, TaskVolume, check_task, make_task
 from msgan.metrics import ct_metrics, hallucination_ml, holm, paired_test
@@ -489,8 +490,6 @@ def tune_nlm(task: str, shape: tuple[int, ...], window: tuple[float, float], wor
 def load_methods(task: str, cfgs: dict[str, Config], methods: list[str], work: Path, train_pairs: Callable[[], Any]
                  ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:  # fmt: skip
     from msgan.baselines import ResidualUNet, cnn_translate, fit_radial_filter, nlm_filter
-    from msgan.cascade import Cascade
-    from msgan.nets import build_generator
 
     out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     if "input" in methods:
@@ -524,16 +523,25 @@ def load_methods(task: str, cfgs: dict[str, Config], methods: list[str], work: P
 
             out[variant] = cnn
     for m, cfg in cfgs.items():
-        if m in methods:
-            files = [work / m / f"scale_{s}.pt" for s in range(cfg.num_scales)]
-            if all(f.exists() for f in files):
-                gens = []
-                for s, f in enumerate(files):
-                    g = build_generator(cfg, s)
-                    g.load_state_dict(torch.load(f, weights_only=True))
-                    gens.append(g.eval())
-                out[m] = Cascade(cfg, gens).translate
+        cascade = load_cascade(cfg, work / m) if m in methods else None
+        if cascade is not None:
+            out[m] = cascade.translate
     return out
+
+
+def load_cascade(cfg: Config, folder: Path) -> Cascade | None:
+    """The cascade of ``cfg`` with the generators ``folder/scale_<s>.pt``; None while a scale is missing."""
+    from msgan.nets import build_generator
+
+    files = [folder / f"scale_{s}.pt" for s in range(cfg.num_scales)]
+    if not all(f.exists() for f in files):
+        return None
+    gens = []
+    for s, f in enumerate(files):
+        g = build_generator(cfg, s)
+        g.load_state_dict(torch.load(f, weights_only=True, map_location="cpu"))
+        gens.append(g.eval())
+    return Cascade(cfg, gens)
 
 
 def task_setup(task: str, args: argparse.Namespace, results: Results, log: Callable[[str], None]

@@ -356,9 +356,7 @@ def tune_tile(task: str, run: Callable[[np.ndarray, int], np.ndarray], record: d
 def load_methods(task: str, args: argparse.Namespace, work: Path, results: T.Results,
                  log: Callable[[str], None]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:  # fmt: skip
     from msgan.baselines import nlm_filter
-    from msgan.cascade import Cascade
     from msgan.forward_model import apply_radial, spectral_ratio_gain
-    from msgan.nets import build_generator
     from msgan.pyramid import output_units, window
 
     shape = (args.shape,) * 3
@@ -399,15 +397,9 @@ def load_methods(task: str, args: argparse.Namespace, work: Path, results: T.Res
 
     cfgs = {"ours": ours, "edges": paper_config(ours)}
     for m, cfg in cfgs.items():
-        if m in args.methods:
-            files = [work / m / f"scale_{s}.pt" for s in range(cfg.num_scales)]
-            if all(f.exists() for f in files):
-                gens = []
-                for s, f in enumerate(files):
-                    gen = build_generator(cfg, s)
-                    gen.load_state_dict(torch.load(f, weights_only=True))
-                    gens.append(gen.eval())
-                out[m] = Cascade(cfg, gens).translate
+        cascade = T.load_cascade(cfg, work / m) if m in args.methods else None
+        if cascade is not None:
+            out[m] = cascade.translate
     return out
 
 
