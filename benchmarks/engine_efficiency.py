@@ -19,44 +19,23 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import batch_inputs
+
 from msgan.cascade import Cascade, run_lr, run_scale
 from msgan.config import load_config
 from msgan.data.phantom import phantom_image
-from msgan.engine import cpu_layout
-from msgan.memory import conv_flops
+from msgan.memory import conv_flops, per_voxel_flops
 from msgan.nets import HRGenerator
 from msgan.pyramid import build_pyramid
 from msgan.tiling import batches_of, tile_grid
-
-
-def per_voxel_flops(gen: HRGenerator, dims: int) -> float:
-    """Convolution FLOPs per output voxel of one pass over a whole volume (every layer once per voxel;
-    the wide branch on the coarse grid, 2**dims times fewer voxels)."""
-    fine = coarse = 0
-    for name, m in gen.named_modules():
-        if isinstance(m, torch.nn.modules.conv._ConvNd):
-            f = 2 * m.in_channels * m.out_channels * math.prod(m.kernel_size)
-            if name.startswith("ctx."):
-                coarse += f
-            else:
-                fine += f
-    return fine + coarse / 2**dims
-
-
-def batch_inputs(gen: HRGenerator, run: tuple[int, ...], batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random inputs of the shape and layout every forward pass of the plan has (:func:`cpu_layout`)."""
-    h = gen.halo
-    x = cpu_layout(torch.randn(batch, len(gen.channels), *(r + 2 * h for r in run)))
-    c = None
-    if gen.context == "wide":
-        c0, c1 = gen.context_box([0] * len(run), list(run))
-        c = cpu_layout(torch.randn(batch, 1, *(b - a for a, b in zip(c0, c1, strict=True))))
-    return x, c
 
 
 @torch.no_grad()
@@ -103,7 +82,7 @@ def main() -> None:
         core = args.tile or cascade.tile_size(s, grid)
         tiles = tile_grid(grid, core)
         batches = batches_of(tiles, bs)
-        x, c = batch_inputs(gen, tiles[0].run_shape, bs)
+        x, c = batch_inputs(gen, tiles[0].run_shape, bs, torch.device("cpu"))
         per_batch = conv_flops(gen, x, c)
         flops = per_batch * len(batches)
         alone = per_batch / generator_alone(gen, x, c, args.repeats)  # also warms this shape up, as an actor has
@@ -112,7 +91,7 @@ def main() -> None:
         run_scale(gen, {**levels[s], "prev": prev}, out, core, bs)
         wall = time.perf_counter() - t0
         achieved = flops / wall
-        useful = per_voxel_flops(gen, cfg.dims) * math.prod(grid)
+        useful = per_voxel_flops(gen) * math.prod(grid)
         print(f"{s:>5} {'x'.join(map(str, grid)):>15} {core:>4} {gen.halo:>4} {len(tiles):>6} {flops / 1e9:8.1f} "
               f"{wall:7.2f} {achieved / 1e9:8.2f} {alone / 1e9:8.2f} {achieved / alone:6.2f} "
               f"{flops / useful - 1:9.2f}", flush=True)  # fmt: skip

@@ -81,6 +81,7 @@ from msgan.memory import (
     hr_inference_bytes,
     hr_tile_shapes,
     largest_tile,
+    per_voxel_flops,
     training_step_bytes,
 )
 from msgan.netrules import discriminator_channels, patchgan_min_size
@@ -485,20 +486,6 @@ def throughput(spec: ModelSpec, scale: int, train: dict[str, Any], lr_side: int,
             "batch": train["batch_size"], "input": list(b.x.shape)}  # fmt: skip
 
 
-def per_voxel_flops(gen: HRGenerator, dims: int) -> float:
-    """``benchmarks/engine_efficiency.py``'s: convolution FLOPs per output voxel of one pass over a whole volume
-    (the wide branch on the coarse grid, 2**dims times fewer voxels)."""
-    fine = coarse = 0
-    for name, m in gen.named_modules():
-        if isinstance(m, torch.nn.modules.conv._ConvNd):
-            f = 2 * m.in_channels * m.out_channels * math.prod(m.kernel_size)
-            if name.startswith("ctx."):
-                coarse += f
-            else:
-                fine += f
-    return fine + coarse / 2**dims
-
-
 def batch_inputs(gen: HRGenerator, run: Sequence[int], batch: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """``benchmarks/engine_efficiency.py``'s: random inputs of the shape (and layout) of every forward pass."""
@@ -585,7 +572,7 @@ def efficiency(log: Log, what: dict[str, Any], spec: ModelSpec, scale: int, shap
     wall = time.perf_counter() - t0
     flops = per_batch * len(batches)
     achieved, alone = flops / wall, per_batch / alone_s
-    useful = per_voxel_flops(gen, spec.dims) * math.prod(grid)
+    useful = per_voxel_flops(gen) * math.prod(grid)
     return {"value": round(achieved / alone, 3), "unit": "ratio", "tile": core, "halo": gen.halo, "batch": bs,
             "tiles": len(tiles), "gflop": round(flops / 1e9, 2), "wall_s": round(wall, 3),
             "gflops": round(achieved / 1e9, 2), "alone_gflops": round(alone / 1e9, 2),

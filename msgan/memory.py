@@ -186,6 +186,21 @@ def conv_flops(module: torch.nn.Module, *inputs: torch.Tensor | None) -> int:
     return _sum_over_forward(module, inputs, _conv_count)
 
 
+def per_voxel_flops(gen: HRGenerator) -> float:
+    """Convolution FLOPs per output voxel of one pass over a whole grid: every layer once per voxel, no halos
+    (the ``wide`` branch runs on the coarse grid, 2**dims times fewer voxels). ``conv_flops`` of the tiles a
+    plan runs over this, times the grid's voxels, is the plan's halo cost."""
+    fine = coarse = 0
+    for name, m in gen.named_modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            f = 2 * m.in_channels * m.out_channels * math.prod(m.kernel_size)
+            if name.startswith("ctx."):
+                coarse += f
+            else:
+                fine += f
+    return fine + coarse / 2**gen.dims
+
+
 _META: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 

@@ -193,12 +193,13 @@ def test_train_step_is_the_trainers(scale):
 
 
 @pytest.mark.parametrize("context", ["upscaled", "wide"])
-def test_efficiency_definitions_are_engine_efficiency_s(context):
-    from benchmarks import engine_efficiency
+def test_batch_inputs_are_what_the_engine_feeds_a_generator(context):
+    from msgan.engine import cpu_layout
 
     gen = HRGenerator(3, width=4, num_blocks=1, norm_kind="none", context=context, residual=False)
-    assert gpu_check.per_voxel_flops(gen, 3) == engine_efficiency.per_voxel_flops(gen, 3)
-    theirs = engine_efficiency.batch_inputs(gen, (8, 8, 8), 2)
-    ours = gpu_check.batch_inputs(gen, (8, 8, 8), 2, torch.device("cpu"))
-    for a, b in zip(ours, theirs, strict=True):
-        assert (a is None and b is None) or (a.shape == b.shape and a.stride() == b.stride())
+    x, c = gpu_check.batch_inputs(gen, (8, 8, 8), 2, torch.device("cpu"))
+    assert x.shape == (2, len(gen.channels), *(8 + 2 * gen.halo,) * 3)
+    assert x.stride() == cpu_layout(x.contiguous()).stride()
+    assert (c is None) == (context != "wide")
+    with torch.no_grad():
+        assert gen(x, c).shape == (2, 1, 8, 8, 8)

@@ -12,6 +12,7 @@ from msgan.memory import (
     hr_inference_bytes,
     largest_tile,
     peak_host_bytes,
+    per_voxel_flops,
     training_step_bytes,
 )
 from msgan.nets import HRGenerator, PatchDiscriminator
@@ -124,3 +125,30 @@ def test_conv_flops_counts_multiply_adds_of_valid_convolutions():
     head = 2 * (2 * 8**3) * 4 * 2 * 27  # batch 2, 8^3 outputs, 4 channels, 2 inputs x 27 taps
     tail = 2 * (2 * 6**3) * 1 * 4 * 27
     assert conv_flops(g, x) == head + tail
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_per_voxel_flops_is_what_a_whole_grid_pass_counts(dims):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = HRGenerator(dims, width=4, num_blocks=2, norm_kind="none", residual=False, padding="same")
+    n = 12
+    with FlopCounterMode(display=False) as count:  # with grad: PyTorch's own convolution, which it counts
+        gen(torch.zeros(1, len(gen.channels), *(n,) * dims))
+    assert per_voxel_flops(gen) * n**dims == count.get_total_flops()
+
+
+def test_the_wide_branch_counts_on_the_coarse_grid():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = HRGenerator(3, width=4, num_blocks=1, norm_kind="none", context="wide", context_layers=2, residual=False)
+    assert gen.ctx is not None
+    ctx_per_voxel = 0
+    for m in gen.ctx.modules():
+        if isinstance(m, torch.nn.Conv3d):  # one output voxel: a 3^3 input
+            with FlopCounterMode(display=False) as count:
+                m(torch.zeros(1, m.in_channels, 3, 3, 3))
+            ctx_per_voxel += count.get_total_flops()
+    fine = per_voxel_flops(gen) - ctx_per_voxel / 8
+    gen.ctx = None
+    assert per_voxel_flops(gen) == fine > 0
