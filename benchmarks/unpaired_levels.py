@@ -16,6 +16,15 @@ A variant retrains the HR scales alone (``--hr-steps`` each, ours' settings plus
 and forward model fitting) beside ours' trained scale 0, into ``<workdir>/<shape>/<task>/hr-<variant>/``
 (kept: a rerun with the same settings reuses them), and adds two rows: the variant with ours' scale 0, and with
 the true LR image. ``--hr-set`` may change the HR scales and the unpaired synthesis, never scale 0.
+
+    python benchmarks/unpaired_levels.py --task contrast --shape 128 --lr-variant norm-none \
+        --lr-set lr_generator.norm=none [--variant levels-previous --hr-set hr_generator.levels=previous]
+
+An LR variant retrains scale 0 alone (ours' settings plus ``--lr-set``, ours' steps) into
+``<workdir>/<shape>/<task>/lr-<variant>/`` and adds its row with ours' HR scales (and with the HR variant's, when
+both are given). ``--lr-set`` may change scale 0 and its cycle losses, never the HR scales. Every row with a
+scale 0 also prints that scale's own levels per tissue on the LR grid beside the LR target's: a scale 0 that moves
+a tissue the two domains share (fat, soft tissue) is wrong there before any HR scale runs.
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ TISSUES = {
     "lung vessels": (Label.LUNG_VESSEL,),
     "myocardium": (Label.MYOCARDIUM,),
     "soft tissue": (Label.SOFT,),
+    "fat": (Label.FAT,),
 }
+HR_SHARED = ("num_scales", "condition", "source_residual", "intensity", "edges", "lr_generator")
+LR_SHARED = ("num_scales", "condition", "source_residual", "intensity", "edges", "hr_generator")
 
 
 class TrueLowRes(torch.nn.Module):
@@ -88,6 +100,48 @@ def train_hr_variant(task: str, shape: int, cfg: Any, steps: int, folder: Path) 
     return gens
 
 
+def train_lr_variant(task: str, shape: int, cfg: Any, folder: Path) -> torch.nn.Module:
+    """Scale 0 of ``cfg`` trained into ``folder``, reused when trained as asked."""
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds = {k: list(v) for k, v in U.seeds_for(False).items()}
+    grid = (shape,) * 3
+    weights = folder / "scale_0.pt"
+    record = {"config": cfg.to_dict(), "seeds": seeds, "shape": list(grid)}
+    if not U.fresh(weights, record):
+        t0 = time.perf_counter()
+        forward = U.fit_forward(task, cfg, grid, seeds, folder)
+        job = U.scale_job("ours", 0, cfg, task, seeds, grid, forward, folder)
+        weights.write_bytes(U._train_scale(job)["weights"])
+        U.remember(weights, record)
+        print(
+            f"  trained {folder.name} scale 0: {cfg.steps_for(0)} steps, {time.perf_counter() - t0:.0f} s", flush=True
+        )
+    g = build_generator(cfg, 0)
+    g.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    return g.eval()
+
+
+def lr_levels(cascade: Cascade, image: np.ndarray, target_lr: np.ndarray, labels: np.ndarray) -> str:
+    """Scale 0's own output per tissue on the LR grid (HU), beside the LR target's: ``tissue out/target``."""
+    from msgan.cascade import run_lr
+    from msgan.pyramid import unwindow
+
+    levels, _, _ = cascade.levels(image)
+    gen = cascade.generators[0]
+    out = target_lr if isinstance(gen, TrueLowRes) else run_lr(gen, levels[0])
+    step = [a // b for a, b in zip(labels.shape, out.shape, strict=True)]
+    lab = labels[tuple(slice(k // 2, None, k) for k in step)]  # the label at each LR voxel's centre
+    parts = []
+    for tissue, ids in TISSUES.items():
+        sel = np.isin(lab, ids)
+        if sel.any():
+            o, t = (float(np.mean(unwindow(a, cascade.config.intensity)[sel])) for a in (out, target_lr))
+            parts.append(f"{tissue} {o:.0f}/{t:.0f}")
+    return ", ".join(parts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=list(U.TASKS))
@@ -98,11 +152,15 @@ def main() -> None:
     p.add_argument("--variant", default="", help="a name for HR scales retrained with --hr-set beside ours")
     p.add_argument("--hr-set", action="append", default=[], help="the variant's overrides of ours, KEY=VALUE")
     p.add_argument("--hr-steps", type=int, default=600, help="the variant's training steps per HR scale")
+    p.add_argument("--lr-variant", default="", help="a name for a scale 0 retrained with --lr-set beside ours")
+    p.add_argument("--lr-set", action="append", default=[], help="the LR variant's overrides of ours, KEY=VALUE")
     args = p.parse_args()
     if set(args.seeds) & set(SEEDS["heldout"]):
         raise SystemExit("held-out seeds are for the tables only; diagnose on validation seeds")
     if args.hr_set and not args.variant:
         raise SystemExit("--hr-set needs --variant NAME (the folder its HR scales are kept in)")
+    if args.lr_set and not args.lr_variant:
+        raise SystemExit("--lr-set needs --lr-variant NAME (the folder its scale 0 is kept in)")
     torch.set_num_threads(1)
     cfg = U.ours_config(args.task, args.shape, False, args.set)
     folder = Path(args.workdir) / str(args.shape) / args.task / "ours"
@@ -115,12 +173,19 @@ def main() -> None:
     ways = {"input": None, "ours": Cascade(cfg, gens), "ours, true LR": Cascade(cfg, [oracle, *gens[1:]])}
     if args.variant:
         vcfg = U.ours_config(args.task, args.shape, False, [*args.set, *args.hr_set])
-        shared = ("num_scales", "condition", "source_residual", "intensity", "edges", "lr_generator")
-        if any(getattr(vcfg, k) != getattr(cfg, k) for k in shared):
+        if any(getattr(vcfg, k) != getattr(cfg, k) for k in HR_SHARED):
             raise SystemExit("--hr-set changes scale 0; a variant retrains the HR scales only")
         hr = train_hr_variant(args.task, args.shape, vcfg, args.hr_steps, folder.parent / f"hr-{args.variant}")
         ways[args.variant] = Cascade(vcfg, [gens[0], *hr])
         ways[f"{args.variant}, true LR"] = Cascade(vcfg, [oracle, *hr])
+    if args.lr_variant:
+        lcfg = U.ours_config(args.task, args.shape, False, [*args.set, *args.lr_set])
+        if any(getattr(lcfg, k) != getattr(cfg, k) for k in LR_SHARED):
+            raise SystemExit("--lr-set changes the HR scales; an LR variant retrains scale 0 only")
+        lr_gen = train_lr_variant(args.task, args.shape, lcfg, folder.parent / f"lr-{args.lr_variant}")
+        ways[args.lr_variant] = Cascade(lcfg, [lr_gen, *gens[1:]])
+        if args.variant:
+            ways[f"{args.lr_variant} + {args.variant}"] = Cascade(vcfg, [lr_gen, *hr])
     for seed in args.seeds:
         tv = make_task(args.task, seed, (args.shape,) * 3)
         lr = build_pyramid(tv.target, cfg.num_scales, cfg.intensity, cfg.edges).images[0]
@@ -129,6 +194,10 @@ def main() -> None:
         for name, cascade in ways.items():
             out = tv.input if cascade is None else cascade.translate(tv.input)
             levels[name] = out
+            if cascade is not None:
+                print(
+                    f"  seed {seed} {name}: scale 0 (HU, out/LR target): {lr_levels(cascade, tv.input, lr, tv.labels)}"
+                )
             r = ct_metrics(out, tv.target, tv.noiseless, tv.labels, tv.spacing, METRIC_WINDOW)
             keys = ("ssim", "mae_hu", "hallucination_ml", "vessel_contrast_error")
             print(json.dumps({"seed": seed, "way": name, **{k: round(float(r[k]), 4) for k in keys}}), flush=True)
