@@ -488,7 +488,7 @@ def throughput(spec: ModelSpec, scale: int, train: dict[str, Any], lr_side: int,
 
 def batch_inputs(gen: HRGenerator, run: Sequence[int], batch: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """``benchmarks/engine_efficiency.py``'s: random inputs of the shape (and layout) of every forward pass."""
+    """Random inputs of the shape (and layout) of every forward pass of a plan (also engine_efficiency.py's)."""
     h = gen.halo
     x = layout(torch.randn(batch, len(gen.channels), *(r + 2 * h for r in run)).to(device))
     c = None

@@ -3,11 +3,12 @@
     python benchmarks/unpaired_levels.py --task contrast --shape 64 --workdir runs/unpaired-val2 [--seeds 203 204]
 
 Loads ``ours`` from a ``benchmarks/unpaired.py`` work folder (``<workdir>/<shape>/<task>/ours/scale_<s>.pt``) and
-translates validation volumes three ways: the input alone, the cascade, and the cascade with scale 0 replaced by
-the *true* target's LR image (an oracle: what the HR scales make of a perfect previous scale). Prints the task
-metrics of each and the mean HU per tissue (blood pool, lung vessels, myocardium, soft tissue) of the target,
-the input and both outputs. If the oracle row barely moves, the HR scales take their levels from the source,
-not from the previous scale, and no better scale 0 can help them. Validation seeds only: never held-out ones.
+translates validation volumes three ways (more with the variants below): the input alone, the cascade, and the
+cascade with scale 0 replaced by the *true* target's LR image (an oracle: what the HR scales make of a perfect
+previous scale). Prints the task metrics of each and the mean HU per tissue (blood pool, lung vessels,
+myocardium, soft tissue, fat) of the target, the input and every output. If the oracle row barely moves, the
+HR scales take their levels from the source, not from the previous scale, and no better scale 0 can help them.
+Validation seeds only: never held-out ones.
 
     python benchmarks/unpaired_levels.py --task contrast --workdir runs/unpaired-val2 \
         --variant levels-previous --hr-steps 600 --hr-set hr_generator.levels=previous
@@ -123,16 +124,23 @@ def train_lr_variant(task: str, shape: int, cfg: Any, folder: Path) -> torch.nn.
     return g.eval()
 
 
-def lr_levels(cascade: Cascade, image: np.ndarray, target_lr: np.ndarray, labels: np.ndarray) -> str:
-    """Scale 0's own output per tissue on the LR grid (HU), beside the LR target's: ``tissue out/target``."""
+def lr_labels(labels: np.ndarray, lr_shape: tuple[int, ...]) -> np.ndarray:
+    """The label at the centre of each LR voxel (the LR grid may be rounded up: the pyramid pads odd sides)."""
+    index = []
+    for n, m in zip(labels.shape, lr_shape, strict=True):
+        k = -(-n // m)  # voxels per LR voxel
+        index.append(np.minimum(np.arange(m) * k + k // 2, n - 1))
+    return labels[np.ix_(*index)]
+
+
+def lr_levels(cascade: Cascade, lr_input: dict[str, np.ndarray], target_lr: np.ndarray, labels: np.ndarray) -> str:
+    """Scale 0's own output per tissue on the LR grid (HU), beside the LR target's: ``tissue out/target``.
+    ``lr_input``: the source's named LR arrays (:meth:`Cascade.levels`, the same for every row compared)."""
     from msgan.cascade import run_lr
     from msgan.pyramid import unwindow
 
-    levels, _, _ = cascade.levels(image)
-    gen = cascade.generators[0]
-    out = target_lr if isinstance(gen, TrueLowRes) else run_lr(gen, levels[0])
-    step = [a // b for a, b in zip(labels.shape, out.shape, strict=True)]
-    lab = labels[tuple(slice(k // 2, None, k) for k in step)]  # the label at each LR voxel's centre
+    out = run_lr(cascade.generators[0], lr_input)
+    lab = lr_labels(labels, out.shape)
     parts = []
     for tissue, ids in TISSUES.items():
         sel = np.isin(lab, ids)
@@ -143,6 +151,8 @@ def lr_levels(cascade: Cascade, image: np.ndarray, target_lr: np.ndarray, labels
 
 
 def main() -> None:
+    from msgan.config import from_dict
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=list(U.TASKS))
     p.add_argument("--shape", type=int, default=64)
@@ -164,13 +174,15 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = U.ours_config(args.task, args.shape, False, args.set)
     folder = Path(args.workdir) / str(args.shape) / args.task / "ours"
-    gens = []
-    for s in range(cfg.num_scales):
-        g = build_generator(cfg, s)
-        g.load_state_dict(torch.load(folder / f"scale_{s}.pt", weights_only=True))
-        gens.append(g.eval())
+    ours = U.T.load_cascade(cfg, folder)
+    if ours is None:
+        raise SystemExit(f"{folder}: no trained ours (scale_<s>.pt for every scale); run benchmarks/unpaired.py first")
+    gens = list(ours.generators)
     oracle = TrueLowRes(gens[0])
-    ways = {"input": None, "ours": Cascade(cfg, gens), "ours, true LR": Cascade(cfg, [oracle, *gens[1:]])}
+    ways = {"input": None, "ours": ours, "ours, true LR": Cascade(cfg, [oracle, *gens[1:]])}
+    names = [n for n in (args.variant, args.lr_variant) if n]
+    if len(set(names)) < len(names) or set(names) & {"input", "ours", "target"}:
+        raise SystemExit(f"--variant and --lr-variant need names of their own, not {names}")
     if args.variant:
         vcfg = U.ours_config(args.task, args.shape, False, [*args.set, *args.hr_set])
         if any(getattr(vcfg, k) != getattr(cfg, k) for k in HR_SHARED):
@@ -185,19 +197,20 @@ def main() -> None:
         lr_gen = train_lr_variant(args.task, args.shape, lcfg, folder.parent / f"lr-{args.lr_variant}")
         ways[args.lr_variant] = Cascade(lcfg, [lr_gen, *gens[1:]])
         if args.variant:
-            ways[f"{args.lr_variant} + {args.variant}"] = Cascade(vcfg, [lr_gen, *hr])
+            both = from_dict({**vcfg.to_dict(), "lr_generator": lcfg.to_dict()["lr_generator"]})  # each variant's own
+            ways[f"{args.lr_variant} + {args.variant}"] = Cascade(both, [lr_gen, *hr])
     for seed in args.seeds:
         tv = make_task(args.task, seed, (args.shape,) * 3)
         lr = build_pyramid(tv.target, cfg.num_scales, cfg.intensity, cfg.edges).images[0]
         oracle.image = torch.from_numpy(np.ascontiguousarray(lr))
         levels = {"target": tv.target}
+        lr_input = ours.levels(tv.input)[0][0]  # every row's scale 0 reads the same LR arrays (LR_SHARED, HR_SHARED)
         for name, cascade in ways.items():
             out = tv.input if cascade is None else cascade.translate(tv.input)
             levels[name] = out
-            if cascade is not None:
-                print(
-                    f"  seed {seed} {name}: scale 0 (HU, out/LR target): {lr_levels(cascade, tv.input, lr, tv.labels)}"
-                )
+            if cascade is not None and not isinstance(cascade.generators[0], TrueLowRes):
+                own = lr_levels(cascade, lr_input, lr, tv.labels)
+                print(f"  seed {seed} {name}: scale 0 (HU, out/LR target): {own}", flush=True)
             r = ct_metrics(out, tv.target, tv.noiseless, tv.labels, tv.spacing, METRIC_WINDOW)
             keys = ("ssim", "mae_hu", "hallucination_ml", "vessel_contrast_error")
             print(json.dumps({"seed": seed, "way": name, **{k: round(float(r[k]), 4) for k in keys}}), flush=True)
