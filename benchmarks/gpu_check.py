@@ -376,6 +376,7 @@ class Log:
 def measure(log: Log, what: dict[str, Any], fn: Callable[[], dict[str, Any] | None], device: torch.device) -> bool:
     """Run one measurement if the budget allows: its figure (``what`` + what ``fn`` returns; ``fn`` returning
     None has written its own), or an ``error`` figure when it fails. False when the budget stopped it."""
+    stop_if_signalled()
     if not log.may_start():
         return False
     try:
@@ -675,8 +676,18 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_SIGNALLED: list[str] = []  # the signals received: a Stop raised inside a finalizer is ignored by Python
+
+
 def _on_signal(signum: int, _frame: object) -> None:
-    raise Stop(signal.Signals(signum).name)
+    _SIGNALLED.append(signal.Signals(signum).name)
+    raise Stop(_SIGNALLED[-1])
+
+
+def stop_if_signalled() -> None:
+    """Raise the Stop a signal asked for, if Python swallowed it (it arrived while a finalizer ran)."""
+    if _SIGNALLED:
+        raise Stop(_SIGNALLED[0])
 
 
 @contextlib.contextmanager
@@ -767,7 +778,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with stop_on_signals():
             if engine_error:
                 log.write({"figure": "skipped", "of": "efficiency", "reason": engine_error})
-            if not run(args, log, spec, train, device, engine=engine_error is None):
+            finished = run(args, log, spec, train, device, engine=engine_error is None)
+            stop_if_signalled()
+            if not finished:
                 log.write({"figure": "stopped", "reason": f"--budget-s {args.budget_s:g} reached"})
     except Stop as sig:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
