@@ -57,8 +57,7 @@ def _needs(cascade: Cascade, n: int, tile: int | None = None) -> tuple[int, int,
 LOCAL = """
 import json, sys, torch
 from msgan.cascade import Cascade
-from msgan.memory import current_rss, reset_peak_rss
-from msgan.memory import peak_host_bytes
+from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
 from msgan.volumes.local import translate_volume
 from msgan.volumes.pinning import with_overrides
 from msgan.volumes.tasks import volume_task
@@ -75,8 +74,7 @@ print(json.dumps({"base": base, "peak": peak_host_bytes()}))
 SCALE0 = """
 import sys, numpy as np, torch
 from msgan.cascade import Cascade, run_lr
-from msgan.memory import current_rss, reset_peak_rss
-from msgan.memory import peak_host_bytes
+from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
 from msgan.tiling import pyramid_shapes
 torch.set_num_threads(1)
 cascade = Cascade.load(sys.argv[1])

@@ -26,10 +26,8 @@ import numpy as np, torch
 from msgan.volumes.heap import bound_heap, release_memory
 from msgan.cascade import Cascade
 from msgan.config import load_config
-from msgan.memory import current_rss, reset_peak_rss
 from msgan.engine import array_writer, run_tiles, run_whole, tile_feed
-from msgan.memory import forward_peak_bytes, hr_inference_bytes
-from msgan.memory import peak_host_bytes
+from msgan.memory import current_rss, forward_peak_bytes, hr_inference_bytes, peak_host_bytes, reset_peak_rss
 from msgan.nets import count_parameters
 from msgan.tiling import tile_grid
 
@@ -66,8 +64,7 @@ LAYER = """
 import json, sys, time, torch
 import torch.nn.functional as F
 from msgan.volumes.heap import bound_heap, release_memory
-from msgan.memory import current_rss, reset_peak_rss
-from msgan.memory import peak_host_bytes, forward_peak_bytes
+from msgan.memory import current_rss, forward_peak_bytes, peak_host_bytes, reset_peak_rss
 from msgan.nets import conv
 cin, cout, side, layout = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(1); bound_heap()

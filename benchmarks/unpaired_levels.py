@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,54 +75,39 @@ class TrueLowRes(torch.nn.Module):
         return self.image.reshape(x.shape[0], 1, *x.shape[2:]).to(x.dtype)
 
 
-def train_hr_variant(task: str, shape: int, cfg: Any, steps: int, folder: Path) -> list[torch.nn.Module]:
-    """The HR scales of ``cfg`` trained for ``steps`` each into ``folder``, reused when trained as asked."""
+def train_variant(task: str, shape: int, cfg: Any, scales: Sequence[int], folder: Path) -> list[torch.nn.Module]:
+    """The generators of ``scales`` of ``cfg`` (ours without pairs), trained into ``folder`` on the benchmark's two
+    sets, or reused when ``folder`` holds them trained as asked."""
     import time
 
-    from msgan.config import from_dict
-
-    cfg = from_dict(cfg.to_dict(), {"train.steps_per_scale": [cfg.steps_for(0)] + [steps] * (cfg.num_scales - 1)})
     folder.mkdir(parents=True, exist_ok=True)
     seeds = {k: list(v) for k, v in U.seeds_for(False).items()}
     grid = (shape,) * 3
-    forward = U.fit_forward(task, cfg, grid, seeds, folder)
+    record = {"config": cfg.to_dict(), "seeds": seeds, "shape": list(grid)}
+    forward = None
     gens = []
-    for s in range(1, cfg.num_scales):
+    for s in scales:
         weights = folder / f"scale_{s}.pt"
-        record = {"config": cfg.to_dict(), "seeds": seeds, "shape": list(grid)}
         if not U.fresh(weights, record):
+            forward = forward or U.fit_forward(task, cfg, grid, seeds, folder)
             t0 = time.perf_counter()
             job = U.scale_job("ours", s, cfg, task, seeds, grid, forward, folder)
             weights.write_bytes(U._train_scale(job)["weights"])
             U.remember(weights, record)
-            print(f"  trained {folder.name} scale {s}: {steps} steps, {time.perf_counter() - t0:.0f} s", flush=True)
+            seconds = time.perf_counter() - t0
+            print(f"  trained {folder.name} scale {s}: {cfg.steps_for(s)} steps, {seconds:.0f} s", flush=True)
         g = build_generator(cfg, s)
         g.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
         gens.append(g.eval())
     return gens
 
 
-def train_lr_variant(task: str, shape: int, cfg: Any, folder: Path) -> torch.nn.Module:
-    """Scale 0 of ``cfg`` trained into ``folder``, reused when trained as asked."""
-    import time
+def train_hr_variant(task: str, shape: int, cfg: Any, steps: int, folder: Path) -> list[torch.nn.Module]:
+    """The HR scales of ``cfg`` trained for ``steps`` each into ``folder``, reused when trained as asked."""
+    from msgan.config import from_dict
 
-    folder.mkdir(parents=True, exist_ok=True)
-    seeds = {k: list(v) for k, v in U.seeds_for(False).items()}
-    grid = (shape,) * 3
-    weights = folder / "scale_0.pt"
-    record = {"config": cfg.to_dict(), "seeds": seeds, "shape": list(grid)}
-    if not U.fresh(weights, record):
-        t0 = time.perf_counter()
-        forward = U.fit_forward(task, cfg, grid, seeds, folder)
-        job = U.scale_job("ours", 0, cfg, task, seeds, grid, forward, folder)
-        weights.write_bytes(U._train_scale(job)["weights"])
-        U.remember(weights, record)
-        print(
-            f"  trained {folder.name} scale 0: {cfg.steps_for(0)} steps, {time.perf_counter() - t0:.0f} s", flush=True
-        )
-    g = build_generator(cfg, 0)
-    g.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
-    return g.eval()
+    cfg = from_dict(cfg.to_dict(), {"train.steps_per_scale": [cfg.steps_for(0)] + [steps] * (cfg.num_scales - 1)})
+    return train_variant(task, shape, cfg, range(1, cfg.num_scales), folder)
 
 
 def lr_labels(labels: np.ndarray, lr_shape: tuple[int, ...]) -> np.ndarray:
@@ -194,7 +180,7 @@ def main() -> None:
         lcfg = U.ours_config(args.task, args.shape, False, [*args.set, *args.lr_set])
         if any(getattr(lcfg, k) != getattr(cfg, k) for k in LR_SHARED):
             raise SystemExit("--lr-set changes the HR scales; an LR variant retrains scale 0 only")
-        lr_gen = train_lr_variant(args.task, args.shape, lcfg, folder.parent / f"lr-{args.lr_variant}")
+        [lr_gen] = train_variant(args.task, args.shape, lcfg, [0], folder.parent / f"lr-{args.lr_variant}")
         ways[args.lr_variant] = Cascade(lcfg, [lr_gen, *gens[1:]])
         if args.variant:
             both = from_dict({**vcfg.to_dict(), "lr_generator": lcfg.to_dict()["lr_generator"]})  # each variant's own
