@@ -25,7 +25,8 @@ with the same mask (``msgan.metrics.ct_metrics``):
 - ``cnn``: residual U-Net, L1 on patches; total steps = our whole cascade's, patch >= our HR
   patch, parameters >= our finest scale's; stitched with blended overlaps;
 - ``cnn_large``: the same CNN and budget on the largest patch whose training step's measured peak fits the
-  highest measured training-step peak of any of our scales (``cnn_large_job``; trained after ours);
+  highest measured training-step peak of any of our scales, both probed alike (a few steps in a fresh
+  process; ``cnn_large_job``; trained after ours, checkpointed every 100 steps like every model here);
 - ``edges``: the paper's cascade, generating from edges (``condition=edges``);
 - ``ours``: the cascade conditioned on the source image (``configs/<task>.yaml``, adversarial loss kept).
 
@@ -72,6 +73,8 @@ CNN_DEPTH = 2
 CNN_PATCH = 24  # >= train.hr_patch of every task config (16); a multiple of 2**CNN_DEPTH
 PROBE_STEPS = 3  # training steps of a cnn_large patch probe (the peak is reached by the second)
 PROBE_KEYS = ("min_parameters", "depth", "batch_size", "patch")
+# what names a CNN run: a checkpoint of another never seeds it
+CNN_RUN_KEYS = ("task", "seeds", "shape", "min_parameters", "depth", "steps", "patch", "batch_size")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -211,31 +214,39 @@ def pair_pyramid(cfg: Config, source: np.ndarray, target: np.ndarray) -> Any:
 
 
 def _train_scale(job: dict[str, Any]) -> dict[str, Any]:
-    """One scale of one cascade on a task's training pairs, in its own process (one torch thread)."""
+    """One scale of one cascade on a task's training pairs, in its own process (one torch thread). A job with
+    ``probe`` trains that many steps on its first training pair instead (no checkpoint, no weights kept) and
+    reports the step's peak: :func:`probe_scale_step`, measured as the CNN's :func:`probe_cnn_step`."""
     from msgan.config import from_dict
     from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
     from msgan.train import ScaleData, ScaleTrainer
+    from msgan.volumes.heap import release_memory
 
     torch.set_num_threads(1)
     cfg = from_dict(job["config"], {"train.checkpoint_every": 100})  # a stopped run resumes within the scale
-    scale = job["scale"]
+    scale, probe = job["scale"], int(job.get("probe") or 0)
     pyramids = []
-    for seed in job["seeds"]:
+    for seed in job["seeds"][:1] if probe else job["seeds"]:
         tv = make_task(job["task"], seed, job["shape"], workers=1)
         pyramids.append(pair_pyramid(cfg, tv.input, tv.target))
         del tv
     data = ScaleData.from_pyramids(pyramids, scale, cfg.train.foreground_threshold)
     trainer = ScaleTrainer(cfg, scale, data)
-    checkpoint = Path(job["checkpoint"])
-    if checkpoint.exists() and torch.load(checkpoint, weights_only=True).get("config") != cfg.to_dict():
+    checkpoint = None if probe else Path(job["checkpoint"])
+    if checkpoint and checkpoint.exists() and torch.load(checkpoint, weights_only=True).get("config") != cfg.to_dict():
         checkpoint.unlink()  # an earlier run's checkpoint of another config never seeds this one
-    if checkpoint.exists():
+    if checkpoint and checkpoint.exists():
         trainer.restore(checkpoint)
-    reset_peak_rss()  # the step's peak, not the data loading's (the CNN is measured the same way)
+    # the step's peak, not the data loading's (the CNN is measured the same way); the heap the loading freed goes
+    # back to the OS first, or the loop would reuse it unseen and its peak would read low
+    release_memory()
+    reset_peak_rss()
     base = current_rss()
     t0 = time.perf_counter()
-    trainer.fit(cfg.steps_for(scale), checkpoint=checkpoint)
+    trainer.fit(probe or cfg.steps_for(scale), checkpoint=checkpoint)
     step_peak = peak_host_bytes() - base
+    if probe:
+        return {"step_peak_bytes": step_peak}
     buf = io.BytesIO()
     torch.save(trainer.generator.state_dict(), buf)
     return {"weights": buf.getvalue(), "seconds": time.perf_counter() - t0, "step_peak_bytes": step_peak}
@@ -246,6 +257,7 @@ def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
     with ``probe`` trains that many steps on a synthetic pair instead and reports only the step's peak."""
     from msgan.baselines import cnn_for_budget, train_cnn
     from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
+    from msgan.volumes.heap import release_memory
 
     torch.set_num_threads(1)
     pairs = []
@@ -263,11 +275,18 @@ def _train_cnn(job: dict[str, Any]) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(time.strftime("%H:%M:%S"), f"  {job['task']}: {job['variant']} {msg}", flush=True)
 
+    steps = int(job.get("probe") or job["steps"])
+    checkpoint = None if job.get("probe") else Path(job["work"]) / f"{job['variant']}.ckpt"  # a stopped run resumes
+    tag = json.loads(json.dumps({k: job[k] for k in CNN_RUN_KEYS}))
+    stored = torch.load(checkpoint, weights_only=True) if checkpoint is not None and checkpoint.exists() else None
+    if checkpoint is not None and stored is not None and stored.get("run", {}).get("tag") != tag:
+        checkpoint.unlink()  # an earlier run's checkpoint of another budget or data never seeds this one
+    del stored
+    release_memory()  # as for our scales: the loop's allocations show in the peak
     reset_peak_rss()
     base = current_rss()
-    steps = int(job.get("probe") or job["steps"])
     info = train_cnn(net, pairs, steps, job["patch"], job["batch_size"], log=None if job.get("probe") else log,
-                     log_every=300)  # fmt: skip
+                     log_every=300, checkpoint=checkpoint, tag=tag)  # fmt: skip
     step_peak = peak_host_bytes() - base
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
@@ -293,10 +312,7 @@ def training_jobs(
     for m in cfgs:
         if m in methods:
             for s in range(cfgs[m].num_scales):
-                job = {"variant": m, "scale": s, "config": cfgs[m].to_dict(), "task": task,
-                       "seeds": list(seeds), "shape": shape, "work": str(work),
-                       "steps_per_scale": [cfgs[m].steps_for(i) for i in range(cfgs[m].num_scales)],
-                       "checkpoint": str(work / m / f"scale_{s}.ckpt")}  # fmt: skip
+                job = _scale_job(m, s, cfgs[m], task, seeds, shape, work)
                 weights = work / m / f"scale_{s}.pt"
                 if weights.exists():
                     if _trained_as(weights) == _training_record(job):
@@ -307,6 +323,14 @@ def training_jobs(
     if "cnn" in methods and not (work / "cnn.pt").exists():
         jobs.append(cnn_job(task, ref, shape, work, seeds))
     return jobs
+
+
+def _scale_job(variant: str, scale: int, cfg: Config, task: str, seeds: tuple[int, ...], shape: tuple[int, ...],
+               work: Path) -> dict[str, Any]:  # fmt: skip
+    """One scale's training job for :func:`_train_scale`, checkpointing into ``work / variant``."""
+    return {"variant": variant, "scale": scale, "config": cfg.to_dict(), "task": task, "seeds": list(seeds),
+            "shape": shape, "work": str(work), "steps_per_scale": [cfg.steps_for(i) for i in range(cfg.num_scales)],
+            "checkpoint": str(work / variant / f"scale_{scale}.ckpt")}  # fmt: skip
 
 
 def cnn_job(task: str, ref: Config, shape: tuple[int, ...], work: Path,
@@ -337,26 +361,40 @@ def probe_cnn_step(job: dict[str, Any]) -> int:
         return int(pool.submit(_train_cnn, {**job, "probe": PROBE_STEPS}).result()["step_peak_bytes"])
 
 
+def probe_scale_step(job: dict[str, Any]) -> int:
+    """The measured training-step peak (bytes) of one of our scales (``job`` of :func:`_scale_job`): a few steps
+    in a fresh process on one training pair, the heap the data loading freed handed back first; as
+    :func:`probe_cnn_step` measures the CNN."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return int(pool.submit(_train_scale, {**job, "probe": PROBE_STEPS}).result()["step_peak_bytes"])
+
+
 def cnn_large_job(task: str, ref: Config, shape: tuple[int, ...], work: Path, results: Results,
                   log: Callable[[str], None], measure: Callable[[dict[str, Any]], int] = probe_cnn_step,
+                  measure_scale: Callable[[dict[str, Any]], int] = probe_scale_step,
                   ) -> dict[str, Any] | None:  # fmt: skip
     """``cnn_large``: the CNN on the largest patch whose training step's measured peak fits the highest measured
-    training-step peak of any of our scales (both: the process's peak resident memory over the training loop,
-    above what it held before it; ``msgan.memory.reset_peak_rss``). The patch is found by probing the CNN
-    for a few steps in fresh processes (doubling, then bisecting in steps of 2**depth) and kept in ``work``. None
-    (and a pending note) while ours has no measured peaks."""
+    training-step peak of any of our scales. Both are measured alike: a few training steps in a fresh process
+    (:func:`probe_scale_step`, :func:`probe_cnn_step`), the process's peak resident memory over them above what
+    it held before (``msgan.memory.reset_peak_rss``, after the freed heap went back to the OS). The CNN's patch
+    is found by doubling, then bisecting in steps of 2**depth; every probe is kept in ``work``. None when
+    ``cnn_large`` is trained already."""
     if (work / "cnn_large.pt").exists():
         return None
-    peaks = results.meta["methods"].get(task, {}).get("ours", {}).get("step_peak_bytes", {})
-    if len(peaks) < ref.num_scales:
-        results.note(task, "cnn_large", pending="ours' training peaks are not measured yet (train ours first)")
-        return None
-    budget = max(peaks.values())
     base = cnn_job(task, ref, shape, work)
     path = work / "cnn_large_patch.json"
     known = json.loads(path.read_text()) if path.exists() else {}
-    if known.get("budget_bytes") != budget or known.get("base") != {k: base[k] for k in PROBE_KEYS}:
-        known = {"budget_bytes": budget, "base": {k: base[k] for k in PROBE_KEYS}, "probes": {}}
+    ours_config = json.loads(json.dumps(ref.to_dict()))
+    if known.get("base") != {k: base[k] for k in PROBE_KEYS} or known.get("ours_config") != ours_config:
+        known = {"base": {k: base[k] for k in PROBE_KEYS}, "ours_config": ours_config, "ours_probes": {},
+                 "probes": {}}  # fmt: skip
+    ours: dict[str, int] = known["ours_probes"]
+    for s in range(ref.num_scales):
+        if str(s) not in ours:
+            ours[str(s)] = int(measure_scale(_scale_job("ours", s, ref, task, SEEDS["train"], shape, work)))
+            _atomic_bytes(path, json.dumps(known).encode())
+            log(f"  {task}: ours' scale {s}: training step peak {ours[str(s)] / 2**20:.0f} MiB")
+    budget = max(ours.values())
     probes: dict[str, int] = known["probes"]
     step = 2**CNN_DEPTH
 
@@ -383,9 +421,9 @@ def cnn_large_job(task: str, ref: Config, shape: tuple[int, ...], work: Path, re
     while hi is not None and hi - lo > step:
         mid = (lo + hi) // 2 // step * step
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    scale = max(peaks, key=lambda k: peaks[k])
+    scale = max(ours, key=lambda k: ours[k])
     results.note(task, "cnn_large", pending=None, patch=lo, budget_bytes=budget, budget_from=f"ours scale {scale}",
-                 probe_peaks_bytes=dict(probes))  # fmt: skip
+                 ours_probe_peaks_bytes=dict(ours), probe_peaks_bytes=dict(probes))  # fmt: skip
     return {**base, "variant": "cnn_large", "patch": lo}
 
 
@@ -434,7 +472,10 @@ def run_training(jobs: list[dict[str, Any]], workers: int, results: Results, log
                 results.note(task, job["variant"], train_seconds={**seconds, str(job["scale"]): r["seconds"]},
                              steps_per_scale=job["steps_per_scale"],
                              step_peak_bytes={**peaks, str(job["scale"]): r["step_peak_bytes"]})  # fmt: skip
-            log(f"  {task}: trained {job['variant']}/{job.get('scale', '-')} ({time.perf_counter() - t0:.0f}s)")
+            log(
+                f"  {task}: trained {job['variant']}/{job.get('scale', '-')} in {r['seconds']:.0f} s "
+                f"({time.perf_counter() - t0:.0f} s into this pool)"
+            )
 
 
 def train_task(

@@ -212,6 +212,13 @@ def cnn_for_budget(dims: int, min_parameters: int, depth: int = 2) -> ResidualUN
 CNN_SCALE = 1000.0  # HU / CNN_SCALE is what the CNN sees: no window, so the full HU range survives
 
 
+def _body_centres(target: np.ndarray) -> np.ndarray:
+    """Flat indices of a target's body voxels (above -500 HU), in C order: a patch centre is drawn from them.
+    int32 where the volume allows: a third of ``np.argwhere``'s coordinates, a sixth where it is int32."""
+    flat = np.flatnonzero(np.asarray(target) > -500.0)
+    return flat.astype(np.int32) if np.asarray(target).size <= np.iinfo(np.int32).max else flat
+
+
 def train_cnn(
     net: ResidualUNet,
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -222,25 +229,56 @@ def train_cnn(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     log_every: int = 200,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 100,
+    tag: dict[str, object] | None = None,
 ) -> dict[str, float]:
     """Train with L1 on random patches of (input, target) pairs in HU (scaled by :data:`CNN_SCALE`);
-    patches are drawn with their centre inside the body (target above -500 HU)."""
+    patches are drawn with their centre inside the body (target above -500 HU).
+
+    With ``checkpoint`` (a file path), the network, Adam, the patch sampler's state and the seconds spent are
+    saved there every ``checkpoint_every`` steps and at the end, and a run that finds the file resumes from it:
+    a stopped run continues on the same stream of patches. A checkpoint of another run (other steps, patch,
+    batch, learning rate, seed, network or ``tag``, the caller's name for its data) is refused with an error
+    naming it. ``seconds`` in the result is the training time of all runs together."""
     if patch % 2**net.depth:
         raise ValueError(f"CNN patch {patch} must be a multiple of 2**depth = {2**net.depth}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    centres = [np.argwhere(np.asarray(t) > -500.0) for _, t in pairs]
+    centres = [_body_centres(t) for _, t in pairs]
+    run = {"steps": steps, "patch": patch, "batch_size": batch_size, "lr": lr, "seed": seed,
+           "parameters": sum(p.numel() for p in net.parameters()), "pairs": len(pairs), "tag": tag}  # fmt: skip
+    start, spent, loss_sum = 0, 0.0, 0.0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, weights_only=True)
+        if state.get("run") != run:
+            raise ValueError(f"CNN checkpoint {os.fspath(checkpoint)} is of another run ({state.get('run')}, "
+                             f"this one is {run}): remove it to start afresh")  # fmt: skip
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        start, spent, loss_sum = int(state["step"]), float(state["seconds"]), float(state["loss_sum"])
+
+    def save(step: int) -> None:
+        if checkpoint is None:
+            return
+        tmp = f"{os.fspath(checkpoint)}.tmp"
+        os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+        torch.save({"run": run, "net": net.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
+                    "step": step, "seconds": spent + time.perf_counter() - t0, "loss_sum": loss_sum}, tmp)  # fmt: skip
+        os.replace(tmp, checkpoint)
+
     net.train()
-    t0, loss_sum = time.perf_counter(), 0.0
-    for step in range(1, steps + 1):
+    t0 = time.perf_counter()
+    for step in range(start + 1, steps + 1):
         xs, ys = [], []
         for _ in range(batch_size):
             v = int(rng.integers(len(pairs)))
             x, y = pairs[v]
-            c = centres[v][int(rng.integers(len(centres[v])))]
-            start = [int(np.clip(ci - patch // 2, 0, n - patch)) for ci, n in zip(c, x.shape, strict=True)]
-            sl = tuple(slice(a, a + patch) for a in start)
+            c = np.unravel_index(int(centres[v][int(rng.integers(len(centres[v])))]), x.shape)
+            begin = [int(np.clip(ci - patch // 2, 0, n - patch)) for ci, n in zip(c, x.shape, strict=True)]
+            sl = tuple(slice(a, a + patch) for a in begin)
             xs.append(np.asarray(x[sl], np.float32) / CNN_SCALE)
             ys.append(np.asarray(y[sl], np.float32) / CNN_SCALE)
         xb = torch.from_numpy(np.stack(xs))[:, None]  # (B, 1, P, P, P)
@@ -252,9 +290,12 @@ def train_cnn(
         loss_sum += float(loss.detach())
         if log is not None and step % log_every == 0:
             log(f"cnn step {step}/{steps}: L1 {loss_sum / log_every * CNN_SCALE:.1f} HU")
+        if step % log_every == 0:
             loss_sum = 0.0
+        if step % checkpoint_every == 0 or step == steps:
+            save(step)
     net.eval()
-    return {"steps": steps, "seconds": time.perf_counter() - t0}
+    return {"steps": steps, "seconds": spent + time.perf_counter() - t0}
 
 
 def _ramp(n: int, overlap: int) -> np.ndarray:

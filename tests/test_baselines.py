@@ -101,3 +101,57 @@ def test_cnn_budget_training_and_stitching(rng):
     assert np.abs(out - whole).max() < 50.0  # blended seams stay close to the one-pass output
     with pytest.raises(ValueError, match="multiple"):
         train_cnn(net, pairs, steps=1, patch=7)
+
+
+def _cnn_pairs(rng):
+    clean = np.full((16, 16, 16), -1000.0, np.float32)
+    clean[2:14, 3:13, 4:12] = 40.0
+    return [(clean + rng.normal(0, 30, clean.shape).astype(np.float32), clean) for _ in range(2)]
+
+
+def _fresh_cnn():
+    from msgan.baselines import cnn_for_budget
+
+    torch.manual_seed(0)
+    return cnn_for_budget(3, 2000, depth=1)
+
+
+def test_cnn_training_resumes_from_its_checkpoint_on_the_same_patches(rng, tmp_path):
+    from msgan.baselines import train_cnn
+
+    pairs = _cnn_pairs(rng)
+    whole = _fresh_cnn()
+    train_cnn(whole, pairs, steps=7, patch=8, batch_size=2, lr=3e-3)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(msg):
+        if "step 5/" in msg:
+            raise Stop
+
+    ckpt = tmp_path / "new" / "cnn.ckpt"  # its folder is made when the first checkpoint is saved
+    stopped = _fresh_cnn()
+    with pytest.raises(Stop):  # a run killed after step 5: its last checkpoint is step 4
+        train_cnn(stopped, pairs, steps=7, patch=8, batch_size=2, lr=3e-3, log=stop_at_5, log_every=1,
+                  checkpoint=ckpt, checkpoint_every=2)  # fmt: skip
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    resumed = _fresh_cnn()
+    info = train_cnn(resumed, pairs, steps=7, patch=8, batch_size=2, lr=3e-3, checkpoint=ckpt, checkpoint_every=2)
+    assert info["steps"] == 7 and info["seconds"] > 0
+    assert torch.load(ckpt, weights_only=True)["step"] == 7  # the end is saved too
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)  # steps 5-7 saw the patches and Adam state of the unbroken run
+    with pytest.raises(ValueError, match="another run"):  # a checkpoint of another patch never seeds this one
+        train_cnn(_fresh_cnn(), pairs, steps=7, patch=4, batch_size=2, lr=3e-3, checkpoint=ckpt)
+
+
+def test_cnn_patch_centres_lie_in_the_body(rng):
+    from msgan.baselines import _body_centres
+
+    target = np.full((5, 6, 7), -1000.0, np.float32)
+    target[1, 2, 3] = target[4, 5, 6] = 0.0
+    flat = _body_centres(target)
+    assert flat.dtype == np.int32
+    coords = np.stack(np.unravel_index(flat, target.shape), axis=1)
+    np.testing.assert_array_equal(coords, np.argwhere(target > -500.0))  # the same order: the same stream

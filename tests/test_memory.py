@@ -152,3 +152,34 @@ def test_the_wide_branch_counts_on_the_coarse_grid():
     fine = per_voxel_flops(gen) - ctx_per_voxel / 8
     gen.ctx = None
     assert per_voxel_flops(gen) == fine > 0
+
+
+REUSED_HEAP = """
+import json
+from msgan.memory import current_rss, peak_host_bytes, reset_peak_rss
+from msgan.volumes.heap import release_memory
+blocks, fences = [], []
+for _ in range(1600):  # 100 MiB of heap blocks (below glibc's mmap threshold), each fenced by a small one:
+    blocks.append(bytearray(64 * 1024))  # free() alone cannot hand their space back (not at the heap's top)
+    fences.append(bytearray(1024))
+del blocks
+if RELEASE:
+    release_memory()
+reset_peak_rss(); base = current_rss()
+blocks = [bytearray(64 * 1024) for _ in range(1600)]
+print(json.dumps(peak_host_bytes() - base))
+"""
+
+
+def test_a_peak_measured_after_release_memory_sees_allocations_that_reuse_freed_heap():
+    """What the training-step probes of the task tables rely on: without the release a loop reusing what the
+    data loading freed reads as (almost) no memory at all."""
+    import json
+
+    def measured(release: bool) -> int:
+        code = f"RELEASE = {release}\n" + REUSED_HEAP
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    assert measured(True) > 80 * 2**20
+    assert measured(False) < 20 * 2**20  # the trap the release avoids

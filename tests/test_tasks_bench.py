@@ -85,26 +85,33 @@ def test_cnn_large_takes_the_largest_patch_whose_step_fits_ours_peak(tmp_path):
     cfg, shape = task_config("low-dose", 128, False, []), (128, 128, 128)
     results = Results(tmp_path / "t.json", {"shape": list(shape), "heldout": list(SEEDS["heldout"])})
     measured: list[int] = []
+    ours_peaks = {0: 50_000_000, 1: 200_000_000, 2: 120_000_000}
 
     def measure(job):  # a step's peak grows with the patch's cube
         measured.append(job["patch"])
         return 1000 * job["patch"] ** 3
 
-    assert cnn_large_job("low-dose", cfg, shape, tmp_path, results, print, measure) is None
-    assert "not measured" in results.meta["methods"]["low-dose"]["cnn_large"]["pending"]
-    results.note("low-dose", "ours", step_peak_bytes={"0": 50_000_000, "1": 200_000_000, "2": 120_000_000})
-    job = cnn_large_job("low-dose", cfg, shape, tmp_path, results, print, measure)
+    def measure_scale(job):  # our scales are probed by the same rule, one job per scale of the same config
+        assert job["config"] == cfg.to_dict() and job["variant"] == "ours"
+        return ours_peaks[job["scale"]]
+
+    job = cnn_large_job("low-dose", cfg, shape, tmp_path, results, print, measure, measure_scale)
     assert job is not None and job["variant"] == "cnn_large"
     assert job["patch"] == 56  # 56^3 * 1000 <= 200e6 < 60^3 * 1000: the largest multiple of 2**depth that fits
     assert job["steps"] == sum(cfg.steps_for(s) for s in range(cfg.num_scales))  # the CNN's budget rules otherwise
     assert 60 in measured and len(measured) <= 6  # doubling, then bisection
     info = results.meta["methods"]["low-dose"]["cnn_large"]
     assert info["patch"] == 56 and info["budget_from"] == "ours scale 1" and info["pending"] is None
+    assert info["ours_probe_peaks_bytes"] == {str(k): v for k, v in ours_peaks.items()}
 
     def refuse(job):
         raise AssertionError("a probe already measured is kept")
 
-    assert cnn_large_job("low-dose", cfg, shape, tmp_path, results, print, refuse)["patch"] == 56
+    assert cnn_large_job("low-dose", cfg, shape, tmp_path, results, print, refuse, refuse)["patch"] == 56
+    other = task_config("low-dose", 128, False, ["train.hr_patch=24"])  # another config of ours: measured again
+    ours_peaks[1] = 400_000_000
+    cfg = other
+    assert cnn_large_job("low-dose", other, shape, tmp_path, results, print, measure, measure_scale)["patch"] == 72
 
 
 def test_cnn_step_probe_measures_a_peak_that_grows_with_the_patch():
@@ -128,3 +135,14 @@ def test_change_table_reports_each_methods_change_and_ours_against_the_cnn():
     assert "| cnn | 0.8600 | 0.8500 | -0.0100 | 9.0 | 9.0 | +0.0 |" in text  # a missing volume's metric is skipped
     assert "| ours - cnn (SSIM) | -0.0100 | +0.0200 | +0.0300 |" in text
     assert "contrast" not in text  # only tasks measured at both sizes
+
+
+def test_scale_step_probe_measures_a_peak_that_grows_with_the_patch_and_keeps_nothing(tmp_path):
+    from benchmarks.tasks import SEEDS, _scale_job, probe_scale_step, task_config
+
+    peaks = []
+    for patch in (12, 24):  # the task's own networks (the smoke size's are too small to show their activations)
+        cfg = task_config("low-dose", 64, False, [f"train.hr_patch={patch}"])
+        peaks.append(probe_scale_step(_scale_job("ours", 1, cfg, "low-dose", SEEDS["train"], (64,) * 3, tmp_path)))
+    assert peaks[1] > peaks[0] + 16 * 2**20, [p / 2**20 for p in peaks]  # 8x the voxels of every activation
+    assert not any(tmp_path.iterdir())  # a probe writes no checkpoint and no weights
