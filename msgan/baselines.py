@@ -212,7 +212,7 @@ def cnn_for_budget(dims: int, min_parameters: int, depth: int = 2) -> ResidualUN
 CNN_SCALE = 1000.0  # HU / CNN_SCALE is what the CNN sees: no window, so the full HU range survives
 
 
-def _body_centres(target: np.ndarray) -> np.ndarray:
+def body_centres(target: np.ndarray) -> np.ndarray:
     """Flat indices of a target's body voxels (above -500 HU), in C order: a patch centre is drawn from them.
     int32 where the volume allows: a third of ``np.argwhere``'s coordinates, a sixth where it is int32."""
     flat = np.flatnonzero(np.asarray(target) > -500.0)
@@ -232,6 +232,7 @@ def train_cnn(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 100,
     tag: dict[str, object] | None = None,
+    centres: Sequence[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Train with L1 on random patches of (input, target) pairs in HU (scaled by :data:`CNN_SCALE`);
     patches are drawn with their centre inside the body (target above -500 HU).
@@ -240,13 +241,14 @@ def train_cnn(
     saved there every ``checkpoint_every`` steps and at the end, and a run that finds the file resumes from it:
     a stopped run continues on the same stream of patches. A checkpoint of another run (other steps, patch,
     batch, learning rate, seed, network or ``tag``, the caller's name for its data) is refused with an error
-    naming it. ``seconds`` in the result is the training time of all runs together."""
+    naming it. ``seconds`` in the result is the training time of all runs together. ``centres``: each pair's
+    :func:`body_centres`, where the caller computed them (to keep them out of a measured peak)."""
     if patch % 2**net.depth:
         raise ValueError(f"CNN patch {patch} must be a multiple of 2**depth = {2**net.depth}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    centres = [_body_centres(t) for _, t in pairs]
+    centres = list(centres) if centres is not None else [body_centres(t) for _, t in pairs]
     run = {"steps": steps, "patch": patch, "batch_size": batch_size, "lr": lr, "seed": seed,
            "parameters": sum(p.numel() for p in net.parameters()), "pairs": len(pairs), "tag": tag}  # fmt: skip
     start, spent, loss_sum = 0, 0.0, 0.0

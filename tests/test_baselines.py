@@ -147,11 +147,11 @@ def test_cnn_training_resumes_from_its_checkpoint_on_the_same_patches(rng, tmp_p
 
 
 def test_cnn_patch_centres_lie_in_the_body(rng):
-    from msgan.baselines import _body_centres
+    from msgan.baselines import body_centres
 
     target = np.full((5, 6, 7), -1000.0, np.float32)
     target[1, 2, 3] = target[4, 5, 6] = 0.0
-    flat = _body_centres(target)
+    flat = body_centres(target)
     assert flat.dtype == np.int32
     coords = np.stack(np.unravel_index(flat, target.shape), axis=1)
     np.testing.assert_array_equal(coords, np.argwhere(target > -500.0))  # the same order: the same stream

@@ -146,3 +146,21 @@ def test_scale_step_probe_measures_a_peak_that_grows_with_the_patch_and_keeps_no
         peaks.append(probe_scale_step(_scale_job("ours", 1, cfg, "low-dose", SEEDS["train"], (64,) * 3, tmp_path)))
     assert peaks[1] > peaks[0] + 16 * 2**20, [p / 2**20 for p in peaks]  # 8x the voxels of every activation
     assert not any(tmp_path.iterdir())  # a probe writes no checkpoint and no weights
+
+
+def test_the_cnn_large_note_states_its_probed_peak_against_ours_budget():
+    from benchmarks.tasks import tables
+
+    row = {"seeds": [301, 302], "ssim": [0.9, 0.8], "mae_hu": [10.0, 12.0], "hallucination_ml": [1.0, 2.0]}
+    data = {"low-dose": {m: dict(row) for m in ("input", "cnn", "cnn_large", "ours")}}
+    large = {"patch": 44, "budget_bytes": 372 * 2**20, "budget_from": "ours scale 0", "steps": 3900,
+             "train_seconds": 2800.0, "step_peak_bytes": 500 * 2**20,  # its run's peak holds the data's index too
+             "probe_peaks_bytes": {"44": 329 * 2**20, "48": 423 * 2**20}}  # fmt: skip
+    meta = {"methods": {"low-dose": {"cnn": {"patch": 24, "train_seconds": 450.0}, "cnn_large": large}}}
+    text = tables(data, meta)
+    assert (
+        "cnn_large: patch 44^3, the largest whose training step peaks within ours' highest (329 MiB against "
+        "372 MiB, ours scale 0); trained in 2800 s (cnn, patch 24^3: 450 s), 3900 steps each." in text
+    )
+    del large["probe_peaks_bytes"]["44"]  # no probe at its patch (the CNN's own): its run's peak is stated
+    assert "the CNN's own: even it peaks above ours' highest (500 MiB" in tables(data, meta)
