@@ -762,15 +762,20 @@ def change_table(small: dict[str, Any], large: dict[str, Any], sizes: tuple[int,
             v = [x for x in rows.get(m, {}).get(k, []) if x is not None]
             return float(np.mean(v)) if v else float("nan")
 
+        def num(x: float, spec: str) -> str:  # a method not measured at one size: "-", not nan
+            return format(x, spec) if np.isfinite(x) else "-"
+
         for m in [x for x in METHODS if x in small[task] or x in large[task]]:
             s0, s1 = mean(small[task], m, "ssim"), mean(large[task], m, "ssim")
             e0, e1 = mean(small[task], m, "mae_hu"), mean(large[task], m, "mae_hu")
-            lines.append(f"| {m} | {s0:.4f} | {s1:.4f} | {s1 - s0:+.4f} | {e0:.1f} | {e1:.1f} | {e1 - e0:+.1f} |")
+            lines.append(f"| {m} | {num(s0, '.4f')} | {num(s1, '.4f')} | {num(s1 - s0, '+.4f')} | {num(e0, '.1f')} "
+                         f"| {num(e1, '.1f')} | {num(e1 - e0, '+.1f')} |")  # fmt: skip
         for cnn in CNNS:
             d0 = mean(small[task], "ours", "ssim") - mean(small[task], cnn, "ssim")
             d1 = mean(large[task], "ours", "ssim") - mean(large[task], cnn, "ssim")
             if np.isfinite(d0) or np.isfinite(d1):
-                lines.append(f"| ours - {cnn} (SSIM) | {d0:+.4f} | {d1:+.4f} | {d1 - d0:+.4f} | | | |")
+                lines.append(f"| ours - {cnn} (SSIM) | {num(d0, '+.4f')} | {num(d1, '+.4f')} | "
+                             f"{num(d1 - d0, '+.4f')} | | | |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 

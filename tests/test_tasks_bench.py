@@ -135,6 +135,11 @@ def test_change_table_reports_each_methods_change_and_ours_against_the_cnn():
     assert "| cnn | 0.8600 | 0.8500 | -0.0100 | 9.0 | 9.0 | +0.0 |" in text  # a missing volume's metric is skipped
     assert "| ours - cnn (SSIM) | -0.0100 | +0.0200 | +0.0300 |" in text
     assert "contrast" not in text  # only tasks measured at both sizes
+    large = rows([0.88, 0.86], [0.85, 0.85])
+    large["low-dose"]["cnn_large"] = {"ssim": [0.9, 0.9], "mae_hu": [8.0, 8.0]}  # measured at the larger size only
+    text = change_table(rows([0.9, 0.8], [0.91, 0.81]), large, (128, 256))
+    assert "| cnn_large | - | 0.9000 | - | - | 8.0 | - |" in text and "nan" not in text
+    assert "| ours - cnn_large (SSIM) | - | -0.0300 | - | | | |" in text
 
 
 def test_scale_step_probe_measures_a_peak_that_grows_with_the_patch_and_keeps_nothing(tmp_path):
