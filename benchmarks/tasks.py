@@ -356,18 +356,22 @@ def cnn_large_for(task: str, args: argparse.Namespace, cfgs: dict[str, Config], 
     return cnn_large_job(task, ref, (args.shape,) * 3, work, results, log)
 
 
+def _probe(train: Callable[[dict[str, Any]], dict[str, Any]], job: dict[str, Any]) -> int:
+    """``train`` run on ``job`` for :data:`PROBE_STEPS` steps in a fresh process: its training-step peak (bytes)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return int(pool.submit(train, {**job, "probe": PROBE_STEPS}).result()["step_peak_bytes"])
+
+
 def probe_cnn_step(job: dict[str, Any]) -> int:
     """The measured training-step peak (bytes) of the CNN ``job`` at its patch: a few steps in a fresh process."""
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return int(pool.submit(_train_cnn, {**job, "probe": PROBE_STEPS}).result()["step_peak_bytes"])
+    return _probe(_train_cnn, job)
 
 
 def probe_scale_step(job: dict[str, Any]) -> int:
     """The measured training-step peak (bytes) of one of our scales (``job`` of :func:`_scale_job`): a few steps
     in a fresh process on one training pair, the heap the data loading freed handed back first; as
     :func:`probe_cnn_step` measures the CNN."""
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return int(pool.submit(_train_scale, {**job, "probe": PROBE_STEPS}).result()["step_peak_bytes"])
+    return _probe(_train_scale, job)
 
 
 def cnn_large_job(task: str, ref: Config, shape: tuple[int, ...], work: Path, results: Results,
