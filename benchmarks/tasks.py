@@ -136,6 +136,9 @@ def ours_pending(cfg: Config) -> str | None:
 # ----------------------------------------------------------------------------- results file
 
 
+RECORDED = ("methods", "reference")  # meta a results file records of its own runs, never taken from another's
+
+
 class Results:
     """``{task: {method: {"seeds": [...], metric: [...]}}}`` on disk, rewritten atomically per volume."""
 
@@ -150,7 +153,10 @@ class Results:
                 f"{path} holds results of (shape, held-out, validation seeds) {was}; this run is {now}: pass "
                 "another --out (never mix sizes or seeds in one table)"
             )
-        self.meta = {**meta, **{k: v for k, v in old.items() if k not in meta}}
+        # what this file recorded (each method's budget and seconds, the references) is its own: a run's meta
+        # names the run (size, seeds), so another file's records never replace these, nor share their dicts
+        run = {k: v for k, v in meta.items() if k not in RECORDED}
+        self.meta = json.loads(json.dumps({**old, **run}))
         self.meta.setdefault("methods", {})
 
     def done(self, task: str, method: str, seed: int) -> bool:

@@ -22,12 +22,17 @@ def test_benchmark_results_resume_per_volume_and_refuse_mixed_sizes(tmp_path):
             again.add("low-dose", m, seed, {"ssim": s, "mae_hu": 10.0 + s, "hallucination_ml": 0.0, "seconds": 1.0})
     text = tables(again.data, again.meta)
     assert "| ours | 2 | 0.9000 |" in text and "| input | 2 | 0.8500 |" in text
+    again.note("low-dose", "ours", train_seconds=5.0)
     other = Results(tmp_path / "cascades.json", meta)  # a parallel run of other methods, its own file
     other.add("low-dose", "edges", 301, {"ssim": 0.5, "mae_hu": 40.0, "hallucination_ml": 3.0, "seconds": 2.0})
     other.add("low-dose", "input", 301, {"ssim": 0.1, "mae_hu": 1.0, "hallucination_ml": 0.0, "seconds": 0.0})
-    assert again.merge(other) == 1  # what the main file already has is kept
+    other.note("low-dose", "edges", patch=44, train_seconds=9.0)
+    # opened as `--merge` opens it, with the main file's meta: the other file's records still come along
+    assert again.merge(Results(tmp_path / "cascades.json", again.meta)) == 1  # what the main file has is kept
     merged = Results(path, meta)
     assert merged.data["low-dose"]["edges"]["ssim"] == [0.5] and merged.data["low-dose"]["input"]["ssim"] == [0.9, 0.8]
+    assert merged.meta["methods"]["low-dose"] == {"ours": {"train_seconds": 5.0},
+                                                  "edges": {"patch": 44, "train_seconds": 9.0}}  # fmt: skip
     with pytest.raises(SystemExit, match="never mix sizes"):
         Results(path, {"shape": [64, 64, 64], "heldout": list(SEEDS["heldout"])})
 
