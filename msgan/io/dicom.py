@@ -507,15 +507,23 @@ def _decode(name: str, read: Callable[[], sitk.Image], slices: int, what: str) -
         raise DicomError(f"series {name}: pixel data cannot be decoded here ({msg})") from err
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DicomError(f"series {name}: {img.GetNumberOfComponentsPerPixel()} samples per pixel; need grayscale")
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, by name
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
     if arr.shape[0] != slices:
         raise DicomError(f"series {name}: {slices} {what} gave {arr.shape[0]} slices")
+    if not np.isfinite(arr).all():  # RescaleSlope/Intercept beyond float32 (1e38 x a stored value)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise DicomError(f"series {name}: {bad} voxel(s) are not finite after RescaleSlope/RescaleIntercept; "
+                         "a volume must hold finite values")  # fmt: skip
     return arr
 
 
 def _read_pixels(name: str, files: list[Path]) -> np.ndarray:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
+    # float32 out, so every slice is rescaled into it with its own RescaleSlope/Intercept (Type 1 per instance):
+    # left to itself the reader takes the first file's pixel type and truncates another slice's fractional values
+    reader.SetOutputPixelType(sitk.sitkFloat32)
     return _decode(name, reader.Execute, len(files), "files")
 
 
@@ -995,7 +1003,11 @@ def derived_image_type(source: Any, default_third: str) -> list[str]:
 
 
 def _int16_encoding(values: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """(stored int16, slope, intercept) for modality values; integers keep slope 1, others are rounded."""
+    """(stored int16, slope, intercept) for modality values; integers keep slope 1, others are rounded. NaN or
+    inf is refused: it would write a NaN RescaleIntercept into every file of the series."""
+    if not np.isfinite(values).all():
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        raise ValueError(f"{bad} voxel(s) are NaN or infinite; a DICOM image holds finite values (nothing written)")
     v = np.round(values).astype(np.float64)
     lo, hi = float(v.min()), float(v.max())
     intercept = 0.0 if lo >= -32768 and hi <= 32767 else float(np.floor((lo + hi) / 2))

@@ -254,3 +254,21 @@ def test_a_file_without_rows_refuses_its_series_by_name_and_the_folder_is_still_
     res = read_series([tmp_path])
     assert [v.series_uid for v in res.volumes] == [good_uid]
     assert f"{files[1].name}: Rows is None; an image needs a positive one" in res.errors[bad_uid]
+
+
+def test_every_slice_is_rescaled_with_its_own_slope_and_an_overflow_is_refused(tmp_path):
+    """RescaleSlope/Intercept are per instance (MR often varies them): a later slice's fractional values are kept,
+    not truncated to the first slice's integer type; a slope that overflows float32 refuses the series by name."""
+    files, uid, hu = write_ct_series(tmp_path / "src")
+    ds = pydicom.dcmread(files[2])
+    stored = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    _edit(files[2], RescaleSlope="0.001", RescaleIntercept="0.5")
+    v = read_series([tmp_path / "src"]).volumes[0]
+    raw = pydicom.dcmread(files[2]).pixel_array.astype(np.float64)
+    np.testing.assert_allclose(v.image[2], (raw * 0.001 + 0.5).astype(np.float32), rtol=0, atol=1e-6)
+    assert np.any(v.image[2] % 1 != 0) and not np.allclose(v.image[2], stored)
+    np.testing.assert_array_equal(np.delete(v.image, 2, axis=0), np.delete(hu, 2, axis=0))  # the others as they were
+
+    _edit(files[3], RescaleSlope="1e38", RescaleIntercept="0")
+    res = read_series([tmp_path / "src"])
+    assert not res.volumes and "not finite after RescaleSlope" in res.errors[uid]
