@@ -25,6 +25,16 @@ def tiny_config(**overrides):
     return load_config(None, {**TINY, **overrides})
 
 
+def write_unchecked(path, image: np.ndarray, geometry) -> None:
+    """A NIfTI/MHA/NRRD file as another program writes it, NaN and all (msgan's writer refuses non-finite
+    voxels and broken geometry), for the tests of what readers refuse."""
+    import SimpleITK as sitk
+
+    from msgan.io.volume import to_sitk
+
+    sitk.WriteImage(to_sitk(image, geometry), str(path), useCompression=True)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

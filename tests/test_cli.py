@@ -7,6 +7,7 @@ import pytest
 
 from msgan.cli import main
 from msgan.io.volume import Geometry, read_volume, write_volume, write_zarr
+from tests.conftest import write_unchecked
 
 TINY = [
     "--set", "num_scales=3", "--set", "lr_generator.width=4", "--set", "lr_generator.depth=1",
@@ -60,7 +61,7 @@ def test_translate_keeps_geometry_and_ignores_tile(tmp_path, model, in_suffix, o
 def test_translate_bad_input_writes_nothing(tmp_path, model, capsys):
     bad = np.zeros((16, 16, 16), np.float32)
     bad[1, 2, 3] = np.nan
-    write_volume(tmp_path / "bad.mha", bad, Geometry.identity(3))
+    write_unchecked(tmp_path / "bad.mha", bad, Geometry.identity(3))
     assert main(["translate", str(tmp_path / "bad.mha"), str(tmp_path / "o.nii.gz"), "--model", str(model)]) == 2
     assert re.search(r"bad\.mha: .*NaN", capsys.readouterr().err)
     assert not (tmp_path / "o.nii.gz").exists()

@@ -389,6 +389,8 @@ def _itk_header(ref: str) -> tuple[tuple[int, ...], Geometry]:
     if len(size) not in (2, 3):
         raise VolumeError(f"{ref}: a {len(size)}D image; a side is 2D or 3D")
     geom = Geometry(tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+    if problem := geom.problem():
+        raise VolumeError(f"{ref}: its header's geometry cannot place it: {problem}")
     return size[::-1], geom
 
 

@@ -34,6 +34,7 @@ from msgan.io.uids import check_uid, shown
 from msgan.io.volume import (
     ITK_SUFFIXES,
     ZARR_SUFFIXES,
+    check_finite,
     read_foreign_zarr,
     read_level,
     read_volume,
@@ -232,6 +233,8 @@ def export(
     note in :attr:`Exported.notes`."""
 
     arr, geom, meta = read_level(volume, 0)  # the one reader: a VolumeError (a ValueError) naming the volume
+    image = np.asarray(arr[...])
+    check_finite(image, volume)  # a NaN would become a NaN RescaleIntercept in every file, or NaN in a NIfTI
     if fmt == "nifti":
         dest = Path(out)
         if not str(dest).lower().endswith(ITK_SUFFIXES):
@@ -242,7 +245,7 @@ def export(
             raise ValueError(f"{dest}: exists and is not a file; give another file name")
         if dest.exists() and not replace:
             raise ValueError(f"{dest}: exists; pass --replace (replace=True) to replace it, or give another name")
-        write_volume(dest, np.asarray(arr[...]), geom, replace=replace)
+        write_volume(dest, image, geom, replace=replace)
         return Exported([dest], None)
     if fmt != "dicom":
         raise ValueError(f"export format {fmt!r}: must be 'dicom' or 'nifti'")
@@ -275,7 +278,7 @@ def export(
         notes.append(f"SeriesDescription of {len(what)} characters truncated to the 64 that LO allows")
     enhanced = enhanced_source and not classic
     write = write_projection if arr.ndim == 2 else write_enhanced if enhanced else write_series
-    files = write(np.asarray(arr[...]), geom, out, ids, series_uid, what, derived_from=src_uid if model else None)
+    files = write(image, geom, out, ids, series_uid, what, derived_from=src_uid if model else None)
     for stale in set(old) - set(files):  # this series' files the new export does not have (verified ours above)
         stale.unlink(missing_ok=True)
     return Exported(files, series_uid, notes)

@@ -51,13 +51,33 @@ class Geometry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        """A stored geometry (an attribute of a volume: untrusted), checked by :meth:`problem`."""
         try:
-            g = cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
+            parts = [tuple(d[k]) for k in ("spacing", "origin", "direction")]
         except (KeyError, TypeError) as err:
-            raise ValueError(f"geometry {d!r} needs spacing, origin and direction lists") from err
+            raise ValueError(f"geometry {d!r:.200} needs spacing, origin and direction lists") from err
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for part in parts for v in part):
+            raise ValueError(f"geometry {d!r:.200}: spacing, origin and direction must hold numbers")
+        g = cls(*(tuple(float(v) for v in part) for part in parts))
         if len(g.origin) != g.dims or len(g.direction) != g.dims**2:
-            raise ValueError(f"geometry {d!r}: origin/direction do not match {g.dims} dimensions")
+            raise ValueError(f"geometry {d!r:.200}: origin/direction do not match {g.dims} dimensions")
+        if problem := g.problem():
+            raise ValueError(f"geometry {d!r:.200}: {problem}")
         return g
+
+    def problem(self) -> str | None:
+        """Why this geometry cannot place an image (None when it can): every value finite, the spacing
+        positive, the direction's columns unit vectors (within 1%) spanning the space. A reader refuses what
+        this names, so no writer ever puts a zero spacing or a degenerate orientation into a DICOM or NIfTI."""
+        values = np.asarray(self.spacing + self.origin + self.direction, dtype=np.float64)
+        if not np.isfinite(values).all():
+            return "spacing, origin and direction must be finite numbers"
+        if min(self.spacing) <= 0:
+            return f"spacing {list(self.spacing)} must be positive"
+        d = np.asarray(self.direction).reshape(self.dims, self.dims)
+        if np.abs(np.linalg.norm(d, axis=0) - 1).max() > 0.01 or abs(float(np.linalg.det(d))) < 0.5:
+            return f"direction {list(self.direction)} must be unit vectors spanning the space"
+        return None
 
     def numpy_spacing(self) -> tuple[float, ...]:
         """Spacing in numpy axis order (z, y, x)."""
@@ -480,6 +500,8 @@ def read_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
     except RuntimeError as err:
         raise ValueError(f"{path}: cannot be read as {suffix} ({str(err).strip().splitlines()[-1]})") from err
     image, geom = from_sitk(img)
+    if problem := geom.problem():
+        raise VolumeError(f"{path}: its header's geometry cannot place it: {problem}")
     check_finite(image, path)
     if suffix in (".nii", ".nii.gz"):
         bad = nifti_nonfinite(path)  # ITK's NIfTI reader turns NaN into 0: look at the stored values
@@ -537,18 +559,28 @@ def _data_file(path: Path, suffix: str) -> tuple[Path | None, bool]:
         return None, suffix == ".nii.gz"
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES).decode("latin-1")
+        whole = not f.read(1)  # the file ends within HEADER_BYTES
+    lines = head.splitlines()
     if suffix == ".mha":
-        fields = dict(
-            (k.strip().lower(), v.strip()) for k, _, v in (line.partition("=") for line in head.splitlines()) if _
-        )
-        name, compressed = (
-            fields.get("elementdatafile", "LOCAL"),
-            fields.get("compresseddata", "false").lower() == "true",
-        )
+        # ITK reads fields up to ElementDataFile, always the header's last; one it cannot find here is refused,
+        # so that no padding pushes the data file past what is checked
+        fields: dict[str, str] = {}
+        for line in lines:
+            k, eq, v = line.partition("=")
+            if eq:
+                fields[k.strip().lower()] = v.strip()
+                if k.strip().lower() == "elementdatafile":
+                    break
+        else:
+            raise VolumeError(f"{path}: no ElementDataFile within its header's first {HEADER_BYTES} bytes (refused)")
+        name, compressed = fields["elementdatafile"], fields.get("compresseddata", "false").lower() == "true"
         local = name.upper() == "LOCAL"
     else:
+        # the header ends at its first blank line; a header longer than what is checked is refused
+        if "" not in lines and not whole:
+            raise VolumeError(f"{path}: a NRRD header longer than {HEADER_BYTES} bytes (refused)")
         fields = {}
-        for line in head.split("\n\n", 1)[0].splitlines()[1:]:
+        for line in lines[1 : lines.index("") if "" in lines else len(lines)]:
             if line.startswith("#") or ":" not in line:
                 continue
             k, _, v = line.partition(":")
@@ -558,7 +590,8 @@ def _data_file(path: Path, suffix: str) -> tuple[Path | None, bool]:
         local = not name
     if local:
         return None, compressed
-    if not name or "/" in name or "\\" in name or name in (".", "..") or "%" in name or " " in name.strip():
+    if (not name or "/" in name or "\\" in name or name in (".", "..") or "%" in name or " " in name.strip()
+            or name.upper() == "LIST"):  # fmt: skip
         raise VolumeError(
             f"{path}: its header names the data file {name!r}; only a plain file name in the same folder is read "
             "(no paths, lists or patterns)"
@@ -613,5 +646,8 @@ def write_volume(path: str | os.PathLike[str], array: np.ndarray, geometry: Geom
         return
     from msgan.storage import staged_file
 
+    check_finite(array, path)  # never a NaN or inf into a file (ITK's NIfTI reader would read them as 0)
+    if problem := geometry.problem():
+        raise VolumeError(f"{path}: not written, its geometry cannot place it: {problem}")
     with staged_file(path, replace=replace) as tmp:
         sitk.WriteImage(to_sitk(array, geometry), str(tmp), useCompression=True)

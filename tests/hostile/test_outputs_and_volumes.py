@@ -21,6 +21,7 @@ from msgan.io import outputs
 from msgan.io.volume import VolumeError, read_level, read_volume, write_volume
 from msgan.volumes.local import translate_volume
 from msgan.volumes.tasks import volume_task
+from tests.conftest import write_unchecked
 from tests.hostile.conftest import GEOM, small_volume, snapshot
 
 # ----------------------------------------------------------------------------- outputs never destroy
@@ -231,15 +232,25 @@ def test_nan_and_inf_are_refused_in_every_format(tmp_path, suffix, bad):
     img = np.zeros((8, 8, 8), np.float32)
     img[3, 4, 5] = bad
     path = tmp_path / f"v{suffix}"
-    write_volume(path, img, GEOM)
+    _write_unchecked(path, img)
     with pytest.raises(VolumeError, match=f"v{suffix}: 1 voxel.* NaN or infinite"):
         read_volume(path)
+
+
+def _write_unchecked(path: Path, img: np.ndarray) -> None:
+    """A file as another program writes it: msgan's own writer refuses non-finite voxels."""
+    from msgan.io.volume import write_zarr
+
+    if path.suffix == ".zarr":
+        write_zarr(path, [img], GEOM)
+    else:
+        write_unchecked(path, img, GEOM)
 
 
 def test_nan_nifti_is_refused_by_translate(tmp_path, hostile_model, capsys):
     img = np.zeros((16, 16, 16), np.float32)
     img[0, 0, 0] = np.nan
-    write_volume(tmp_path / "in.nii.gz", img, GEOM)
+    _write_unchecked(tmp_path / "in.nii.gz", img)
     assert _cli("translate", str(tmp_path / "in.nii.gz"), str(tmp_path / "o.nii.gz"), "--model", hostile_model) == 2
     assert "NaN" in capsys.readouterr().err and not (tmp_path / "o.nii.gz").exists()
 
@@ -528,3 +539,84 @@ def test_a_batch_with_nothing_to_translate_starts_no_ray(tmp_path, hostile_model
     assert sorted(os.listdir(tmp_path / "out")) == ["v.zarr"] and os.listdir(tmp_path / "out" / "v.zarr") == [
         "notes.txt"
     ]
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        ("nan", "NaN or infinite"),
+        ("inf", "NaN or infinite"),
+        ("zero spacing", "must be positive"),
+        ("nan origin", "must be finite numbers"),
+        ("flat direction", "must be unit vectors"),
+        ("spacing as text", "must hold numbers"),
+    ],
+)
+def test_export_refuses_non_finite_voxels_and_a_broken_geometry_and_writes_nothing(tmp_path, capsys, edit, says):
+    """A volume whose values or stored geometry were damaged is refused by name at export, in both formats; before,
+    a NaN became a NaN RescaleIntercept in every DICOM file, and a zero spacing a DICOM series all at one position."""
+    import zarr
+
+    small_volume(tmp_path / "v.zarr")
+    group = zarr.open_group(str(tmp_path / "v.zarr"), mode="r+")
+    meta = dict(group.attrs["msgan"])
+    geom = dict(meta["geometry"])
+    if edit in ("nan", "inf"):
+        level = group["0"]
+        assert isinstance(level, zarr.Array)
+        level[3, 4, 5] = float(edit)
+    else:
+        key, value = {
+            "zero spacing": ("spacing", [0.0, 0.0, 0.0]),
+            "nan origin": ("origin", [0.0, float("nan"), 0.0]),
+            "flat direction": ("direction", [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]),
+            "spacing as text": ("spacing", ["1", "1", "1"]),
+        }[edit]
+        geom[key] = value
+        group.attrs["msgan"] = {**meta, "geometry": geom}
+    for fmt, out in (("dicom", tmp_path / "dcm"), ("nifti", tmp_path / "v.nii.gz")):
+        assert _cli("export", str(tmp_path / "v.zarr"), str(out), "--format", fmt) == 2
+        err = capsys.readouterr().err
+        assert "v.zarr" in err and says in err, err
+        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["v.zarr"]
+    if edit == "spacing as text":
+        return
+    from msgan.io.volume import Geometry
+
+    # the writer itself refuses the same, whoever calls it
+    direct = Geometry(*(tuple(float(v) for v in geom[k]) for k in ("spacing", "origin", "direction")))
+    with pytest.raises(VolumeError, match=says):
+        write_volume(tmp_path / "direct.nii.gz", np.asarray(group["0"][...]), direct)
+    assert not (tmp_path / "direct.nii.gz").exists()
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+@pytest.mark.parametrize("how", ["after 64 KiB of padding", "LIST beside a file named LIST"])
+def test_a_header_never_reads_another_folders_file_however_it_names_it(tmp_path, suffix, how):
+    """The data file a header names is checked however far down the header it stands (a header longer than what
+    is checked is refused), and a LIST of files is refused even where a file named LIST stands beside it."""
+    secret = tmp_path / "other_patient" / "ct.raw"
+    secret.parent.mkdir()
+    np.full((4, 8, 8), 1234, "<i2").tofile(secret)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "LIST").write_bytes(b"\0" * 512)
+    padding = [("# " if suffix == ".nrrd" else "Comment = ") + "x" * 200 for _ in range(340)]
+    if suffix == ".mha":
+        head = [
+            "ObjectType = Image",
+            "NDims = 3",
+            "DimSize = 8 8 4",
+            "ElementType = MET_SHORT",
+            "ElementSpacing = 1 1 1",
+        ]
+        tail = [f"ElementDataFile = {secret}"] if how.startswith("after") else ["ElementDataFile = LIST", str(secret)]
+    else:
+        head = ["NRRD0004", "type: short", "dimension: 3", "sizes: 8 8 4", "encoding: raw", "endian: little",
+                "space: left-posterior-superior", "space directions: (1,0,0) (0,1,0) (0,0,1)"]  # fmt: skip
+        tail = [f"data file: {secret}", ""] if how.startswith("after") else ["data file: LIST", *[str(secret)] * 4, ""]
+    lines = head + (padding if how.startswith("after") else []) + tail
+    path = inbox / f"x{suffix}"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(VolumeError, match=r"x\.(mha|nrrd): .*(data file|header)"):
+        read_volume(path)
