@@ -33,9 +33,11 @@ from msgan.data.pairs import (
     PairCheck,
     PairsError,
     SideInfo,
+    Splits,
     csv_uri,
     decode_csv,
     manifest_rows,
+    pair_patient_id,
     read_csv_bytes,
     ref_exists,
     ref_key,
@@ -102,7 +104,7 @@ def read_folder(uri: str | os.PathLike[str]) -> list[Image]:
     """The images directly inside a local folder, in name order (deterministic across machines): files of an
     image format (NIfTI, MHA, NRRD, DICOM), OME-Zarr volumes (``*.zarr``) and every other sub-folder (one
     DICOM series each; :func:`check_sets` refuses one that holds none or several). Hidden entries and other
-    files are skipped; a folder with no image is refused."""
+    files are skipped; a link to nothing (a missing image) and a folder with no image are refused."""
     shown = str(uri)
     text = shown[len("file://") :] if shown.startswith("file://") else shown
     folder = os.path.expanduser(text)
@@ -123,8 +125,13 @@ def read_folder(uri: str | os.PathLike[str]) -> list[Image]:
             keep = True  # an OME-Zarr volume or a folder holding one DICOM series
         elif os.path.isfile(path):
             keep = low.endswith(ITK_SUFFIXES) or _is_dicom_file(path)
+        elif os.path.islink(path):  # a link to nothing: an image of the set that is missing (an unmounted archive)
+            raise ImagesError(
+                f"{shown}: {name} is a link to {os.readlink(path)!r}, which does not exist; an image of the set is "
+                "missing (a set never leaves one out silently: restore it or remove the link)"
+            )
         else:
-            keep = False  # a FIFO, a device, a broken link
+            keep = False  # a FIFO, a device
         if keep:
             images.append(Image(len(images) + 1, os.path.normpath(path), "train", "", f"{base}/{name}", True))
     if not images:
@@ -231,11 +238,6 @@ def _info(ref: str) -> tuple[SideInfo | None, str | None]:
         return None, f"unreadable ({reason if ref in reason else f'{ref}: {reason}'})"
 
 
-def _pair_patient(c: PairCheck) -> str:
-    ids = {s.patient for s in (c.source, c.target) if s is not None and s.patient}
-    return c.pair.patient or (next(iter(ids)) if len(ids) == 1 else "")
-
-
 def check_sets(
     sources: Sequence[Image],
     targets: Sequence[Image],
@@ -253,14 +255,12 @@ def check_sets(
         raise ValueError(f"dims {dims}: 2 or 3")
     entries = [("sources", im) for im in sources] + [("targets", im) for im in targets]
     pair_sides: dict[str, tuple[str, str]] = {}
-    patients: dict[str, tuple[str, str]] = {}  # patient -> (split, where)
+    splits = Splits()  # the scored pairs' patients first: their own clashes are check_pairs' to say
     for c in pairs:
         where = f"{pairs_name} row {c.pair.row} ({c.pair.split})"
         for ref in (c.pair.source, c.pair.target):
             pair_sides.setdefault(ref_key(ref), (where, c.pair.split))
-        key = _pair_patient(c)
-        if key:
-            patients.setdefault(key, (c.pair.split, where))
+        splits.place(c.pair.patient, pair_patient_id(c), c.pair.split, where)
     seen: dict[str, str] = {}
     modality: tuple[str, str] | None = None
     out = []
@@ -283,15 +283,10 @@ def check_sets(
         seen.setdefault(key, f"{im.label} ({role})")
         if key in pair_sides:
             problems.append(f"also a side of {pair_sides[key][0]}: a scored pair must not be a training image")
-        patient = im.patient or (info.patient if info is not None else "")
-        if patient:
-            split, where = patients.setdefault(patient, (im.split, f"{im.label} ({role}, {im.split})"))
-            if split != im.split:
-                what = "patient" if im.patient else "DICOM PatientID"
-                problems.append(
-                    f"the same {what} is in split {split!r} at {where}: one patient belongs to one split "
-                    "(held-out figures leak otherwise)"
-                )
+        patient_id = info.patient if info is not None and info.patient else ""
+        clash = splits.place(im.patient, patient_id, im.split, f"{im.label} ({role}, {im.split})")
+        if clash:
+            problems.append(clash)
         out.append(ImageCheck(im, role, info, tuple(problems)))
     return out
 

@@ -627,27 +627,54 @@ def check_pair(pair: Pair, dims: int | None = None) -> PairCheck:
     return dataclasses.replace(check, problems=tuple(problems), notes=tuple(notes))
 
 
+class Splits:
+    """Which split each patient is in, from a row's ``patient`` value and its DICOM PatientID, so that no patient
+    is in two splits (held-out figures leak otherwise). A ``patient`` value stands for its rows: rows with two
+    different values are two patients whatever their PatientID (the column says so where PatientIDs are not
+    patients). A row without one is its PatientID's, and meets every row of that PatientID, with a ``patient``
+    value or not: a hand-added row of a patient whose other rows carry a pseudonym is still that patient."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], dict[str, str]] = {}  # (kind, key) -> {split: where first seen}
+
+    def place(self, patient: str, patient_id: str, split: str, where: str) -> str | None:
+        """Record a row; where the same patient already is in another split (a problem, said), else None."""
+        if patient:
+            look = [("patient", patient, "patient")] + ([("bare", patient_id, "DICOM PatientID")] if patient_id else [])
+            keep = [("patient", patient)] + ([("any", patient_id)] if patient_id else [])
+        elif patient_id:
+            look, keep = [("any", patient_id, "DICOM PatientID")], [("any", patient_id), ("bare", patient_id)]
+        else:
+            return None
+        clash = None
+        for kind, key, what in look:
+            other = next(((sp, w) for sp, w in self._seen.get((kind, key), {}).items() if sp != split), None)
+            if other and clash is None:
+                clash = (
+                    f"the same {what} is in split {other[0]!r} at {other[1]}: one patient belongs to one split "
+                    "(held-out figures leak otherwise; a patient column tells patients apart where PatientIDs do not)"
+                )
+        for k in keep:
+            self._seen.setdefault(k, {}).setdefault(split, where)
+        return clash
+
+
+def pair_patient_id(check: PairCheck) -> str:
+    """The DICOM PatientID both sides of a pair share ('' when neither has one, or they differ)."""
+    ids = {s.patient for s in (check.source, check.target) if s is not None and s.patient}
+    return next(iter(ids)) if len(ids) == 1 else ""
+
+
 def check_pairs(pairs: Sequence[Pair], dims: int | None = None) -> list[PairCheck]:
-    """:func:`check_pair` for every pair, then across pairs: where a row has no ``patient`` value, the DICOM
-    PatientID stands for it, and one patient in two splits refuses the later pair (a held-out leak)."""
+    """:func:`check_pair` for every pair, then across pairs: one patient in two splits refuses the later pair
+    (:class:`Splits`: by the ``patient`` column, and by the DICOM PatientID where a row has no ``patient`` value)."""
     checks = [check_pair(p, dims) for p in pairs]
-    first: dict[str, tuple[str, int]] = {}
+    splits = Splits()
     out = []
     for c in checks:
-        ids = {s.patient for s in (c.source, c.target) if s is not None and s.patient}
-        key = c.pair.patient or (next(iter(ids)) if len(ids) == 1 else "")
-        if key:
-            split, row = first.setdefault(key, (c.pair.split, c.pair.row))
-            if split != c.pair.split:
-                what = "patient" if c.pair.patient else "DICOM PatientID"
-                c = dataclasses.replace(
-                    c,
-                    problems=(
-                        *c.problems,
-                        f"the same {what} is in split {split!r} at row {row}: one patient's pairs belong to one "
-                        f"split (a patient column says otherwise when PatientIDs are not patients)",
-                    ),
-                )
+        clash = splits.place(c.pair.patient, pair_patient_id(c), c.pair.split, f"row {c.pair.row}")
+        if clash:
+            c = dataclasses.replace(c, problems=(*c.problems, clash))
         out.append(c)
     return out
 
@@ -680,6 +707,7 @@ __all__ = [
     "PairCheck",
     "PairsError",
     "SideInfo",
+    "Splits",
     "check_pair",
     "check_pairs",
     "describe",

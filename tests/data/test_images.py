@@ -130,6 +130,20 @@ def test_an_empty_folder_or_one_volume_is_not_a_set(tmp_path):
         read_images(vol(tmp_path / "v.zarr"))
 
 
+def test_a_link_to_a_missing_image_refuses_the_folder_set_naming_it(tmp_path):
+    """A set never trains on fewer images than it holds without saying so: an image whose link leads nowhere (an
+    archive not mounted) refuses the folder, naming the entry; a link to an image that exists is an image."""
+    soft = tmp_path / "soft"
+    soft.mkdir()
+    vol(soft / "case1.zarr")
+    vol(tmp_path / "elsewhere.zarr")
+    (soft / "case2.zarr").symlink_to(tmp_path / "elsewhere.zarr")
+    assert [im.label for im in read_folder(str(soft))] == ["soft/case1.zarr", "soft/case2.zarr"]
+    (soft / "case3.nii.gz").symlink_to(tmp_path / "archive_not_mounted" / "case3.nii.gz")
+    with pytest.raises(ImagesError, match=r"soft: case3\.nii\.gz is a link to .*archive_not_mounted.* does not exist"):
+        read_folder(str(soft))
+
+
 # ----------------------------------------------------------------------------- both sets together
 
 
@@ -178,3 +192,7 @@ def test_one_modality_and_one_split_per_dicom_patient(tmp_path):
     assert problems[0] == ""
     assert "the same DICOM PatientID is in split 'train' at sources.csv row 2" in problems[1]
     assert "modality MR, but sources.csv row 2 is CT" in problems[2]
+    # a patient value on one row does not hide the PatientID of a row without one
+    src = read_manifest(manifest(tmp_path, "image,split,patient\nct,train,7f3a9c01\nct_again,holdout,\n"))
+    problems = ["; ".join(c.problems) for c in check_sets(src, tgt, dims=3)]
+    assert problems[0] == "" and "the same DICOM PatientID is in split 'train' at sources.csv row 2" in problems[1]

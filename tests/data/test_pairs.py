@@ -348,6 +348,11 @@ def test_one_dicom_patient_in_two_splits_is_a_leak(study, tmp_path):
     assert any("same DICOM PatientID is in split 'train' at row 2" in p for p in checks[1].problems)
     named = [Pair(2, p.source, p.target, p.split, f"anon-{p.row}") for p in pairs]  # the column says otherwise
     assert all(c.usable for c in check_pairs(named))
+    # a row with a patient value (find-pairs writes pseudonyms) and a row without one (added by hand) of the same
+    # DICOM PatientID: the bare row is that PatientID's, so it meets the named one, in either order
+    for mixed in ([named[0], pairs[1]], [pairs[1], named[0]]):
+        later = check_pairs(mixed)[1]
+        assert any(f"same DICOM PatientID is in split '{mixed[0].split}'" in p for p in later.problems), later
 
 
 @pytest.mark.slow
