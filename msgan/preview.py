@@ -136,21 +136,46 @@ def default_output(volume: str | Path) -> str:
     return (s[: -len(".zarr")] if s.endswith(".zarr") else s) + ".png"
 
 
+def _manifest_input(volume: str | Path, uri: str, manifest_uri: str) -> str:
+    """The input a translated volume's manifest names, checked: an absolute path or URI (a relative one would
+    resolve against wherever this runs), and on S3 only when the volume itself is (its credentials are never
+    spent on a store the user did not name)."""
+    try:
+        named = json.loads(storage.read_text(manifest_uri)).get("input")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{volume}: its manifest.json cannot be read ({type(err).__name__})") from None
+    if not isinstance(named, str) or not named:
+        raise ValueError(f"{volume}: its manifest.json names no input (pass --source)")
+    if named.startswith("s3://") and not uri.startswith("s3://"):
+        raise ValueError(f"{volume}: its manifest names the input {named} on S3, this volume is local; pass --source")
+    if not named.startswith(("s3://", "file://", "/")):
+        raise ValueError(f"{volume}: its manifest names the input {named!r}, not an absolute path; pass --source")
+    return named
+
+
 def preview_volume(volume: str | Path, out: str | Path | None = None, source: str | Path | None = None) -> str:
     """A preview PNG of an OME-Zarr volume. A translated volume (its ``manifest.json`` names the input) shows
     the source beside the result, both in the source's display window; ``source`` overrides the manifest.
     Returns where the PNG went (default: :func:`default_output`)."""
     uri = _uri(volume)
-    result, spacing, _ = _level0(uri)
+    result, spacing, meta = _level0(uri)
+    named = None  # the manifest's input: a file inside the volume, so untrusted
     if source is None:
         manifest_uri = storage.join(uri, "manifest.json")
         if storage.exists(manifest_uri):
-            source = json.loads(storage.read_text(manifest_uri)).get("input")
+            source = named = _manifest_input(volume, uri, manifest_uri)
     columns: dict[str, list[View]] = {}
     if source is not None:
-        src, src_spacing, _ = _level0(_uri(source))
+        src, src_spacing, src_meta = _level0(_uri(source))
         if tuple(src.shape) != tuple(result.shape):
             raise ValueError(f"{volume}: shape {tuple(result.shape)} differs from its source's {tuple(src.shape)}")
+        # a translation keeps its input's attributes as its "source" and its grid: a volume the manifest names
+        # that differs in either is not this one's input, and is never drawn into its preview
+        kept = {k: v for k, v in src_meta.items() if k != "geometry"}
+        same_grid = src_meta.get("geometry") == meta.get("geometry")
+        if named is not None and (kept != meta.get("source") or not same_grid):
+            raise ValueError(f"{volume}: its manifest names the input {named}, whose attributes are not this "
+                             "volume's source's; it is not its input (pass its source with --source)")  # fmt: skip
         columns["source"] = centre_views(src, src_spacing)
     columns["result" if source is not None else Path(str(volume).rstrip("/")).name] = centre_views(result, spacing)
     window = auto_window(next(iter(columns.values())))

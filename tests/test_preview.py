@@ -37,7 +37,7 @@ def test_thick_slices_make_taller_coronal_rows(tmp_path):
     assert png2d.startswith(b"\x89PNG")
 
 
-def test_msgan_preview_of_a_translated_zarr_shows_source_and_result(tmp_path):
+def test_msgan_preview_of_a_translated_zarr_shows_source_and_result(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dims: 3\n")
     tiny = ["--set", "num_scales=2", "--set", "lr_generator.width=4", "--set", "lr_generator.depth=1",
@@ -61,3 +61,21 @@ def test_msgan_preview_of_a_translated_zarr_shows_source_and_result(tmp_path):
     assert main(["preview", str(tmp_path / "v.nii.gz"), str(single)]) == 0
     assert imread(single).shape[1] < w  # one column
     assert main(["preview", str(tmp_path / "missing.zarr")]) == 2
+
+    # the manifest is a file inside the volume, so untrusted: another volume it names (same shape and grid, other
+    # attributes: another patient) is never drawn into the preview, nor a relative path, nor S3 for a local volume
+    other = tmp_path / "elsewhere" / "other_patient.zarr"
+    grid = Geometry((0.8, 0.8, 2.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_zarr(other, [np.full((18, 20, 22), 1000, np.float32)], grid, attrs={"patient": "other"})
+    manifest = tmp_path / "out.zarr" / "manifest.json"
+    kept = json.loads(manifest.read_text())
+    for named, says in ((str(other), "it is not its input"), ("in.zarr", "not an absolute path"),
+                        ("s3://bucket/in.zarr", "on S3, this volume is local"), (123, "names no input")):  # fmt: skip
+        manifest.write_text(json.dumps({**kept, "input": named}))
+        (tmp_path / "leak.png").unlink(missing_ok=True)
+        assert main(["preview", str(tmp_path / "out.zarr"), str(tmp_path / "leak.png")]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / "leak.png").exists()
+    assert (
+        main(["preview", str(tmp_path / "out.zarr"), str(tmp_path / "ok.png"), "--source", str(tmp_path / "in.zarr")])
+        == 0
+    )
