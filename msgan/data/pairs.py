@@ -131,6 +131,11 @@ def resolve_ref(shown: str, row: int, column: str, cell: str, base_uri: str) -> 
     where = f"{shown} row {row}"
     if _is_remote(cell):
         bucket_key = cell[len("s3://") :]
+        if "@" in bucket_key.split("/", 1)[0] or ":" in bucket_key.split("/", 1)[0]:  # never echoed: a secret
+            raise PairsError(
+                f"{where}: {column} is an s3:// URI carrying credentials (user:secret@bucket); a manifest names the "
+                "bucket and key alone, credentials come from the environment"
+            )
         if not bucket_key or bucket_key.startswith("/") or ".." in bucket_key.split("/"):
             raise PairsError(f"{where}: {column} {cell!r} is not an s3://bucket/key URI")
         return cell.rstrip("/")
