@@ -55,7 +55,8 @@ MIN_ENCODED = 6  # an encoded form (percent, base64) shorter than this is not ma
 MIN_BASE64_CORE = 8  # a secret is searched inside any base64 text only where its own base64 is this long
 
 # scheme://user:password@host  ->  scheme://user:***@host  (also for a password with no user)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@")
+# (the secret may hold an unencoded '/', which ends the authority for a parser but not for a person who pasted it)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@\s]+?)@")
 _CRED_KEY = (
     r"password|passwd|pwd|secret|[A-Za-z_\-]*token|[A-Za-z_\-]*secret[_\-]?(?:access[_\-]?)?key|api[_\-]?key"
     r"|X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token"

@@ -15,6 +15,8 @@ from msgan.redact import redact_text, redact_uri
         ("s3://bucket/key?X-Amz-Signature=abc&x=1", "s3://bucket/key?X-Amz-Signature=***&x=1"),
         ("http://host:8042/dicom-web", "http://host:8042/dicom-web"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("http://alice:S3cr/etPass@pacs:8042/dicom-web", "http://alice:***@pacs:8042/dicom-web"),  # '/' unencoded
+        ("see http://host:8042/dicom-web/studies, mail a@b", "see http://host:8042/dicom-web/studies, mail a@b"),
     ],
 )
 def test_redact_uri(uri, want):

@@ -256,6 +256,12 @@ class DicomWebClient:
                 f"PACS URL {redact_uri(url)!r}: expected the DICOMweb root, e.g. http://orthanc:8042/dicom-web"
             )
         parts = urlsplit(url)
+        if "@" not in parts.netloc and "@" in url.split("://", 1)[1]:
+            # user:pass@ whose password holds '/', '?' or '#' unencoded: a parser reads part of it as the host
+            raise ValueError(
+                f"PACS URL {redact_uri(url)!r}: its user:password@ part holds a character that must be "
+                "percent-encoded ('/', '?' or '#'); encode the password, or set MSGAN_PACS_USER and MSGAN_PACS_PASSWORD"
+            )
         if "@" in parts.netloc:  # user:password@ in the URL: used as credentials, never kept in the URL we show
             user = user or unquote(parts.username or "") or None
             password = password if password is not None else unquote(parts.password or "")

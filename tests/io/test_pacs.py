@@ -79,6 +79,15 @@ def test_a_token_in_the_pacs_url_reaches_no_message_or_repr():
     assert "SECRET-TOKEN-1" not in str(info.value) and "SECRET-TOKEN-1" not in repr(client)
 
 
+@pytest.mark.parametrize("char", ["/", "#", "?"])
+def test_a_pacs_url_whose_password_holds_an_unencoded_delimiter_is_refused_without_showing_it(char):
+    """A generated password with '/' in user:password@ ends the authority for a URL parser: the client would
+    connect to a host named after the user and show the password in every message; it is refused, masked."""
+    with pytest.raises(ValueError, match="must be percent-encoded") as info:
+        DicomWebClient(f"http://alice:S3cr{char}etPass@127.0.0.1:9/dicom-web")
+    assert "etPass" not in str(info.value) and "S3cr" not in str(info.value)
+
+
 def test_a_part_whose_headers_never_end_is_refused_without_reading_the_rest(tmp_path):
     """Memory holds a chunk and a delimiter, also when a broken PACS or proxy sends headers that never end."""
     from msgan.io.pacs import write_multipart
