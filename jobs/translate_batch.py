@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         from msgan.console import Progress, is_tty, scale_progress
         from msgan.distributed.translate import translate_batch
 
+        report_to = _report_destination(args.report, args.inputs, args.output) if args.report else None
+
         bar = Progress(sys.stdout) if is_tty(sys.stdout) else None  # piped: a line per --progress-every
         report = translate_batch(
             args.inputs,
@@ -71,16 +73,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"translate_batch: {type(err).__name__}: {err} (--verbose for the traceback)", file=sys.stderr)
         return 1
     print(report.summary())
-    if args.report:
-        from msgan.io import outputs
+    if report_to:
         from msgan.redact import redact_text
         from msgan.storage import local_path, staged_file
 
-        where = outputs.resolve_output(args.report, args.inputs)
-        outputs.refuse_foreign(where, lambda _: False, replace=True)  # a report file is replaced, nothing else
-        with staged_file(local_path(where)) as tmp:
+        with staged_file(local_path(report_to)) as tmp:
             tmp.write_text(redact_text(json.dumps(report.__dict__, indent=2, default=str)))
     return 1 if report.failed else 0
+
+
+REPORT_KEYS = {"model", "run", "published", "failed"}  # what every batch report holds
+
+
+def _report_destination(report: str, inputs: list[str], output: str) -> str:
+    """Where --report goes, checked before any work: never into an input or the output prefix (a volume's
+    manifest is not a report), and over an existing file only when it is an earlier batch report."""
+    from msgan import storage
+    from msgan.io import outputs
+
+    where = outputs.resolve_output(report, inputs)
+    try:
+        outputs.resolve_output(report, [output])
+    except outputs.OutputError:
+        raise ValueError(f"--report {report}: lies inside the output {output} (or holds it); a report goes beside "
+                         "the published volumes, never among them") from None  # fmt: skip
+    if storage.is_s3(where):
+        raise ValueError(f"--report {report}: a local file path (the report is written on this machine)")
+    path = storage.local_path(where)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ValueError(f"--report {report}: exists and is not a regular file; give another path")
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or not set(earlier) >= REPORT_KEYS:
+            raise ValueError(f"--report {report}: exists and is not a batch report; it is never replaced "
+                             "(give another path)")  # fmt: skip
+    return where
 
 
 if __name__ == "__main__":

@@ -620,3 +620,34 @@ def test_a_header_never_reads_another_folders_file_however_it_names_it(tmp_path,
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(VolumeError, match=r"x\.(mha|nrrd): .*(data file|header)"):
         read_volume(path)
+
+
+def test_the_batch_report_never_replaces_a_users_file_or_a_manifest_and_is_checked_before_any_work(
+    tmp_path, hostile_model, capsys
+):
+    """--report replaced any regular file (a user's notes, a published volume's manifest.json), and only after the
+    whole batch had run; now a file that is not an earlier batch report, or a path among the published volumes, is
+    refused before any work, and an earlier report is replaced."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "translate_batch", Path(__file__).parents[2] / "jobs" / "translate_batch.py"
+    )
+    assert spec is not None and spec.loader is not None
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    small_volume(tmp_path / "in" / "a.zarr")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("two years of notes")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.json").write_text("{}")
+    base = ["--model", hostile_model, "--inputs", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    for report, says in ((notes, "is not a batch report"), (tmp_path / "out" / "keep.json", "lies inside the output")):
+        assert job.main([*base, "--report", str(report)]) == 2
+        assert says in capsys.readouterr().err
+    assert notes.read_text() == "two years of notes" and sorted(os.listdir(tmp_path / "out")) == ["keep.json"]
+    earlier = tmp_path / "report.json"
+    earlier.write_text(json.dumps({"model": "m", "run": "r", "published": [], "failed": {}}))
+    # an earlier report is the one file replaced (checked alone: a run of the batch costs a Ray start)
+    where = job._report_destination(str(earlier), [str(tmp_path / "in")], str(tmp_path / "out"))
+    assert storage.local_path(where) == earlier
