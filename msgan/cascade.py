@@ -324,6 +324,7 @@ def _load_weights(data: bytes, where: str) -> dict[str, torch.Tensor]:
         ImportError,
         MemoryError,
         OverflowError,
+        AssertionError,  # torch's unpickler asserts on a malformed persistent id
     ) as err:
         raise CascadeError(
             f"{where}: not a weights file torch can load weights-only ({_load_reason(err)}); "
@@ -333,6 +334,12 @@ def _load_weights(data: bytes, where: str) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CascadeError(f"{where}: holds a {type(state).__name__}, not a dict of named tensors (a state dict)")
+    for name, t in state.items():  # a generator's weights: dense, real, on the CPU, finite
+        if t.layout != torch.strided or t.device.type != "cpu" or t.is_complex():
+            raise CascadeError(f"{where}: tensor {name!r} is {t.layout} {t.dtype} on {t.device}; weights are dense "
+                               "real tensors")  # fmt: skip
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CascadeError(f"{where}: tensor {name!r} holds NaN or infinite weights (a diverged or damaged model)")
     return state
 
 

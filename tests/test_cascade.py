@@ -374,3 +374,38 @@ def test_a_normalised_model_saves_its_rule_and_an_older_v2_manifest_loads_as_unn
     assert loaded.config.intensity.normalize == "none" and loaded.spec == ct.spec
     image = rng.uniform(-1000, 500, size=(20, 18, 22)).astype(np.float32)
     assert loaded.translate(image).tobytes() == ct.translate(image).tobytes()
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "meta", "complex", "sparse", "persistent id"])
+def test_damaged_weights_are_refused_naming_the_file(tiny_cfg, damage):
+    """Weights of the right names and shapes that cannot be a trained generator's are refused when loaded, naming
+    the file: NaN/inf (a diverged run) used to load and fail later as a NaN output or 'a tile was lost'; a meta,
+    sparse or complex tensor and a malformed pickle escaped as bare RuntimeError/AssertionError."""
+    import io
+    import zipfile
+
+    from msgan.cascade import CascadeError, load_generator
+    from msgan.nets import build_generator
+
+    state = build_generator(tiny_cfg, 1).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.ndim > 1)
+    t = state[name]
+    state[name] = {
+        "nan": t.clone().fill_(float("nan")),
+        "inf": t.clone().fill_(float("inf")),
+        "meta": torch.empty(t.shape, device="meta"),
+        "complex": t.to(torch.complex64),
+        "sparse": t.to_sparse(),
+        "persistent id": t,
+    }[damage]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    if damage == "persistent id":  # a pickle of only weights-only-safe opcodes whose persistent id is not a tuple
+        out = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+            for info in zin.infolist():
+                zout.writestr(info, b"\x80\x02K\x05Q." if info.filename.endswith("/data.pkl") else zin.read(info))
+        data = out.getvalue()
+    with pytest.raises(CascadeError, match=r"model/scale_1\.pt: "):
+        load_generator(tiny_cfg, 1, data, "model/scale_1.pt")
