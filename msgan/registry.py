@@ -288,7 +288,17 @@ def _artifact_source(model_uri: str) -> tuple[str, str | None]:
         )
     if not tags.get(MANIFEST_TAG):
         raise ModelLoadError(f"{model_uri} (version {mv.version}): no {MANIFEST_TAG} tag to check the manifest by")
-    return str(mv.source).rstrip("/"), tags[MANIFEST_TAG]
+    source = str(mv.source).rstrip("/")
+    # the registry names where the weights are: only its own run's artifacts, as register_cascade wrote them
+    # (runs:/<the version's run>/<path>), never an absolute path, another store or a path out of the run
+    prefix = f"runs:/{mv.run_id}/"
+    path = source[len(prefix) :] if mv.run_id and source.startswith(prefix) else ""
+    if not path or any(part in ("", ".", "..") for part in path.split("/")) or "\\" in path or "%" in path:
+        raise ModelLoadError(
+            f"{model_uri} (version {mv.version}): its source {source!r} is not an artifact directory of its own run "
+            f"({prefix}...); msgan loads a cascade only from where it registered it"
+        )
+    return source, tags[MANIFEST_TAG]
 
 
 def _listing(source: str, model_uri: str) -> dict[str, Any]:

@@ -321,3 +321,30 @@ def test_run_settings_are_the_runs_params_and_tags_never_a_data_path(tracking, t
     assert mv.tags["msgan.data_fingerprint"] == "f00d"
     loaded = registry.load_cascade("models:/params-test/1")
     assert loaded.spec == cfg.spec() and loaded.config.train.steps != 17 and loaded.config.data.paths == ()
+
+
+def test_a_version_whose_source_leaves_its_own_run_is_refused(tracking, tmp_path):
+    """The registry names where a version's weights are: only the version's own run's artifact directory is read,
+    never an absolute path, a file:// URI, another run or a path that climbs out of the run (a registry entry
+    edited to point at a cascade from anywhere loaded it, as long as the copy matched)."""
+    _, _, mv, folder = _registered(tmp_path)
+    client = MlflowClient(tracking)
+    tags = {registry.FORMAT_TAG: "msgan-cascade/1", registry.MANIFEST_TAG: mv.tags[registry.MANIFEST_TAG]}
+    other = client.create_run(client.get_run(mv.run_id).info.experiment_id).info.run_id
+    sources = [
+        f"runs:/{mv.run_id}/cascade/../../{folder.name}",
+        f"runs:/{other}/cascade",
+        str(folder),
+        f"file://{folder}",
+    ]
+    refused = []
+    for source in sources:
+        try:
+            version = client.create_model_version("safe", source, run_id=mv.run_id, tags=tags).version
+        except mlflow.exceptions.MlflowException:
+            continue  # MLflow itself refused to register it: nothing to load
+        with pytest.raises(registry.ModelLoadError, match="is not an artifact directory of its own run"):
+            registry.load_cascade(f"models:/safe/{version}")
+        refused.append(source)
+    assert len(refused) >= 2, refused  # the registry took them: the check above is what stopped them
+    assert registry.load_cascade(f"models:/safe/{mv.version}").config.num_scales == 2  # its own run: loads
