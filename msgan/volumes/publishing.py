@@ -75,7 +75,11 @@ def replace_dir(new: Path, dest: Path) -> None:
         return
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     os.rename(dest, old)  # fallback: a moment without an output, never a mix of two
-    os.rename(new, dest)
+    try:
+        os.rename(new, dest)
+    except OSError:
+        os.rename(old, dest)  # the previous output back in its place: a failed publish loses nothing
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -164,7 +168,7 @@ def sweep_staging(out_parent: str, ttl_s: float = lease.DEFAULT_TTL_S) -> list[s
     scheme = "s3://" if storage.is_s3(out_parent) else "file://"
     for entry in fs.ls(path, detail=False):
         uri = scheme + entry.lstrip("/") if scheme == "s3://" else scheme + entry
-        alive = _staging_alive(fs, entry, uri, ttl_s)
+        alive = _staging_alive(fs, entry, uri, ttl_s, out_parent)
         if alive is False:
             try:
                 fs.rm(entry, recursive=True)
@@ -175,18 +179,29 @@ def sweep_staging(out_parent: str, ttl_s: float = lease.DEFAULT_TTL_S) -> list[s
     return removed
 
 
-def _staging_alive(fs: Any, entry: str, uri: str, ttl_s: float) -> bool | None:
-    """Whether the run that made staging folder ``uri`` may still be at work (None: unreadable, kept)."""
+def _staging_alive(fs: Any, entry: str, uri: str, ttl_s: float, out_parent: str = "") -> bool | None:
+    """Whether the run that made staging folder ``uri`` may still be at work (None: unreadable, kept). Its run
+    record is a file in the staging folder, so untrusted: it is used only when it names an output of
+    ``out_parent`` (the lease looked at is then that output's), else the folder's age decides."""
     try:
         record = json.loads(storage.read_text(storage.join(uri, RUN_FILE)))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):  # not JSON, not UTF-8: no record
         record = None
     except OSError:
         return None
-    if isinstance(record, dict) and "run" in record and "output" in record:
-        parent, base = posixpath.split(str(record["output"]).rstrip("/"))
-        info = lease.holder(f"{parent}/.leases/{base}.json")
-        return info is not None and info["run"] == record["run"] and lease.alive(info, ttl_s)
+    output = record.get("output") if isinstance(record, dict) else None
+    if isinstance(output, str) and isinstance(record.get("run"), str):  # type: ignore[union-attr]
+        parent, base = posixpath.split(output.rstrip("/"))
+        try:
+            ours = bool(base) and (not out_parent or storage.normalize_uri(parent) == storage.normalize_uri(out_parent))
+        except ValueError:  # a URI of no store msgan writes: not a record of this folder's runs
+            ours = False
+        if ours:
+            try:
+                info = lease.holder(f"{parent}/.leases/{base}.json")
+            except (OSError, ValueError):
+                return None
+            return info is not None and info["run"] == record["run"] and lease.alive(info, ttl_s)  # type: ignore[index]
     try:
         return time.time() - float(fs.modified(entry).timestamp()) <= ttl_s
     except (OSError, NotImplementedError, AttributeError):

@@ -274,6 +274,48 @@ def test_staging_is_per_run_and_dead_runs_staging_is_swept(tmp_path, cascade):
     assert storage.exists(b.staging) and not storage.exists(a.staging)
 
 
+@pytest.mark.parametrize(
+    "record",
+    [b"\xff\xfe{}", b"[1, 2]", b'{"run": "r1", "output": "translated/v.zarr"}', b'{"run": "r1", "output": "http://x/v.zarr"}',
+     b'{"run": 7, "output": ["a"]}'],
+)  # fmt: skip
+def test_a_malformed_run_record_in_staging_neither_stops_the_sweep_nor_names_a_lease(tmp_path, record):
+    """A run.json is a file in the staging folder, so untrusted: bytes that are not UTF-8 JSON, or an output outside
+    this folder (a relative path, another scheme), stopped the sweep that every batch runs before any lease is
+    taken; now such a record is no record, and the folder's age decides (a fresh one is kept)."""
+    folder = tmp_path / "out" / ".staging" / "v-r1"
+    folder.mkdir(parents=True)
+    (folder / staging.RUN_FILE).write_bytes(record)
+    assert publishing.sweep_staging(storage.normalize_uri(tmp_path / "out")) == []
+    assert folder.exists()
+    assert publishing.sweep_staging(storage.normalize_uri(tmp_path / "out"), ttl_s=-1) == [
+        storage.normalize_uri(folder)
+    ]
+
+
+def test_publish_fallback_puts_the_old_output_back_when_the_new_cannot_take_its_place(tmp_path, monkeypatch):
+    """Where the filesystem cannot exchange two folders, the old output steps aside first; if the new one then
+    cannot be moved in, the old one goes back: a failed publish leaves the previous good output."""
+    import os
+
+    new, dest = tmp_path / "stage" / "o.zarr", tmp_path / "out" / "o.zarr"
+    for d, text in ((new, "new"), (dest, "old")):
+        d.mkdir(parents=True)
+        (d / "f").write_text(text)
+    monkeypatch.setattr(publishing, "exchange", lambda a, b: False)
+    rename = os.rename
+
+    def failing(a, b):
+        if str(a) == str(new):
+            raise OSError(28, "No space left on device", str(b))
+        rename(a, b)
+
+    monkeypatch.setattr(publishing.os, "rename", failing)
+    with pytest.raises(OSError, match="No space left"):
+        publishing.replace_dir(new, dest)
+    assert (dest / "f").read_text() == "old" and sorted(os.listdir(tmp_path / "out")) == ["o.zarr"]
+
+
 def test_publish_exchanges_the_old_output_for_the_new(tmp_path):
     new, dest = tmp_path / "stage" / "o.zarr", tmp_path / "out" / "o.zarr"
     for d, text in ((new, "new"), (dest, "old")):
