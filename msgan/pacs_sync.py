@@ -97,7 +97,16 @@ class State:
         self.uri = storage.join(root, "pacs-sync", "state.json")
         self.data: dict[str, Any] = {"series": {}}
         if storage.exists(self.uri):
-            self.data = _scrub(json.loads(storage.read_text(self.uri, limit=STATE_MAX_BYTES)))
+            try:
+                data = json.loads(storage.read_text(self.uri, limit=STATE_MAX_BYTES))
+            except ValueError as err:  # not JSON, not UTF-8
+                raise ValueError(f"{self.uri}: not a pacs-sync state file ({type(err).__name__}); move it aside "
+                                 "to start afresh (every series is then looked at again)") from None  # fmt: skip
+            series = data.get("series") if isinstance(data, dict) else None
+            if not isinstance(series, dict) or not all(isinstance(e, dict) for e in series.values()):
+                raise ValueError(f"{self.uri}: not a pacs-sync state file (it needs a 'series' object of objects); "
+                                 "move it aside to start afresh (every series is then looked at again)")  # fmt: skip
+            self.data = _scrub(data)
 
     def entry(self, series_uid: str) -> dict[str, Any] | None:
         e = self.data["series"].get(series_uid)
@@ -153,8 +162,12 @@ def _select(cfg: SyncConfig, client: DicomWebClient, state: State, model: str, r
                 report.already += 1
                 continue
         if late:  # the first instance's attributes (WADO-RS metadata); a multi-valued one matches by any value
-            meta = client.series_metadata(s.study_uid, s.series_uid)
-            values = patterns.json_values(meta[0], patterns.keywords(late)) if meta else {}
+            try:
+                meta = client.series_metadata(s.study_uid, s.series_uid)
+                values = patterns.json_values(meta[0], patterns.keywords(late)) if meta else {}
+            except PacsError as err:  # this series only: the others are still looked at
+                report.skip(s.series_uid, f"study {s.study_uid}: its metadata cannot be read to filter it ({err})")
+                continue
             if not patterns.matches_all(late, values):
                 continue
         todo.append(s)

@@ -178,3 +178,38 @@ def test_the_filters_match_any_kernel_value_and_take_the_shared_pattern_syntax(e
     with pytest.raises(PatternError, match="'Kernel=B30f'"):
         run_once(SyncConfig(model="unused", storage=str(tmp_path / "store"), match=("Kernel=B30f",)), client)
     assert not (tmp_path / "store").exists()
+
+
+def test_one_series_whose_metadata_cannot_be_read_is_skipped_and_the_others_go_on(tmp_path):
+    """A filter on an attribute QIDO-RS does not return (the kernel) reads each series' WADO-RS metadata: one
+    series answering something that is not DICOM JSON stopped the whole pass and recorded nothing. A unit test: the
+    PACS is faked where it answers, the selection is the real one."""
+    from msgan import pacs_sync
+    from msgan.io.pacs import PacsError, SeriesInfo
+
+    class Client(DicomWebClient):
+        def find_series(self, *args, **kwargs):
+            return [SeriesInfo("1.2.3", f"1.2.3.{i}", "CT", "chest", "20260101", "P", 10) for i in (1, 2, 3)]
+
+        def series_metadata(self, study_uid, series_uid):
+            if series_uid == "1.2.3.2":
+                raise PacsError(f"WADO-RS metadata of series {series_uid} answered JSON that is not a list")
+            return [{"00181210": {"vr": "SH", "Value": ["B70f"]}}]
+
+    cfg = SyncConfig(model="m", storage=str(tmp_path), kernel="B70f")
+    report = pacs_sync.SyncReport(model="m/1")
+    state = pacs_sync.State(f"file://{tmp_path}")
+    todo = pacs_sync._select(cfg, Client("http://pacs.example/dicom-web"), state, "m/1", report)
+    assert [s.series_uid for s in todo] == ["1.2.3.1", "1.2.3.3"]
+    assert list(report.skipped) == ["1.2.3.2"] and "study 1.2.3" in report.skipped["1.2.3.2"]
+
+
+@pytest.mark.parametrize("text", ['{"series": ', "[]", "{}", '{"series": {"1.2.3": "translated"}}', "\udcff"])
+def test_a_damaged_state_file_is_refused_naming_it(tmp_path, text):
+    from msgan.pacs_sync import State
+
+    path = tmp_path / "pacs-sync" / "state.json"
+    path.parent.mkdir()
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=r"pacs-sync/state\.json: not a pacs-sync state file"):
+        State(f"file://{tmp_path}")
