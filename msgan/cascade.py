@@ -283,6 +283,29 @@ def manifest_spec(manifest: Mapping[str, Any], where: str) -> ModelSpec:
         raise CascadeError(f"{where}: invalid {_MODEL_KEY[manifest['format']]} ({err})") from None
 
 
+def config_halos(config: Config) -> list[int]:
+    """Every scale's halo (:attr:`Cascade.halos`) from the networks ``config`` builds, on the meta device: no
+    weights, no memory."""
+    with torch.device("meta"):
+        return [0] + [int(build_generator(config, s).halo) for s in range(1, config.num_scales)]  # type: ignore[arg-type]
+
+
+def summary_problem(manifest: Mapping[str, Any], spec: ModelSpec, halos: Sequence[int] | None = None) -> str | None:
+    """What a manifest's summary (the fields ``msgan info`` shows) says against its spec, which is what loads
+    (None when they agree). A field the manifest leaves out is not compared."""
+    said: dict[str, Any] = {"dims": spec.dims, "num_scales": spec.num_scales, "hr_patch": spec.hr_patch}
+    if halos is not None:
+        said["halos"] = list(halos)
+    wrong = [f"{k} {manifest[k]!r} (its spec: {v!r})" for k, v in said.items() if k in manifest and manifest[k] != v]
+    got = manifest.get("intensity")
+    if isinstance(got, Mapping):
+        want = {"low": spec.intensity.low, "high": spec.intensity.high, "normalize": spec.intensity.normalize}
+        wrong += [f"intensity.{k} {got[k]!r} (its spec: {v!r})" for k, v in want.items() if k in got and got[k] != v]
+    elif got is not None:
+        wrong.append(f"intensity {got!r} (its spec: an object)")
+    return f"its summary says {', '.join(wrong)}: an edited manifest" if wrong else None
+
+
 def manifest_config(manifest: Mapping[str, Any], where: str) -> Config:
     """The config a loaded cascade runs with: the manifest's spec (:func:`manifest_spec`) and default run
     settings."""
@@ -492,7 +515,10 @@ class Cascade:
             g = load_generator(cfg, entry["scale"], data, where)
             del data
             gens.append(g.to(device).eval())
-        return cls(cfg, gens, manifest.get("meta", {}))
+        cascade = cls(cfg, gens, manifest.get("meta", {}))
+        if problem := summary_problem(manifest, manifest_spec(manifest, mwhere), cascade.halos):
+            raise CascadeError(f"{mwhere}: {problem}")
+        return cascade
 
     # -- inference
 

@@ -409,3 +409,26 @@ def test_damaged_weights_are_refused_naming_the_file(tiny_cfg, damage):
         data = out.getvalue()
     with pytest.raises(CascadeError, match=r"model/scale_1\.pt: "):
         load_generator(tiny_cfg, 1, data, "model/scale_1.pt")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"dims": 2}, {"num_scales": 7}, {"halos": [0, 99, 99]}, {"intensity": {"low": 0, "high": 1, "normalize": "none"}}],
+)
+def test_a_manifest_whose_summary_contradicts_its_spec_is_refused_by_load_and_info(tiny_cfg, tmp_path, capsys, edit):
+    """``msgan info`` showed the manifest's summary as it stood and loading never compared it with the spec that
+    actually builds the networks: an edited summary misdescribed the model. Both now refuse it, naming the file."""
+    import json
+
+    from msgan.cascade import CascadeError
+    from msgan.cli import main
+
+    folder = Cascade.untrained(tiny_cfg, seed=0).save(tmp_path / "m")
+    assert main(["info", str(folder)]) == 0
+    capsys.readouterr()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, **edit}))
+    with pytest.raises(CascadeError, match=r"m/manifest\.json: its summary says .*an edited manifest"):
+        Cascade.load(folder)
+    assert main(["info", str(folder)]) == 2
+    assert "its summary says" in capsys.readouterr().err
