@@ -308,12 +308,16 @@ def summary_problem(manifest: Mapping[str, Any], spec: ModelSpec, halos: Sequenc
 
 def manifest_config(manifest: Mapping[str, Any], where: str) -> Config:
     """The config a loaded cascade runs with: the manifest's spec (:func:`manifest_spec`) and default run
-    settings."""
+    settings, refused when the manifest's summary contradicts that spec (:func:`summary_problem`; the halos
+    from the networks built on the meta device, before any weight is read)."""
     spec = manifest_spec(manifest, where)
     try:
-        return Config.from_spec(spec)
+        config = Config.from_spec(spec)
     except ConfigError as err:  # a spec that breaks a rule only a whole config checks
         raise CascadeError(f"{where}: invalid {_MODEL_KEY[manifest['format']]} ({err})") from None
+    if problem := summary_problem(manifest, spec, config_halos(config)):
+        raise CascadeError(f"{where}: {problem}")
+    return config
 
 
 _TORCH_ADVICE = ("weights_only", "weights only load failed", "documentation", "file an issue", "add_safe_globals")
@@ -515,10 +519,7 @@ class Cascade:
             g = load_generator(cfg, entry["scale"], data, where)
             del data
             gens.append(g.to(device).eval())
-        cascade = cls(cfg, gens, manifest.get("meta", {}))
-        if problem := summary_problem(manifest, manifest_spec(manifest, mwhere), cascade.halos):
-            raise CascadeError(f"{mwhere}: {problem}")
-        return cascade
+        return cls(cfg, gens, manifest.get("meta", {}))
 
     # -- inference
 

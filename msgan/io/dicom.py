@@ -39,7 +39,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 
 from msgan.io import limits
 from msgan.io.uids import UidError, check_uid, shown
-from msgan.io.volume import Geometry
+from msgan.io.volume import Geometry, nonfinite
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -511,8 +511,7 @@ def _decode(name: str, read: Callable[[], sitk.Image], slices: int, what: str) -
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
     if arr.shape[0] != slices:
         raise DicomError(f"series {name}: {slices} {what} gave {arr.shape[0]} slices")
-    if not np.isfinite(arr).all():  # RescaleSlope/Intercept beyond float32 (1e38 x a stored value)
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad := nonfinite(arr):  # RescaleSlope/Intercept beyond float32 (1e38 x a stored value)
         raise DicomError(f"series {name}: {bad} voxel(s) are not finite after RescaleSlope/RescaleIntercept; "
                          "a volume must hold finite values")  # fmt: skip
     return arr
@@ -1005,8 +1004,7 @@ def derived_image_type(source: Any, default_third: str) -> list[str]:
 def _int16_encoding(values: np.ndarray) -> tuple[np.ndarray, float, float]:
     """(stored int16, slope, intercept) for modality values; integers keep slope 1, others are rounded. NaN or
     inf is refused: it would write a NaN RescaleIntercept into every file of the series."""
-    if not np.isfinite(values).all():
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad := nonfinite(np.asarray(values)):
         raise ValueError(f"{bad} voxel(s) are NaN or infinite; a DICOM image holds finite values (nothing written)")
     v = np.round(values).astype(np.float64)
     lo, hi = float(v.min()), float(v.max())

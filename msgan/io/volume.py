@@ -414,10 +414,16 @@ def check_stored(uri: str | os.PathLike[str], key: str, arr: zarr.Array) -> None
     )
 
 
+def nonfinite(image: np.ndarray) -> int:
+    """How many voxels of ``image`` are NaN or infinite (0 for an integer image), in one pass."""
+    if not np.issubdtype(image.dtype, np.floating):
+        return 0
+    return int(image.size - np.count_nonzero(np.isfinite(image)))
+
+
 def check_finite(image: np.ndarray, what: str | os.PathLike[str]) -> None:
     """NaN or inf voxels are refused: they would be windowed to a number and translated silently."""
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if bad := nonfinite(image):
         raise VolumeError(f"{what}: {bad} voxel(s) are NaN or infinite; a volume must hold finite values")
 
 
